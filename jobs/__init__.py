@@ -1,0 +1,1 @@
+"""Job entrypoints (`python -m jobs.prepare | jobs.train | jobs.evaluate | jobs.tune`) and the JobSpec schema."""
