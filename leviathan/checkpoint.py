@@ -1,0 +1,123 @@
+"""Model folders on disk: `config.json` + `model.safetensors`.
+
+    <dir>/config.json        {"format_version": 1, "kind": "component" | "ensemble",
+                              "config": {...}, "weights": {"file": "model.safetensors",
+                              "sha256": "...", "bytes": N}}
+    <dir>/model.safetensors  the module's state dict (tied tensors stored once)
+
+The checksum in config.json lets `load` tell a damaged weights file from a
+valid one before any tensor is read, so every failure names the file at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_folder(module: nn.Module, directory: str | Path, kind: str, config: dict[str, Any]) -> Path:
+    """Write the module's weights and config; config.json goes last, so a folder
+    interrupted mid-save has no config.json and is refused on load."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_FILE
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_model(module, str(tmp), metadata={"format": "pt", "kind": kind})
+    os.replace(tmp, weights)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "config": config,
+        "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights), "bytes": weights.stat().st_size},
+    }
+    tmp = folder / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, folder / CONFIG_FILE)
+    return folder
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """Parse and check `<directory>/config.json`."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a Leviathan model folder)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt JSON ({e})") from None
+    if not isinstance(meta, dict) or not {"format_version", "kind", "config", "weights"} <= set(meta):
+        raise CheckpointError(f"{path}: not a Leviathan model config (needs format_version, kind, config, weights)")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {meta['format_version']!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def load_folder(
+    directory: str | Path,
+    kind: str,
+    build: Callable[[dict[str, Any]], nn.Module],
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Rebuild a module from its folder: `build(config)` makes it, the weights fill it."""
+    folder = Path(directory)
+    meta = read_meta(folder)
+    config_path = folder / CONFIG_FILE
+    if meta["kind"] != kind:
+        raise CheckpointError(f"{config_path}: holds a {meta['kind']!r}, not a {kind!r}")
+    try:
+        module = build(meta["config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{config_path}: invalid config: {e}") from None
+    weights = folder / meta["weights"].get("file", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    expected = meta["weights"].get("sha256")
+    if expected is not None and _sha256(weights) != expected:
+        raise CheckpointError(f"{weights}: corrupt (sha256 differs from {config_path.name})")
+    try:
+        missing, unexpected = load_model(module, str(weights), strict=False, device=str(torch.device(map_location)))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{weights}: cannot load: {e}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights}: does not match {config_path.name}: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
+    return module.to(map_location)
+
+
+def load(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load whatever the folder holds: a component or an ensemble."""
+    kind = read_meta(directory)["kind"]
+    if kind == "component":
+        from .model import LeviathanComponent
+
+        return LeviathanComponent.load(directory, map_location)
+    if kind == "ensemble":
+        from .ensemble import LeviathanEnsemble
+
+        return LeviathanEnsemble.load(directory, map_location)
+    raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: unknown kind {kind!r}")

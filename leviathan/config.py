@@ -1,0 +1,192 @@
+"""Typed, validated configurations of components and ensembles.
+
+Configs are plain dataclasses checked in `__post_init__`, so a bad value fails
+where it is written, with a `ValueError` naming the field and what is allowed.
+They round-trip through `to_dict()` / `from_dict()` (JSON- and TOML-safe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+FLAVOURS = ("gelu4", "relu3", "leaky6")
+"""MLP flavours: activation + hidden width multiplier (GELU x4, ReLU x3, LeakyReLU x6)."""
+
+MIXERS = ("correlation", "attention")
+"""Token mixers: lagged multi-headed correlation, or its baseline twin, causal attention."""
+
+MERGE_MODES = ("fusion", "mixture")
+"""How the merger combines members: fuse their states, or mix their predictions."""
+
+PRESETS: dict[str, dict] = {
+    # < 1M parameters with the byte vocabulary: CPU tests and the demo.
+    "tiny": {"n_layer": 2, "n_head": 4, "n_embd": 64},
+    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384},
+    # The seed's baseline LeviathanComponent: 20 heads, 20 blocks, embed 800.
+    "base": {"n_layer": 20, "n_head": 20, "n_embd": 800},
+}
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_keys(cls: type, d: dict) -> None:
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+
+
+@dataclass
+class ComponentConfig:
+    """One language model (a member of an ensemble, or a model on its own).
+
+    Parameters (weights tied between token embedding and LM head, no biases):
+    V*C + P*C (embeddings) + L * (4*C^2 (mixer) + 2*r*C^2 (MLP, hidden r*C)
+    + 2*C (norms) + H*w (lag weights, correlation only)) + C (final norm).
+    """
+
+    vocab_size: int = 260
+    block_size: int = 256
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    flavour: str = "gelu4"
+    mixer: str = "correlation"
+    window: int = 4
+    dropout: float = 0.0
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("vocab_size", self.vocab_size, 1)
+        _check_int("block_size", self.block_size, 1)
+        _check_int("n_layer", self.n_layer, 1)
+        _check_int("n_head", self.n_head, 1)
+        _check_int("n_embd", self.n_embd, 1)
+        _check_int("window", self.window, 1)
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd: {self.n_embd} is not divisible by n_head={self.n_head}"
+            )
+        _check_choice("flavour", self.flavour, FLAVOURS)
+        _check_choice("mixer", self.mixer, MIXERS)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias: must be true or false, got {self.bias!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ComponentConfig":
+        """A named preset ("tiny", "small", "base") with any field overridden."""
+        _check_choice("preset", name, tuple(PRESETS))
+        _check_keys(cls, overrides)
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ComponentConfig":
+        _check_keys(cls, d)
+        return cls(**d)
+
+
+@dataclass
+class EnsembleConfig:
+    """modules x members_per_module members plus the merger that combines them.
+
+    `members` lists every member in module-major order (member i belongs to
+    module i // members_per_module); a list of members_per_module entries is
+    accepted too and repeated for every module. `mixer` is the merger's own
+    scoring: "correlation" sums lagged query-key products over `merge_window`
+    time steps, "attention" scores with the zero-lag product only (the merger
+    of the attention twin).
+    """
+
+    members: list[ComponentConfig]
+    modules: int
+    members_per_module: int
+    merge: str = "fusion"
+    merge_width: int = 128
+    merge_heads: int = 4
+    merge_window: int = 4
+    mixer: str = "correlation"
+
+    def __post_init__(self) -> None:
+        _check_int("modules", self.modules, 1)
+        _check_int("members_per_module", self.members_per_module, 1)
+        _check_int("merge_width", self.merge_width, 1)
+        _check_int("merge_heads", self.merge_heads, 1)
+        _check_int("merge_window", self.merge_window, 1)
+        _check_choice("merge", self.merge, MERGE_MODES)
+        _check_choice("mixer", self.mixer, MIXERS)
+        if self.merge_width % self.merge_heads:
+            raise ValueError(
+                f"merge_width: {self.merge_width} is not divisible by merge_heads={self.merge_heads}"
+            )
+        if not isinstance(self.members, (list, tuple)) or not self.members:
+            raise ValueError("members: must be a non-empty list of member configs")
+        members = [
+            m if isinstance(m, ComponentConfig) else ComponentConfig.from_dict(m)
+            for m in self.members
+        ]
+        total = self.modules * self.members_per_module
+        if len(members) == self.members_per_module:
+            members = [m for _ in range(self.modules) for m in members]
+        if len(members) != total:
+            raise ValueError(
+                f"members: expected {self.members_per_module} (one per slot) or {total} "
+                f"(modules * members_per_module) entries, got {len(members)}"
+            )
+        vocabs = sorted({m.vocab_size for m in members})
+        if len(vocabs) != 1:
+            raise ValueError(f"members: all members must share one vocab_size, got {vocabs}")
+        self.members = members
+
+    @property
+    def vocab_size(self) -> int:
+        return self.members[0].vocab_size
+
+    @property
+    def block_size(self) -> int:
+        """The longest context every member accepts."""
+        return min(m.block_size for m in self.members)
+
+    @property
+    def num_members(self) -> int:
+        return self.modules * self.members_per_module
+
+    @property
+    def member_names(self) -> list[str]:
+        """["m0.0", "m0.1", "m1.0", ...]: `m{module}.{slot}`, module-major."""
+        k = self.members_per_module
+        return [f"m{i // k}.{i % k}" for i in range(self.num_members)]
+
+    def module_of(self, i: int) -> int:
+        if not 0 <= i < self.num_members:
+            raise ValueError(f"member index {i} out of range 0..{self.num_members - 1}")
+        return i // self.members_per_module
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["members"] = [m.to_dict() for m in self.members]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EnsembleConfig":
+        _check_keys(cls, d)
+        return cls(**d)
