@@ -1,0 +1,165 @@
+"""The correlation mixer against the DESIGN formula, attention, causality and its decode cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leviathan.correlation import CorrelationCache, MultiHeadedCorrelation
+
+C, H = 16, 2
+D = C // H
+
+
+def make(window: int, mixer: str = "correlation", seed: int = 0, random_lags: bool = True) -> MultiHeadedCorrelation:
+    torch.manual_seed(seed)
+    m = MultiHeadedCorrelation(C, H, window, mixer=mixer).double()
+    if random_lags and m.lag_weight is not None:
+        with torch.no_grad():
+            m.lag_weight.copy_(torch.randn(H, window, dtype=torch.float64))
+    return m
+
+
+def heads(m: MultiHeadedCorrelation, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, H, T, d) from the module's own projection."""
+    B, T, _ = x.shape
+    q, k, v = m.c_attn(x).split(C, dim=2)
+    return tuple(t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+
+
+def naive_correlation(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """DESIGN section 2, term by term: an explicit loop over (i, j, u), O(L^2 w).
+
+    score[i, j] = sum_{u<w} a[h,u] * dot(q[i-u], k[j-u]) / sqrt(d), with q, k = 0
+    before position 0; out[i] = sum_{j<=i} softmax_j(score[i, :]) v[j].
+    """
+    B, Hh, T, d = q.shape
+    w = a.shape[1]
+    out = torch.zeros_like(v)
+    for i in range(T):
+        row = []
+        for j in range(i + 1):
+            s = torch.zeros(B, Hh, dtype=q.dtype)
+            for u in range(w):
+                if i - u >= 0 and j - u >= 0:  # a position before 0 contributes a zero vector
+                    s = s + a[:, u] * (q[:, :, i - u] * k[:, :, j - u]).sum(-1)
+            row.append(s / math.sqrt(d))
+        p = torch.softmax(torch.stack(row, dim=-1), dim=-1)  # (B, H, i+1)
+        out[:, :, i] = torch.einsum("bhj,bhjd->bhd", p, v[:, :, : i + 1])
+    return out
+
+
+def naive_forward(m: MultiHeadedCorrelation, x: torch.Tensor) -> torch.Tensor:
+    q, k, v = heads(m, x)
+    y = naive_correlation(q, k, v, m.lag_weight)
+    B, T, _ = x.shape
+    return m.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("mixer", ["correlation", "attention"])
+def test_window_one_equals_causal_sdpa(mixer: str) -> None:
+    m = make(1, mixer, random_lags=False).float()
+    x = torch.randn(3, 11, C)
+    q, k, v = heads(m, x)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # default scale 1/sqrt(d)
+    ref = m.c_proj(ref.transpose(1, 2).reshape(3, 11, C))
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)
+
+
+def test_fresh_correlation_equals_attention_twin() -> None:
+    """Lag weights start at a = (1, 0, ..., 0): a fresh correlation mixer computes attention."""
+    corr = make(4, random_lags=False)
+    att = make(4, "attention", random_lags=False)
+    att.load_state_dict({k: v for k, v in corr.state_dict().items() if k != "lag_weight"})
+    x = torch.randn(2, 9, C, dtype=torch.float64)
+    torch.testing.assert_close(corr(x), att(x))
+    assert sum(p.numel() for p in corr.parameters()) - sum(p.numel() for p in att.parameters()) == H * 4
+
+
+@pytest.mark.parametrize("window", [2, 3, 5])
+def test_outputs_and_gradients_match_naive_formula(window: int) -> None:
+    m = make(window, seed=window)
+    x = torch.randn(2, 9, C, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 9, C, dtype=torch.float64)
+
+    fast = m(x)
+    g_fast = torch.autograd.grad((fast * target).sum(), [x, *m.parameters()])
+    slow = naive_forward(m, x)
+    g_slow = torch.autograd.grad((slow * target).sum(), [x, *m.parameters()])
+
+    torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-9, msg="outputs differ from the naive formula")
+    names = ["x"] + [n for n, _ in m.named_parameters()]
+    for name, a, b in zip(names, g_fast, g_slow):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=f"gradient of {name} differs")
+
+
+def test_lags_change_the_output() -> None:
+    """Non-zero lag weights must matter (guards against a mixer that ignores them)."""
+    m = make(3)
+    x = torch.randn(1, 8, C, dtype=torch.float64)
+    y = m(x)
+    with torch.no_grad():
+        m.lag_weight[:, 1:] = 0
+    assert (m(x) - y).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_causal_future_inputs_change_nothing_before(window: int) -> None:
+    m = make(window)
+    T = 12
+    x = torch.randn(2, T, C, dtype=torch.float64)
+    y = m(x)
+    for p in (0, 4, T - 2):
+        x2 = x.clone()
+        x2[:, p + 1 :] = torch.randn(2, T - p - 1, C, dtype=torch.float64)
+        y2 = m(x2)
+        torch.testing.assert_close(y2[:, : p + 1], y[:, : p + 1], msg=f"output at <= {p} changed")
+        assert (y2[:, p + 1 :] - y[:, p + 1 :]).abs().max() > 1e-6, "later positions must depend on later inputs"
+
+
+def test_sequence_start_is_zero_padded() -> None:
+    """Lags reaching before position 0 contribute nothing (q, k = 0 there), not a wrap-around."""
+    w = 3
+    m = make(w)
+    x = torch.randn(1, 6, C, dtype=torch.float64)
+    q, k, v = heads(m, x)
+    a = m.lag_weight
+    y = m(x)
+    dot = lambda i, j: (q[:, :, i] * k[:, :, j]).sum(-1)  # (B, H)  # noqa: E731
+    # Position 1: score[1,0] = a0 q1.k0 (the lag-1 term pairs q0 with k[-1] = 0);
+    #             score[1,1] = a0 q1.k1 + a1 q0.k0 (the lag-2 term needs q[-1] = 0).
+    s10 = a[:, 0] * dot(1, 0)
+    s11 = a[:, 0] * dot(1, 1) + a[:, 1] * dot(0, 0)
+    p = torch.softmax(torch.stack([s10, s11], -1) / math.sqrt(D), dim=-1)  # (B, H, 2)
+    out1 = torch.einsum("bhj,bhjd->bhd", p, v[:, :, :2]).reshape(1, C)
+    torch.testing.assert_close(y[:, 1], m.c_proj(out1))
+    # Position 0 sees only itself: out[0] = v[0].
+    torch.testing.assert_close(y[:, 0], m.c_proj(v[:, :, 0].reshape(1, C)))
+
+
+@pytest.mark.parametrize("window,mixer", [(1, "correlation"), (4, "correlation"), (4, "attention")])
+def test_cached_decoding_equals_full_forward(window: int, mixer: str) -> None:
+    m = make(window, mixer)
+    T = 13
+    x = torch.randn(2, T, C, dtype=torch.float64)
+    full = m(x)
+    # A 2-token prefill (shorter than the window), then chunks of 1, 3 and 1 tokens.
+    cache = CorrelationCache()
+    pieces, start = [], 0
+    for n in (2, 1, 1, 3, 1, 5):
+        pieces.append(m(x[:, start : start + n], cache))
+        start += n
+        assert cache.length == start
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, msg="cached decoding differs from the full forward")
+
+
+def test_constructor_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="n_embd"):
+        MultiHeadedCorrelation(10, 3, 2)
+    with pytest.raises(ValueError, match="window"):
+        MultiHeadedCorrelation(8, 2, 0)
+    with pytest.raises(ValueError, match="mixer"):
+        MultiHeadedCorrelation(8, 2, 2, mixer="conv")
