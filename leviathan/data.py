@@ -1,0 +1,323 @@
+"""Token shards, the prepared-data manifest, and batch samplers.
+
+A prepared data folder (written by `jobs.prepare`) holds one Arrow IPC file per
+domain and split with a single column `tokens` of the smallest unsigned integer
+type that fits the vocabulary, written as one record batch without nulls. Such
+a column's data buffer is one contiguous array in the file, so `TokenShard`
+memory-maps the file and exposes that buffer as a read-only numpy view: opening
+a shard reads only the Arrow footer, and sampling a batch copies only the
+B * (T + 1) tokens it returns. The kernel pages the file in on demand (those
+pages count as file-backed RSS and can be dropped under memory pressure); no
+anonymous copy of the shard is ever made, which is what `RssAnon` in
+/proc/self/status measures and what the tests pin.
+
+Samplers draw random windows of T + 1 tokens and return (x, y) int64 tensors of
+shape (B, T) with y[:, t] = x[:, t + 1] shifted (the next-token targets). Their
+randomness is one numpy `Generator(PCG64(seed))`, so `state_dict()` (the
+generator state and the number of batches drawn) restores a sampler that
+yields exactly the batches the original would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "val")
+TOKEN_COLUMN = "tokens"
+
+
+class DataError(ValueError):
+    """Prepared data that cannot be used; the message names the file or domain."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every id below vocab_size."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise DataError(f"vocab_size {vocab_size} does not fit in uint32")
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> Path:
+    """Write a 1-D array of unsigned token ids as a one-column, one-batch Arrow IPC file.
+
+    `tokens` may be a `np.memmap`: Arrow wraps its buffer without copying, so a
+    shard larger than RAM streams from the page cache to the file.
+    """
+    path = Path(path)
+    tokens = np.ascontiguousarray(tokens)
+    if tokens.ndim != 1 or tokens.dtype.kind != "u":
+        raise DataError(f"{path}: tokens must be a 1-D unsigned array, got {tokens.dtype} {tokens.shape}")
+    arrow_type = pa.from_numpy_dtype(tokens.dtype)
+    array = pa.Array.from_buffers(arrow_type, len(tokens), [None, pa.py_buffer(tokens)])
+    batch = pa.record_batch([array], names=[TOKEN_COLUMN])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return path
+
+
+class TokenShard:
+    """A memory-mapped Arrow IPC file of token ids; `tokens` is a read-only (n,) numpy view."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"token shard not found: {self.path}")
+        try:
+            self._mmap = pa.memory_map(str(self.path), "r")
+            table = pa.ipc.open_file(self._mmap).read_all()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{self.path}: not an Arrow IPC token file ({e})") from None
+        if TOKEN_COLUMN not in table.column_names:
+            raise DataError(f"{self.path}: no '{TOKEN_COLUMN}' column (has {table.column_names})")
+        column = table.column(TOKEN_COLUMN)
+        if not pa.types.is_unsigned_integer(column.type) or column.null_count:
+            raise DataError(f"{self.path}: '{TOKEN_COLUMN}' must be unsigned integers without nulls, got {column.type}")
+        if column.num_chunks == 1:
+            self.tokens = column.chunk(0).to_numpy(zero_copy_only=True)
+        elif column.num_chunks == 0:
+            self.tokens = np.empty(0, dtype=column.type.to_pandas_dtype())
+        else:  # not written by write_shard; a contiguous view needs one chunk
+            raise DataError(f"{self.path}: {column.num_chunks} record batches, expected one")
+        self.tokens.flags.writeable = False
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.tokens.dtype
+
+    def __reduce__(self):  # pickles as its path (e.g. into a Ray worker), re-mapped on load
+        return (TokenShard, (str(self.path),))
+
+    def __repr__(self) -> str:
+        return f"TokenShard({str(self.path)!r}, tokens={len(self)}, dtype={self.dtype})"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """A prepared data folder, as described by its manifest.json (format in CONTRACTS / DESIGN 6)."""
+
+    root: Path
+    data: dict[str, Any] = field(repr=False)
+
+    @property
+    def domains(self) -> list[str]:
+        return [d["name"] for d in self.data["domains"]]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.data["vocab_size"])
+
+    @property
+    def tokenizer_spec(self) -> dict[str, Any]:
+        return dict(self.data["tokenizer"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.data["dtype"])
+
+    def domain(self, name: str) -> dict[str, Any]:
+        for d in self.data["domains"]:
+            if d["name"] == name:
+                return d
+        raise DataError(f"domain {name!r} not in {self.root / MANIFEST_FILE} (has {self.domains})")
+
+    def split(self, domain: str, split: str) -> dict[str, Any]:
+        if split not in SPLITS:
+            raise DataError(f"split {split!r}: expected one of {SPLITS}")
+        return self.domain(domain)["splits"][split]
+
+    def shard_path(self, domain: str, split: str) -> Path:
+        return self.root / self.split(domain, split)["file"]
+
+    def shard(self, domain: str, split: str) -> TokenShard:
+        return TokenShard(self.shard_path(domain, split))
+
+    def tokens(self, domain: str, split: str) -> int:
+        return int(self.split(domain, split)["tokens"])
+
+    def bytes_per_token(self, domain: str | None = None, split: str = "val") -> float:
+        """Source bytes per token, for bits per byte = loss / ln 2 / bytes_per_token.
+
+        Over one domain's split, or over all domains' `split` when domain is None.
+        """
+        names = [domain] if domain is not None else self.domains
+        nbytes = sum(int(self.split(d, split)["bytes"]) for d in names)
+        ntokens = sum(int(self.split(d, split)["tokens"]) for d in names)
+        return nbytes / max(ntokens, 1)
+
+    def tokenizer(self):
+        from leviathan.tokenizer import tokenizer_from_spec
+
+        return tokenizer_from_spec(self.tokenizer_spec, self.root)
+
+    def files(self) -> list[Path]:
+        """Every file the manifest names (shards, and the tokenizer file when it has one)."""
+        out = [self.shard_path(d, s) for d in self.domains for s in SPLITS]
+        if self.tokenizer_spec.get("file"):
+            out.append(self.root / self.tokenizer_spec["file"])
+        return out
+
+    def verify(self) -> None:
+        """Recompute every sha256 the manifest records; raises DataError naming the first mismatch."""
+        for d in self.domains:
+            for s in SPLITS:
+                entry = self.split(d, s)
+                got = sha256_file(self.root / entry["file"])
+                if got != entry["sha256"]:
+                    raise DataError(f"{self.root / entry['file']}: sha256 mismatch (manifest {entry['sha256'][:12]}..., file {got[:12]}...)")
+        tok = self.tokenizer_spec
+        if tok.get("file") and tok.get("sha256"):
+            got = sha256_file(self.root / tok["file"])
+            if got != tok["sha256"]:
+                raise DataError(f"{self.root / tok['file']}: sha256 mismatch")
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read `<folder>/manifest.json` (path may be the folder or the file) and check its files exist."""
+    p = Path(path).expanduser()
+    file = p if p.suffix == ".json" else p / MANIFEST_FILE
+    if not file.is_file():
+        raise DataError(f"no manifest at {file}")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{file}: cannot parse ({e})") from None
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        got = data.get("format_version") if isinstance(data, dict) else None
+        raise DataError(f"{file}: format_version {got!r}, expected {FORMAT_VERSION}")
+    try:
+        manifest = Manifest(root=file.parent.resolve(), data=data)
+        if not manifest.domains:
+            raise DataError(f"{file}: no domains")
+        missing = [f for f in manifest.files() if not f.is_file()]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{file}: not a Leviathan manifest (missing {e})") from None
+    if missing:
+        raise DataError(f"{file}: missing file {missing[0]}")
+    return manifest
+
+
+class MixedBatchSampler:
+    """Random (B, T) next-token batches drawn from several shards (one per domain).
+
+    Rows are spread evenly over the D domains by a rotating rule: row i of the
+    k-th batch (k = 0, 1, ...) comes from domain (k * B + i) mod D. Any D
+    consecutive batches therefore hold exactly B rows of every domain, whether
+    or not D divides B. Each row is a window of T + 1 consecutive tokens at a
+    start drawn uniformly from [0, n_d - T - 1]; x = window[:T], y = window[1:].
+    """
+
+    def __init__(self, shards: list[TokenShard], batch_size: int, seq_len: int, seed: int = 0) -> None:
+        if not shards:
+            raise DataError("MixedBatchSampler needs at least one shard")
+        if batch_size < 1 or seq_len < 1:
+            raise DataError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+        for s in shards:
+            if len(s) < seq_len + 1:
+                raise DataError(f"{s.path}: {len(s)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.batches_drawn = 0
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+        self._highs = np.array([len(s) - seq_len for s in self.shards], dtype=np.int64)  # exclusive bound on starts
+        self._offsets = np.arange(seq_len + 1, dtype=np.int64)
+
+    def row_domains(self, batch_index: int) -> np.ndarray:
+        """(B,) domain index of every row of batch `batch_index` (the rotating rule above)."""
+        return (batch_index * self.batch_size + np.arange(self.batch_size)) % len(self.shards)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.batch_size, self.seq_len
+        domains = self.row_domains(self.batches_drawn)  # (B,)
+        starts = self._rng.integers(0, self._highs[domains])  # (B,)
+        windows = np.empty((B, T + 1), dtype=np.int64)
+        for d, shard in enumerate(self.shards):
+            rows = np.nonzero(domains == d)[0]
+            if len(rows):
+                windows[rows] = shard.tokens[starts[rows, None] + self._offsets]  # (rows, T+1)
+        self.batches_drawn += 1
+        x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)
+        y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T)
+        return x, y
+
+    __next__ = next
+
+    def __iter__(self) -> "MixedBatchSampler":
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values (JSON- and torch.save-able)."""
+        return {
+            "kind": type(self).__name__,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "shard_tokens": [len(s) for s in self.shards],
+            "batches_drawn": self.batches_drawn,
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = {"kind": type(self).__name__, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "shard_tokens": [len(s) for s in self.shards]}
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise DataError(f"sampler state: {key} is {state.get(key)!r}, this sampler has {value!r}")
+        self._rng.bit_generator.state = state["rng"]
+        self.batches_drawn = int(state["batches_drawn"])
+        self.seed = state.get("seed", self.seed)
+
+
+class BatchSampler(MixedBatchSampler):
+    """Random (B, T) next-token batches from one shard; see MixedBatchSampler."""
+
+    def __init__(self, shard: TokenShard, batch_size: int, seq_len: int, seed: int = 0) -> None:
+        super().__init__([shard], batch_size, seq_len, seed)
+        self.shard = shard
+
+
+def eval_batches(shard: TokenShard, batch_size: int, seq_len: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic evaluation batches: the same tokens for every caller.
+
+    nb = min(max_batches, W // B) batches (at least one) of B windows of T + 1
+    tokens, where W = (n - 1) // T is the number of non-overlapping windows the
+    shard holds; the nb * B window starts are spaced evenly over [0, n - T - 1]
+    (rounded), so they cover the whole shard and overlap only when W < B.
+    """
+    B, T = batch_size, seq_len
+    n = len(shard)
+    if n < T + 1:
+        raise DataError(f"{shard.path}: {n} tokens, fewer than seq_len + 1 = {T + 1} for one eval window")
+    if B < 1 or max_batches < 1:
+        raise DataError(f"batch_size and max_batches must be >= 1, got {B}, {max_batches}")
+    nb = max(1, min(max_batches, ((n - 1) // T) // B))
+    starts = np.rint(np.linspace(0, n - T - 1, nb * B)).astype(np.int64)  # (nb*B,)
+    windows = shard.tokens[starts[:, None] + np.arange(T + 1)].astype(np.int64)  # (nb*B, T+1)
+    windows = windows.reshape(nb, B, T + 1)
+    return [
+        (torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:])))
+        for w in windows
+    ]

@@ -1,0 +1,243 @@
+"""Tokenizers: byte-level (the default, nothing to train or download) and BPE.
+
+Both share one small interface, so the data layer, the trainer and the
+evaluation never ask which one they hold:
+
+    vocab_size, eos_id, encode(text) -> list[int], decode(ids) -> str,
+    decode_bytes(ids) -> bytes, spec() -> dict, save(folder)
+
+`ByteTokenizer`: ids 0..255 are the bytes themselves, then four special tokens
+(256 `<|eos|>`, 257 `<|pad|>`, 258 `<|bos|>`, 259 `<|sep|>`), vocab 260. It
+round-trips every byte string exactly, invalid UTF-8 included, and one token is
+one byte, so bits per byte = loss / ln 2.
+
+`BPETokenizer`: a byte-level BPE (GPT-2 style) trained on the prepared corpus
+with Hugging Face `tokenizers`; the same special tokens come first (ids 0..3).
+Its input is text, so a `bytes` argument is decoded as UTF-8 with invalid bytes
+replaced; `decode_bytes` maps every token back to its exact bytes.
+
+Special tokens are never parsed out of input text by the byte tokenizer (the
+text "<|eos|>" is seven bytes); documents are separated by `eos_id`, inserted by
+the data pipeline, not by `encode`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, Union
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<|eos|>", "<|pad|>", "<|bos|>", "<|sep|>")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that is missing or cannot be read; the message names the file."""
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str | bytes) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes: ...
+
+    def spec(self) -> dict[str, Any]: ...
+
+    def save(self, folder: str | Path) -> Path: ...
+
+
+def _as_int_list(ids: Iterable[int]) -> list[int]:
+    """Accept lists, numpy arrays and torch tensors (anything with `tolist`)."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()  # type: ignore[union-attr]
+    return [int(i) for i in ids]
+
+
+class ByteTokenizer:
+    """One token per byte, plus `SPECIAL_TOKENS` at 256..259."""
+
+    kind = "byte"
+    vocab_size = 256 + len(SPECIAL_TOKENS)
+    specials = {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)}
+    eos_id = specials["<|eos|>"]
+    pad_id = specials["<|pad|>"]
+    bos_id = specials["<|bos|>"]
+    sep_id = specials["<|sep|>"]
+
+    def encode(self, text: str | bytes) -> list[int]:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return list(data)
+
+    def encode_array(self, data: bytes) -> np.ndarray:
+        """The fast path for the data pipeline: bytes -> (n,) uint8 token ids, no copy."""
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """Exact bytes of the byte tokens; special tokens are dropped."""
+        return bytes(i for i in _as_int_list(ids) if 0 <= i < 256)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "file": None, "specials": dict(self.specials)}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `tokenizer.json` describing this tokenizer, so a saved model folder is self-contained."""
+        path = Path(folder) / TOKENIZER_FILE
+        path.write_text(json.dumps(self.spec(), indent=2) + "\n")
+        return path
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=260)"
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-ins for the 256 bytes (what `ByteLevel` works on) -> byte value."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+class BPETokenizer:
+    """Byte-level BPE from Hugging Face `tokenizers`; specials take ids 0..3."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self.vocab_size = int(tokenizer.get_vocab_size())
+        self.specials = {name: tokenizer.token_to_id(name) for name in SPECIAL_TOKENS}
+        if any(i is None for i in self.specials.values()):
+            raise TokenizerError(f"BPE tokenizer lacks the special tokens {SPECIAL_TOKENS}")
+        self.eos_id = self.specials["<|eos|>"]
+        self.pad_id = self.specials["<|pad|>"]
+        self.bos_id = self.specials["<|bos|>"]
+        self.sep_id = self.specials["<|sep|>"]
+        alphabet = _byte_level_alphabet()
+        special_ids = set(self.specials.values())
+        # id -> exact bytes, for decode_bytes (specials decode to nothing).
+        self._id_bytes = [
+            b"" if i in special_ids else bytes(alphabet[c] for c in tokenizer.id_to_token(i))
+            for i in range(self.vocab_size)
+        ]
+
+    @classmethod
+    def train(cls, texts: Iterator[str] | Iterable[str], vocab_size: int = 4096, length: int | None = None) -> "BPETokenizer":
+        """Train on an iterable of texts (e.g. the train split of every domain).
+
+        vocab_size counts the 256 byte symbols and the 4 specials; the result may
+        be smaller when the corpus has fewer distinct merges.
+        """
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"vocab_size: {vocab_size} is below 260 (256 bytes + {len(SPECIAL_TOKENS)} specials)")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer, length=length)
+        return cls(tok)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer file not found: {path}")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # the Rust side raises a bare Exception for a corrupt file
+            raise TokenizerError(f"{path}: not a tokenizers BPE file ({e})") from None
+
+    @staticmethod
+    def _text(text: str | bytes) -> str:
+        return text if isinstance(text, str) else bytes(text).decode("utf-8", errors="replace")
+
+    def encode(self, text: str | bytes) -> list[int]:
+        return self._tok.encode(self._text(text), add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str | bytes]) -> list[list[int]]:
+        """Encode many texts at once; `tokenizers` spreads them over its thread pool."""
+        encodings = self._tok.encode_batch([self._text(t) for t in texts], add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        table = self._id_bytes
+        return b"".join(table[i] for i in _as_int_list(ids) if 0 <= i < len(table))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "file": TOKENIZER_FILE, "specials": dict(self.specials)}
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / TOKENIZER_FILE
+        self._tok.save(str(path))
+        return path
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+AnyTokenizer = Union[ByteTokenizer, BPETokenizer]
+
+
+def tokenizer_from_spec(spec: dict[str, Any], root: str | Path) -> AnyTokenizer:
+    """Build the tokenizer a manifest's `tokenizer` entry describes; files are relative to root."""
+    kind = spec.get("kind")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        name = spec.get("file") or TOKENIZER_FILE
+        return BPETokenizer.from_file(Path(root) / name)
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} in {root} (expected 'byte' or 'bpe')")
+
+
+def load_tokenizer(path: str | Path) -> AnyTokenizer:
+    """Load a tokenizer from a prepared data folder, its manifest.json, or a saved model folder.
+
+    A manifest names the tokenizer (`tokenizer.kind`, `tokenizer.file`); a folder
+    without a manifest holds `tokenizer.json`, either a byte spec written by
+    `ByteTokenizer.save` or a Hugging Face BPE file.
+    """
+    p = Path(path).expanduser()
+    manifest = p if p.suffix == ".json" and p.name != TOKENIZER_FILE else p / "manifest.json"
+    if manifest.is_file():
+        try:
+            spec = json.loads(manifest.read_text())["tokenizer"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise TokenizerError(f"{manifest}: no tokenizer entry ({e})") from None
+        return tokenizer_from_spec(spec, manifest.parent)
+    file = p if p.name == TOKENIZER_FILE else p / TOKENIZER_FILE
+    if not file.is_file():
+        raise TokenizerError(f"no manifest.json or {TOKENIZER_FILE} at {p}")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{file}: cannot parse ({e})") from None
+    if isinstance(data, dict) and data.get("kind") == "byte":
+        return ByteTokenizer()
+    return BPETokenizer.from_file(file)
