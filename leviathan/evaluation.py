@@ -1,0 +1,344 @@
+"""Evaluation of a trained ensemble: loss, perplexity and bits per byte.
+
+Rows of the table (what the merged model is compared with, DESIGN section 4):
+
+- ``merged``: the ensemble itself (members -> projections -> merger).
+- every member alone, ``m{module}.{slot}``, tagged with the domain its module trained on.
+- ``uniform``: the probability mixture of the members with equal weights,
+  ``p(y) = (1/M) * sum_m p_m(y)``.
+- ``posterior``: a Branch-Train-Merge style mixture (Li et al. 2022): each eval
+  window's first ``prefix_tokens`` target positions are a dev prefix; the member
+  weights for that window are the Bayes posterior over members given the prefix
+  with a uniform prior, ``w_m = softmax_m(sum_{t < P} log p_m(y_t | y_<t))``,
+  and the rest of the window is scored with ``p(y_t) = sum_m w_m p_m(y_t)``.
+
+Columns: each domain's val split, and the mixed val set (an equal number of
+windows from every domain).
+
+Which tokens are scored: every eval window has T target positions; positions
+``0 .. P-1`` (P = ``prefix_tokens``) are the posterior's dev prefix and are
+excluded from the scored tokens of *every* row, so all rows are measured on
+exactly the same tokens. They stay in every model's context.
+
+Metrics, per row and column, over the N scored tokens and their byte count:
+
+    loss = (1/N) * sum_t -ln p(y_t)                  (nats per token)
+    ppl  = exp(loss)
+    bpb  = loss * (tokens / bytes) / ln 2             (bits per byte)
+
+``tokens / bytes`` of a domain comes from the manifest's val split (its token
+and byte counts), so byte-level and BPE runs are compared on the same scale.
+For the mixed set the byte count is the sum over domains of
+``scored tokens_d * bytes_per_token_d``.
+
+Pure PyTorch: no Ray, usable from a notebook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from leviathan.data import Manifest, eval_batches
+from leviathan.ensemble import LeviathanEnsemble
+
+LN2 = math.log(2.0)
+MIXED = "mixed"
+REPORT_FORMAT_VERSION = 1
+
+
+class EvaluationError(ValueError):
+    """Evaluation settings or data that cannot be used; the message names the problem."""
+
+
+@dataclass
+class _Scores:
+    """Summed negative log-likelihood per row and eval window of one domain.
+
+    nll: (R, N) float64, R rows (merged, members..., uniform, posterior), N windows.
+    """
+
+    nll: torch.Tensor
+    tokens_per_window: int
+    posterior_weights: torch.Tensor  # (N, M): each window's posterior over members
+    merger_weights: torch.Tensor  # (M,): the merger's mean routing weight per member
+
+
+def row_names(ensemble: LeviathanEnsemble) -> list[str]:
+    """Row order of every table: merged, the members (module-major), uniform, posterior."""
+    return ["merged", *ensemble.member_names, "uniform", "posterior"]
+
+
+def mix_members(member_lp: torch.Tensor, prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The uniform and the posterior mixtures from the members' target log-probs.
+
+    member_lp: (B, T, M), log p_m(y_t | y_<t) of every member at every target.
+    uniform:   log (1/M) sum_m p_m(y_t)                                   (B, T)
+    posterior: log sum_m w_m p_m(y_t), with per-window weights
+               log w_m = log_softmax_m sum_{t < P} log p_m(y_t)           (B, M)
+    (Bayes rule on the window's first P targets, uniform prior; P = 0 gives
+    uniform weights.) Returns (uniform (B, T), posterior (B, T), log_w (B, M)).
+    """
+    M = member_lp.shape[-1]
+    uniform_lp = torch.logsumexp(member_lp, dim=-1) - math.log(M)  # (B, T)
+    log_w = F.log_softmax(member_lp[:, :prefix_tokens].sum(dim=1), dim=-1)  # (B, M)
+    posterior_lp = torch.logsumexp(member_lp + log_w.unsqueeze(1), dim=-1)  # (B, T)
+    return uniform_lp, posterior_lp, log_w
+
+
+@torch.no_grad()
+def score_batch(
+    ensemble: LeviathanEnsemble, x: torch.Tensor, y: torch.Tensor, prefix_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score one batch of windows with every row of the table.
+
+    x, y: (B, T) int64, y = x shifted by one. Each member runs once: its hidden
+    states feed both its own LM head and (through its projection) the merger.
+
+    Returns (nll (R, B) summed over the scored positions P..T-1 of each window,
+    posterior weights (B, M), merger weights (M,) averaged over batch, time and heads).
+    """
+    P = prefix_tokens
+    states, logprobs, target_lp = [], [], []
+    mixture = ensemble.config.merge == "mixture"
+    for member, projection in zip(ensemble.members, ensemble.projections):
+        h = member.hidden(x)  # (B, T, C_m)
+        states.append(projection(h))  # (B, T, D)
+        lp = F.log_softmax(member.logits_from_hidden(h).float(), dim=-1)  # (B, T, V)
+        target_lp.append(lp.gather(-1, y.unsqueeze(-1)).squeeze(-1))  # (B, T)
+        if mixture:
+            logprobs.append(lp)
+    member_lp = torch.stack(target_lp, dim=-1)  # (B, T, M)
+
+    out = ensemble.merge(
+        torch.stack(states, dim=2),  # (B, T, M, D)
+        torch.stack(logprobs, dim=2) if mixture else None,  # (B, T, M, V)
+        None,
+    )
+    merged_lp = F.log_softmax(out.logits.float(), dim=-1)  # (B, T, V)
+    merged_lp = merged_lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+    uniform_lp, posterior_lp, log_w = mix_members(member_lp, P)
+
+    rows = torch.cat(
+        [merged_lp.unsqueeze(-1), member_lp, uniform_lp.unsqueeze(-1), posterior_lp.unsqueeze(-1)],
+        dim=-1,
+    )  # (B, T, R)
+    nll = -rows[:, P:].double().sum(dim=1).T  # (R, B)
+    merger_w = out.weights.float().mean(dim=(0, 1, 3))  # (M,)
+    return nll.cpu(), log_w.exp().cpu(), merger_w.cpu()
+
+
+def _score_domain(
+    ensemble: LeviathanEnsemble,
+    shard: Any,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int,
+    prefix_tokens: int,
+    device: torch.device,
+) -> _Scores:
+    nlls, post, merger = [], [], []
+    for x, y in eval_batches(shard, batch_size, seq_len, max_batches):
+        x = torch.as_tensor(x, dtype=torch.long, device=device)  # (B, T)
+        y = torch.as_tensor(y, dtype=torch.long, device=device)  # (B, T)
+        nll, w, mw = score_batch(ensemble, x, y, prefix_tokens)
+        nlls.append(nll)
+        post.append(w)
+        merger.append(mw * x.shape[0])
+    if not nlls:
+        raise EvaluationError(f"eval_batches gave no windows of {seq_len + 1} tokens")
+    n_windows = sum(n.shape[1] for n in nlls)
+    return _Scores(
+        nll=torch.cat(nlls, dim=1),
+        tokens_per_window=seq_len - prefix_tokens,
+        posterior_weights=torch.cat(post, dim=0),
+        merger_weights=torch.stack(merger).sum(dim=0) / n_windows,
+    )
+
+
+def _metrics(nll: float, tokens: int, bytes_: float) -> dict[str, float]:
+    loss = nll / tokens
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": nll / bytes_ / LN2}
+
+
+def evaluate_ensemble(
+    ensemble: LeviathanEnsemble,
+    manifest: Manifest,
+    domains: list[str] | None = None,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    max_batches: int = 4,
+    prefix_tokens: int | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Evaluate every row of the table on every domain's val split and the mixed set.
+
+    domains: in module order (module i trained on domains[i]); default: the
+    manifest's first `modules` domains. Each domain is evaluated on the same
+    deterministic windows (`eval_batches`: at most `max_batches` batches of
+    `batch_size` windows of `seq_len` targets). prefix_tokens (default
+    seq_len // 4) is the posterior's dev prefix P, excluded from every row's
+    scored tokens. The mixed column uses the first k windows of every domain,
+    k = the smallest number of windows any domain gave (an equal share each).
+
+    Returns a JSON-safe dict (the content of report.json): `columns`, `rows`
+    (name, kind, domain, and loss/ppl/bpb per column), scored `tokens` and
+    `bytes_per_token` per column, the mean `posterior_weights` and
+    `merger_weights` per domain and member, and the `settings` used.
+    """
+    cfg = ensemble.config
+    if domains is None:
+        domains = list(manifest.domains[: cfg.modules])
+    domains = list(domains)
+    if len(domains) < cfg.modules:
+        raise EvaluationError(
+            f"domains: {len(domains)} domains for {cfg.modules} modules ({', '.join(domains)})"
+        )
+    unknown = [d for d in domains if d not in manifest.domains]
+    if unknown:
+        raise EvaluationError(f"domains: {unknown} not in manifest (has {manifest.domains})")
+    if manifest.vocab_size != cfg.vocab_size:
+        raise EvaluationError(
+            f"manifest: vocab_size {manifest.vocab_size} does not match the ensemble's {cfg.vocab_size}"
+        )
+    if prefix_tokens is None:
+        prefix_tokens = seq_len // 4
+    if seq_len < 2 or seq_len > cfg.block_size:
+        raise EvaluationError(f"seq_len: {seq_len} must be in 2..{cfg.block_size} (the members' block size)")
+    if not 0 <= prefix_tokens < seq_len:
+        raise EvaluationError(f"prefix_tokens: {prefix_tokens} must be in 0..{seq_len - 1}")
+    if batch_size < 1 or max_batches < 1:
+        raise EvaluationError(f"batch_size and max_batches must be >= 1, got {batch_size}, {max_batches}")
+
+    if device is None:
+        device = next(ensemble.parameters()).device
+    device = torch.device(device)
+    was_training = ensemble.training
+    ensemble.to(device).eval()
+    try:
+        scores = {
+            d: _score_domain(
+                ensemble, manifest.shard(d, "val"), batch_size, seq_len, max_batches, prefix_tokens, device
+            )
+            for d in domains
+        }
+    finally:
+        ensemble.train(was_training)
+
+    names = row_names(ensemble)
+    member_domain = {n: domains[cfg.module_of(i)] for i, n in enumerate(ensemble.member_names)}
+    bpt = {d: manifest.bytes_per_token(d, "val") for d in domains}
+
+    k = min(s.nll.shape[1] for s in scores.values())
+    columns = [*domains, MIXED]
+    sums: dict[str, torch.Tensor] = {}  # column -> (R,) summed nll
+    tokens: dict[str, int] = {}
+    nbytes: dict[str, float] = {}
+    for d, s in scores.items():
+        sums[d] = s.nll.sum(dim=1)
+        tokens[d] = s.nll.shape[1] * s.tokens_per_window
+        nbytes[d] = tokens[d] * bpt[d]
+    sums[MIXED] = sum(s.nll[:, :k].sum(dim=1) for s in scores.values())
+    tokens[MIXED] = len(domains) * k * (seq_len - prefix_tokens)
+    nbytes[MIXED] = sum(k * (seq_len - prefix_tokens) * bpt[d] for d in domains)
+
+    rows = []
+    for r, name in enumerate(names):
+        kind = "member" if name in member_domain else name
+        per_col = {c: _metrics(float(sums[c][r]), tokens[c], nbytes[c]) for c in columns}
+        rows.append(
+            {
+                "name": name,
+                "kind": kind,
+                "domain": member_domain.get(name),
+                **{m: {c: per_col[c][m] for c in columns} for m in ("loss", "ppl", "bpb")},
+            }
+        )
+
+    members = ensemble.member_names
+    return {
+        "format_version": REPORT_FORMAT_VERSION,
+        "columns": columns,
+        "domains": domains,
+        "rows": rows,
+        "tokens": tokens,
+        "bytes_per_token": {**bpt, MIXED: nbytes[MIXED] / tokens[MIXED]},
+        "posterior_weights": {
+            d: dict(zip(members, s.posterior_weights.mean(dim=0).tolist())) for d, s in scores.items()
+        },
+        "merger_weights": {d: dict(zip(members, s.merger_weights.tolist())) for d, s in scores.items()},
+        "settings": {
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "max_batches": max_batches,
+            "prefix_tokens": prefix_tokens,
+            "scored_tokens_per_window": seq_len - prefix_tokens,
+            "windows": {d: int(s.nll.shape[1]) for d, s in scores.items()},
+            "mixed_windows_per_domain": k,
+            "merge": cfg.merge,
+            "mixer": cfg.mixer,
+        },
+    }
+
+
+def row(report: dict[str, Any], name: str) -> dict[str, Any]:
+    """The row called `name` ("merged", "m0.1", "uniform", "posterior") of a report."""
+    for r in report["rows"]:
+        if r["name"] == name:
+            return r
+    raise KeyError(f"no row {name!r} in report (rows: {[r['name'] for r in report['rows']]})")
+
+
+def _label(r: dict[str, Any]) -> str:
+    return f"{r['name']} ({r['domain']})" if r["domain"] else r["name"]
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(header)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([fmt(header), sep, *(fmt(line) for line in body)])
+
+
+def format_report(report: dict[str, Any], title: str | None = None) -> str:
+    """The report as markdown: one table per metric (rows x columns), then the routing weights.
+
+    The best value of every column is marked with `*`.
+    """
+    cols = report["columns"]
+    s = report["settings"]
+    out = []
+    if title:
+        out += [f"# {title}", ""]
+    out.append(
+        f"Val windows of {s['seq_len']} tokens, the first {s['prefix_tokens']} of each are the "
+        f"posterior's dev prefix and are not scored (every row is scored on the same "
+        f"{s['scored_tokens_per_window']} tokens per window); mixed = "
+        f"{s['mixed_windows_per_domain']} windows from each domain."
+    )
+    for metric, heading, digits in (
+        ("loss", "Loss (nats per token)", 4),
+        ("bpb", "Bits per byte", 4),
+        ("ppl", "Perplexity", 2),
+    ):
+        best = {c: min(r[metric][c] for r in report["rows"]) for c in cols}
+        body = [
+            [_label(r)]
+            + [f"{r[metric][c]:.{digits}f}" + ("*" if r[metric][c] == best[c] else "") for c in cols]
+            for r in report["rows"]
+        ]
+        out += ["", f"## {heading}", "", _markdown_table(["model", *cols], body)]
+    members = list(next(iter(report["posterior_weights"].values())))
+    for key, heading in (
+        ("merger_weights", "Merger weight per member (mean over tokens and heads)"),
+        ("posterior_weights", "Posterior weight per member (mean over windows)"),
+    ):
+        body = [[d] + [f"{report[key][d][m]:.3f}" for m in members] for d in report["domains"]]
+        out += ["", f"## {heading}", "", _markdown_table(["domain", *members], body)]
+    return "\n".join(out) + "\n"

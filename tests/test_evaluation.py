@@ -1,0 +1,180 @@
+"""leviathan.evaluation on a freshly initialised tiny ensemble and a tiny prepared corpus."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leviathan.config import ComponentConfig, EnsembleConfig
+from leviathan.data import load_manifest
+from leviathan.ensemble import LeviathanEnsemble
+from leviathan.evaluation import (
+    MIXED,
+    EvaluationError,
+    evaluate_ensemble,
+    format_report,
+    mix_members,
+    row,
+    row_names,
+    score_batch,
+)
+
+WORDS = {
+    "prose": "the a river stone light morning quiet walked over under said again long".split(),
+    "code": "def return self if else for in import None True x y value items".split(),
+}
+
+
+def write_corpus(root: Path, n_bytes: int = 6000, seed: int = 0) -> dict[str, Path]:
+    """A few KB of text per domain, each domain with its own vocabulary (several documents)."""
+    rng = random.Random(seed)
+    out = {}
+    for domain, words in WORDS.items():
+        folder = root / "text" / domain
+        folder.mkdir(parents=True)
+        for doc in range(6):
+            text, size = [], 0
+            while size < n_bytes // 6:
+                line = " ".join(rng.choice(words) for _ in range(rng.randint(4, 10))) + "\n"
+                text.append(line)
+                size += len(line)
+            (folder / f"doc{doc}.txt").write_text("".join(text))
+        out[domain] = folder
+    return out
+
+
+def prepare_corpus(root: Path, tokenizer: str = "byte", **kwargs) -> Path:
+    from jobs.prepare import prepare
+
+    return prepare(
+        write_corpus(root), root / f"prepared-{tokenizer}", tokenizer=tokenizer, val_fraction=0.3, seq_len=64, **kwargs
+    )
+
+
+def tiny_ensemble(vocab_size: int = 260, merge: str = "fusion", modules: int = 2, per_module: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    member = ComponentConfig.preset("tiny", vocab_size=vocab_size, block_size=64, n_layer=1)
+    config = EnsembleConfig(
+        members=[member] * per_module, modules=modules, members_per_module=per_module, merge=merge, merge_width=32
+    )
+    return LeviathanEnsemble(config)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return load_manifest(prepare_corpus(tmp_path_factory.mktemp("corpus")))
+
+
+@pytest.mark.parametrize("merge", ["fusion", "mixture"])
+def test_rows_match_the_models_own_losses(merge):
+    """merged = the ensemble's forward loss, member rows = each member's forward loss (prefix 0)."""
+    ens = tiny_ensemble(merge=merge).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 260, (3, 16), generator=g)
+    y = torch.randint(0, 260, (3, 16), generator=g)
+    nll, _, _ = score_batch(ens, x, y, prefix_tokens=0)  # (R, B)
+    assert nll.shape == (len(row_names(ens)), 3)
+    with torch.no_grad():
+        _, loss = ens(x, y)
+        assert nll[0].sum() / y.numel() == pytest.approx(loss.item(), rel=1e-5)
+        for i, member in enumerate(ens.members):
+            _, member_loss = member(x, y)
+            assert nll[1 + i].sum() / y.numel() == pytest.approx(member_loss.item(), rel=1e-5), ens.member_names[i]
+
+
+def test_prefix_tokens_are_excluded_from_every_row():
+    ens = tiny_ensemble().eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 260, (2, 16), generator=g)
+    y = torch.randint(0, 260, (2, 16), generator=g)
+    P = 5
+    nll, _, _ = score_batch(ens, x, y, prefix_tokens=P)
+    with torch.no_grad():
+        logits, _ = ens.members[0](x)
+    per_token = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
+    assert torch.allclose(nll[1], per_token[:, P:].sum(dim=1).double(), rtol=1e-5)
+    y2 = y.clone()
+    y2[:, :P] = (y2[:, :P] + 7) % 260  # other prefix targets change the posterior weights only
+    nll2, _, _ = score_batch(ens, x, y2, prefix_tokens=P)
+    assert torch.equal(nll[:-1], nll2[:-1]), "rows other than posterior must not depend on the prefix targets"
+
+
+def test_posterior_follows_the_member_that_explains_the_prefix():
+    B, T, M, P = 2, 10, 3, 4
+    member_lp = torch.full((B, T, M), math.log(0.1))
+    member_lp[0, :, 1] = math.log(0.9)  # window 0: member 1 predicts every target well
+    member_lp[1, :, 2] = math.log(0.9)  # window 1: member 2 does
+    uniform, posterior, log_w = mix_members(member_lp, P)
+    w = log_w.exp()
+    assert torch.allclose(w.sum(dim=-1), torch.ones(B))
+    assert w[0].argmax() == 1 and w[1].argmax() == 2
+    assert w[0, 1] > 0.99, f"posterior after {P} tokens: {w[0].tolist()}"
+    assert torch.allclose(uniform, torch.full((B, T), math.log((0.9 + 0.1 + 0.1) / 3)))
+    assert (posterior > uniform).all()
+    _, flat, log_w0 = mix_members(member_lp, 0)  # no prefix: the uniform prior
+    assert torch.allclose(flat, uniform) and torch.allclose(log_w0.exp(), torch.full((B, M), 1 / M))
+
+
+def test_report_on_a_prepared_corpus(manifest):
+    ens = tiny_ensemble()
+    rep = evaluate_ensemble(ens, manifest, batch_size=2, seq_len=32, max_batches=2, prefix_tokens=8)
+    domains = manifest.domains[:2]
+    assert rep["columns"] == [*domains, MIXED]
+    assert [r["name"] for r in rep["rows"]] == ["merged", "m0.0", "m0.1", "m1.0", "m1.1", "uniform", "posterior"]
+    assert [r["domain"] for r in rep["rows"]] == [None, domains[0], domains[0], domains[1], domains[1], None, None]
+    k = rep["settings"]["mixed_windows_per_domain"]
+    assert rep["tokens"][MIXED] == 2 * k * 24
+    for r in rep["rows"]:
+        for c in rep["columns"]:
+            loss = r["loss"][c]
+            # A fresh model predicts close to uniform over the 260 byte ids.
+            assert 4.0 < loss < 7.0, (r["name"], c, loss)
+            assert r["ppl"][c] == pytest.approx(math.exp(loss))
+            # Byte tokenizer: one token per byte plus one end-of-text token per document.
+            bpt = manifest.bytes_per_token(c, "val") if c != MIXED else sum(
+                manifest.bytes_per_token(d, "val") for d in domains
+            ) / 2
+            assert 0.9 < bpt <= 1.0
+            assert r["bpb"][c] == pytest.approx(loss / bpt / math.log(2)), (r["name"], c)
+        if rep["settings"]["windows"][domains[0]] == rep["settings"]["windows"][domains[1]]:
+            assert r["loss"][MIXED] == pytest.approx((r["loss"][domains[0]] + r["loss"][domains[1]]) / 2)
+    # The uniform mixture is never worse than the average member (Jensen), per column.
+    for c in rep["columns"]:
+        avg = sum(row(rep, n)["loss"][c] for n in ens.member_names) / 4
+        assert row(rep, "uniform")["loss"][c] <= avg + 1e-9
+    for d in domains:
+        assert sum(rep["posterior_weights"][d].values()) == pytest.approx(1.0)
+        assert sum(rep["merger_weights"][d].values()) == pytest.approx(1.0)
+    again = evaluate_ensemble(ens, manifest, batch_size=2, seq_len=32, max_batches=2, prefix_tokens=8)
+    assert again["rows"] == rep["rows"], "evaluation must be deterministic"
+    md = format_report(rep, title="t")
+    for name in ["merged", "m1.1", "uniform", "posterior", "Bits per byte", *domains, MIXED]:
+        assert name in md
+
+
+def test_bits_per_byte_uses_the_manifests_bytes_per_token(tmp_path):
+    manifest = load_manifest(prepare_corpus(tmp_path, tokenizer="bpe", vocab_size=300))
+    ens = tiny_ensemble(vocab_size=manifest.vocab_size, modules=1, per_module=1)
+    rep = evaluate_ensemble(ens, manifest, ["code"], batch_size=2, seq_len=16, max_batches=1)
+    ratio = manifest.bytes_per_token("code", "val")
+    assert ratio > 1.5, "BPE on this corpus should merge bytes"
+    merged = row(rep, "merged")
+    assert merged["bpb"]["code"] == pytest.approx(merged["loss"]["code"] / ratio / math.log(2))
+    assert rep["bytes_per_token"]["code"] == pytest.approx(ratio)
+
+
+def test_bad_settings_name_the_problem(manifest):
+    ens = tiny_ensemble()
+    with pytest.raises(EvaluationError, match="seq_len"):
+        evaluate_ensemble(ens, manifest, seq_len=65)
+    with pytest.raises(EvaluationError, match="prefix_tokens"):
+        evaluate_ensemble(ens, manifest, seq_len=16, prefix_tokens=16)
+    with pytest.raises(EvaluationError, match="not in manifest"):
+        evaluate_ensemble(ens, manifest, ["prose", "poetry"], seq_len=16)
+    with pytest.raises(EvaluationError, match="vocab_size"):
+        evaluate_ensemble(tiny_ensemble(vocab_size=300), manifest, seq_len=16)
