@@ -1,0 +1,228 @@
+"""Leviathan ensembles and the correlation merger."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leviathan import CheckpointError, ComponentConfig, EnsembleConfig, LeviathanEnsemble
+from leviathan import load as load_any
+
+V = 260
+
+
+def config(merge: str = "fusion", mixer: str = "correlation", modules: int = 2, **kw) -> EnsembleConfig:
+    # Members differ in flavour and width: the projections map both to the merge width.
+    members = [
+        ComponentConfig.preset("tiny", flavour="gelu4", block_size=32, mixer=mixer),
+        ComponentConfig.preset("tiny", flavour="leaky6", n_embd=32, n_head=2, block_size=32, window=2, mixer=mixer),
+    ]
+    args = dict(members=members, modules=modules, members_per_module=2, merge=merge, merge_width=32, merge_heads=4, merge_window=3, mixer=mixer)
+    return EnsembleConfig(**{**args, **kw})
+
+
+def ensemble(merge: str = "fusion", seed: int = 0, random_lags: bool = True, **kw) -> LeviathanEnsemble:
+    torch.manual_seed(seed)
+    model = LeviathanEnsemble(config(merge, **kw))
+    if random_lags:  # lags that matter, so causality and caching are really exercised
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lag_weight"):
+                    p.normal_()
+    return model
+
+
+def tokens(B: int = 2, T: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("merge", ["fusion", "mixture"])
+def test_weights_are_a_distribution_over_members(merge: str) -> None:
+    model = ensemble(merge)
+    out = model(tokens(), tokens(seed=2), return_details=True)
+    B, T = 2, 12
+    assert out.weights.shape == (B, T, 4, 4)  # (B, T, M, H)
+    assert (out.weights >= 0).all()
+    torch.testing.assert_close(out.weights.sum(dim=2), torch.ones(B, T, 4))
+    assert out.logits.shape == (B, T, V)
+    assert set(out.member_losses) == {"m0.0", "m0.1", "m1.0", "m1.1"}
+
+
+@pytest.mark.parametrize("merge", ["fusion", "mixture"])
+def test_whole_ensemble_is_causal(merge: str) -> None:
+    model = ensemble(merge)
+    idx = tokens(T=16)
+    out = model(idx, return_details=True)
+    p = 6
+    idx2 = idx.clone()
+    idx2[:, p + 1 :] = (idx2[:, p + 1 :] + 7) % V
+    out2 = model(idx2, return_details=True)
+    torch.testing.assert_close(out2.logits[:, : p + 1], out.logits[:, : p + 1])
+    torch.testing.assert_close(out2.weights[:, : p + 1], out.weights[:, : p + 1])
+    assert (out2.logits[:, p + 1 :] - out.logits[:, p + 1 :]).abs().max() > 1e-4
+
+
+def member_logprobs(model: LeviathanEnsemble, idx: torch.Tensor) -> list[torch.Tensor]:
+    return [F.log_softmax(m(idx)[0], dim=-1) for m in model.members]
+
+
+def test_mixture_with_all_weight_on_one_member_is_that_member() -> None:
+    model = ensemble("mixture")
+    idx, targets = tokens(), tokens(seed=2)
+    states, logprobs = zip(*(model.member_features(i, idx) for i in range(4)))
+    states, logprobs = torch.stack(states, 2), torch.stack(logprobs, 2)
+    own = member_logprobs(model, idx)
+    for j in range(4):
+        weights = torch.zeros(2, 12, 4, 4)
+        weights[:, :, j] = 1.0
+        out = model.merge(states, logprobs, targets, weights=weights)
+        torch.testing.assert_close(out.logits, own[j], atol=1e-5, rtol=0, msg=f"member {j}")
+        torch.testing.assert_close(out.loss, F.nll_loss(own[j].reshape(-1, V), targets.reshape(-1)))
+
+
+def test_uniform_weights_give_the_uniform_mixture() -> None:
+    model = ensemble("mixture")
+    idx = tokens()
+    states, logprobs = zip(*(model.member_features(i, idx) for i in range(4)))
+    out = model.merge(torch.stack(states, 2), torch.stack(logprobs, 2), weights=torch.full((2, 12, 4, 4), 0.25))
+    mean_p = torch.stack([lp.exp() for lp in member_logprobs(model, idx)]).mean(0)
+    torch.testing.assert_close(out.logits.exp(), mean_p, atol=1e-6, rtol=1e-5)
+
+
+def naive_merge_scores(model: LeviathanEnsemble, states: torch.Tensor) -> torch.Tensor:
+    """score[t,m,h] = sum_u a[h,u] dot(q[t-u,h], k_m[t-u,h]) / sqrt(d_h), loop by loop."""
+    mg = model.merger
+    B, T, M, D = states.shape
+    H, d = mg.n_head, D // mg.n_head
+    c = states.mean(2)
+    q = (c @ mg.query.weight.T).view(B, T, H, d)
+    k = (states @ mg.key.weight.T).view(B, T, M, H, d)
+    a = mg.lag_weight
+    score = torch.zeros(B, T, M, H)
+    for t in range(T):
+        for m in range(M):
+            for u in range(a.shape[1]):
+                if t - u >= 0:
+                    score[:, t, m] += a[:, u] * (q[:, t - u] * k[:, t - u, m]).sum(-1) / math.sqrt(d)
+    return score
+
+
+def test_merge_weights_follow_the_lagged_formula() -> None:
+    model = ensemble("fusion")
+    idx = tokens(T=9)
+    states = torch.stack([model.member_features(i, idx)[0] for i in range(4)], 2)
+    out = model.merge(states)
+    expected = torch.softmax(naive_merge_scores(model, states), dim=2)
+    torch.testing.assert_close(out.weights, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("merge", ["fusion", "mixture"])
+def test_split_path_equals_forward(merge: str) -> None:
+    """member_features on each member + merge (the distributed trainer's path) == forward."""
+    model = ensemble(merge)
+    idx, targets = tokens(), tokens(seed=2)
+    logits, loss = model(idx, targets)
+    states, logprobs = zip(*(model.member_features(i, idx) for i in range(4)))
+    lp = torch.stack(logprobs, 2) if merge == "mixture" else None
+    assert (lp is None) == (merge == "fusion")
+    out = model.merge(torch.stack(states, 2), lp, targets)
+    torch.testing.assert_close(out.logits, logits)
+    torch.testing.assert_close(out.loss, loss)
+
+
+def test_member_losses_are_each_members_own_loss() -> None:
+    model = ensemble("fusion")
+    idx, targets = tokens(), tokens(seed=2)
+    out = model(idx, targets, return_details=True)
+    for name, member in zip(model.member_names, model.members):
+        torch.testing.assert_close(out.member_losses[name], member(idx, targets)[1])
+    assert model(idx, return_details=True).member_losses is None
+
+
+@pytest.mark.parametrize("merge", ["fusion", "mixture"])
+def test_4x2_forward_backward_reaches_every_parameter(merge: str) -> None:
+    model = ensemble(merge, modules=4)
+    assert len(model.members) == 8 and model.member_names[-1] == "m3.1"
+    _, loss = model(tokens(), tokens(seed=2))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+def test_attention_twin_merger_has_no_lags() -> None:
+    corr, att = ensemble(), ensemble(mixer="attention")
+    assert att.merger.lag_weight is None and att.merger.window == 1
+    assert corr.num_params() - att.num_params() == 4 * 3 + 2 * (2 * 4 * 4 + 2 * 2 * 2)  # merger + member lags
+
+
+@pytest.mark.parametrize("merge", ["fusion", "mixture"])
+def test_generate_cached_equals_full_forward_sampling(merge: str) -> None:
+    model = ensemble(merge).eval()
+    prompt = tokens(T=5)
+    out = model.generate(prompt, 40, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert out.shape == (2, 45)  # crosses block_size 32
+    idx, g = prompt, torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(40):
+            logits, _ = model(idx[:, -32:])
+            probs = F.softmax(logits[:, -1].float(), dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=g)], dim=1)
+    assert torch.equal(out, idx)
+
+
+def test_merge_rejects_wrong_shapes() -> None:
+    model = ensemble("mixture")
+    with pytest.raises(ValueError, match="states"):
+        model.merge(torch.zeros(1, 3, 5, 32))
+    with pytest.raises(ValueError, match="logprobs"):
+        model.merge(torch.zeros(1, 3, 4, 32))
+    with pytest.raises(ValueError, match="weights"):
+        model.merge(torch.zeros(1, 3, 4, 32), torch.zeros(1, 3, 4, V), weights=torch.zeros(1, 3, 4, 2))
+
+
+@pytest.mark.parametrize("merge", ["fusion", "mixture"])
+def test_save_load_round_trip_is_bit_exact(tmp_path: Path, merge: str) -> None:
+    model = ensemble(merge)
+    model.save(tmp_path / "e")
+    loaded = LeviathanEnsemble.load(tmp_path / "e")
+    assert loaded.config == model.config
+    assert model.state_dict().keys() == loaded.state_dict().keys()
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    idx = tokens()
+    assert torch.equal(model(idx)[0], loaded(idx)[0])
+    assert isinstance(load_any(tmp_path / "e"), LeviathanEnsemble)
+
+
+def test_members_state_dicts_assemble_an_ensemble(tmp_path: Path) -> None:
+    """The trainer's path to final/: members trained apart, loaded into one ensemble, saved."""
+    source = ensemble()
+    target = LeviathanEnsemble(source.config)
+    for i in range(4):
+        target.members[i].load_state_dict(source.members[i].state_dict())
+        target.projections[i].load_state_dict(source.projections[i].state_dict())
+    target.merger.load_state_dict(source.merger.state_dict())
+    target.save(tmp_path / "final")
+    idx = tokens()
+    assert torch.equal(LeviathanEnsemble.load(tmp_path / "final")(idx)[0], source(idx)[0])
+
+
+def test_load_refuses_damage_and_the_wrong_kind(tmp_path: Path) -> None:
+    folder = ensemble().save(tmp_path / "e")
+    with pytest.raises(CheckpointError, match=r"config\.json: holds a 'ensemble', not a 'component'"):
+        from leviathan import LeviathanComponent
+
+        LeviathanComponent.load(folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt"):
+        LeviathanEnsemble.load(folder)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing"):
+        LeviathanEnsemble.load(folder)
