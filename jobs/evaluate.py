@@ -1,0 +1,240 @@
+"""Evaluate a finished run: `python -m jobs.evaluate --run DIR` (or `leviathan evaluate`).
+
+Loads `<run>/final/` (no Ray needed), evaluates the merged ensemble, every
+member, the uniform mixture and the BTM-style posterior mixture on every
+domain's val split and the mixed val set (`leviathan.evaluation`), writes
+`report.json` and `report.md` into the run folder and prints the table.
+`jobs.train` calls `evaluate_run` at the end of every run.
+
+The run folder may be a local path or a pyarrow.fs URI (s3://, gs://, file://):
+remote runs are copied to a temporary folder, and the reports are written back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec
+
+DEFAULT_MAX_BATCHES = 8
+
+
+class RunError(ValueError):
+    """A run folder that cannot be evaluated; the message is one line naming the file."""
+
+
+def resolve_final(run_dir: str | Path) -> Path:
+    """`<run>/final`, checked to exist (a run still training has none)."""
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise RunError(f"run folder not found: {run}")
+    final = run / "final"
+    if not final.is_dir():
+        raise RunError(f"{final}: no final/ folder (the run has not finished training)")
+    return final
+
+
+def load_run_spec(run_dir: str | Path) -> JobSpec:
+    """The run's JobSpec: `<run>/spec.json`, else the copy in `<run>/final/spec.json`."""
+    run = Path(run_dir).expanduser()
+    for path in (run / "spec.json", run / "final" / "spec.json"):
+        if path.is_file():
+            return load_spec(path)
+    raise RunError(f"{run}: no spec.json in the run folder or in final/")
+
+
+def load_final(run_dir: str | Path, device: str = "cpu"):
+    """(ensemble, tokenizer) of a finished run, from `<run>/final/`."""
+    from leviathan.ensemble import LeviathanEnsemble
+    from leviathan.tokenizer import load_tokenizer
+
+    final = resolve_final(run_dir)
+    try:
+        ensemble = LeviathanEnsemble.load(final, map_location=device)
+        tokenizer = load_tokenizer(final)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise RunError(f"cannot load the trained ensemble: {_one_line(e)}") from None
+    return ensemble, tokenizer
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _manifest_for(spec: JobSpec, manifest: str | None):
+    from leviathan.data import load_manifest
+
+    if manifest is None:
+        manifest = spec.data.manifest
+    if manifest == BUILTIN_MANIFEST:
+        from jobs.prepare import ensure_builtin
+
+        manifest = str(ensure_builtin(spec.data.tokenizer))
+    try:
+        return load_manifest(manifest)
+    except (ValueError, OSError) as e:
+        raise RunError(f"manifest {manifest}: {_one_line(e)}") from None
+
+
+def _evaluate_local(
+    run: Path,
+    *,
+    max_batches: int,
+    batch_size: int | None,
+    seq_len: int | None,
+    prefix_tokens: int | None,
+    manifest: str | None,
+    device: str | None,
+) -> dict[str, Any]:
+    from leviathan.evaluation import evaluate_ensemble, format_report
+
+    final = resolve_final(run)
+    spec = load_run_spec(run)
+    ensemble, tokenizer = load_final(run)
+    m = _manifest_for(spec, manifest)
+    ours, theirs = tokenizer.spec(), m.tokenizer_spec
+    if (ours.get("kind"), ours.get("vocab_size")) != (theirs.get("kind"), theirs.get("vocab_size")):
+        raise RunError(
+            f"{m.root}: the manifest's tokenizer ({theirs.get('kind')}, vocab {theirs.get('vocab_size')}) "
+            f"is not the run's ({ours.get('kind')}, vocab {ours.get('vocab_size')} in {final})"
+        )
+    domains = spec.data.domains if manifest is None else None
+    block = ensemble.config.block_size
+    try:
+        report = evaluate_ensemble(
+            ensemble,
+            m,
+            domains,
+            batch_size=batch_size or spec.training.batch_size,
+            seq_len=seq_len or min(spec.training.seq_len, block),
+            max_batches=max_batches,
+            prefix_tokens=prefix_tokens,
+            device=device or _default_device(),
+        )
+    except ValueError as e:  # EvaluationError, or DataError from a shard too short to evaluate
+        raise RunError(f"{run}: {_one_line(e)}") from None
+    report["run"] = {"name": spec.name, "dir": str(run), "manifest": str(m.root), "time": time.time()}
+    (run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (run / "report.md").write_text(format_report(report, title=f"Evaluation of run {spec.name}"))
+    return report
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    max_batches: int = DEFAULT_MAX_BATCHES,
+    batch_size: int | None = None,
+    *,
+    seq_len: int | None = None,
+    prefix_tokens: int | None = None,
+    manifest: str | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a finished run and write `report.json` + `report.md` into its folder.
+
+    batch_size and seq_len default to the run's training values (seq_len capped
+    at the members' block size); prefix_tokens defaults to seq_len // 4 (see
+    `leviathan.evaluation`). `manifest` evaluates on another prepared corpus with
+    the same tokenizer (its first `modules` domains). Returns the report dict
+    (report.json). Raises RunError (a ValueError) with a one-line message.
+    """
+    kwargs = dict(
+        max_batches=max_batches,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        prefix_tokens=prefix_tokens,
+        manifest=manifest,
+        device=device,
+    )
+    run_dir = str(run_dir)
+    if "://" not in run_dir:
+        return _evaluate_local(Path(run_dir).expanduser(), **kwargs)
+
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(run_dir.rstrip("/"))
+        if fs.get_file_info(root + "/final").type != pafs.FileType.Directory:
+            raise RunError(f"{run_dir}/final: no final/ folder (the run has not finished training)")
+        with tempfile.TemporaryDirectory(prefix="leviathan-eval-") as tmp:
+            local = Path(tmp) / "run"
+            (local / "final").mkdir(parents=True)
+            pafs.copy_files(root + "/final", str(local / "final"), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            if fs.get_file_info(root + "/spec.json").type == pafs.FileType.File:
+                pafs.copy_files(root + "/spec.json", str(local / "spec.json"), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+            report = _evaluate_local(local, **kwargs)
+            report["run"]["dir"] = run_dir
+            (local / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            for name in ("report.json", "report.md"):
+                pafs.copy_files(str(local / name), f"{root}/{name}", source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=fs)
+            return report
+    except OSError as e:
+        raise RunError(f"{run_dir}: {_one_line(e)}") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="leviathan evaluate",
+        description="Evaluate a finished run: merged ensemble vs members vs uniform vs posterior mixture.",
+    )
+    p.add_argument("--run", required=True, help="run folder (<storage>/<name>) containing final/")
+    p.add_argument("--max-batches", type=_positive, default=DEFAULT_MAX_BATCHES,
+                   help=f"eval batches per domain (default {DEFAULT_MAX_BATCHES})")
+    p.add_argument("--batch-size", type=_positive, default=None, help="windows per batch (default: the run's)")
+    p.add_argument("--seq-len", type=_positive, default=None, help="tokens per window (default: the run's)")
+    p.add_argument("--prefix-tokens", type=int, default=None,
+                   help="posterior dev prefix per window, excluded from scoring (default seq_len // 4)")
+    p.add_argument("--manifest", default=None, help="evaluate on another prepared corpus (same tokenizer)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = evaluate_run(
+            args.run,
+            args.max_batches,
+            args.batch_size,
+            seq_len=args.seq_len,
+            prefix_tokens=args.prefix_tokens,
+            manifest=args.manifest,
+            device=args.device,
+        )
+    except (RunError, SpecError) as e:
+        print(f"leviathan evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from leviathan.evaluation import format_report
+
+        print(format_report(report, title=f"Evaluation of run {report['run']['name']}"), end="")
+        print(f"wrote {args.run.rstrip('/')}/report.md and report.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
