@@ -1,21 +1,47 @@
-"""Shared test fixtures: one real local Ray cluster per test session.
+"""Shared test fixtures: one real Ray cluster per test session.
 
-`ray.init()` costs seconds here, so every test that needs Ray shares the one
-started by the `ray_cluster` fixture. It runs with the dashboard (and with it
-the Ray Jobs server), so Ray Train runs in this process and jobs submitted
-through `JobSubmissionClient` or `ray job submit` land on the same cluster.
+Starting Ray costs seconds here, so every test that needs Ray shares the one
+cluster started by the `ray_cluster` fixture. It is what users run: a
+`ray start --head` cluster with the dashboard and its Jobs server and Ray's
+token authentication on; the test process joins it with `ray.init(address=...)`
+so Ray Train runs from the tests, while `JobSubmissionClient`, `ray job submit`
+and the API submit jobs to the same cluster.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+def _ensure_ray_token() -> str:
+    """The cluster token Ray's clients and `ray start --head` read (~/.ray/auth_token)."""
+    if not RAY_TOKEN_FILE.is_file():
+        RAY_TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
+        RAY_TOKEN_FILE.write_text(secrets.token_hex(32))
+        RAY_TOKEN_FILE.chmod(0o600)
+    return RAY_TOKEN_FILE.read_text().strip()
+
+
+# Ray reads its auth mode when it is imported, so this must precede every `import ray`.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = _ensure_ray_token()
+os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
 
 
 def free_port() -> int:
@@ -28,35 +54,87 @@ def free_port() -> int:
 class RayCluster:
     address: str  # GCS address, for RAY_ADDRESS / ray.init(address=...)
     dashboard_url: str  # http://127.0.0.1:<port>, the Jobs API
-    auth_token: str | None  # Ray token auth (on by default for local clusters)
+    auth_token: str | None  # Ray token auth (on for this cluster)
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
+
+    def cli_env(self) -> dict[str, str]:
+        """Environment for a `ray` CLI or job-client subprocess talking to this cluster."""
+        env = dict(os.environ)
+        env.update(RAY_ADDRESS=self.dashboard_url, RAY_AUTH_MODE="token")
+        if self.auth_token:
+            env["RAY_AUTH_TOKEN"] = self.auth_token
+        return env
+
+
+def _ray_env() -> dict[str, str]:
+    """The head node's environment: the test venv's python first on PATH, so job
+    entrypoints (`python -m jobs.train`) run with the project and its deps."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
+    return env
+
+
+def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    request = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start --head` exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"Ray dashboard at {url} did not come up in {timeout_s} s")
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory) -> RayCluster:
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    # Jobs started by the job server run `python -m jobs...` from the repo.
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+    ray_bin = str(VENV_BIN / "ray")
+    env = _ray_env()
+    token = os.environ["RAY_AUTH_TOKEN"]  # `ray start --head` turns auth on since the token exists
+    gcs_port, dashboard_port = free_port(), free_port()
+    log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
+    head = subprocess.Popen(
+        [
+            ray_bin, "start", "--head", "--block",
+            f"--port={gcs_port}",
+            f"--dashboard-port={dashboard_port}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            "--num-cpus=4",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    ctx = ray.init(
-        num_cpus=4,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=free_port(),
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
-    token_file = Path.home() / ".ray" / "auth_token"
-    token = token_file.read_text().strip() if token_file.is_file() else None
-    cluster = RayCluster(
-        address=ctx.address_info["gcs_address"],
-        dashboard_url=f"http://{ctx.dashboard_url}",
-        auth_token=token,
-    )
-    yield cluster
-    ray.shutdown()
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_for_dashboard(dashboard_url, token, head)
+        os.environ.update(PATH=env["PATH"], PYTHONPATH=env["PYTHONPATH"])
+        gcs_address = f"127.0.0.1:{gcs_port}"
+        ray.init(address=gcs_address, logging_level="WARNING", log_to_driver=False)
+        yield RayCluster(address=gcs_address, dashboard_url=dashboard_url, auth_token=token)
+    finally:
+        ray.shutdown()
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
