@@ -1,0 +1,117 @@
+"""Request and response models of the REST API.
+
+The request body of `POST /v1/jobs` is `jobs.spec.JobSpec` itself: the API accepts
+that typed spec and nothing else (never a command line).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatusName = Literal["PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"]
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class JobSubmitted(BaseModel):
+    job_id: str = Field(description="Ray submission id: leviathan-<run name>.")
+    run_name: str = Field(description="<spec name>-<6 hex>: the run folder's name.")
+    run_dir: str
+    status: JobStatusName
+    dashboard_url: str
+
+
+class JobSummary(BaseModel):
+    job_id: str = Field(description="Ray submission id.")
+    status: JobStatusName
+    message: str | None = None
+    leviathan: bool = Field(description="Submitted through this API (carries Leviathan metadata).")
+    spec_name: str | None = None
+    run_name: str | None = None
+    run_dir: str | None = None
+    entrypoint: str
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    dashboard_url: str
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    total: int = Field(description="Jobs matching the filter, before pagination.")
+    limit: int
+    offset: int
+
+
+class MemberProgress(BaseModel):
+    """Latest figures of one member (or of the merger / uniform mixture)."""
+
+    member: str = Field(description="m<module>.<slot>, 'merger' or 'uniform'.")
+    module: int | None = None
+    phase: str | None = None
+    step: int | None = None
+    domain: str | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    mixed_val_loss: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    updated_at: float | None = Field(None, description="Unix time of the member's latest record.")
+
+
+class JobDetail(JobSummary):
+    error_type: str | None = None
+    driver_exit_code: int | None = None
+    phase: str | None = Field(
+        None, description="members | merge | final | done, from the latest metrics record; null before any."
+    )
+    step: int | None = Field(None, description="Step of the latest metrics record.")
+    phase1_steps: int | None = None
+    phase2_steps: int | None = None
+    members: list[MemberProgress] | None = Field(
+        None, description="Per-member progress (Leviathan jobs only)."
+    )
+    metrics_records: int | None = None
+    metrics_updated_at: datetime | None = None
+
+
+class MetricRecord(BaseModel):
+    """One line of metrics.jsonl (unknown keys are kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    time: float | None = None
+    step: int | None = None
+    phase: str | None = None
+    module: int | None = None
+    member: str | None = None
+    domain: str | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    mixed_val_loss: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    replayed: bool | None = None
+
+
+class MetricsPage(BaseModel):
+    job_id: str
+    run_dir: str | None = Field(None, description="Null for jobs not submitted through this API.")
+    since_step: int | None = None
+    records: list[MetricRecord]
+    last_step: int | None = Field(None, description="Pass as since_step to get only newer records.")
+
+
+class StopResult(BaseModel):
+    job_id: str
+    stopped: bool = Field(description="True if the job was still running and Ray was asked to stop it.")
+    status: JobStatusName
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    ray: Literal["ok", "unreachable", "unauthorized"]

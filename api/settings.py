@@ -1,0 +1,107 @@
+"""The API's settings: one pydantic-settings object read from `LEVIATHAN_*` variables.
+
+Two tokens live here and must not be confused:
+- `api_token` (`LEVIATHAN_API_TOKEN`) guards this API: clients send it as
+  `Authorization: Bearer <token>`.
+- `ray_auth_token` (`LEVIATHAN_RAY_AUTH_TOKEN` or `RAY_AUTH_TOKEN`, else the file at
+  `ray_auth_token_path`, default `~/.ray/auth_token`) is the Ray cluster's own token
+  (Ray 2.60 token auth); the API passes it on to the Ray Jobs server. The file is read
+  on every use, so a rotated cluster token needs no API restart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jobs.spec import default_storage
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_working_dir() -> str:
+    """The project root when running from a checkout (uploaded with each job), else ""
+    (the package is installed on the cluster's nodes and nothing needs uploading)."""
+    if (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "jobs").is_dir():
+        return str(PROJECT_ROOT)
+    return ""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LEVIATHAN_", extra="ignore")
+
+    ray_address: str = Field(
+        "http://127.0.0.1:8265",
+        validation_alias=AliasChoices(
+            "LEVIATHAN_RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_ADDRESS", "ray_address"
+        ),
+        description=(
+            "URL of the Ray Jobs server (the dashboard), http(s)://host:8265; like `ray job`, "
+            "falls back to RAY_API_SERVER_ADDRESS, then RAY_ADDRESS."
+        ),
+    )
+    dashboard_url: str | None = Field(
+        None, description="Dashboard URL used in links for users; default: ray_address."
+    )
+    api_token: SecretStr | None = Field(
+        None, description="Bearer token every endpoint but /healthz requires; unset: no auth."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    storage: str = Field(
+        default_factory=default_storage,
+        description="Where run folders go (<storage>/<run-name>); jobs may not choose another root.",
+    )
+    working_dir: str = Field(
+        default_factory=default_working_dir,
+        description="Folder uploaded as each job's runtime_env working_dir; empty: the package is installed on the nodes.",
+    )
+    job_python: str = Field(
+        "python",
+        description="Python command of the job entrypoint on the cluster (a venv's python when it is not on PATH there).",
+    )
+    ray_auth_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("LEVIATHAN_RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN", "ray_auth_token"),
+    )
+    ray_auth_token_path: Path = Field(
+        Path("~/.ray/auth_token"),
+        validation_alias=AliasChoices(
+            "LEVIATHAN_RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN_PATH", "ray_auth_token_path"
+        ),
+    )
+
+    # Limits on what one user may ask of the cluster (422 / 429 beyond them).
+    max_modules: int = Field(16, ge=1)
+    max_steps: int = Field(1_000_000, ge=0, description="Per phase: phase1_steps and phase2_steps each.")
+    max_seq_len: int = Field(4096, ge=2)
+    max_concurrent_jobs: int = Field(4, ge=0, description="Leviathan jobs PENDING or RUNNING at once.")
+
+    @field_validator("ray_address", "dashboard_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be the Ray Jobs server URL (http://host:8265), got {v!r}")
+        return v.rstrip("/") if v else v
+
+    @field_validator("api_token", "ray_auth_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if v == "" else v
+
+    def ray_token(self) -> str | None:
+        """The Ray cluster token, read now: explicit setting first, then the token file."""
+        if self.ray_auth_token is not None:
+            return self.ray_auth_token.get_secret_value()
+        path = self.ray_auth_token_path.expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            return None
+        return token or None
+
+    @property
+    def public_dashboard_url(self) -> str:
+        return self.dashboard_url or self.ray_address

@@ -1,0 +1,378 @@
+"""The REST API against a real uvicorn server on loopback and the session's real Ray.
+
+Fast tests cover auth, 404/422/429, jobs from `ray job submit`, the Ray token
+pass-through and the metrics reader. The slow ones train real tiny jobs: one to
+SUCCEEDED (metrics, logs, an API restart), one stopped while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.metrics import MetricsReader, read_records
+from api.settings import Settings
+from tests.conftest import REPO_ROOT
+from tests.test_api_support import (
+    API_TOKEN,
+    LiveServer,
+    make_settings,
+    tiny_spec,
+    wait_for_status,
+)
+
+JOB_ROUTES = [
+    ("GET", "/v1/jobs"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs/some-job"),
+    ("GET", "/v1/jobs/some-job/metrics"),
+    ("GET", "/v1/jobs/some-job/logs"),
+    ("POST", "/v1/jobs/some-job/stop"),
+]
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("api-runs")
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, storage):
+    with LiveServer(make_settings(ray_cluster, storage)) as s:
+        yield s
+
+
+@pytest.fixture
+def api(server):
+    with server.client() as c:
+        yield c
+
+
+# ----------------------------------------------------------------------------- app basics
+
+
+def test_importing_the_app_does_not_import_torch():
+    code = "import sys, api.app; bad = [m for m in ('torch', 'ray.train') if m in sys.modules]; print(bad)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_healthz_needs_no_token_and_sees_ray(server):
+    with server.client(token=None) as c:
+        r = c.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "ray": "ok"}
+
+
+def test_openapi_docs_are_served(server):
+    with server.client(token=None) as c:
+        assert c.get("/docs").status_code == 200
+        paths = c.get("/openapi.json").json()["paths"]
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/metrics", "/v1/jobs/{job_id}/logs",
+            "/v1/jobs/{job_id}/stop", "/healthz"} <= set(paths)
+
+
+@pytest.mark.parametrize("method,path", JOB_ROUTES)
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-token", f"Basic {API_TOKEN}", f"Bearer {API_TOKEN}x"])
+def test_every_job_endpoint_needs_the_api_token(server, method, path, auth):
+    headers = {"Authorization": auth} if auth else {}
+    with server.client(token=None) as c:
+        r = c.request(method, path, headers=headers, json=tiny_spec("noauth") if method == "POST" else None)
+    assert r.status_code == 401, (method, path, auth, r.text)
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_without_an_api_token_setting_no_auth_is_needed(ray_cluster, storage):
+    with LiveServer(make_settings(ray_cluster, storage, api_token=None)) as s, s.client(token=None) as c:
+        assert c.get("/v1/jobs").status_code == 200
+
+
+@pytest.mark.parametrize("job_id", ["no-such-job", "raysubmit_XXXXXXXXXXXXXXXX", "a b", "..", "x" * 300])
+def test_unknown_job_is_404(api, job_id):
+    for method, suffix in [("GET", ""), ("GET", "/metrics"), ("GET", "/logs"), ("POST", "/stop")]:
+        r = api.request(method, f"/v1/jobs/{job_id}{suffix}")
+        assert r.status_code == 404, (method, suffix, r.text)
+        assert "detail" in r.json()
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _post_422(api: httpx.Client, body) -> list[dict]:
+    r = api.post("/v1/jobs", json=body)
+    assert r.status_code == 422, r.text
+    return r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "patch,loc",
+    [
+        ({"ensemble": {"modules": 0}}, ["body", "ensemble", "modules"]),
+        ({"training": {"seq_len": "long"}}, ["body", "training", "seq_len"]),
+        ({"training": {"phase1_steps": 1, "epochs": 3}}, ["body", "training", "epochs"]),
+        ({"name": "Bad Name!"}, ["body", "name"]),
+        ({"resources": None}, ["body", "resources"]),
+        ({"command": "rm -rf /"}, ["body", "command"]),
+    ],
+)
+def test_invalid_spec_is_422_naming_the_field(api, patch, loc):
+    body = tiny_spec("bad")
+    body.update(patch)
+    errors = _post_422(api, body)
+    assert any(e["loc"] == loc for e in errors), errors
+
+
+def test_spec_that_is_not_json_is_422(api):
+    r = api.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "section,field,value,limit",
+    [
+        ("ensemble", "modules", 17, "max_modules"),
+        ("training", "phase1_steps", 1_000_001, "max_steps"),
+        ("training", "phase2_steps", 1_000_001, "max_steps"),
+        ("training", "seq_len", 4097, "max_seq_len"),
+    ],
+)
+def test_limits_are_422_naming_the_field_and_limit(api, section, field, value, limit):
+    body = tiny_spec("big")
+    body[section][field] = value
+    if field == "modules":
+        body["resources"]["workers"] = 1
+    errors = _post_422(api, body)
+    match = [e for e in errors if e["loc"] == ["body", section, field]]
+    assert match and limit in match[0]["msg"], errors
+
+
+def test_storage_outside_the_api_root_is_422(api, tmp_path):
+    for storage in [str(tmp_path), "relative/runs", "/"]:
+        errors = _post_422(api, {**tiny_spec("s"), "storage": storage})
+        assert errors[0]["loc"] == ["body", "storage"], errors
+
+
+def test_missing_manifest_is_422_on_data_manifest(api, tmp_path):
+    body = {**tiny_spec("m"), "data": {"manifest": str(tmp_path / "nowhere")}}
+    errors = _post_422(api, body)
+    assert errors[0]["loc"] == ["body", "data", "manifest"], errors
+
+
+def test_concurrency_limit_is_429_and_submits_nothing(ray_cluster, storage, tmp_path):
+    with LiveServer(make_settings(ray_cluster, tmp_path, max_concurrent_jobs=0)) as s, s.client() as c:
+        before = c.get("/v1/jobs").json()["total"]
+        r = c.post("/v1/jobs", json=tiny_spec("toomany"))
+        assert r.status_code == 429, r.text
+        assert "max_concurrent_jobs" in r.json()["detail"]
+        assert c.get("/v1/jobs").json()["total"] == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_list_rejects_bad_pagination_and_status(api):
+    assert api.get("/v1/jobs", params={"limit": 0}).status_code == 422
+    assert api.get("/v1/jobs", params={"offset": -1}).status_code == 422
+    assert api.get("/v1/jobs", params={"status": "DONE"}).status_code == 422
+
+
+# ----------------------------------------------------------------------------- Ray as the source of truth
+
+
+def test_job_from_ray_job_submit_shows_with_ray_fields(api, ray_cluster):
+    sid = f"plain-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token"} if ray_cluster.auth_token else dict(os.environ)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
+         "--submission-id", sid, "--no-wait", "--", "echo", "hello from ray job submit"],
+        env=env, check=True, capture_output=True, timeout=60,
+    )
+    body = wait_for_status(api, sid, {"SUCCEEDED"}, timeout=60)
+    assert body["status"] == "SUCCEEDED", body
+    assert body["leviathan"] is False and body["run_dir"] is None
+    assert body["phase"] is None and body["members"] is None
+    assert body["dashboard_url"].endswith(f"/#/jobs/{sid}")
+    listed = api.get("/v1/jobs", params={"status": "SUCCEEDED", "limit": 500}).json()["jobs"]
+    assert sid in [j["job_id"] for j in listed]
+    metrics = api.get(f"/v1/jobs/{sid}/metrics").json()
+    assert metrics["records"] == [] and metrics["run_dir"] is None
+    assert "hello from ray job submit" in api.get(f"/v1/jobs/{sid}/logs").text
+    assert api.get(f"/v1/jobs/{sid}/logs", params={"tail": 1}).text.strip() == "hello from ray job submit"
+
+
+def test_list_paginates_newest_first(api):
+    everything = api.get("/v1/jobs", params={"limit": 500}).json()
+    jobs = everything["jobs"]
+    assert everything["total"] == len(jobs)
+    starts = [j["start_time"] for j in jobs]
+    assert starts == sorted(starts, reverse=True)
+    if len(jobs) >= 2:
+        page = api.get("/v1/jobs", params={"limit": 1, "offset": 1}).json()
+        assert [j["job_id"] for j in page["jobs"]] == [jobs[1]["job_id"]]
+
+
+def test_wrong_ray_token_is_a_502_not_a_leak(ray_cluster, storage):
+    if not ray_cluster.auth_token:
+        pytest.skip("the session's Ray runs without token auth")
+    settings = make_settings(ray_cluster, storage, ray_auth_token="not-the-cluster-token")
+    with LiveServer(settings) as s, s.client() as c:
+        r = c.get("/v1/jobs")
+        assert r.status_code == 502 and "Ray token" in r.json()["detail"], r.text
+        assert "not-the-cluster-token" not in r.text
+        assert c.get("/healthz").json()["ray"] == "unauthorized"
+
+
+def test_ray_token_file_is_read_at_call_time(tmp_path):
+    token_file = tmp_path / "auth_token"
+    s = Settings(ray_auth_token=None, ray_auth_token_path=token_file)
+    assert s.ray_token() is None
+    token_file.write_text("first\n")
+    assert s.ray_token() == "first"
+    token_file.write_text("second")
+    assert s.ray_token() == "second"
+    assert Settings(ray_auth_token="explicit", ray_auth_token_path=token_file).ray_token() == "explicit"
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LEVIATHAN_RAY_ADDRESS", "http://10.0.0.1:8265/")
+    monkeypatch.setenv("LEVIATHAN_API_TOKEN", "abc")
+    monkeypatch.setenv("LEVIATHAN_MAX_MODULES", "3")
+    monkeypatch.setenv("LEVIATHAN_STORAGE", str(tmp_path))
+    s = Settings()
+    assert (s.ray_address, s.api_token.get_secret_value(), s.max_modules) == ("http://10.0.0.1:8265", "abc", 3)
+    assert (s.host, s.port, s.storage) == ("127.0.0.1", 8000, str(tmp_path))
+    monkeypatch.delenv("LEVIATHAN_RAY_ADDRESS")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(ValueError, match="Ray Jobs server URL"):
+        Settings()
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+
+def _record(step: int, member: str, **kw) -> dict:
+    rec = {"time": 1000.0 + step, "step": step, "phase": "members", "module": 0, "member": member,
+           "domain": "d0", "train_loss": None, "val_loss": None, "mixed_val_loss": None, "lr": 0.001,
+           "tokens_per_s": 10.0, "replayed": False}
+    rec.update(kw)
+    return rec
+
+
+def test_metrics_reader_folds_appended_lines_and_skips_bad_ones(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    reader = MetricsReader()
+    assert reader.summary(str(tmp_path)) is None
+    lines = [
+        json.dumps(_record(1, "m0.0", train_loss=3.0)),
+        "not json",
+        json.dumps(_record(2, "m0.0", val_loss=2.5)),
+        json.dumps(_record(2, "m1.0", module=1, train_loss=float("nan"))),
+    ]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 3, "member": "m0.0", "train_lo')  # torn last line
+    s = reader.summary(str(tmp_path))
+    assert s.records == 3 and s.step == 2 and s.phase == "members"
+    # Latest value of each figure: the eval record keeps the earlier train loss.
+    assert (s.members["m0.0"]["train_loss"], s.members["m0.0"]["val_loss"]) == (3.0, 2.5)
+    assert s.members["m1.0"]["train_loss"] is None  # NaN cannot travel as JSON
+    with open(path, "a") as f:  # the writer finishes the torn line, then more
+        f.write('ss": 1.5}\n' + json.dumps(_record(5, "merger", phase="merge", module=None, train_loss=1.0)) + "\n")
+        f.write(json.dumps({"phase": "done", "time": 2000.0, "step": 5}) + "\n")
+    s = reader.summary(str(tmp_path))
+    assert s.records == 6 and s.phase == "done" and s.step == 5
+    assert s.members["m0.0"]["train_loss"] == 1.5 and s.members["m0.0"]["step"] == 3
+    assert s.members["merger"]["phase"] == "merge"
+    assert [r["step"] for r in read_records(str(tmp_path), since_step=2)] == [3, 5, 5]
+    assert not any(isinstance(v, float) and math.isnan(v) for r in read_records(str(tmp_path)) for v in r.values())
+
+
+# ----------------------------------------------------------------------------- real training jobs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tiny_job_succeeds_with_metrics_logs_and_survives_an_api_restart(server, api, ray_cluster, storage):
+    from ray.job_submission import JobSubmissionClient
+
+    r = api.post("/v1/jobs", json=tiny_spec("tiny-api", steps=4, modules=2))
+    assert r.status_code == 201, r.text
+    sub = r.json()
+    job_id, run_dir = sub["job_id"], Path(sub["run_dir"])
+    assert job_id == f"leviathan-{sub['run_name']}" and sub["run_name"].startswith("tiny-api-")
+    assert run_dir.parent == storage
+    written = json.loads((run_dir / "spec.json").read_text())
+    assert written["name"] == sub["run_name"] and written["storage"] == str(storage)
+
+    # It is a plain Ray job: the Jobs server (what `ray job list` reads) knows it.
+    ray = JobSubmissionClient(ray_cluster.dashboard_url, headers=ray_cluster.auth_headers())
+    info = ray.get_job_info(job_id)
+    assert info.entrypoint == f"{sys.executable} -m jobs.train --spec {run_dir / 'spec.json'}"
+    assert info.metadata["leviathan_spec_name"] == "tiny-api"
+    assert info.metadata["leviathan_run_dir"] == str(run_dir)
+    assert job_id in [j.submission_id for j in ray.list_jobs()]
+
+    body = wait_for_status(api, job_id, {"SUCCEEDED"}, timeout=240)
+    logs = api.get(f"/v1/jobs/{job_id}/logs").text
+    assert body["status"] == "SUCCEEDED", logs[-3000:]
+    assert body["leviathan"] and body["spec_name"] == "tiny-api" and body["end_time"]
+    assert body["phase"] == "done" and body["phase1_steps"] == 4
+    members = {m["member"]: m for m in body["members"]}
+    for name in ("m0.0", "m1.0"):
+        assert members[name]["step"] is not None and members[name]["train_loss"] is not None, members
+
+    # Metrics come from the run's metrics.jsonl, filtered by since_step.
+    m = api.get(f"/v1/jobs/{job_id}/metrics").json()
+    assert m["records"] == read_records(str(run_dir)) and m["records"]
+    assert m["records"][-1]["phase"] == "done"
+    later = api.get(f"/v1/jobs/{job_id}/metrics", params={"since_step": 2}).json()["records"]
+    assert later and all(rec["step"] > 2 for rec in later)
+
+    # Logs: the tail is the end of the whole log; the stream of a finished job ends.
+    assert f"Running entrypoint for job {job_id}" in logs
+    tail = api.get(f"/v1/jobs/{job_id}/logs", params={"tail": 3}).text
+    assert tail == "".join(logs.splitlines(keepends=True)[-3:])
+    with api.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": True}) as s:
+        streamed = "".join(s.iter_text())
+    assert s.status_code == 200 and f"Running entrypoint for job {job_id}" in streamed
+
+    # A fresh API process knows everything the first one did: Ray holds it all.
+    with LiveServer(server.settings) as again, again.client() as c2:
+        assert c2.get(f"/v1/jobs/{job_id}").json() == api.get(f"/v1/jobs/{job_id}").json()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_running_job_stops_and_its_log_stream_ends(api):
+    r = api.post("/v1/jobs", json=tiny_spec("stop-me", steps=100_000))
+    assert r.status_code == 201, r.text
+    job_id = r.json()["job_id"]
+    body = wait_for_status(api, job_id, {"RUNNING"}, timeout=120)
+    assert body["status"] == "RUNNING", body
+
+    streamed: list[str] = []
+
+    def follow() -> None:
+        with api.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": True}, timeout=120) as s:
+            streamed.extend(s.iter_text())
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    time.sleep(1.0)
+    r = api.post(f"/v1/jobs/{job_id}/stop")
+    assert r.status_code == 200 and r.json()["stopped"] is True, r.text
+    body = wait_for_status(api, job_id, {"STOPPED"}, timeout=60)
+    assert body["status"] == "STOPPED", body
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the log stream did not end with the job"
+    assert f"Running entrypoint for job {job_id}" in "".join(streamed)
+    again = api.post(f"/v1/jobs/{job_id}/stop").json()
+    assert again == {"job_id": job_id, "stopped": False, "status": "STOPPED"}
