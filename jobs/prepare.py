@@ -382,11 +382,13 @@ def prepare_sources(
 
     t0 = time.perf_counter()
     cuts: dict[str, tuple[int, int]] = {}
+    documents: dict[str, int] = {}
     for s in sources:
         sizes = s.sizes()
         if sum(sizes) == 0:
             raise PrepareError(f"domain {s.name}: no text in {s.source}")
         cuts[s.name] = _val_cut(sizes, val_fraction)
+        documents[s.name] = sum(1 for n in sizes if n)
 
     tmp = _make_tmp(out)
     try:
@@ -420,7 +422,7 @@ def prepare_sources(
             dt = time.perf_counter() - t1
             log.info("domain %s: %d bytes -> train %d / val %d tokens (%.1f MB/s)", s.name, nbytes,
                      splits["train"]["tokens"], splits["val"]["tokens"], nbytes / 1e6 / max(dt, 1e-9))
-            domains.append({"name": s.name, "source": s.source, "documents": len(s.sizes()),
+            domains.append({"name": s.name, "source": s.source, "documents": documents[s.name],
                             "bytes": nbytes, "splits": splits})
 
         spec = tok.spec()
