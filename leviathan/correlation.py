@@ -58,6 +58,23 @@ def lag_stack(x: Tensor, window: int, history: Tensor | None = None) -> Tensor:
     return torch.cat([full[..., w1 - u : w1 - u + T, :] for u in range(window)], dim=-1)
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """`scaled_dot_product_attention` for query/key width d*w and value width d.
+
+    q, k: (B, H, T, d*w); v: (B, H, S, d) -> (B, H, T, d). On CPU the fused
+    (flash) kernel needs equal widths and otherwise PyTorch falls back to the
+    math kernel, which builds the L x L score matrix; zero-padding v to d*w and
+    dropping the padded output columns is exact and keeps the fused kernel
+    (measured in benchmarks/mixer.py). CUDA's memory-efficient kernel takes a
+    narrower v as it is.
+    """
+    dv = v.size(-1)
+    if q.device.type == "cpu" and q.size(-1) != dv:
+        v = F.pad(v, (0, q.size(-1) - dv))
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)[..., :dv]
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 @dataclass
 class CorrelationCache:
     """Per-layer state for incremental decoding.
@@ -144,7 +161,7 @@ class MultiHeadedCorrelation(nn.Module):
         if cache is None:
             qs = self._stacked_queries(q, None)  # (B, H, T, d*w)
             ks = lag_stack(k, w)  # (B, H, T, d*w)
-            y = F.scaled_dot_product_attention(qs, ks, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+            y = sdpa(qs, ks, v, dropout_p=dropout_p, is_causal=True, scale=scale)
         else:
             P = cache.length
             q_hist = k_hist = None
@@ -162,14 +179,14 @@ class MultiHeadedCorrelation(nn.Module):
             ks = ks_new if P == 0 else torch.cat([cache.keys, ks_new], dim=2)  # (B, H, P+T, d*w)
             vs = v if P == 0 else torch.cat([cache.values, v], dim=2)  # (B, H, P+T, d)
             if P == 0:
-                y = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p, is_causal=True, scale=scale)
+                y = sdpa(qs, ks, vs, dropout_p=dropout_p, is_causal=True, scale=scale)
             else:
                 # Query t (absolute P+t) sees keys 0..P+t: SDPA's is_causal aligns
                 # the mask top-left, so a prefill after cached positions needs it spelled out.
                 mask = None
                 if T > 1:
                     mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
-                y = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+                y = sdpa(qs, ks, vs, attn_mask=mask, dropout_p=dropout_p, scale=scale)
             cache.keys, cache.values = ks, vs
             if w > 1:
                 cache.queries = torch.cat([q_hist, q], dim=2)[:, :, -(w - 1) :]

@@ -1,0 +1,333 @@
+"""Correlation vs attention: forward+backward throughput and peak memory, side by side.
+
+    python benchmarks/mixer.py [--device cpu|cuda] [--rounds 5] [--out result.json]
+
+Three sections, every variant interleaved round by round in one process (so
+machine load hits all of them alike), medians and ratios against attention:
+
+- mixer: one `MultiHeadedCorrelation` at the `small` preset's width, w in
+  --windows, against mixer="attention" at the same shape;
+- formulations: three exact ways to compute the same correlation at w=4 (the
+  library's lag-stacked SDPA with zero-padded values, lag-stacked SDPA with
+  narrow values, explicit shifted-diagonal scores), at two sequence lengths
+  with the same number of tokens; the largest difference between their
+  outputs is reported too;
+- model: `tiny` and `small` components, correlation w in --windows vs the
+  attention twin.
+
+Peak memory is the extra memory one forward+backward step needs. On CUDA:
+torch.cuda.max_memory_allocated above what was allocated before the step. On
+CPU: the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) above its resident set before the step; the script
+re-executes itself with glibc's mmap threshold pinned at 64 KiB so freed
+tensors go back to the OS and every step's buffers are really counted.
+
+JSON goes to stdout (and --out); progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from leviathan.config import ComponentConfig  # noqa: E402
+from leviathan.correlation import MultiHeadedCorrelation, lag_stack  # noqa: E402
+from leviathan.model import LeviathanComponent  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Extra memory at the peak of one call of `step` (see the module docstring)."""
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = _proc_status("VmRSS:")
+    step()
+    return _proc_status("VmHWM:") - before
+
+
+def interleaved(
+    steps: dict[str, Callable[[], None]], rounds: int, reps: int, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Median seconds per step and peak extra bytes of every variant, run in rotating order."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for n in names:  # warm-up (kernels, allocator) and memory, one variant at a time
+        steps[n]()
+        sync(device)
+    mem = {n: peak_step_bytes(steps[n], device) for n in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for n in order:
+            for _ in range(reps):
+                sync(device)
+                t0 = time.perf_counter()
+                steps[n]()
+                sync(device)
+                times[n].append(time.perf_counter() - t0)
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {statistics.median(times[n]) * 1e3:.1f} ms" for n in names))
+    return {n: {"median_s": statistics.median(times[n]), "peak_bytes": mem[n], "samples": len(times[n])} for n in names}
+
+
+def with_ratios(results: dict[str, dict[str, float]], tokens: int, baseline: str) -> dict[str, dict[str, float]]:
+    base = results[baseline]
+    out = {}
+    for n, r in results.items():
+        out[n] = {
+            "median_ms": round(r["median_s"] * 1e3, 3),
+            "tokens_per_s": round(tokens / r["median_s"], 1),
+            "peak_mib": round(r["peak_bytes"] / 2**20, 2),
+            "time_ratio_vs_" + baseline: round(r["median_s"] / base["median_s"], 3),
+            "memory_ratio_vs_" + baseline: round(r["peak_bytes"] / base["peak_bytes"], 3) if base["peak_bytes"] > 0 else None,
+            "samples": r["samples"],
+        }
+    return out
+
+
+def random_lags(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial lag weights: timings do not depend on them, the formulation check does."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("lag_weight"):
+                p.copy_(torch.randn(p.shape, generator=g).to(p.device))
+
+
+def bench_mixer(args: argparse.Namespace, device: torch.device) -> dict:
+    B, T, C, H = args.batch, args.seq, args.embd, args.heads
+    x = torch.randn(B, T, C, device=device)
+    variants = {"attention": MultiHeadedCorrelation(C, H, 1, mixer="attention")}
+    variants.update({f"correlation_w{w}": MultiHeadedCorrelation(C, H, w) for w in args.windows})
+    steps = {}
+    for name, m in variants.items():
+        m.to(device)
+        random_lags(m)
+
+        def step(m: MultiHeadedCorrelation = m) -> None:
+            m.zero_grad(set_to_none=True)
+            m(x).sum().backward()
+
+        steps[name] = step
+    log(f"mixer: B={B} T={T} C={C} H={H}")
+    res = interleaved(steps, args.rounds, args.reps, device)
+    return {"shape": {"batch": B, "seq": T, "embd": C, "heads": H}, "results": with_ratios(res, B * T, "attention")}
+
+
+def diagonal_scores(q, k, v, a, scale):
+    """score = sum_u a[h,u] * S0[i-u, j-u] with S0 = q k^T: the L x L matrix, materialised."""
+    T = q.size(-2)
+    s0 = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
+    score = sum(a[:, u].view(1, -1, 1, 1) * F.pad(s0, (u, 0, u, 0))[..., :T, :T] for u in range(a.size(1)))
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return torch.softmax(score.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+def stacked(q, k, v, a, scale, pad_values: bool):
+    """Lag-stacked SDPA; pad_values zero-pads v to the query width (what `leviathan.correlation.sdpa` does on CPU)."""
+    B, H, T, d = q.shape
+    w = a.size(1)
+    qs = (lag_stack(q, w).view(B, H, T, w, d) * a.view(1, H, 1, w, 1)).view(B, H, T, w * d)
+    ks = lag_stack(k, w)
+    if pad_values:
+        return F.scaled_dot_product_attention(qs, ks, F.pad(v, (0, w * d - d)), is_causal=True, scale=scale)[..., :d]
+    return F.scaled_dot_product_attention(qs, ks, v, is_causal=True, scale=scale)
+
+
+def bench_formulations(args: argparse.Namespace, device: torch.device) -> dict:
+    H, d, w = args.heads, args.embd // args.heads, 4
+    tokens = args.batch * args.seq
+    out = {}
+    for T in args.formulation_seqs:
+        B = max(1, tokens // T)
+        g = torch.Generator().manual_seed(T)
+        q, k, v = (torch.randn(B, H, T, d, generator=g).to(device).requires_grad_() for _ in range(3))
+        a = torch.randn(H, w, generator=g).to(device).requires_grad_()
+        scale = 1.0 / math.sqrt(d)
+        kernels = {
+            "attention": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "stacked_padded_v": lambda: stacked(q, k, v, a, scale, pad_values=True),
+            "stacked_narrow_v": lambda: stacked(q, k, v, a, scale, pad_values=False),
+            "diagonal_scores": lambda: diagonal_scores(q, k, v, a, scale),
+        }
+        with torch.no_grad():
+            ref = kernels["diagonal_scores"]()
+            diffs = {n: float((kernels[n]() - ref).abs().max()) for n in kernels if n != "attention"}
+        steps = {}
+        for name, fn in kernels.items():
+
+            def step(fn: Callable = fn) -> None:
+                for t in (q, k, v, a):
+                    t.grad = None
+                fn().sum().backward()
+
+            steps[name] = step
+        log(f"formulations (w={w}): B={B} T={T} H={H} d={d}")
+        res = interleaved(steps, args.rounds, args.reps, device)
+        out[f"seq{T}"] = {
+            "shape": {"batch": B, "seq": T, "heads": H, "head_dim": d, "window": w},
+            "max_abs_diff_vs_diagonal": diffs,
+            "results": with_ratios(res, B * T, "attention"),
+        }
+    return out
+
+
+def bench_model(args: argparse.Namespace, device: torch.device) -> dict:
+    out = {}
+    for preset, (B, T) in {"tiny": (args.tiny_batch, args.tiny_seq), "small": (args.small_batch, args.small_seq)}.items():
+        torch.manual_seed(0)
+        idx = torch.randint(0, 260, (B, T + 1), device=device)
+        x, y = idx[:, :-1], idx[:, 1:]
+        models = {"attention": ComponentConfig.preset(preset, block_size=T, mixer="attention")}
+        models.update({f"correlation_w{w}": ComponentConfig.preset(preset, block_size=T, window=w) for w in args.windows})
+        steps, params = {}, {}
+        for name, cfg in models.items():
+            m = LeviathanComponent(cfg).to(device)
+            random_lags(m)
+            params[name] = m.num_params()
+
+            def step(m: LeviathanComponent = m) -> None:
+                m.zero_grad(set_to_none=True)
+                m(x, y)[1].backward()
+
+            steps[name] = step
+        log(f"model {preset}: B={B} T={T}")
+        res = interleaved(steps, max(1, args.rounds - 2) if preset == "small" else args.rounds, 1, device)
+        out[preset] = {
+            "shape": {"batch": B, "seq": T, **{k: v for k, v in ComponentConfig.preset(preset).to_dict().items() if k in ("n_layer", "n_head", "n_embd")}},
+            "params": params,
+            "results": with_ratios(res, B * T, "attention"),
+        }
+    return out
+
+
+def machine(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--reps", type=int, default=3, help="steps per variant per round, mixer and formulations (default 3)")
+    p.add_argument("--windows", type=ints, default=[1, 2, 4, 8], help="correlation windows (default 1,2,4,8)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--embd", type=int, default=384)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--formulation-seqs", type=ints, default=[256, 1024], help="sequence lengths for the formulation comparison (same tokens each)")
+    p.add_argument("--tiny-batch", type=int, default=16)
+    p.add_argument("--tiny-seq", type=int, default=128)
+    p.add_argument("--small-batch", type=int, default=4)
+    p.add_argument("--small-seq", type=int, default=256)
+    p.add_argument("--sections", default="mixer,formulations,model", help="comma-separated subset of mixer,formulations,model")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.reps < 1 or not args.windows or min(args.windows) < 1:
+        p.error("--rounds, --reps and every window must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device: {args.device!r} is not cpu or cuda")
+        sections = [s for s in args.sections.split(",") if s]
+        unknown = set(sections) - {"mixer", "formulations", "model"}
+        if unknown:
+            raise ValueError(f"--sections: unknown {sorted(unknown)}")
+    except (ValueError, RuntimeError) as e:
+        print(f"mixer.py: {e}", file=sys.stderr)
+        return 2
+    if device.type == "cpu" and os.environ.get(MMAP_ENV) is None and sys.platform == "linux" and argv is None:
+        # Pin glibc's mmap threshold so freed tensors leave the resident set (see docstring).
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, MMAP_ENV: "65536"})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    report: dict = {
+        "benchmark": "mixer",
+        "machine": machine(device),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "memory_method": (
+            "torch.cuda.max_memory_allocated minus memory_allocated before the step"
+            if device.type == "cuda"
+            else f"VmHWM (reset via /proc/self/clear_refs) minus VmRSS before the step, {MMAP_ENV}={os.environ.get(MMAP_ENV)}"
+        ),
+        "timing": "median seconds per forward+backward step over interleaved rounds; ratios are variant / attention",
+    }
+    if "mixer" in sections:
+        report["mixer"] = bench_mixer(args, device)
+    if "formulations" in sections:
+        report["formulations"] = bench_formulations(args, device)
+    if "model" in sections:
+        report["model"] = bench_model(args, device)
+    report["wall_s"] = round(time.time() - t0, 1)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
