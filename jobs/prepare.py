@@ -64,6 +64,7 @@ SNAP_WINDOW = 4096  # how far past the val cut to look for a line start
 BYTE_CHUNK = 16 << 20  # bytes of documents per byte-tokenizer batch
 BPE_CHUNK = 4 << 20  # bytes of documents per BPE encode_batch call
 BPE_PIECE = 64 << 10  # long documents are encoded in pieces of about this size (split at newlines)
+PROGRESS_EVERY = 256 << 20  # log progress every this many source bytes of a domain
 
 
 class PrepareError(ValueError):
@@ -121,8 +122,11 @@ def _parquet_source(name: str, path: Path, text_column: str | None) -> DomainSou
         raise PrepareError(f"domain {name}: column {column!r} of {path} is {kind}, not text")
 
     def batches() -> Iterator[Any]:
-        for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=4096):
-            yield batch.column(0).drop_null()
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=4096):
+                yield batch.column(0).drop_null()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise PrepareError(f"domain {name}: cannot read {path} ({e})") from None
 
     def documents() -> Iterator[bytes]:
         for col in batches():
@@ -305,14 +309,20 @@ def _encode_domain(source: DomainSource, cut: tuple[int, int], tokenizer: Any, f
         writers[pending_split].write(ids, pending_bytes, len(pending))
         pending, pending_bytes = [], 0
 
+    done, reported, t0 = 0, 0, time.perf_counter()
     for split, piece in split_documents(source.documents(), cut):
         if split != pending_split:
             flush()
             pending_split = split
         pending.append(piece)
         pending_bytes += len(piece)
+        done += len(piece)
         if pending_bytes >= chunk:
             flush()
+        if done - reported >= PROGRESS_EVERY:
+            reported = done
+            log.info("domain %s: %.0f MB tokenized (%.1f MB/s)", source.name, done / 1e6,
+                     done / 1e6 / max(time.perf_counter() - t0, 1e-9))
     flush()
     return {s: w.finish() for s, w in writers.items()}
 
@@ -471,17 +481,18 @@ def builtin_data_dir(tokenizer: str = "byte") -> Path:
     return default_home() / "data" / f"builtin-{tokenizer}"
 
 
-def ensure_builtin(tokenizer: str = "byte", vocab_size: int = 4096) -> Path:
+def ensure_builtin(tokenizer: str = "byte") -> Path:
     """The built-in corpus's manifest path, preparing it on first use.
 
     Safe when several processes race: each prepares into its own temp folder
     and renames it into place; a loser discards its copy and uses the winner's.
+    BPE uses the default vocabulary (4096).
     """
     out = builtin_data_dir(tokenizer)
     manifest = out / MANIFEST_FILE
     if not manifest.is_file():
         try:
-            prepare_sources(builtin_sources(), out, tokenizer=tokenizer, vocab_size=vocab_size)
+            prepare_sources(builtin_sources(), out, tokenizer=tokenizer)
         except OutputExistsError:
             pass
     try:
@@ -526,6 +537,14 @@ def _parse_domains(values: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _already_prepared(out: Path, tokenizer: str, vocab_size: int) -> bool:
+    try:
+        m = load_manifest(out)
+    except DataError:
+        return False
+    return m.tokenizer_spec.get("kind") == tokenizer and (tokenizer == "byte" or m.vocab_size == vocab_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -541,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None and pairs:
             raise PrepareError("--out is required with --domain")
         out = Path(args.out) if args.out else builtin_data_dir(args.tokenizer)
+        if args.out is None and not args.force and _already_prepared(out, args.tokenizer, args.vocab_size):
+            log.info("the built-in corpus is already prepared at %s (--force prepares it again)", out)
+            print(out / MANIFEST_FILE)
+            return 0
         sources = [file_source(n, p, args.glob, args.text_column) for n, p in pairs]
         if use_builtin:
             sources += builtin_sources()

@@ -235,3 +235,16 @@ def test_ensure_builtin_survives_a_race(tmp_path):
     assert paths == {str(tmp_path / "data" / "builtin-byte" / "manifest.json")}
     load_manifest(paths.pop()).verify()
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["builtin-byte"], "losers must clean up"
+
+
+def test_cli_defaults_to_builtin_and_reuses_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LEVIATHAN_HOME", str(tmp_path))
+    assert main([]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == tmp_path / "data" / "builtin-byte" / "manifest.json" and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    assert main(["--builtin"]) == 0 and Path(capsys.readouterr().out.strip()) == path
+    assert path.stat().st_mtime_ns == stamp, "an existing built-in corpus is reused"
+    assert main(["--builtin", "--force"]) == 0
+    assert path.stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["builtin-byte"]

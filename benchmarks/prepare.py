@@ -1,0 +1,130 @@
+"""Throughput of `jobs.prepare` on the built-in corpus: byte vs BPE, MB/s of source text.
+
+    python benchmarks/prepare.py [--rounds 3] [--vocab-size 4096] [--out result.json]
+
+Each round runs, interleaved so machine load hits both alike, the whole
+prepare of the built-in corpus into a fresh temp folder (collecting the
+documents from the standard library, splitting, tokenizing, writing the Arrow
+shards, sha256, manifest, rename) once with the byte tokenizer and once with
+BPE. `byte_collected` is the byte prepare of documents already collected in
+memory (splitting, tokenizing, writing, hashing only). For BPE the two phases are also timed apart: training the tokenizer on
+the train splits, and encoding with the trained tokenizer (`encode_batch`,
+which runs on the `tokenizers` thread pool). MB/s = source bytes / seconds
+(1 MB = 1e6 bytes), medians over rounds; the goal for byte is >= 20 MB/s.
+
+JSON goes to stdout (and --out); progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.prepare import _text_pieces, builtin_sources, prepare_sources, split_documents, _val_cut  # noqa: E402
+from leviathan.corpus import corpus_version  # noqa: E402
+from leviathan.tokenizer import BPETokenizer  # noqa: E402
+
+BYTE_GOAL_MB_S = 20.0
+
+
+def machine() -> dict:
+    import numpy
+    import pyarrow
+    import tokenizers
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "pyarrow": pyarrow.__version__,
+        "tokenizers": tokenizers.__version__,
+        "corpus": corpus_version(),
+    }
+
+
+def timed_prepare(tokenizer: str, vocab_size: int, sources: list | None = None) -> float:
+    """Seconds for one whole prepare; with `sources` given, minus collecting the corpus."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        prepare_sources(sources or builtin_sources(), Path(tmp) / "out", tokenizer=tokenizer, vocab_size=vocab_size)
+        return time.perf_counter() - t0
+
+
+def bpe_phases(vocab_size: int) -> tuple[float, float]:
+    """(train seconds, encode seconds) for the BPE tokenizer on the built-in corpus."""
+    sources = builtin_sources()
+    train = []
+    everything = []
+    for s in sources:
+        for split, piece in split_documents(s.documents(), _val_cut(s.sizes(), 0.05)):
+            texts = _text_pieces(piece)
+            everything += texts
+            if split == "train":
+                train += texts
+    t0 = time.perf_counter()
+    tok = BPETokenizer.train(iter(train), vocab_size=vocab_size)
+    t1 = time.perf_counter()
+    tok.encode_batch(everything)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    logging.getLogger("leviathan.prepare").setLevel(logging.WARNING)
+
+    nbytes = sum(sum(s.sizes()) for s in builtin_sources())
+    collected = builtin_sources()
+    times: dict[str, list[float]] = {"byte": [], "byte_collected": [], "bpe": [], "bpe_train": [], "bpe_encode": []}
+    timed_prepare("byte", args.vocab_size)  # warm the page cache and lazy imports
+    for r in range(args.rounds):
+        times["byte"].append(timed_prepare("byte", args.vocab_size))
+        times["byte_collected"].append(timed_prepare("byte", args.vocab_size, collected))
+        times["bpe"].append(timed_prepare("bpe", args.vocab_size))
+        train_s, encode_s = bpe_phases(args.vocab_size)
+        times["bpe_train"].append(train_s)
+        times["bpe_encode"].append(encode_s)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), file=sys.stderr)
+
+    median = {k: statistics.median(v) for k, v in times.items()}
+    mb_s = {k: nbytes / 1e6 / v for k, v in median.items()}
+    result = {
+        "benchmark": "prepare",
+        "machine": machine(),
+        "corpus_bytes": nbytes,
+        "domains": [s.name for s in builtin_sources()],
+        "vocab_size": args.vocab_size,
+        "rounds": args.rounds,
+        "seconds": times,
+        "median_s": median,
+        "mb_per_s": mb_s,
+        "ratio_byte_over_bpe": mb_s["byte"] / mb_s["bpe"],
+        "byte_goal_mb_per_s": BYTE_GOAL_MB_S,
+        "byte_goal_met": mb_s["byte"] >= BYTE_GOAL_MB_S,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
