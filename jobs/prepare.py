@@ -21,7 +21,8 @@ bytes its tokens encode, so bits per byte = loss / ln 2 * tokens / bytes.
 Output (`--out`): `<domain>.train.arrow`, `<domain>.val.arrow` (one `tokens`
 column of the smallest unsigned type that fits the vocabulary),
 `manifest.json` (format in DESIGN section 6) and, for BPE, `tokenizer.json`
-(trained on the train split of all domains). Everything is written to
+(trained on the train split of all domains; the byte tokenizer has nothing to
+store, its manifest entry describes it completely, so its `file` is null). Everything is written to
 `<out>.tmp-<random>` and renamed onto `<out>` at the end, so an interrupted run
 never leaves a folder that looks complete; tokens are spilled to disk as they
 are produced, so memory use is bounded by the largest document, not the corpus.
@@ -360,7 +361,10 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
             raise OutputExistsError(f"--out {out} was created by another process while preparing") from None
         raise PrepareError(f"--out {out}: cannot rename the prepared folder into place ({e.strerror or e})") from None
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
 
 
 def prepare_sources(

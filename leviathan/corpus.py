@@ -20,7 +20,13 @@ Domains (module i of the demo ensemble trains on domain i):
 - ``unicode``: multilingual UTF-8, the Unicode character database compiled
   into ``unicodedata``: one line ``U+XXXX<TAB>char<TAB>category<TAB>NAME`` per
   named code point (algorithmically named ideographs and syllables left out),
-  one document per block of 256 code points, so most of it is non-ASCII.
+  one document per block of 256 code points, so most lines carry a non-ASCII
+  character.
+
+Sizes on CPython 3.11 (pyenv 3.11.7 and Debian's 3.11.2 alike): python 2.0 MB
+(the first 76 modules in sorted order, cut at the cap), docs 0.47 MB (79
+topics), codecs 1.4 MB (122 modules), unicode 1.4 MB (166 blocks, Unicode 14.0).
+Byte-level, that is about 5.3 million tokens.
 """
 
 from __future__ import annotations
