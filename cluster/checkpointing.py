@@ -1,0 +1,174 @@
+"""Checkpoint layout of a training run, and turning one into a `final/` model.
+
+Each `ray.train.report(..., checkpoint=...)` writes, into one checkpoint
+directory (Ray merges the ranks' files):
+
+    module_{i}.pt     by the rank hosting module i: every member's weights,
+                      projection and optimiser states, the module's train
+                      sampler state (its position in the domain's shard)
+    rng_rank_{r}.pt   by rank r: its torch / CUDA / numpy / python RNG states
+    merger.pt         by rank 0: the merger (identical on every rank), its
+                      optimiser, and the phase-2 mixed-batch sampler state
+    ensemble.json     by rank 0: the EnsembleConfig (to rebuild without the spec)
+    state.json        by rank 0: {"phase": "members" | "merge", "step": n, ...}
+
+Module files do not depend on the placement, so a run restarted on a
+different set of workers still finds every module's state. `assemble` reads a
+checkpoint without Ray into a `LeviathanEnsemble` (for `final/`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cluster.members import Member, Module
+from leviathan.config import EnsembleConfig
+from leviathan.ensemble import LeviathanEnsemble
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.json"
+ENSEMBLE_FILE = "ensemble.json"
+MERGER_FILE = "merger.pt"
+
+
+class CheckpointLayoutError(ValueError):
+    """A training checkpoint that lacks a file or does not match the job."""
+
+
+def module_file(index: int) -> str:
+    return f"module_{index}.pt"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank_{rank}.pt"
+
+
+def _load(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointLayoutError(f"{path}: missing from the checkpoint")
+    # Our own files: they hold numpy RNG states and sampler states besides tensors.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_module(directory: Path, module: Module) -> None:
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "module": module.index,
+            "domain": module.domain,
+            "members": [m.state_dict() for m in module.members],
+            "sampler": module.sampler.state_dict(),
+        },
+        directory / module_file(module.index),
+    )
+
+
+def load_module(directory: Path, module: Module) -> None:
+    state = _load(directory / module_file(module.index))
+    if state["domain"] != module.domain:
+        raise CheckpointLayoutError(
+            f"{directory / module_file(module.index)}: module {module.index} trained on "
+            f"{state['domain']!r}, the job gives it {module.domain!r}"
+        )
+    for member, member_state in zip(module.members, state["members"], strict=True):
+        member.load_state_dict(member_state)
+    module.sampler.load_state_dict(state["sampler"])
+
+
+def save_rank(directory: Path, rank: int) -> None:
+    torch.save(rng_state(), directory / rng_file(rank))
+
+
+def load_rank(directory: Path, rank: int) -> None:
+    """Restore this rank's RNG (absent when the worker count changed: then keep the fresh seed)."""
+    path = directory / rng_file(rank)
+    if path.is_file():
+        set_rng_state(_load(path))
+
+
+def save_coordinator(
+    directory: Path,
+    *,
+    merger: torch.nn.Module,
+    merger_optimizer: torch.optim.Optimizer | None,
+    mixed_sampler: Any,
+    config: EnsembleConfig,
+    phase: str,
+    step: int,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    torch.save(
+        {
+            "merger": merger.state_dict(),
+            "optimizer": None if merger_optimizer is None else merger_optimizer.state_dict(),
+            "mixed_sampler": mixed_sampler.state_dict(),
+        },
+        directory / MERGER_FILE,
+    )
+    (directory / ENSEMBLE_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    state = {"format_version": FORMAT_VERSION, "phase": phase, "step": step, **(extra or {})}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise CheckpointLayoutError(f"{path}: missing from the checkpoint")
+    state = json.loads(path.read_text())
+    if state.get("format_version") != FORMAT_VERSION or state.get("phase") not in ("members", "merge"):
+        raise CheckpointLayoutError(f"{path}: not a Leviathan training state")
+    return state
+
+
+def load_coordinator(
+    directory: Path, merger: torch.nn.Module, merger_optimizer: torch.optim.Optimizer | None, mixed_sampler: Any
+) -> None:
+    state = _load(directory / MERGER_FILE)
+    merger.load_state_dict(state["merger"])
+    if merger_optimizer is not None and state["optimizer"] is not None:
+        merger_optimizer.load_state_dict(state["optimizer"])
+    mixed_sampler.load_state_dict(state["mixed_sampler"])
+
+
+def assemble(directory: str | Path) -> LeviathanEnsemble:
+    """Rebuild the whole ensemble from a training checkpoint (no Ray needed)."""
+    directory = Path(directory)
+    path = directory / ENSEMBLE_FILE
+    if not path.is_file():
+        raise CheckpointLayoutError(f"{path}: missing from the checkpoint")
+    config = EnsembleConfig.from_dict(json.loads(path.read_text()))
+    ensemble = LeviathanEnsemble(config)
+    names = config.member_names
+    for module in range(config.modules):
+        state = _load(directory / module_file(module))
+        for member_state in state["members"]:
+            i = member_state["index"]
+            if names[i] != member_state["name"]:
+                raise CheckpointLayoutError(f"{directory / module_file(module)}: member {i} is not {names[i]}")
+            ensemble.members[i].load_state_dict(member_state["model"])
+            ensemble.projections[i].load_state_dict(member_state["projection"])
+    ensemble.merger.load_state_dict(_load(directory / MERGER_FILE)["merger"])
+    return ensemble

@@ -1,0 +1,134 @@
+"""The pieces of an ensemble a rank hosts: its modules' members, their
+projections and optimisers, and the module's data sampler.
+
+Every piece is initialised from the job seed and its own index only, never from
+the rank, so any placement of modules on workers (and a restart on a different
+worker) builds the same weights. The merger is built the same way on every
+rank, so its replicas start identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from jobs.spec import JobSpec
+from leviathan.config import ComponentConfig, EnsembleConfig
+from leviathan.ensemble import CorrelationMerger
+from leviathan.model import LeviathanComponentBase, build_component, configure_adamw
+
+DEFAULT_BLOCK_SIZE = 256
+
+
+def ensemble_config(spec: JobSpec, vocab_size: int) -> EnsembleConfig:
+    """The spec's ensemble as a model-library config (members module-major).
+
+    Members accept contexts of at least `training.seq_len` tokens (block size
+    max(256, seq_len)) so a model trained on long windows can still generate
+    past them.
+    """
+    e = spec.ensemble
+    block = max(DEFAULT_BLOCK_SIZE, spec.training.seq_len)
+    members = [
+        ComponentConfig.preset(
+            m.preset, flavour=m.flavour, mixer=e.mixer, window=e.window,
+            vocab_size=vocab_size, block_size=block,
+        )
+        for m in e.member_specs()
+    ]
+    return EnsembleConfig(
+        members=members,
+        modules=e.modules,
+        members_per_module=e.members_per_module,
+        merge=e.merge,
+        merge_width=e.merge_width,
+        merge_heads=e.merge_heads,
+        merge_window=e.effective_merge_window,
+        mixer=e.mixer,
+    )
+
+
+def derived_seed(seed: int, *parts: Any) -> int:
+    """A stable 31-bit seed for (job seed, part names...): independent of rank and placement."""
+    return zlib.crc32(repr((seed, *parts)).encode()) & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block under `torch.manual_seed(seed)` without disturbing the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_member(config: EnsembleConfig, index: int, seed: int) -> tuple[LeviathanComponentBase, nn.Linear]:
+    """Member `index` and its projection n_embd -> merge_width (as `LeviathanEnsemble` shapes them)."""
+    cfg = config.members[index]
+    with seeded(derived_seed(seed, "member", index)):
+        model = build_component(cfg)
+        projection = nn.Linear(cfg.n_embd, config.merge_width, bias=False)
+    return model, projection
+
+
+def build_merger(config: EnsembleConfig, seed: int) -> CorrelationMerger:
+    with seeded(derived_seed(seed, "merger")):
+        return CorrelationMerger(config)
+
+
+def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The model library's AdamW (decay on 2-D weights only); each group keeps its
+    peak lr as `base_lr`, which the schedule scales every step."""
+    opt = configure_adamw(module, lr, weight_decay)
+    for group in opt.param_groups:
+        group["base_lr"] = lr
+    return opt
+
+
+@dataclass
+class Member:
+    """One member as a rank trains it."""
+
+    index: int  # module-major index
+    name: str  # "m{module}.{slot}"
+    model: LeviathanComponentBase
+    projection: nn.Linear
+    optimizer: torch.optim.AdamW | None = None  # phase 1
+    projection_optimizer: torch.optim.AdamW | None = None  # phase 2
+    joint_optimizer: torch.optim.AdamW | None = None  # phase 2 with joint = true
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "model": self.model.state_dict(),
+            "projection": self.projection.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "projection_optimizer": None if self.projection_optimizer is None else self.projection_optimizer.state_dict(),
+            "joint_optimizer": None if self.joint_optimizer is None else self.joint_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["name"] != self.name:
+            raise ValueError(f"checkpoint holds member {state['name']!r}, expected {self.name!r}")
+        self.model.load_state_dict(state["model"])
+        self.projection.load_state_dict(state["projection"])
+        for key in ("optimizer", "projection_optimizer", "joint_optimizer"):
+            opt = getattr(self, key)
+            if opt is not None and state.get(key) is not None:
+                opt.load_state_dict(state[key])
+
+
+@dataclass
+class Module:
+    """A module: members that all train on one domain, fed by one sampler."""
+
+    index: int
+    domain: str
+    members: list[Member]
+    sampler: Any  # leviathan.data.BatchSampler over the domain's train shard
+    stats: dict[str, list[float]] = field(default_factory=dict)  # member name -> losses since last eval

@@ -1,0 +1,218 @@
+"""Phase 2, the coordinator's merge step, spread over the Ray Train workers.
+
+Every rank hosts some members (cluster.placement) and a replica of the merger.
+One step on a mixed-domain batch (x, y) (B, T), the same on every rank:
+
+1. Each rank runs its members on all B rows and projects their final hidden
+   states to the merge width: s_m = P_m h_m (B, T, D) for its members m
+   (mixture mode also keeps log p_m (B, T, V)). With `joint = false` the
+   members run under no_grad; the projections stay differentiable.
+2. The states are exchanged with `torch.distributed.nn.functional.all_gather`
+   (differentiable: its backward sums every rank's gradient for a rank's
+   states, so gradients reach the projections, and with `joint` the members).
+   Ranks hosting fewer members pad with zeros; the padding is dropped again.
+3. Rank r merges its own rows R_r (a contiguous 1/W of the batch) and takes
+   loss_r = CE(merged logits on R_r) * |R_r| / B, so sum_r loss_r is the mean
+   loss over the whole batch, exactly what `LeviathanEnsemble.forward` gives
+   on one process. Backpropagating loss_r on every rank gives each projection
+   (and joint member) d(sum_r loss_r)/d(theta) through the gather's backward.
+4. The merger replicas' gradients are summed with one all_reduce, which also
+   carries loss_r (-> the global loss) and each rank's squared gradient norm
+   of its own parameters (-> the global norm for clipping). The replicas then
+   take identical optimiser steps and stay identical.
+
+Only tensors for this step travel, through torch.distributed (gloo on CPU,
+NCCL on GPU); nothing goes through the Ray object store or the driver.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cluster.members import Member
+from cluster.placement import members_for_rank, row_slice
+
+# torch 2.13 marks torch.distributed.nn's differentiable all_gather deprecated in
+# favour of a private API; it is still the public differentiable collective.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
+
+
+@dataclass
+class CommTimer:
+    """Seconds spent in collectives, by kind (for benchmarks; synchronises CUDA when timing)."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Who holds which members: rank r holds counts[r] members, module-major in rank order."""
+
+    rank: int
+    world_size: int
+    counts: tuple[int, ...]
+
+    @classmethod
+    def for_placement(cls, rank: int, world_size: int, modules: int, members_per_module: int) -> "Exchange":
+        counts = tuple(len(members_for_rank(r, world_size, modules, members_per_module)) for r in range(world_size))
+        return cls(rank, world_size, counts)
+
+    @property
+    def num_members(self) -> int:
+        return sum(self.counts)
+
+    def rows(self, batch: int) -> slice:
+        return row_slice(self.rank, self.world_size, batch)
+
+    def gather(self, local: torch.Tensor, timer: CommTimer | None = None) -> torch.Tensor:
+        """Stack every rank's member tensors (M_r, ...) into (M, ...), module-major.
+
+        Differentiable when `local` requires grad (torch.distributed.nn), plain
+        all_gather otherwise.
+        """
+        if self.world_size == 1:
+            return local
+        pad = max(self.counts) - local.shape[0]
+        if pad:
+            local = torch.cat([local, local.new_zeros(pad, *local.shape[1:])])
+        t0 = timer.sync() if timer else 0.0
+        if local.requires_grad:
+            parts = dist_nn.all_gather(local)
+            if timer:
+                _time_backward(local, parts, timer)
+        else:
+            parts = [torch.empty_like(local) for _ in range(self.world_size)]
+            dist.all_gather(parts, local.contiguous())
+        if timer:
+            timer.add("gather", timer.sync() - t0)
+        return torch.cat([p[:c] for p, c in zip(parts, self.counts)])
+
+
+def _time_backward(local: torch.Tensor, parts: Sequence[torch.Tensor], timer: CommTimer) -> None:
+    """Time the gather's backward (a reduce-scatter / all-to-all): from the moment
+    the gradients of the gathered parts are ready to the moment `local`'s is."""
+    marks: dict[str, float] = {}
+
+    def outputs_ready(grad: torch.Tensor) -> None:
+        marks["start"] = timer.sync()
+
+    def input_ready(grad: torch.Tensor) -> None:
+        if "start" in marks:
+            timer.add("gather_backward", timer.sync() - marks.pop("start"))
+
+    for p in parts:
+        p.register_hook(outputs_ready)
+    local.register_hook(input_ready)
+
+
+def member_outputs(
+    members: Sequence[Member], x: torch.Tensor, *, mixture: bool, joint: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a rank's members on x (B, T): states (M_r, B, T, D) and, for mixture,
+    log-probs (M_r, B, T, V) (else None). Members get gradients only with `joint`;
+    the projections always do (when grad mode is on)."""
+    states, logprobs = [], []
+    for m in members:
+        with torch.set_grad_enabled(joint and torch.is_grad_enabled()):
+            h = m.model.hidden(x)  # (B, T, C_m)
+            if mixture:
+                logprobs.append(F.log_softmax(m.model.logits_from_hidden(h).float(), dim=-1))  # (B, T, V)
+        states.append(m.projection(h))  # (B, T, D)
+    return torch.stack(states), (torch.stack(logprobs) if mixture else None)
+
+
+def merged_loss(
+    members: Sequence[Member],
+    merger: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    exchange: Exchange,
+    *,
+    joint: bool,
+    timer: CommTimer | None = None,
+) -> torch.Tensor:
+    """This rank's share loss_r = CE(merge on rows R_r) * |R_r| / B (sum over ranks = batch mean)."""
+    mixture = merger.merge_mode == "mixture"
+    states, logprobs = member_outputs(members, x, mixture=mixture, joint=joint)
+    rows = exchange.rows(x.shape[0])
+    all_states = exchange.gather(states, timer)  # (M, B, T, D)
+    s = all_states[:, rows].permute(1, 2, 0, 3)  # (b, T, M, D)
+    lp = None
+    if mixture:
+        lp = exchange.gather(logprobs, timer)[:, rows].permute(1, 2, 0, 3)  # (b, T, M, V)
+    out = merger(s, lp, y[rows])
+    return out.loss * (s.shape[0] / x.shape[0])
+
+
+def local_parameters(members: Sequence[Member], *, joint: bool) -> list[nn.Parameter]:
+    """The parameters only this rank holds: its projections (and members with joint)."""
+    params = [p for m in members for p in m.projection.parameters()]
+    if joint:
+        params += [p for m in members for p in m.model.parameters()]
+    return params
+
+
+def reduce_and_clip(
+    merger: nn.Module,
+    local_params: Iterable[nn.Parameter],
+    loss_share: torch.Tensor,
+    world_size: int,
+    grad_clip: float,
+    timer: CommTimer | None = None,
+) -> tuple[float, float]:
+    """Sum the merger replicas' gradients and the loss shares in one all_reduce,
+    then clip every gradient (merger + all ranks' own) to the global norm.
+
+    Returns (global mean loss, global grad norm before clipping).
+    """
+    merger_params = [p for p in merger.parameters() if p.requires_grad]
+    for p in merger_params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    local = [p for p in local_params if p.grad is not None]
+    local_sq = sum((p.grad.float().pow(2).sum() for p in local), torch.zeros((), device=loss_share.device))
+    flat = torch.cat(
+        [p.grad.reshape(-1).float() for p in merger_params]
+        + [loss_share.detach().reshape(1).float(), local_sq.reshape(1)]
+    )
+    if world_size > 1:
+        t0 = timer.sync() if timer else 0.0
+        dist.all_reduce(flat)
+        if timer:
+            timer.add("all_reduce", timer.sync() - t0)
+    offset = 0
+    for p in merger_params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+    loss, local_sq_sum = flat[-2].item(), flat[-1]
+    merger_sq = flat[:offset].pow(2).sum()
+    norm = math.sqrt((merger_sq + local_sq_sum).item())
+    if grad_clip > 0 and norm > grad_clip:
+        scale = grad_clip / (norm + 1e-6)
+        for p in merger_params + local:
+            p.grad.mul_(scale)
+    return loss, norm

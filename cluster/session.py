@@ -1,0 +1,41 @@
+"""Connect to the Ray cluster a job runs on.
+
+`RAY_ADDRESS` set (a `ray job submit` driver, or a user pointing at a
+cluster): connect to it. Otherwise start a local Ray in this process, the
+embedded default of `leviathan train`. In both cases the dashboard's Train view
+needs `RAY_TRAIN_ENABLE_STATE_TRACKING=1` in the process that calls
+`TorchTrainer.fit()`: it decides there whether the run registers with Ray
+Train's state actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+
+
+def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> str:
+    """Make sure Ray is initialised; returns how: "existing", "cluster" or "local"."""
+    import ray
+
+    os.environ.setdefault(STATE_TRACKING, "1")
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # With RAY_ADDRESS in the environment, ray.init() reads it itself; the
+        # job supervisor also hands its driver the cluster's auth settings.
+        ray.init(address=None if address == os.environ.get("RAY_ADDRESS") else address,
+                 logging_level=logging.WARNING)
+        return "cluster"
+    # address="local": always a new cluster of our own, never one found through
+    # /tmp/ray/ray_current_cluster (which may be another user's, or stale).
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {STATE_TRACKING: os.environ[STATE_TRACKING]}},
+    )
+    return "local"

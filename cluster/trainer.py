@@ -1,0 +1,140 @@
+"""Build the one `TorchTrainer` of a job, and refuse jobs the cluster cannot place.
+
+    TorchTrainer(train_loop_per_worker,
+                 train_loop_config={"spec", "manifest", "domains", "metrics_dir"},
+                 scaling_config=ScalingConfig(num_workers=W, use_gpu=..., resources_per_worker=...),
+                 run_config=RunConfig(name="checkpoints", storage_path=<run dir>, failure_config=..., checkpoint_config=...),
+                 torch_config=TorchConfig(backend="gloo" | "nccl"))
+
+Members are different models, so there is no DDP and no `prepare_model`: the
+workers use torch.distributed collectives directly (cluster.merge).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, check_manifest, resolve_manifest_path
+
+CHECKPOINTS_NAME = "checkpoints"
+# Restarts of the controller itself (e.g. a worker group that cannot start):
+# bounded, so a job that lost its capacity fails instead of waiting forever.
+CONTROLLER_FAILURE_LIMIT = 2
+
+
+class PlacementError(ValueError):
+    """The cluster cannot host the job's workers; the message says what is missing."""
+
+
+def resolve_data(spec: JobSpec) -> tuple[Path, list[str]]:
+    """(manifest path, module i's domain for every module), checked before any worker starts.
+
+    The built-in corpus must be prepared already (`jobs.prepare.ensure_builtin`).
+    """
+    if spec.data.manifest == BUILTIN_MANIFEST:
+        from jobs.prepare import builtin_data_dir
+
+        path = builtin_data_dir(spec.data.tokenizer) / "manifest.json"
+        if not path.is_file():
+            raise SpecError(f"data.manifest: the built-in corpus is not prepared ({path}); run `leviathan prepare`")
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"manifest": str(path)})})
+    manifest = check_manifest(spec)
+    assert manifest is not None
+    names = [d["name"] for d in manifest["domains"]]
+    domains = spec.data.domains or names[: spec.ensemble.modules]
+    return resolve_manifest_path(spec.data.manifest), list(domains)
+
+
+def worker_resources(spec: JobSpec) -> dict[str, float]:
+    r = spec.resources
+    out = {"CPU": float(r.cpus_per_worker)}
+    if r.use_gpu:
+        out["GPU"] = float(r.gpus_per_worker)
+    return out
+
+
+def check_placement(spec: JobSpec, nodes: list[dict[str, Any]] | None = None) -> None:
+    """Fail fast when the cluster cannot hold the job's workers.
+
+    Each worker needs `resources_per_worker` on a single node, so a worker
+    fits if some alive node has that much in total; W workers need W such
+    slots over the cluster. `nodes` defaults to `ray.nodes()` (alive ones).
+    Resources in use by other jobs are not counted: those free up, missing
+    hardware does not.
+    """
+    if nodes is None:
+        import ray
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+    need = worker_resources(spec)
+    W = spec.num_workers
+    slots = 0
+    for n in nodes:
+        res = n.get("Resources", {})
+        slots += int(min(res.get(k, 0.0) / v for k, v in need.items()) + 1e-9)
+    if slots >= W:
+        return
+    totals = {k: sum(n.get("Resources", {}).get(k, 0.0) for n in nodes) for k in need}
+    asked = ", ".join(f"{v:g} {k}" for k, v in need.items())
+    have = ", ".join(f"{v:g} {k}" for k, v in totals.items())
+    hint = " (set resources.use_gpu = false to train on CPUs)" if spec.resources.use_gpu and totals.get("GPU", 0) == 0 else ""
+    raise PlacementError(
+        f"cannot place job {spec.name!r}: {W} workers x ({asked}) each, but the cluster "
+        f"({len(nodes)} node(s), {have} in total) fits only {slots}{hint}"
+    )
+
+
+def build_trainer(
+    spec: JobSpec,
+    *,
+    run_name: str | None = None,
+    storage_path: str | None = None,
+    callbacks: list | None = None,
+):
+    """The job's `ray.train.torch.TorchTrainer`.
+
+    Default layout: checkpoints in `<spec.run_dir>/checkpoints`, metrics.jsonl in
+    `<spec.run_dir>`. With `run_name` (one trainer per Tune trial), checkpoints
+    and metrics.jsonl both go to `<storage_path or spec.run_dir>/<run_name>`.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.worker import train_loop_per_worker
+
+    if spec.training.batch_size < spec.num_workers:
+        raise SpecError(
+            f"training.batch_size: {spec.training.batch_size} rows cannot be split over {spec.num_workers} workers"
+        )
+    manifest, domains = resolve_data(spec)
+    storage = storage_path or spec.run_dir
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    name = run_name or CHECKPOINTS_NAME
+    metrics_dir = storage if run_name is None else f"{storage.rstrip('/')}/{run_name}"
+    r = spec.resources
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "manifest": str(manifest),
+            "domains": domains,
+            "metrics_dir": metrics_dir,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=spec.num_workers,
+            use_gpu=r.use_gpu,
+            resources_per_worker=worker_resources(spec),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(
+                max_failures=r.max_failures, controller_failure_limit=CONTROLLER_FAILURE_LIMIT
+            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+    )

@@ -1,0 +1,349 @@
+"""`train_loop_per_worker`: what every Ray Train worker of a Leviathan job runs.
+
+A job has two phases (DESIGN section 5):
+
+- Phase 1, members (`phase1_steps` steps): each rank trains the members of the
+  modules it hosts (cluster.placement), each module on batches of its own
+  domain's train shard. Ranks do not communicate while training.
+- Phase 2, merge (`phase2_steps` steps): every rank runs its members on the same
+  mixed-domain batch and the merger learns from the gathered states
+  (cluster.merge); with `joint = true` the members learn too.
+
+At every `eval_interval` (and the last step of a phase) each rank evaluates
+its members (cluster.evaluation), rank 0 gathers everyone's figures with
+`all_gather_object`, appends them to `<run>/metrics.jsonl` and logs them; at
+every `checkpoint_interval` (and at the end of each phase) every rank writes
+its part of a checkpoint (cluster.checkpointing). All ranks call
+`ray.train.report` at the same steps (it is a barrier). A restarted worker
+group resumes from `ray.train.get_checkpoint()` and runs exactly the steps
+that are left; lines for steps that run a second time say `"replayed": true`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from cluster import checkpointing
+from cluster.evaluation import EvalResult, evaluate, mean
+from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed, ensemble_config
+from cluster.merge import CommTimer, Exchange, local_parameters, merged_loss, reduce_and_clip
+from cluster.metrics import Gauges, MetricsLog, format_line, record
+from cluster.placement import modules_for_rank
+from cluster.schedule import lr_at, set_lr
+from jobs.spec import JobSpec
+from leviathan.data import BatchSampler, MixedBatchSampler, eval_batches, load_manifest
+
+# Ray Train configures the workers' root logger (INFO, to the job's logs); a
+# print() there is teed to stdout and the logger, so each line would show twice.
+logger = logging.getLogger(__name__)
+FINAL_TABLE_FILE = "final_table.json"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. config: {"spec": JobSpec as JSON dict, "manifest": path,
+    "domains": [module i's domain, ...], "metrics_dir": folder of metrics.jsonl}."""
+    EnsembleWorker(config).run()
+
+
+class EnsembleWorker:
+    """One rank's share of the job: its modules, a merger replica, its samplers."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.spec = spec = JobSpec.model_validate(config["spec"])
+        self.t = spec.training
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        if spec.resources.use_gpu:
+            self.device = ray.train.torch.get_device()
+        else:
+            self.device = torch.device("cpu")
+            torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+        use_bf16 = self.device.type == "cuda" and self.t.dtype == "bfloat16"
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        )
+        manifest = load_manifest(config["manifest"])
+        self.domains: list[str] = list(config["domains"])
+        self.config = ensemble_config(spec, manifest.vocab_size)
+        k = spec.ensemble.members_per_module
+        self.exchange = Exchange.for_placement(self.rank, self.world_size, spec.ensemble.modules, k)
+        names = self.config.member_names
+        B, T = self.t.batch_size, self.t.seq_len
+
+        self.modules: list[Module] = []
+        for i in modules_for_rank(self.rank, self.world_size, spec.ensemble.modules):
+            members = []
+            for j in range(i * k, (i + 1) * k):
+                model, projection = build_member(self.config, j, spec.seed)
+                model, projection = model.to(self.device), projection.to(self.device)
+                members.append(Member(j, names[j], model, projection, adamw(model, self.t.lr, self.t.weight_decay)))
+            shard = manifest.shard(self.domains[i], "train")
+            sampler = BatchSampler(shard, B, T, seed=derived_seed(spec.seed, "data", i))
+            self.modules.append(Module(i, self.domains[i], members, sampler))
+        self.members = [m for mod in self.modules for m in mod.members]
+
+        # The merger and the mixed sampler are replicated: same seed, same draws on every rank.
+        self.merger = build_merger(self.config, spec.seed).to(self.device)
+        self.merger_optimizer = None
+        self.mixed_sampler = MixedBatchSampler(
+            [manifest.shard(d, "train") for d in self.domains[: spec.ensemble.modules]],
+            B, T, seed=derived_seed(spec.seed, "mixed"),
+        )
+        self.val_sets = {
+            d: eval_batches(manifest.shard(d, "val"), B, T, self.t.eval_batches)
+            for d in self.domains[: spec.ensemble.modules]
+        }
+        self.metrics = MetricsLog(config["metrics_dir"]) if self.rank == 0 else None
+        self.logged = self.metrics.logged_steps() if self.metrics else {}
+        self.gauges = Gauges(spec.name)
+        self.losses: dict[str, list[float]] = {}
+        self.interval_start = time.perf_counter()
+        self.interval_steps = 0
+        self.final_table: dict[str, Any] | None = None  # rank 0, after the last eval
+
+    # ------------------------------------------------------------------ driver of the phases
+
+    def run(self) -> None:
+        checkpoint = ray.train.get_checkpoint()
+        phase, step = "members", 0
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                phase, step = self.restore(Path(d))
+            self.log(f"resumed from the checkpoint of phase {phase}, step {step}")
+        if phase == "members":
+            self.train_members(start=step)
+            self.train_merger(start=0)
+        elif step < self.t.phase2_steps:
+            self.train_merger(start=step)
+        # else: the checkpoint is the finished job's last one; nothing is left to run.
+
+    def train_members(self, start: int) -> None:
+        """Phase 1: steps start+1 .. phase1_steps of every hosted member, no communication."""
+        total = self.t.phase1_steps
+        for m in self.members:
+            m.model.train()
+        self.reset_interval()
+        for step in range(start + 1, total + 1):
+            factor = lr_at(step - 1, total_steps=total, warmup_steps=self.t.warmup_steps, min_lr_ratio=self.t.min_lr_ratio)
+            for module in self.modules:
+                x, y = module.sampler.next()
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                for m in module.members:
+                    set_lr(m.optimizer, factor)
+                    with self.autocast():
+                        _, loss = m.model(x, y)
+                    m.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if self.t.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(m.model.parameters(), self.t.grad_clip)
+                    m.optimizer.step()
+                    self.losses.setdefault(m.name, []).append(loss.item())
+            self.interval_steps += 1
+            self.after_step("members", step, total, lr=self.t.lr * factor)
+
+    def setup_phase2(self) -> None:
+        """Phase-2 optimisers: the merger (replicated), each projection, and each member with joint."""
+        wd = self.t.weight_decay
+        self.merger_optimizer = adamw(self.merger, self.t.merge_lr, wd)
+        for m in self.members:
+            m.optimizer = None  # phase 1 is over: drop its optimiser state
+            m.projection_optimizer = adamw(m.projection, self.t.merge_lr, wd)
+            if self.t.joint:
+                m.joint_optimizer = adamw(m.model, self.t.lr * self.t.joint_lr_scale, wd)
+
+    def train_merger(self, start: int) -> None:
+        """Phase 2: steps start+1 .. phase2_steps on shared mixed batches."""
+        total = self.t.phase2_steps
+        if self.merger_optimizer is None:
+            self.setup_phase2()
+        joint = self.t.joint
+        for m in self.members:
+            m.model.train(joint)
+        self.merger.train()
+        optimizers = [self.merger_optimizer] + [
+            o for m in self.members for o in (m.projection_optimizer, m.joint_optimizer) if o is not None
+        ]
+        local = local_parameters(self.members, joint=joint)
+        if total == 0 and start == 0:
+            # No merger training: still evaluate the ensemble and leave a final checkpoint.
+            self.after_step("merge", 0, 0, lr=None)
+            return
+        self.reset_interval()
+        for step in range(start + 1, total + 1):
+            factor = lr_at(step - 1, total_steps=total, warmup_steps=self.t.warmup_steps, min_lr_ratio=self.t.min_lr_ratio)
+            for opt in optimizers:
+                set_lr(opt, factor)
+                opt.zero_grad(set_to_none=True)
+            x, y = self.mixed_sampler.next()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                loss_share = merged_loss(self.members, self.merger, x, y, self.exchange, joint=joint)
+            loss_share.backward()
+            loss, _ = reduce_and_clip(self.merger, local, loss_share, self.world_size, self.t.grad_clip)
+            for opt in optimizers:
+                opt.step()
+            self.losses.setdefault("merger", []).append(loss)
+            self.interval_steps += 1
+            self.after_step("merge", step, total, lr=self.t.merge_lr * factor)
+
+    # ------------------------------------------------------------------ eval, metrics, checkpoints
+
+    def reset_interval(self) -> None:
+        self.losses = {}
+        self.interval_steps = 0
+        self.interval_start = time.perf_counter()
+
+    def after_step(self, phase: str, step: int, total: int, lr: float | None) -> None:
+        """Evaluate / checkpoint / report when this step calls for it (same decision on every rank)."""
+        last = step == total
+        do_eval = last or step % self.t.eval_interval == 0
+        do_ckpt = last or step % self.t.checkpoint_interval == 0
+        if not (do_eval or do_ckpt):
+            return
+        elapsed = time.perf_counter() - self.interval_start
+        metrics: dict[str, Any] = {"phase": phase, "step": step}
+        if do_eval:
+            metrics.update(self.evaluate_and_log(phase, step, lr, elapsed, final=last and phase == "merge"))
+        if do_ckpt:
+            self.report_checkpoint(phase, step, metrics)
+        else:
+            ray.train.report(metrics)
+        self.reset_interval()
+
+    def evaluate_and_log(self, phase: str, step: int, lr: float | None, elapsed: float, final: bool) -> dict[str, Any]:
+        merger = self.merger if phase == "merge" else None
+        result = evaluate(self.members, merger, self.val_sets, self.exchange, self.device, self.autocast())
+        tokens = self.interval_steps * self.t.batch_size * self.t.seq_len
+        tps = tokens / elapsed if elapsed > 0 and self.interval_steps else None
+        replayed = step <= self.logged.get(phase, -1)
+        mine = []
+        if phase == "members" or self.t.joint or final:
+            for module in self.modules:
+                for m in module.members:
+                    losses = result.members[m.name]
+                    train = self.losses.get(m.name)
+                    mine.append(record(
+                        step=step, phase=phase, module=module.index, member=m.name, domain=module.domain,
+                        train_loss=mean(train) if train else None, val_loss=losses[module.domain],
+                        mixed_val_loss=mean(list(losses.values())), lr=lr if phase == "members" else None,
+                        tokens_per_s=tps if phase == "members" else None, replayed=replayed,
+                        val_by_domain=losses,
+                    ))
+        for r in mine:
+            self.gauges.update(r)
+            self.log(format_line(r))
+        everyone = [None] * self.world_size
+        if self.world_size > 1:
+            dist.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        records = [dict(r, replayed=replayed) for part in everyone for r in part]
+        records.append(record(step=step, phase=phase, member="uniform", mixed_val_loss=mean(list(result.uniform.values())),
+                              replayed=replayed, val_by_domain=result.uniform))
+        if result.merged is not None:
+            train = self.losses.get("merger")
+            records.append(record(
+                step=step, phase=phase, member="merger", train_loss=mean(train) if train else None,
+                mixed_val_loss=mean(list(result.merged.values())), lr=lr, tokens_per_s=tps,
+                replayed=replayed, val_by_domain=result.merged,
+            ))
+        summary = summarise(records)
+        if self.rank != 0:
+            return summary
+        for r in records[len(records) - (2 if result.merged is not None else 1):]:
+            self.gauges.update(r)
+            self.log(format_line(r))
+        lines = records
+        if final:
+            lines = records + [dict(r, phase="final", lr=None, tokens_per_s=None, train_loss=None) for r in records]
+            self.final_table = final_table(records, self.domains[: self.spec.ensemble.modules], self.spec)
+        self.metrics.append([{k: v for k, v in r.items() if k != "val_by_domain"} for r in lines])
+        return summary
+
+    def report_checkpoint(self, phase: str, step: int, metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="leviathan-ckpt-") as tmp:
+            d = Path(tmp)
+            for module in self.modules:
+                checkpointing.save_module(d, module)
+            checkpointing.save_rank(d, self.rank)
+            if self.rank == 0 and self.final_table is not None:
+                (d / FINAL_TABLE_FILE).write_text(json.dumps(self.final_table, indent=2) + "\n")
+            if self.rank == 0:
+                checkpointing.save_coordinator(
+                    d, merger=self.merger, merger_optimizer=self.merger_optimizer,
+                    mixed_sampler=self.mixed_sampler, config=self.config, phase=phase, step=step,
+                    extra={"name": self.spec.name, "world_size": self.world_size, "domains": self.domains},
+                )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def restore(self, d: Path) -> tuple[str, int]:
+        state = checkpointing.read_state(d)
+        phase, step = state["phase"], int(state["step"])
+        if phase == "merge":
+            self.setup_phase2()
+        for module in self.modules:
+            checkpointing.load_module(d, module)
+        checkpointing.load_coordinator(d, self.merger, self.merger_optimizer, self.mixed_sampler)
+        checkpointing.load_rank(d, self.rank)
+        return phase, step
+
+    def log(self, message: str) -> None:
+        logger.info("[leviathan %s rank %d] %s", self.spec.name, self.rank, message)
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Flat figures for `ray.train.report` (what Ray Tune sees): the current model's
+    mixed val loss is the merger's in phase 2 and the uniform mixture's in phase 1."""
+    by = {r["member"]: r for r in records}
+    members = [r for r in records if r["member"] not in ("uniform", "merger")]
+    out: dict[str, Any] = {"uniform_mixed_val_loss": by["uniform"]["mixed_val_loss"]}
+    if members:
+        out["best_member_mixed_val_loss"] = min(r["mixed_val_loss"] for r in members)
+        trains = [r["train_loss"] for r in members if r["train_loss"] is not None]
+        if trains:
+            out["member_train_loss"] = mean(trains)
+    if "merger" in by:
+        out["merged_mixed_val_loss"] = by["merger"]["mixed_val_loss"]
+        out["merger_train_loss"] = by["merger"]["train_loss"]
+    out["mixed_val_loss"] = out.get("merged_mixed_val_loss", out["uniform_mixed_val_loss"])
+    return out
+
+
+def final_table(records: list[dict[str, Any]], domains: list[str], spec: JobSpec) -> dict[str, Any]:
+    """The job's closing evaluation: every member on its own domain and on the mixed
+    val set, the uniform mixture and the merged model (per domain and mixed)."""
+    rows = []
+    for r in records:
+        rows.append({
+            "name": r["member"],
+            "kind": r["member"] if r["member"] in ("uniform", "merger") else "member",
+            "module": r["module"],
+            "domain": r["domain"],
+            "own_val_loss": r["val_loss"],
+            "mixed_val_loss": r["mixed_val_loss"],
+            "val_by_domain": r.get("val_by_domain"),
+        })
+    members = [r for r in rows if r["kind"] == "member"]
+    merged = next((r for r in rows if r["kind"] == "merger"), None)
+    uniform = next(r for r in rows if r["kind"] == "uniform")
+    out = {
+        "merge": spec.ensemble.merge,
+        "joint": spec.training.joint,
+        "domains": domains,
+        "steps": {"members": spec.training.phase1_steps, "merge": spec.training.phase2_steps},
+        "rows": rows,
+    }
+    if merged is not None and members:
+        out["merged_beats_every_member"] = all(merged["mixed_val_loss"] < m["mixed_val_loss"] for m in members)
+        out["merged_beats_uniform"] = merged["mixed_val_loss"] < uniform["mixed_val_loss"]
+    return out

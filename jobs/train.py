@@ -1,0 +1,228 @@
+"""Train an ensemble: `python -m jobs.train --spec FILE` (or `leviathan train`).
+
+One job = one Ray Train run (cluster.trainer.build_trainer). This entry point:
+
+1. prepares the built-in corpus when the spec asks for it, and checks the
+   spec against its manifest and the cluster's resources before any worker
+   starts (a bad spec or an unplaceable job is a one-line error, exit 2);
+2. connects to the cluster in `RAY_ADDRESS` (a `ray job submit` driver) or
+   starts a local Ray;
+3. writes `<run>/spec.json` and runs `TorchTrainer.fit()`;
+4. assembles `<run>/final/` from the last checkpoint (a `LeviathanEnsemble`
+   folder plus the tokenizer and spec.json, loadable without Ray), writes
+   `<run>/train_result.json` and prints the final table: every member's val
+   loss on its own domain and on the mixed val set, the uniform mixture's and
+   the merged model's.
+
+Without `--spec` it runs the built-in demo (jobs/specs/demo.toml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, format_validation_error, load_spec
+
+DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "demo.toml"
+RESULT_FILE = "train_result.json"
+
+
+class TrainError(RuntimeError):
+    """Training ran but did not finish (workers failed past max_failures)."""
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _exists(path: str) -> bool:
+    if not _is_uri(path):
+        return Path(path).exists()
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def _write_text(path: str, text: str) -> None:
+    if not _is_uri(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        return
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(path)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+def _upload_folder(local: Path, dest: str) -> None:
+    if not _is_uri(dest):
+        if Path(dest).exists():
+            shutil.rmtree(dest)
+        shutil.copytree(local, dest)
+        return
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(dest)
+    pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def with_overrides(spec: JobSpec, *, name: str | None = None, storage: str | None = None) -> JobSpec:
+    """The spec with --name / --storage applied (validated like the file itself)."""
+    data = spec.model_dump(mode="json")
+    if name is not None:
+        data["name"] = name
+    if storage is not None:
+        data["storage"] = storage
+    from pydantic import ValidationError
+
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e)) from None
+
+
+def prepare_data(spec: JobSpec) -> None:
+    """Prepare the built-in corpus if the spec uses it, then check the spec's data."""
+    if spec.data.manifest == BUILTIN_MANIFEST:
+        from jobs.prepare import ensure_builtin
+
+        ensure_builtin(spec.data.tokenizer)
+    from cluster.trainer import resolve_data
+
+    resolve_data(spec)
+
+
+def assemble_final(checkpoint, spec: JobSpec, manifest: Path, final_dir: str) -> dict[str, Any]:
+    """`final/` = the ensemble from the last checkpoint + tokenizer + spec.json.
+
+    Returns the final evaluation table the workers left in that checkpoint.
+    """
+    from cluster.checkpointing import assemble
+    from cluster.worker import FINAL_TABLE_FILE
+    from leviathan.tokenizer import load_tokenizer
+
+    with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="leviathan-final-") as tmp:
+        table_file = Path(d) / FINAL_TABLE_FILE
+        if not table_file.is_file():
+            raise TrainError(f"the last checkpoint {checkpoint.path} has no {FINAL_TABLE_FILE}: training did not finish")
+        table = json.loads(table_file.read_text())
+        out = Path(tmp) / "final"
+        ensemble = assemble(d)
+        ensemble.save(out)
+        load_tokenizer(manifest).save(out)
+        (out / "spec.json").write_text(spec.to_json() + "\n")
+        _upload_folder(out, final_dir)
+    return table
+
+
+def format_table(table: dict[str, Any]) -> str:
+    """The final table as text: one row per member, then the uniform mixture and the merged model."""
+    head = f"{'model':<16} {'module':>6} {'domain':<12} {'own-domain val':>14} {'mixed val':>10}"
+    lines = [head, "-" * len(head)]
+    for r in table["rows"]:
+        name = {"merger": f"merged ({table['merge']})", "uniform": "uniform"}.get(r["kind"], r["name"])
+        own = "" if r["own_val_loss"] is None else f"{r['own_val_loss']:.4f}"
+        module = "" if r["module"] is None else str(r["module"])
+        lines.append(f"{name:<16} {module:>6} {r['domain'] or '':<12} {own:>14} {r['mixed_val_loss']:>10.4f}")
+    if "merged_beats_every_member" in table:
+        lines.append(
+            f"merged model beats every member on the mixed val set: {table['merged_beats_every_member']}; "
+            f"beats the uniform mixture: {table['merged_beats_uniform']}"
+        )
+    return "\n".join(lines)
+
+
+def run(spec: JobSpec, *, progress: bool | None = None) -> dict[str, Any]:
+    """Run a whole job (prepare, fit, final/, evaluation table) and return the result dict."""
+    from cluster.metrics import MetricsLog, ProgressBar
+    from cluster.session import init_ray
+    from cluster.trainer import build_trainer, check_placement, resolve_data
+
+    started = time.time()
+    run_dir = spec.run_dir
+    if _exists(f"{run_dir}/{RESULT_FILE}"):
+        raise SpecError(
+            f"name: run {spec.name!r} already finished in {run_dir}; pick another --name or remove the folder"
+        )
+    prepare_data(spec)
+    manifest, domains = resolve_data(spec)
+    init_ray()
+    check_placement(spec)
+    _write_text(f"{run_dir}/spec.json", spec.to_json() + "\n")
+
+    trainer = build_trainer(spec)
+    if progress is None:
+        progress = sys.stderr.isatty() and not _is_uri(run_dir)
+    from ray.train import TrainingFailedError
+
+    try:
+        if progress:
+            with ProgressBar(run_dir, spec.training.phase1_steps, spec.training.phase2_steps):
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
+    except TrainingFailedError as e:
+        raise TrainError(f"training failed: {e}") from e
+    if result.checkpoint is None:
+        raise TrainError("training ended without a checkpoint")
+    table = assemble_final(result.checkpoint, spec, manifest, f"{run_dir}/final")
+    out = {
+        "name": spec.name,
+        "run_dir": run_dir,
+        "final_dir": f"{run_dir}/final",
+        "checkpoint": result.checkpoint.path,
+        "wall_time_s": round(time.time() - started, 1),
+        "domains": domains,
+        **table,
+    }
+    _write_text(f"{run_dir}/{RESULT_FILE}", json.dumps(out, indent=2) + "\n")
+    MetricsLog(run_dir).append([{
+        "time": time.time(), "step": spec.training.phase2_steps, "phase": "done", "module": None,
+        "member": None, "domain": None, "train_loss": None, "val_loss": None, "mixed_val_loss": None,
+        "lr": None, "tokens_per_s": None, "replayed": False,
+    }])
+    print(format_table(table), flush=True)
+    print(f"run folder: {run_dir} ({out['wall_time_s']:.0f} s)", flush=True)
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        raise SpecError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="leviathan train", description="Train a Leviathan ensemble on Ray.")
+    p.add_argument("--spec", default=str(DEMO_SPEC), help="JobSpec file (.toml or .json); default: the built-in demo")
+    p.add_argument("--storage", default=None, help="override the spec's storage (runs go to <storage>/<name>)")
+    p.add_argument("--name", default=None, help="override the spec's run name")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        spec = with_overrides(load_spec(args.spec), name=args.name, storage=args.storage)
+        run(spec, progress=False if args.no_progress else None)
+    except ValueError as e:  # SpecError, PlacementError, data errors: the job cannot start
+        print(f"leviathan train: error: {e}", file=sys.stderr)
+        return 2
+    except TrainError as e:
+        print(f"leviathan train: error: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
