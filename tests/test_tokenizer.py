@@ -25,6 +25,9 @@ TEXT = (
 ) * 40
 
 
+_BPE_FOR_HYPOTHESIS = BPETokenizer.train([TEXT], vocab_size=300)  # hypothesis tests cannot take fixtures
+
+
 @pytest.fixture(scope="module")
 def bpe() -> BPETokenizer:
     return BPETokenizer.train([TEXT, "class Foo:\n    pass\n" * 20], vocab_size=320)
@@ -86,9 +89,6 @@ def test_bpe_round_trips_text(text: str):
     ids = tok.encode(text)
     assert tok.decode(ids) == text.encode("utf-8", errors="replace").decode("utf-8")
     assert tok.decode_bytes(ids) == text.encode("utf-8", errors="replace")
-
-
-_BPE_FOR_HYPOTHESIS = BPETokenizer.train([TEXT], vocab_size=300)
 
 
 def test_bpe_compresses_seen_text(bpe):
