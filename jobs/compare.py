@@ -1,0 +1,312 @@
+"""Correlation vs attention: `leviathan compare --spec FILE [--mixers correlation,attention]`.
+
+Trains the same spec once per mixer and reports the runs side by side. The
+runs differ in `ensemble.mixer` only (members' token mixers and the merger's
+scoring), so they share the data, the domains, the step counts, the batch
+shapes, the seeds (every weight that exists in both is initialised from the
+same derived seed) and, up to the lag weights, the parameters: a correlation
+mixer has n_head * window lag weights per layer (and the merger merge_heads *
+merge_window) that the attention twin does not; compare.json states the exact
+counts.
+
+Each run is a normal training run (`jobs.train.run`) named `<name>-<mixer>`
+in the spec's storage, evaluated with `jobs.evaluate.evaluate_run` on the same
+windows. Into `<storage>/<name>-compare/` go `compare.json`, `compare.md` and
+the loss curves: `loss-<mixer>.png` per run and `loss-together.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.evaluate import DEFAULT_MAX_BATCHES, evaluate_run
+from jobs.spec import JobSpec, format_validation_error, load_spec
+
+MIXERS = ("correlation", "attention")
+
+
+class CompareError(ValueError):
+    """Comparison settings that cannot be used; the message is one line."""
+
+
+def parse_mixers(text: str) -> list[str]:
+    mixers = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in mixers if m not in MIXERS]
+    if bad or not mixers:
+        raise CompareError(f"--mixers: {bad or text!r} not in {', '.join(MIXERS)}")
+    if len(set(mixers)) != len(mixers):
+        raise CompareError(f"--mixers: {text!r} names a mixer twice")
+    return mixers
+
+
+def spec_for_mixer(spec: JobSpec, mixer: str) -> JobSpec:
+    """The same spec with `ensemble.mixer` set and its own run name `<name>-<mixer>`."""
+    from pydantic import ValidationError
+
+    data = spec.model_dump()
+    data["ensemble"]["mixer"] = mixer
+    data["name"] = f"{spec.name}-{mixer}"
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise CompareError(f"spec for mixer {mixer}: {format_validation_error(e)}") from None
+
+
+def _read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    from cluster.metrics import MetricsLog
+
+    return [r for r in MetricsLog(run_dir).read() if not r.get("replayed")]
+
+
+def _median(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def curves(records: list[dict[str, Any]], phase1_steps: int) -> dict[str, list[tuple[int, float]]]:
+    """Validation curves of a run on one step axis (phase 2 steps follow phase 1's).
+
+    `members`: the mean over members of their own-domain val loss; `uniform`:
+    the uniform mixture's mixed val loss; `merged`: the merger's mixed val
+    loss; and one curve per member (own-domain val loss).
+    """
+    out: dict[str, list[tuple[int, float]]] = {}
+    by_step: dict[int, list[float]] = {}
+    for r in records:
+        phase = r.get("phase")
+        if phase not in ("members", "merge") or r.get("step") is None:
+            continue
+        x = r["step"] + (phase1_steps if phase == "merge" else 0)
+        member = r.get("member")
+        if member == "merger" and r.get("mixed_val_loss") is not None:
+            out.setdefault("merged", []).append((x, r["mixed_val_loss"]))
+        elif member == "uniform" and r.get("mixed_val_loss") is not None:
+            out.setdefault("uniform", []).append((x, r["mixed_val_loss"]))
+        elif phase == "members" and r.get("val_loss") is not None:
+            out.setdefault(member, []).append((x, r["val_loss"]))
+            by_step.setdefault(x, []).append(r["val_loss"])
+    out["members"] = sorted((x, sum(v) / len(v)) for x, v in by_step.items())
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def plot_curves(runs: dict[str, dict[str, Any]], folder: Path, phase1_steps: int) -> list[Path]:
+    """loss-<mixer>.png per run (every member, uniform, merged) and loss-together.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for mixer, run in runs.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, pts in run["curves"].items():
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            style = {"members": dict(lw=2.5, color="black"), "uniform": dict(lw=2, ls="--"),
+                     "merged": dict(lw=2.5)}.get(name, dict(lw=1, alpha=0.6))
+            ax.plot(xs, ys, label=name if name != "members" else "members (mean, own domain)", **style)
+        ax.axvline(phase1_steps, color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="step (phase 1 members, then phase 2 merge)", ylabel="val loss (nats/token)",
+               title=f"{run['name']}: validation loss")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = folder / f"loss-{mixer}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mixer, run in runs.items():
+        line = None
+        for name, ls in (("members", "-"), ("uniform", "--"), ("merged", "-")):
+            pts = run["curves"].get(name)
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            kw = {"color": line.get_color()} if line is not None else {}
+            (h,) = ax.plot(xs, ys, ls=ls, lw=2.5 if name == "merged" else 1.5, label=f"{mixer}: {name}", **kw)
+            line = line or h
+    ax.axvline(phase1_steps, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="step (phase 1 members, then phase 2 merge)", ylabel="val loss (nats/token)",
+           title="correlation vs attention" if set(runs) == set(MIXERS) else "validation loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = folder / "loss-together.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [*paths, path]
+
+
+def _params(run_dir: str) -> dict[str, Any]:
+    from jobs.evaluate import load_final
+
+    ensemble, _ = load_final(run_dir)
+    lag = sum(p.numel() for n, p in ensemble.named_parameters() if "lag" in n)
+    return {
+        "total": ensemble.num_params(),
+        "members": {n: m.num_params() for n, m in zip(ensemble.member_names, ensemble.members)},
+        "lag_weights": lag,
+    }
+
+
+def summarise_run(spec: JobSpec, wall_s: float, report: dict[str, Any]) -> dict[str, Any]:
+    """One run's line of the comparison: evaluation, speed, wall time, parameters."""
+    records = _read_metrics(spec.run_dir)
+    times = [r["time"] for r in records if r.get("time") is not None]
+    merged = next(r for r in report["rows"] if r["name"] == "merged")
+    return {
+        "name": spec.name,
+        "run_dir": spec.run_dir,
+        "mixer": spec.ensemble.mixer,
+        "params": _params(spec.run_dir),
+        "wall_s": wall_s,
+        "train_span_s": (max(times) - min(times)) if len(times) > 1 else None,
+        "tokens_per_s": {
+            "members": _median([r.get("tokens_per_s") for r in records
+                                if r.get("phase") == "members" and r.get("member") not in ("uniform", "merger")]),
+            "merge": _median([r.get("tokens_per_s") for r in records
+                              if r.get("phase") == "merge" and r.get("member") == "merger"]),
+        },
+        "merged": {"loss": merged["loss"], "bpb": merged["bpb"]},
+        "rows": {r["name"]: {"loss": r["loss"], "bpb": r["bpb"], "domain": r["domain"]} for r in report["rows"]},
+        "curves": curves(records, spec.training.phase1_steps),
+    }
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def format_compare(result: dict[str, Any]) -> str:
+    """compare.md: the merged model per mixer, then every evaluation row's mixed loss per mixer."""
+    from leviathan.evaluation import MIXED
+
+    runs = result["runs"]
+    cols = result["columns"]
+    t = result["training"]
+    lines = [
+        f"# {result['name']}: {' vs '.join(runs)}",
+        "",
+        f"Same spec, data, steps ({t['phase1_steps']} member + {t['phase2_steps']} merge steps, "
+        f"batch {t['batch_size']} x {t['seq_len']} tokens) and seed {result['seed']}; only "
+        f"`ensemble.mixer` differs. Evaluation: at most {result['eval']['max_batches']} batch(es) "
+        "per domain, the same windows for every run.",
+        "",
+        "## Merged ensemble",
+        "",
+    ]
+    head = ["mixer", "params", *(f"{c} loss" for c in cols), f"{MIXED} bpb", "member tok/s", "merge tok/s", "wall s"]
+    body = []
+    for mixer, run in runs.items():
+        body.append([
+            mixer, f"{run['params']['total']:,}", *(_fmt(run["merged"]["loss"][c]) for c in cols),
+            _fmt(run["merged"]["bpb"][MIXED]), _fmt(run["tokens_per_s"]["members"], 0),
+            _fmt(run["tokens_per_s"]["merge"], 0), _fmt(run["wall_s"], 1),
+        ])
+    lines += [_table(head, body), ""]
+    first = next(iter(runs.values()))
+    lines += ["## Every row, mixed val set (loss / bits per byte)", ""]
+    body = []
+    for name, r in first["rows"].items():
+        label = f"{name} ({r['domain']})" if r["domain"] else name
+        body.append([label] + [
+            f"{_fmt(run['rows'][name]['loss'][MIXED])} / {_fmt(run['rows'][name]['bpb'][MIXED])}"
+            for run in runs.values()
+        ])
+    lines += [_table(["model", *runs], body), ""]
+    p = {m: run["params"] for m, run in runs.items()}
+    lines.append(
+        "Parameters: " + "; ".join(f"{m} {v['total']:,} ({v['lag_weights']:,} lag weights)" for m, v in p.items())
+        + ". Wall time includes starting the Ray Train workers and the final evaluation."
+    )
+    lines += ["", "Loss curves: " + ", ".join(f"`{Path(f).name}`" for f in result["figures"])]
+    return "\n".join(lines) + "\n"
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+    row = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([row(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(row(r) for r in body)])
+
+
+def compare(
+    spec: JobSpec,
+    mixers: list[str] | tuple[str, ...] = MIXERS,
+    *,
+    max_batches: int = DEFAULT_MAX_BATCHES,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train `spec` once per mixer, evaluate each run, write the comparison; returns compare.json's dict."""
+    import jobs.train
+
+    if "://" in spec.storage:
+        raise CompareError(f"storage: compare writes its figures to a local folder, got {spec.storage}")
+    runs: dict[str, dict[str, Any]] = {}
+    for mixer in mixers:
+        s = spec_for_mixer(spec, mixer)
+        print(f"[compare] training {s.name} ({mixer}) into {s.run_dir}", flush=True)
+        t0 = time.perf_counter()
+        jobs.train.run(s, progress=progress)
+        wall = time.perf_counter() - t0
+        report = evaluate_run(s.run_dir, max_batches=max_batches)
+        runs[mixer] = summarise_run(s, wall, report)
+    folder = Path(spec.storage).expanduser() / f"{spec.name}-compare"
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = plot_curves(runs, folder, spec.training.phase1_steps)
+    first = next(iter(runs.values()))
+    result = {
+        "name": spec.name,
+        "seed": spec.seed,
+        "mixers": list(mixers),
+        "columns": list(first["merged"]["loss"]),
+        "training": spec.training.model_dump(),
+        "eval": {"max_batches": max_batches},
+        "runs": runs,
+        "figures": [str(f) for f in figures],
+    }
+    (folder / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / "compare.md").write_text(format_compare(result))
+    result["folder"] = str(folder)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="leviathan compare",
+        description="Train a spec once per token mixer (correlation vs attention) and compare the runs.",
+    )
+    p.add_argument("--spec", required=True, help="job spec (TOML or JSON)")
+    p.add_argument("--mixers", default=",".join(MIXERS), help="comma-separated mixers (default: correlation,attention)")
+    p.add_argument("--max-batches", type=int, default=DEFAULT_MAX_BATCHES, help="eval batches per domain")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.max_batches < 1:
+            raise CompareError(f"--max-batches: must be >= 1, got {args.max_batches}")
+        spec = load_spec(args.spec)
+        result = compare(spec, parse_mixers(args.mixers), max_batches=args.max_batches,
+                         progress=False if args.no_progress else None)
+    except ValueError as e:  # SpecError, CompareError, RunError, PlacementError: a run could not start
+        print(f"leviathan compare: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # jobs.train.TrainError: a run started and failed
+        print(f"leviathan compare: error: {' '.join(str(e).split())[:500]}", file=sys.stderr)
+        return 1
+    print((Path(result["folder"]) / "compare.md").read_text(), end="")
+    print(f"wrote {result['folder']}/compare.json, compare.md and the loss curves")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
