@@ -198,7 +198,7 @@ def bench_formulations(args: argparse.Namespace, device: torch.device) -> dict:
 
             steps[name] = step
         log(f"formulations (w={w}): B={B} T={T} H={H} d={d}")
-        res = interleaved(steps, args.rounds, args.reps, device)
+        res = interleaved(steps, args.rounds, args.formulation_reps, device)
         out[f"seq{T}"] = {
             "shape": {"batch": B, "seq": T, "heads": H, "head_dim": d, "window": w},
             "max_abs_diff_vs_diagonal": diffs,
@@ -270,6 +270,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--embd", type=int, default=384)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--formulation-seqs", type=ints, default=[256, 1024], help="sequence lengths for the formulation comparison (same tokens each)")
+    p.add_argument("--formulation-reps", type=int, default=1, help="steps per variant per round in the formulation comparison (default 1)")
     p.add_argument("--tiny-batch", type=int, default=16)
     p.add_argument("--tiny-seq", type=int, default=128)
     p.add_argument("--small-batch", type=int, default=4)
@@ -278,7 +279,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.reps < 1 or not args.windows or min(args.windows) < 1:
+    if args.rounds < 1 or args.reps < 1 or args.formulation_reps < 1 or not args.windows or min(args.windows) < 1:
         p.error("--rounds, --reps and every window must be >= 1")
     return args
 

@@ -99,7 +99,7 @@ def load_folder(
     if expected is not None and _sha256(weights) != expected:
         raise CheckpointError(f"{weights}: corrupt (sha256 differs from {config_path.name})")
     try:
-        missing, unexpected = load_model(module, str(weights), strict=False, device=str(torch.device(map_location)))
+        missing, unexpected = load_model(module, str(weights), strict=False, device="cpu")
     except (SafetensorError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{weights}: cannot load: {e}") from None
     if missing or unexpected:
