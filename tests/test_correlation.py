@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -163,3 +165,39 @@ def test_constructor_rejects_bad_shapes() -> None:
         MultiHeadedCorrelation(8, 2, 0)
     with pytest.raises(ValueError, match="mixer"):
         MultiHeadedCorrelation(8, 2, 2, mixer="conv")
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_training_path_uses_the_fused_kernel(window: int) -> None:
+    """No L x L score matrix on CPU: SDPA must take its fused (flash) kernel, not the math fallback."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = MultiHeadedCorrelation(C, H, window)
+    x = torch.randn(2, 32, C)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        m(x).sum().backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert any("flash_attention" in op for op in ops), sorted(ops)
+    assert "aten::_softmax" not in ops and "aten::bmm" not in ops, "math kernel (L x L scores) was used"
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    T=st.integers(1, 7),
+    heads=st.sampled_from([1, 2]),
+    head_dim=st.sampled_from([2, 4]),
+    window=st.integers(1, 6),
+    seed=st.integers(0, 1000),
+)
+def test_random_shapes_match_naive_formula(T: int, heads: int, head_dim: int, window: int, seed: int) -> None:
+    """Windows longer than the sequence, single positions, one head: still the formula."""
+    torch.manual_seed(seed)
+    n_embd = heads * head_dim
+    m = MultiHeadedCorrelation(n_embd, heads, window).double()
+    with torch.no_grad():
+        m.lag_weight.normal_()
+    x = torch.randn(2, T, n_embd, dtype=torch.float64)
+    q, k, v = m.c_attn(x).split(n_embd, dim=2)
+    q, k, v = (t.view(2, T, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    ref = m.c_proj(naive_correlation(q, k, v, m.lag_weight).transpose(1, 2).reshape(2, T, n_embd))
+    torch.testing.assert_close(m(x), ref, atol=1e-10, rtol=1e-9)
