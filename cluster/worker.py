@@ -55,6 +55,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     EnsembleWorker(config).run()
 
 
+def train_module_step(
+    module: Module,
+    lr_factor: float,
+    device: torch.device = torch.device("cpu"),
+    autocast=contextlib.nullcontext,
+    grad_clip: float = 0.0,
+) -> dict[str, float]:
+    """One phase-1 step of a module: the next batch of its domain, one optimiser
+    step of each member on it. Returns each member's training loss."""
+    x, y = module.sampler.next()  # (B, T) each
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    losses = {}
+    for m in module.members:
+        set_lr(m.optimizer, lr_factor)
+        with autocast():
+            _, loss = m.model(x, y)
+        m.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(m.model.parameters(), grad_clip)
+        m.optimizer.step()
+        losses[m.name] = loss.item()
+    return losses
+
+
 class EnsembleWorker:
     """One rank's share of the job: its modules, a merger replica, its samplers."""
 
@@ -136,18 +161,9 @@ class EnsembleWorker:
         for step in range(start + 1, total + 1):
             factor = lr_at(step - 1, total_steps=total, warmup_steps=self.t.warmup_steps, min_lr_ratio=self.t.min_lr_ratio)
             for module in self.modules:
-                x, y = module.sampler.next()
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                for m in module.members:
-                    set_lr(m.optimizer, factor)
-                    with self.autocast():
-                        _, loss = m.model(x, y)
-                    m.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.t.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(m.model.parameters(), self.t.grad_clip)
-                    m.optimizer.step()
-                    self.losses.setdefault(m.name, []).append(loss.item())
+                losses = train_module_step(module, factor, self.device, self.autocast, self.t.grad_clip)
+                for name, loss in losses.items():
+                    self.losses.setdefault(name, []).append(loss)
             self.interval_steps += 1
             self.after_step("members", step, total, lr=self.t.lr * factor)
 

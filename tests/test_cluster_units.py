@@ -1,0 +1,179 @@
+"""Training components that need no Ray: placement, lr schedule, metrics log,
+the placement check, and the checkpoint round trip of a module."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cluster import checkpointing
+from cluster.members import Member, Module, adamw, build_member, build_merger, ensemble_config
+from cluster.metrics import RECORD_FIELDS, MetricsLog, record
+from cluster.placement import (
+    max_modules_per_rank,
+    members_for_rank,
+    modules_for_rank,
+    rank_of_module,
+    row_slice,
+)
+from cluster.schedule import lr_at
+from cluster.trainer import PlacementError, check_placement
+from cluster.worker import train_module_step
+from jobs.spec import JobSpec
+from leviathan.data import BatchSampler, TokenShard, write_shard
+from leviathan.ensemble import LeviathanEnsemble
+
+
+@pytest.mark.parametrize("modules,world", [(4, 2), (3, 2), (4, 4), (5, 3), (1, 1), (8, 3)])
+def test_placement_spreads_modules_in_contiguous_balanced_blocks(modules, world):
+    blocks = [modules_for_rank(r, world, modules) for r in range(world)]
+    assert [m for b in blocks for m in b] == list(range(modules)), f"not module-major: {blocks}"
+    sizes = [len(b) for b in blocks]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1, f"unbalanced: {blocks}"
+    assert max(sizes) == max_modules_per_rank(world, modules)
+    for r, b in enumerate(blocks):
+        assert all(rank_of_module(m, world, modules) == r for m in b)
+
+
+def test_placement_lists_members_module_major():
+    assert modules_for_rank(0, 2, 4) == [0, 1] and modules_for_rank(1, 2, 4) == [2, 3]
+    assert members_for_rank(1, 2, 3, 2) == [4, 5]
+    assert members_for_rank(0, 2, 3, 2) == [0, 1, 2, 3]
+
+
+def test_placement_refuses_more_workers_than_modules():
+    with pytest.raises(ValueError, match="workers"):
+        modules_for_rank(0, 3, 2)
+
+
+@pytest.mark.parametrize("rows,world", [(16, 2), (5, 2), (7, 3), (3, 3)])
+def test_row_slices_partition_the_batch(rows, world):
+    covered = [i for r in range(world) for i in range(rows)[row_slice(r, world, rows)]]
+    assert covered == list(range(rows))
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    kw = dict(base_lr=1e-3, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, **kw) for s in range(100)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])), "warmup must increase"
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])), "cosine must not increase"
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    assert min(lrs[10:]) >= 1e-4 - 1e-12
+    # A phase shorter than its warmup still reaches the peak (warmup capped at half).
+    short = [lr_at(s, base_lr=1.0, total_steps=4, warmup_steps=20, min_lr_ratio=0.0) for s in range(4)]
+    assert max(short) == pytest.approx(1.0)
+
+
+def test_metrics_log_appends_records_and_reads_logged_steps(tmp_path):
+    log = MetricsLog(str(tmp_path / "run"))
+    assert log.logged_steps() == {}
+    log.append([record(step=10, phase="members", member="m0.0", module=0, domain="a", train_loss=2.0,
+                       val_loss=float("nan"), mixed_val_loss=3.0, lr=1e-3, tokens_per_s=100.0)])
+    log.append([record(step=20, phase="members", member="m0.0", module=0),
+                record(step=5, phase="merge", member="merger")])
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert tuple(first) == RECORD_FIELDS, "a record has exactly the contract's fields, in order"
+    assert first["val_loss"] is None, "non-finite numbers are written as null"
+    assert log.logged_steps() == {"members": 20, "merge": 5}
+
+
+def test_check_placement_fails_fast_with_a_clear_message():
+    spec = JobSpec.model_validate({"resources": {"workers": 2, "use_gpu": True}})
+    cpu_nodes = [{"Alive": True, "Resources": {"CPU": 4.0}}]
+    with pytest.raises(PlacementError, match=r"2 workers x \(1 CPU, 1 GPU\).*0 GPU.*use_gpu = false"):
+        check_placement(spec, cpu_nodes)
+    # Two 1-CPU workers need two 1-CPU slots: one node with 1.5 CPUs holds only one.
+    spec = JobSpec.model_validate({"resources": {"workers": 2}})
+    with pytest.raises(PlacementError, match="fits only 1"):
+        check_placement(spec, [{"Alive": True, "Resources": {"CPU": 1.5}}])
+    check_placement(spec, [{"Alive": True, "Resources": {"CPU": 1.0}}] * 2)
+
+
+def _tiny_spec(**training) -> JobSpec:
+    return JobSpec.model_validate({
+        "ensemble": {"modules": 2, "members_per_module": 2, "merge_width": 16, "merge_heads": 2},
+        "training": {"batch_size": 4, "seq_len": 16, **training},
+    })
+
+
+def _module(spec: JobSpec, shard: TokenShard, index: int = 0) -> Module:
+    config = ensemble_config(spec, vocab_size=260)
+    k = spec.ensemble.members_per_module
+    members = []
+    for j in range(index * k, (index + 1) * k):
+        model, projection = build_member(config, j, spec.seed)
+        members.append(Member(j, config.member_names[j], model, projection, adamw(model, 1e-2, 0.1)))
+    return Module(index, "a", members, BatchSampler(shard, 4, 16, seed=7))
+
+
+@pytest.fixture
+def shard(tmp_path) -> TokenShard:
+    rng = np.random.default_rng(0)
+    tokens = (rng.integers(0, 16, 5000) * 3 % 256).astype(np.uint16)
+    return TokenShard(write_shard(tmp_path / "a.train.arrow", tokens))
+
+
+def test_module_checkpoint_round_trip_resumes_exactly(tmp_path, shard):
+    """Weights, optimiser state and sampler position restored: the next steps match."""
+    spec = _tiny_spec()
+    module = _module(spec, shard)
+    for _ in range(3):
+        train_module_step(module, 1.0)
+    checkpointing.save_module(tmp_path, module)
+    checkpointing.save_rank(tmp_path, 0)
+    expected = [train_module_step(module, 0.5) for _ in range(2)]
+
+    restored = _module(spec, shard)
+    checkpointing.load_module(tmp_path, restored)
+    checkpointing.load_rank(tmp_path, 0)
+    got = [train_module_step(restored, 0.5) for _ in range(2)]
+    assert got == expected, f"resumed losses differ: {got} vs {expected}"
+
+
+def test_members_are_built_from_the_seed_not_the_placement():
+    spec = _tiny_spec()
+    config = ensemble_config(spec, vocab_size=260)
+    a, pa = build_member(config, 3, seed=5)
+    b, pb = build_member(config, 3, seed=5)
+    c, _ = build_member(config, 2, seed=5)
+    assert torch.equal(a.wte.weight, b.wte.weight) and torch.equal(pa.weight, pb.weight)
+    assert not torch.equal(a.wte.weight, c.wte.weight)
+    assert all(torch.equal(p, q) for p, q in zip(build_merger(config, 5).parameters(), build_merger(config, 5).parameters()))
+
+
+def test_assemble_rebuilds_the_ensemble_from_a_checkpoint(tmp_path, shard):
+    """The checkpoint's module files + merger.pt load into a LeviathanEnsemble that saves and loads without Ray."""
+    spec = _tiny_spec()
+    config = ensemble_config(spec, vocab_size=260)
+    modules = [_module(spec, shard, i) for i in range(2)]
+    for module in modules:
+        train_module_step(module, 1.0)
+        checkpointing.save_module(tmp_path, module)
+    merger = build_merger(config, spec.seed)
+    checkpointing.save_coordinator(
+        tmp_path, merger=merger, merger_optimizer=None, mixed_sampler=modules[0].sampler,
+        config=config, phase="merge", step=3,
+    )
+    assert checkpointing.read_state(tmp_path)["step"] == 3
+    ensemble = checkpointing.assemble(tmp_path)
+    for module in modules:
+        for m in module.members:
+            assert torch.equal(ensemble.members[m.index].wte.weight, m.model.wte.weight)
+            assert torch.equal(ensemble.projections[m.index].weight, m.projection.weight)
+    ensemble.save(tmp_path / "final")
+    loaded = LeviathanEnsemble.load(tmp_path / "final")
+    x = torch.randint(0, 260, (2, 8))
+    assert torch.allclose(loaded(x)[0], ensemble(x)[0])
+    assert math.isfinite(loaded(x, x)[1].item())
+
+
+def test_missing_checkpoint_file_is_named(tmp_path, shard):
+    spec = _tiny_spec()
+    with pytest.raises(checkpointing.CheckpointLayoutError, match="module_0.pt"):
+        checkpointing.load_module(tmp_path, _module(spec, shard))

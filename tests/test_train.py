@@ -1,0 +1,109 @@
+"""`jobs.train`: a whole small job end to end on the session's Ray cluster, and
+the errors that must come before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.metrics import RECORD_FIELDS
+from jobs import train
+from jobs.spec import SpecError
+from tests.scripts.common import builtin_manifest, tiny_spec, write_spec
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return builtin_manifest(tmp_path_factory.getbasetemp() / "leviathan-builtin")
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_cluster, manifest, tmp_path):
+    from cluster.checkpointing import MERGER_FILE, module_file, read_state
+    from leviathan.ensemble import LeviathanEnsemble
+    from leviathan.tokenizer import load_tokenizer
+
+    spec = tiny_spec(manifest, tmp_path, "e2e")
+    result = train.run(spec, progress=False)
+    run = Path(spec.run_dir)
+
+    # The table: 4 members, the uniform mixture, the merged model.
+    kinds = [r["kind"] for r in result["rows"]]
+    assert kinds == ["member"] * 4 + ["uniform", "merger"], kinds
+    assert [r["name"] for r in result["rows"][:4]] == ["m0.0", "m0.1", "m1.0", "m1.1"]
+    assert json.loads((run / "train_result.json").read_text())["rows"] == result["rows"]
+
+    # final/ loads without Ray and predicts.
+    ensemble = LeviathanEnsemble.load(run / "final")
+    assert ensemble.member_names == ["m0.0", "m0.1", "m1.0", "m1.1"]
+    assert load_tokenizer(run / "final").vocab_size == ensemble.config.vocab_size
+    assert json.loads((run / "final" / "spec.json").read_text())["name"] == "e2e"
+    logits, loss = ensemble(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
+    assert logits.shape == (1, 8, ensemble.config.vocab_size) and torch.isfinite(loss)
+
+    # metrics.jsonl: the contract's fields, every member at every eval step, then done.
+    records = _records(run)
+    assert records[-1]["phase"] == "done"
+    for r in records[:-1]:
+        assert tuple(r) == RECORD_FIELDS and r["replayed"] is False
+    members = {(r["member"], r["step"]) for r in records if r["phase"] == "members" and r["module"] is not None}
+    assert members == {(m, s) for m in ("m0.0", "m0.1", "m1.0", "m1.1") for s in (3, 6)}
+    merges = [(r["member"], r["step"]) for r in records if r["phase"] == "merge" and r["member"] == "merger"]
+    assert merges == [("merger", 3), ("merger", 4)]
+    finals = {r["member"] for r in records if r["phase"] == "final"}
+    assert finals == {"m0.0", "m0.1", "m1.0", "m1.1", "uniform", "merger"}
+    first = next(r for r in records if r["member"] == "m0.0")
+    assert first["domain"] == "python" and first["tokens_per_s"] > 0 and first["lr"] > 0
+
+    # Exactly the spec's steps: each module drew 6 batches, the mixed sampler 4.
+    ckpt = Path(result["checkpoint"])
+    assert read_state(ckpt)["phase"] == "merge" and read_state(ckpt)["step"] == 4
+    for i in range(2):
+        assert torch.load(ckpt / module_file(i), weights_only=False)["sampler"]["batches_drawn"] == 6
+    assert torch.load(ckpt / MERGER_FILE, weights_only=False)["mixed_sampler"]["batches_drawn"] == 4
+
+    # The finished run is not silently trained again.
+    with pytest.raises(SpecError, match="already finished"):
+        train.run(spec, progress=False)
+
+
+def test_unplaceable_job_fails_fast_with_a_clear_message(ray_cluster, manifest, tmp_path, capsys):
+    spec = tiny_spec(manifest, tmp_path, "gpu", resources={"use_gpu": True})
+    start = time.monotonic()
+    code = train.main(["--spec", str(write_spec(spec, tmp_path / "gpu.json"))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and time.monotonic() - start < 30
+    assert "cannot place job 'gpu'" in err and "GPU" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"data": {"manifest": "/nonexistent/data"}}, "data.manifest: no manifest"),
+        ({"ensemble": {"modules": 5}, "resources": {"workers": 2}}, "ensemble.modules: 5 modules"),
+        ({"data": {"domains": ["python", "klingon"]}}, "klingon"),
+    ],
+)
+def test_bad_data_fails_before_any_worker_starts(manifest, tmp_path, capsys, change, message):
+    spec = tiny_spec(manifest, tmp_path, "bad", **change)
+    code = train.main(["--spec", str(write_spec(spec, tmp_path / "bad.json"))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists(), "nothing is written for a job that cannot start"
+
+
+def test_bad_spec_file_is_a_one_line_error(tmp_path, capsys):
+    assert train.main(["--spec", str(tmp_path / "missing.toml")]) == 2
+    assert "spec file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[training]\nphase1_steps = -1\nbogus = 1\n')
+    assert train.main(["--spec", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "training.phase1_steps" in err and "training.bogus" in err and len(err.splitlines()) == 1
