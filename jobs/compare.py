@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.evaluate import DEFAULT_MAX_BATCHES, evaluate_run
+from jobs.evaluate import DEFAULT_MAX_BATCHES, add_twin, evaluate_run, write_reports
 from jobs.spec import JobSpec, format_validation_error, load_spec
 
 MIXERS = ("correlation", "attention")
@@ -110,7 +110,7 @@ def plot_curves(runs: dict[str, dict[str, Any]], folder: Path, phase1_steps: int
                 continue
             xs, ys = zip(*pts)
             style = {"members": dict(lw=2.5, color="black"), "uniform": dict(lw=2, ls="--"),
-                     "merged": dict(lw=2.5)}.get(name, dict(lw=1, alpha=0.6))
+                     "merged": dict(lw=2.5, marker="o", ms=4)}.get(name, dict(lw=1, alpha=0.6))
             ax.plot(xs, ys, label=name if name != "members" else "members (mean, own domain)", **style)
         ax.axvline(phase1_steps, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="step (phase 1 members, then phase 2 merge)", ylabel="val loss (nats/token)",
@@ -131,7 +131,8 @@ def plot_curves(runs: dict[str, dict[str, Any]], folder: Path, phase1_steps: int
                 continue
             xs, ys = zip(*pts)
             kw = {"color": line.get_color()} if line is not None else {}
-            (h,) = ax.plot(xs, ys, ls=ls, lw=2.5 if name == "merged" else 1.5, label=f"{mixer}: {name}", **kw)
+            (h,) = ax.plot(xs, ys, ls=ls, lw=2.5 if name == "merged" else 1.5, marker="o" if name == "merged" else None,
+                           ms=4, label=f"{mixer}: {name}", **kw)
             line = line or h
     ax.axvline(phase1_steps, color="grey", lw=0.8, ls=":")
     ax.set(xlabel="step (phase 1 members, then phase 2 merge)", ylabel="val loss (nats/token)",
@@ -175,7 +176,8 @@ def summarise_run(spec: JobSpec, wall_s: float, report: dict[str, Any]) -> dict[
                               if r.get("phase") == "merge" and r.get("member") == "merger"]),
         },
         "merged": {"loss": merged["loss"], "bpb": merged["bpb"]},
-        "rows": {r["name"]: {"loss": r["loss"], "bpb": r["bpb"], "domain": r["domain"]} for r in report["rows"]},
+        "rows": {r["name"]: {"loss": r["loss"], "bpb": r["bpb"], "domain": r["domain"]}
+                 for r in report["rows"] if r["kind"] != "twin"},
         "curves": curves(records, spec.training.phase1_steps),
     }
 
@@ -224,7 +226,9 @@ def format_compare(result: dict[str, Any]) -> str:
     p = {m: run["params"] for m, run in runs.items()}
     lines.append(
         "Parameters: " + "; ".join(f"{m} {v['total']:,} ({v['lag_weights']:,} lag weights)" for m, v in p.items())
-        + ". Wall time includes starting the Ray Train workers and the final evaluation."
+        + ". Wall time: the whole training run (`jobs.train.run`, Ray Train worker start-up included); "
+        "tok/s: the median of the training's own figures, batch x seq_len tokens per step over the step time "
+        "(a phase-1 step trains every member of a worker on its own batch; a phase-2 step is one merged batch)."
     )
     lines += ["", "Loss curves: " + ", ".join(f"`{Path(f).name}`" for f in result["figures"])]
     return "\n".join(lines) + "\n"
@@ -246,17 +250,24 @@ def compare(
     """Train `spec` once per mixer, evaluate each run, write the comparison; returns compare.json's dict."""
     import jobs.train
 
+    from cluster.session import init_ray
+
     if "://" in spec.storage:
         raise CompareError(f"storage: compare writes its figures to a local folder, got {spec.storage}")
+    init_ray()  # started once, before the first run, so no run's wall time includes it
     runs: dict[str, dict[str, Any]] = {}
+    reports: dict[str, dict[str, Any]] = {}
     for mixer in mixers:
         s = spec_for_mixer(spec, mixer)
         print(f"[compare] training {s.name} ({mixer}) into {s.run_dir}", flush=True)
         t0 = time.perf_counter()
         jobs.train.run(s, progress=progress)
         wall = time.perf_counter() - t0
-        report = evaluate_run(s.run_dir, max_batches=max_batches)
-        runs[mixer] = summarise_run(s, wall, report)
+        reports[mixer] = evaluate_run(s.run_dir, max_batches=max_batches)
+        runs[mixer] = summarise_run(s, wall, reports[mixer])
+    if len(mixers) == 2:  # each run's report.md gains the other's merged model as its twin row
+        for mixer, other in (mixers, mixers[::-1]):
+            write_reports(Path(runs[mixer]["run_dir"]), add_twin(reports[mixer], reports[other]))
     folder = Path(spec.storage).expanduser() / f"{spec.name}-compare"
     folder.mkdir(parents=True, exist_ok=True)
     figures = plot_curves(runs, folder, spec.training.phase1_steps)

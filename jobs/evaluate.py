@@ -91,8 +91,9 @@ def _evaluate_local(
     prefix_tokens: int | None,
     manifest: str | None,
     device: str | None,
+    twin: str | None = None,
 ) -> dict[str, Any]:
-    from leviathan.evaluation import evaluate_ensemble, format_report
+    from leviathan.evaluation import evaluate_ensemble
 
     final = resolve_final(run)
     spec = load_run_spec(run)
@@ -105,24 +106,61 @@ def _evaluate_local(
             f"is not the run's ({ours.get('kind')}, vocab {ours.get('vocab_size')} in {final})"
         )
     domains = spec.data.domains if manifest is None else None
-    block = ensemble.config.block_size
+    settings = dict(
+        batch_size=batch_size or spec.training.batch_size,
+        seq_len=seq_len or min(spec.training.seq_len, ensemble.config.block_size),
+        max_batches=max_batches,
+        prefix_tokens=prefix_tokens,
+        device=device or _default_device(),
+    )
     try:
-        report = evaluate_ensemble(
-            ensemble,
-            m,
-            domains,
-            batch_size=batch_size or spec.training.batch_size,
-            seq_len=seq_len or min(spec.training.seq_len, block),
-            max_batches=max_batches,
-            prefix_tokens=prefix_tokens,
-            device=device or _default_device(),
-        )
+        report = evaluate_ensemble(ensemble, m, domains, **settings)
+        report["run"] = {"name": spec.name, "dir": str(run), "manifest": str(m.root), "time": time.time()}
+        if twin is not None:
+            twin_ensemble, _ = load_final(twin)
+            if twin_ensemble.config.vocab_size != ensemble.config.vocab_size:
+                raise RunError(f"--twin {twin}: vocab size {twin_ensemble.config.vocab_size} is not the run's")
+            twin_report = evaluate_ensemble(twin_ensemble, m, report["domains"], **settings)
+            twin_report["run"] = {"name": load_run_spec(twin).name, "dir": str(twin)}
+            add_twin(report, twin_report)
+    except RunError:
+        raise
     except ValueError as e:  # EvaluationError, or DataError from a shard too short to evaluate
         raise RunError(f"{run}: {_one_line(e)}") from None
-    report["run"] = {"name": spec.name, "dir": str(run), "manifest": str(m.root), "time": time.time()}
-    (run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (run / "report.md").write_text(format_report(report, title=f"Evaluation of run {spec.name}"))
+    write_reports(run, report)
     return report
+
+
+def add_twin(report: dict[str, Any], twin_report: dict[str, Any]) -> dict[str, Any]:
+    """Add the twin run's merged row (e.g. the attention twin of a correlation run) to `report`.
+
+    Both reports must come from the same windows (same domains and settings);
+    the row is named "twin" and carries the twin's mixer and run name.
+    """
+    same = ("batch_size", "seq_len", "max_batches", "prefix_tokens", "windows")
+    if report["domains"] != twin_report["domains"] or any(
+        report["settings"][k] != twin_report["settings"][k] for k in same
+    ):
+        raise RunError("twin: its evaluation used other domains or windows than the run's")
+    merged = next(r for r in twin_report["rows"] if r["name"] == "merged")
+    twin_row = {
+        **merged,
+        "name": "twin",
+        "kind": "twin",
+        "mixer": twin_report["settings"]["mixer"],
+        "run": twin_report.get("run", {}).get("name"),
+    }
+    report["rows"] = [r for r in report["rows"] if r["kind"] != "twin"] + [twin_row]
+    report["twin"] = twin_report.get("run")
+    return report
+
+
+def write_reports(run: Path, report: dict[str, Any]) -> None:
+    """`report.json` and `report.md` into the (local) run folder."""
+    from leviathan.evaluation import format_report
+
+    (run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (run / "report.md").write_text(format_report(report, title=f"Evaluation of run {report['run']['name']}"))
 
 
 def _default_device() -> str:
@@ -140,13 +178,17 @@ def evaluate_run(
     prefix_tokens: int | None = None,
     manifest: str | None = None,
     device: str | None = None,
+    twin: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run and write `report.json` + `report.md` into its folder.
 
     batch_size and seq_len default to the run's training values (seq_len capped
     at the members' block size); prefix_tokens defaults to seq_len // 4 (see
     `leviathan.evaluation`). `manifest` evaluates on another prepared corpus with
-    the same tokenizer (its first `modules` domains). Returns the report dict
+    the same tokenizer (its first `modules` domains). `twin`: a local run folder
+    of the same ensemble with the other mixer (the attention twin, DESIGN
+    section 4); its merged model becomes the row "twin", scored on the same
+    windows. Returns the report dict
     (report.json). Raises RunError (a ValueError) with a one-line message.
     """
     kwargs = dict(
@@ -156,6 +198,7 @@ def evaluate_run(
         prefix_tokens=prefix_tokens,
         manifest=manifest,
         device=device,
+        twin=None if twin is None else str(twin),
     )
     run_dir = str(run_dir)
     if "://" not in run_dir:
@@ -177,7 +220,7 @@ def evaluate_run(
                                 destination_filesystem=pafs.LocalFileSystem())
             report = _evaluate_local(local, **kwargs)
             report["run"]["dir"] = run_dir
-            (local / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            write_reports(local, report)
             for name in ("report.json", "report.md"):
                 pafs.copy_files(str(local / name), f"{root}/{name}", source_filesystem=pafs.LocalFileSystem(),
                                 destination_filesystem=fs)
@@ -206,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-tokens", type=int, default=None,
                    help="posterior dev prefix per window, excluded from scoring (default seq_len // 4)")
     p.add_argument("--manifest", default=None, help="evaluate on another prepared corpus (same tokenizer)")
+    p.add_argument("--twin", default=None,
+                   help="run folder of the same ensemble with the other mixer (attention twin): adds its merged row")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
     return p
@@ -222,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix_tokens=args.prefix_tokens,
             manifest=args.manifest,
             device=args.device,
+            twin=args.twin,
         )
     except (RunError, SpecError) as e:
         print(f"leviathan evaluate: error: {e}", file=sys.stderr)

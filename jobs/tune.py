@@ -156,8 +156,24 @@ def trial_spec(base: dict[str, Any], values: dict[str, Any]) -> JobSpec:
         raise TuneError(f"{', '.join(f'{k}={v!r}' for k, v in values.items())}: {format_validation_error(e)}") from None
 
 
+def check_reports(spec: JobSpec) -> None:
+    """Every report of the training must carry the metric ASHA schedules on.
+
+    The training evaluates (and reports mixed_val_loss) every eval_interval
+    steps and reports checkpoints every checkpoint_interval steps; a
+    checkpoint-only report has no mixed_val_loss, which Tune refuses.
+    """
+    t = spec.training
+    if t.checkpoint_interval % t.eval_interval:
+        raise TuneError(
+            f"training.checkpoint_interval: {t.checkpoint_interval} is not a multiple of training.eval_interval="
+            f"{t.eval_interval}; in a sweep every report must carry {METRIC}"
+        )
+
+
 def check_params(spec: JobSpec, params: list[Param]) -> None:
     """Every bound of every parameter gives a valid spec (one at a time, others at the base value)."""
+    check_reports(spec)
     names = [p.name for p in params]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -168,7 +184,7 @@ def check_params(spec: JobSpec, params: list[Param]) -> None:
             raise TuneError(f"--param {p.name}: cannot be swept (every trial shares the run's {p.name})")
         for value in p.bounds():
             try:
-                trial_spec(base, {p.name: value})
+                check_reports(trial_spec(base, {p.name: value}))
             except TuneError as e:
                 raise TuneError(f"--param {p}: {e}") from None
 

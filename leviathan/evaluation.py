@@ -150,8 +150,6 @@ def _score_domain(
         nlls.append(nll)
         post.append(w)
         merger.append(mw * x.shape[0])
-    if not nlls:
-        raise EvaluationError(f"eval_batches gave no windows of {seq_len + 1} tokens")
     n_windows = sum(n.shape[1] for n in nlls)
     return _Scores(
         nll=torch.cat(nlls, dim=1),
@@ -296,6 +294,8 @@ def row(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _label(r: dict[str, Any]) -> str:
+    if r["kind"] == "twin":
+        return f"twin: merged, {r['mixer']}"
     return f"{r['name']} ({r['domain']})" if r["domain"] else r["name"]
 
 

@@ -16,7 +16,9 @@ from leviathan.ensemble import LeviathanEnsemble
 from tests.test_evaluation import prepare_corpus
 
 
-def make_run(root: Path, manifest_path: Path, name: str = "tiny", merge: str = "fusion", seed: int = 0) -> Path:
+def make_run(
+    root: Path, manifest_path: Path, name: str = "tiny", merge: str = "fusion", seed: int = 0, mixer: str = "correlation"
+) -> Path:
     """`<root>/<name>/` with spec.json and final/ (ensemble + tokenizer + spec), as training leaves it."""
     manifest = load_manifest(manifest_path)
     spec = JobSpec.model_validate(
@@ -29,6 +31,7 @@ def make_run(root: Path, manifest_path: Path, name: str = "tiny", merge: str = "
                 "members_per_module": 2,
                 "members": [{"preset": "tiny"}, {"preset": "tiny", "flavour": "relu3"}],
                 "merge": merge,
+                "mixer": mixer,
                 "merge_width": 32,
             },
             "training": {"batch_size": 2, "seq_len": 32},
@@ -63,6 +66,21 @@ def test_evaluate_run_writes_the_reports(tmp_path, corpus, capsys):
     # Called again (e.g. by training at the end) it gives the same numbers.
     again = evaluate_run(run, max_batches=1)
     assert again["rows"] == report["rows"]
+
+
+def test_attention_twin_row(tmp_path, corpus, capsys):
+    run = make_run(tmp_path, corpus, name="corr")
+    twin = make_run(tmp_path, corpus, name="att", mixer="attention", seed=1)
+    assert main(["--run", str(run), "--twin", str(twin), "--max-batches", "1"]) == 0
+    assert "twin: merged, attention" in capsys.readouterr().out
+    report = json.loads((run / "report.json").read_text())
+    twin_row = report["rows"][-1]
+    assert (twin_row["name"], twin_row["mixer"], twin_row["run"]) == ("twin", "attention", "att")
+    # The twin's row is its own merged model on the same windows.
+    alone = evaluate_run(twin, max_batches=1)
+    assert alone["rows"][0]["loss"] == twin_row["loss"]
+    assert report["rows"][0]["loss"] != twin_row["loss"]
+    assert "twin: merged, attention" in (run / "report.md").read_text()
 
 
 def test_evaluate_run_on_a_uri(tmp_path, corpus):
