@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ def evaluate(
     val_sets: dict[str, list[Batch]],
     exchange: Exchange,
     device: torch.device,
-    autocast: contextlib.AbstractContextManager | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> EvalResult:
     """Per-domain val losses of this rank's members, the uniform mixture and the merger."""
     mixture = merger is not None and merger.merge_mode == "mixture"
@@ -70,7 +70,7 @@ def evaluate(
             for x, y in batches:
                 x, y = x.to(device), y.to(device)
                 target_lp, states, logprobs = [], [], []
-                with autocast or contextlib.nullcontext():
+                with autocast():
                     for m in members:
                         h = m.model.hidden(x)  # (B, T, C)
                         lp = F.log_softmax(m.model.logits_from_hidden(h).float(), dim=-1)  # (B, T, V)

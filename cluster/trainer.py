@@ -91,17 +91,23 @@ def build_trainer(
     run_name: str | None = None,
     storage_path: str | None = None,
     callbacks: list | None = None,
+    profile: bool = False,
 ):
     """The job's `ray.train.torch.TorchTrainer`.
 
     Default layout: checkpoints in `<spec.run_dir>/checkpoints`, metrics.jsonl in
     `<spec.run_dir>`. With `run_name` (one trainer per Tune trial), checkpoints
     and metrics.jsonl both go to `<storage_path or spec.run_dir>/<run_name>`.
+    `profile` (benchmarks) times phase-2 steps and their collectives and adds
+    the medians to the last report's metrics under "profile".
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.session import configure_train_env
     from cluster.worker import train_loop_per_worker
+
+    configure_train_env()
 
     if spec.training.batch_size < spec.num_workers:
         raise SpecError(
@@ -121,6 +127,7 @@ def build_trainer(
             "manifest": str(manifest),
             "domains": domains,
             "metrics_dir": metrics_dir,
+            "profile": profile,
         },
         scaling_config=ScalingConfig(
             num_workers=spec.num_workers,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -135,6 +136,10 @@ class EnsembleWorker:
         self.interval_start = time.perf_counter()
         self.interval_steps = 0
         self.final_table: dict[str, Any] | None = None  # rank 0, after the last eval
+        # Benchmarks: time phase-2 steps and the collectives inside them.
+        self.profile = bool(config.get("profile", False))
+        self.step_times: list[float] = []
+        self.comm_times: list[float] = []
 
     # ------------------------------------------------------------------ driver of the phases
 
@@ -200,14 +205,19 @@ class EnsembleWorker:
             for opt in optimizers:
                 set_lr(opt, factor)
                 opt.zero_grad(set_to_none=True)
+            timer = CommTimer(self.device) if self.profile else None
+            t0 = timer.sync() if timer else 0.0
             x, y = self.mixed_sampler.next()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast():
-                loss_share = merged_loss(self.members, self.merger, x, y, self.exchange, joint=joint)
+                loss_share = merged_loss(self.members, self.merger, x, y, self.exchange, joint=joint, timer=timer)
             loss_share.backward()
-            loss, _ = reduce_and_clip(self.merger, local, loss_share, self.world_size, self.t.grad_clip)
+            loss, _ = reduce_and_clip(self.merger, local, loss_share, self.world_size, self.t.grad_clip, timer)
             for opt in optimizers:
                 opt.step()
+            if timer:
+                self.step_times.append(timer.sync() - t0)
+                self.comm_times.append(timer.total)
             self.losses.setdefault("merger", []).append(loss)
             self.interval_steps += 1
             self.after_step("merge", step, total, lr=self.t.merge_lr * factor)
@@ -230,6 +240,8 @@ class EnsembleWorker:
         metrics: dict[str, Any] = {"phase": phase, "step": step}
         if do_eval:
             metrics.update(self.evaluate_and_log(phase, step, lr, elapsed, final=last and phase == "merge"))
+        if self.profile and last and phase == "merge" and self.step_times:
+            metrics["profile"] = profile_summary(self.step_times, self.comm_times)
         if do_ckpt:
             self.report_checkpoint(phase, step, metrics)
         else:
@@ -238,7 +250,7 @@ class EnsembleWorker:
 
     def evaluate_and_log(self, phase: str, step: int, lr: float | None, elapsed: float, final: bool) -> dict[str, Any]:
         merger = self.merger if phase == "merge" else None
-        result = evaluate(self.members, merger, self.val_sets, self.exchange, self.device, self.autocast())
+        result = evaluate(self.members, merger, self.val_sets, self.exchange, self.device, self.autocast)
         tokens = self.interval_steps * self.t.batch_size * self.t.seq_len
         tps = tokens / elapsed if elapsed > 0 and self.interval_steps else None
         replayed = step <= self.logged.get(phase, -1)
@@ -315,6 +327,25 @@ class EnsembleWorker:
 
     def log(self, message: str) -> None:
         logger.info("[leviathan %s rank %d] %s", self.spec.name, self.rank, message)
+
+
+def profile_summary(step_times: list[float], comm_times: list[float]) -> dict[str, float]:
+    """Median phase-2 step time and time in collectives (gathers, their backward, the all_reduce).
+
+    The first steps are skipped as warmup when there are enough of them.
+    Collective time includes waiting for the slowest rank.
+    """
+    import statistics
+
+    skip = min(3, len(step_times) // 4)
+    steps, comms = step_times[skip:], comm_times[skip:]
+    shares = [c / s for c, s in zip(comms, steps) if s > 0]
+    return {
+        "phase2_steps_timed": len(steps),
+        "phase2_step_s_median": statistics.median(steps),
+        "phase2_comm_s_median": statistics.median(comms),
+        "phase2_comm_share_median": statistics.median(shares) if shares else 0.0,
+    }
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:

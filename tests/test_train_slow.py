@@ -1,0 +1,154 @@
+"""End-to-end training runs that take tens of seconds each: the merged model
+beats its members, a killed worker, a lost node, and `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import train
+from tests.scripts.common import builtin_manifest, tiny_spec, write_spec
+
+pytestmark = pytest.mark.slow
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return builtin_manifest(tmp_path_factory.getbasetemp() / "leviathan-builtin")
+
+
+def _records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return out
+
+
+def _wait(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def _latest_checkpoint_step(run: Path) -> int:
+    steps = [-1]
+    for state in (run / "checkpoints").glob("checkpoint_*/state.json"):
+        try:
+            steps.append(json.loads(state.read_text())["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return max(steps)
+
+
+def test_merged_model_beats_every_member_and_the_uniform_mixture(ray_cluster, manifest, tmp_path):
+    """The demo's claim on a smaller run: 2 domains far apart, one tiny member each, fusion merge."""
+    spec = tiny_spec(
+        manifest, tmp_path, "merge-wins",
+        data={"domains": ["python", "unicode"]},
+        ensemble={"members_per_module": 1, "members": [{"preset": "tiny"}], "merge_width": 64, "merge_heads": 4},
+        training={"phase1_steps": 150, "phase2_steps": 80, "batch_size": 8, "seq_len": 64, "warmup_steps": 10,
+                  "eval_interval": 50, "eval_batches": 2, "checkpoint_interval": 100},
+    )
+    result = train.run(spec, progress=False)
+    rows = {r["name"]: r["mixed_val_loss"] for r in result["rows"]}
+    merged, uniform = rows.pop("merger"), rows.pop("uniform")
+    assert merged < uniform, f"merged {merged:.4f} vs uniform mixture {uniform:.4f}"
+    assert all(merged < v for v in rows.values()), f"merged {merged:.4f} vs members {rows}"
+    assert result["merged_beats_every_member"] and result["merged_beats_uniform"]
+
+
+def test_killed_worker_resumes_from_its_checkpoint_and_finishes_the_exact_steps(ray_cluster, manifest, tmp_path):
+    from ray.util.state import list_actors
+
+    from cluster.checkpointing import MERGER_FILE, module_file
+
+    P1, P2 = 150, 6
+    spec = tiny_spec(
+        manifest, tmp_path, "fault",
+        training={"phase1_steps": P1, "phase2_steps": P2, "batch_size": 8, "seq_len": 64,
+                  "eval_interval": 5, "checkpoint_interval": 30},
+        resources={"max_failures": 3},
+    )
+    run = Path(spec.run_dir)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=train.run(spec, progress=False)), daemon=True)
+    thread.start()
+
+    # Kill once a checkpoint is registered and phase-1 lines past it are logged (they will be replayed).
+    _wait(lambda: (run / "checkpoints" / "checkpoint_manager_snapshot.json").is_file(), 240, "a registered checkpoint")
+
+    def logged_past_checkpoint() -> bool:
+        steps = [r["step"] for r in _records(run) if r["phase"] == "members"]
+        return bool(steps) and max(steps) > _latest_checkpoint_step(run)
+
+    _wait(logged_past_checkpoint, 120, "phase-1 metrics past the checkpoint")
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers, "no live Ray Train worker to kill"
+    killed_at = max(r["step"] for r in _records(run) if r["phase"] == "members")
+    assert killed_at < P1, "the run left phase 1 before the kill; make phase 1 longer"
+    os.kill(workers[-1].pid, signal.SIGKILL)
+
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the run did not finish after the worker was killed"
+    result = out["result"]
+
+    records = _records(run)
+    replayed = [r for r in records if r["replayed"]]
+    assert replayed and {r["phase"] for r in replayed} == {"members"}, "the replayed steps are marked"
+    fresh = {(r["member"], r["step"]) for r in records if r["phase"] == "members" and not r["replayed"]}
+    names = ("m0.0", "m0.1", "m1.0", "m1.1")
+    assert {(m, s) for m in names for s in range(5, P1 + 1, 5)} <= fresh | {(r["member"], r["step"]) for r in replayed}
+    ckpt = Path(result["checkpoint"])
+    for i in range(2):
+        drawn = torch.load(ckpt / module_file(i), weights_only=False)["sampler"]["batches_drawn"]
+        assert drawn == P1, f"module {i} trained {drawn} steps, the spec says {P1}"
+    assert torch.load(ckpt / MERGER_FILE, weights_only=False)["mixed_sampler"]["batches_drawn"] == P2
+
+
+def test_lost_node_is_replaced_and_the_run_finishes(tmp_path, manifest):
+    """Its own 3-node `ray.cluster_utils.Cluster` (head + 2 worker nodes) in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests" / "scripts" / "node_failure.py"),
+         "--manifest", str(manifest), "--storage", str(tmp_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=420,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["removed_node_hosted_worker"], report
+    assert report["module_steps"] == [report["phase1_steps"]] * 2, report
+    assert report["merged_mixed_val_loss"] is not None
+
+
+def test_ray_job_submit_runs_the_training_entrypoint(ray_cluster, manifest, tmp_path):
+    spec = tiny_spec(manifest, tmp_path, "submitted")
+    spec_file = write_spec(spec, tmp_path / "submitted.json")
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
+         "--working-dir", ".", "--", "python", "-m", "jobs.train", "--spec", str(spec_file), "--no-progress"],
+        cwd=REPO_ROOT, env=ray_cluster.cli_env(), capture_output=True, text=True, timeout=400,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "succeeded" in output and "merged (fusion)" in output, output[-4000:]
+    result = json.loads((Path(spec.run_dir) / "train_result.json").read_text())
+    assert [r["kind"] for r in result["rows"]][-2:] == ["uniform", "merger"]
+    assert (Path(spec.run_dir) / "final" / "model.safetensors").is_file()
