@@ -15,12 +15,15 @@ machine load hits all of them alike), medians and ratios against attention:
 - model: `tiny` and `small` components, correlation w in --windows vs the
   attention twin.
 
-Peak memory is the extra memory one forward+backward step needs. On CUDA:
+Peak memory is the extra memory one forward+backward step needs, parameter
+gradients included (each step frees its gradients at the end). On CUDA:
 torch.cuda.max_memory_allocated above what was allocated before the step. On
-CPU: the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) above its resident set before the step; the script
-re-executes itself with glibc's mmap threshold pinned at 64 KiB so freed
-tensors go back to the OS and every step's buffers are really counted.
+CPU: the peak resident set (VmHWM, reset through /proc/self/clear_refs)
+above the resident set before the step, measured in a second process of this
+script whose glibc mmap threshold is pinned at 64 KiB, so freed tensors go back
+to the OS and every step's buffers are really counted. Timings come from the
+first process, whose allocator is left alone (a pinned threshold turns every
+large allocation into page faults and would tax the memory-hungry variants).
 
 JSON goes to stdout (and --out); progress goes to stderr.
 """
@@ -33,6 +36,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,16 +86,22 @@ def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
     return _proc_status("VmHWM:") - before
 
 
-def interleaved(
-    steps: dict[str, Callable[[], None]], rounds: int, reps: int, device: torch.device
-) -> dict[str, dict[str, float]]:
-    """Median seconds per step and peak extra bytes of every variant, run in rotating order."""
+def measure(
+    steps: dict[str, Callable[[], None]], rounds: int, reps: int, device: torch.device, memory_only: bool
+) -> dict[str, dict]:
+    """Per variant: median seconds per step over rotating rounds, and/or peak extra bytes.
+
+    On CPU, timing and memory come from two processes (see the module
+    docstring): memory_only measures memory and skips timing.
+    """
     names = list(steps)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for n in names:  # warm-up (kernels, allocator) and memory, one variant at a time
+    for n in names:  # warm-up (kernels, allocator), one variant at a time
         steps[n]()
         sync(device)
-    mem = {n: peak_step_bytes(steps[n], device) for n in names}
+    if memory_only:
+        return {n: {"peak_bytes": peak_step_bytes(steps[n], device)} for n in names}
+    mem = {n: peak_step_bytes(steps[n], device) if device.type == "cuda" else None for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
@@ -105,16 +115,17 @@ def interleaved(
     return {n: {"median_s": statistics.median(times[n]), "peak_bytes": mem[n], "samples": len(times[n])} for n in names}
 
 
-def with_ratios(results: dict[str, dict[str, float]], tokens: int, baseline: str) -> dict[str, dict[str, float]]:
+def with_ratios(results: dict[str, dict], tokens: int, baseline: str = "attention") -> dict[str, dict]:
     base = results[baseline]
     out = {}
     for n, r in results.items():
+        peak, base_peak = r.get("peak_bytes"), base.get("peak_bytes")
         out[n] = {
             "median_ms": round(r["median_s"] * 1e3, 3),
             "tokens_per_s": round(tokens / r["median_s"], 1),
-            "peak_mib": round(r["peak_bytes"] / 2**20, 2),
+            "peak_mib": None if peak is None else round(peak / 2**20, 2),
             "time_ratio_vs_" + baseline: round(r["median_s"] / base["median_s"], 3),
-            "memory_ratio_vs_" + baseline: round(r["peak_bytes"] / base["peak_bytes"], 3) if base["peak_bytes"] > 0 else None,
+            "memory_ratio_vs_" + baseline: round(peak / base_peak, 3) if peak is not None and base_peak else None,
             "samples": r["samples"],
         }
     return out
@@ -140,13 +151,13 @@ def bench_mixer(args: argparse.Namespace, device: torch.device) -> dict:
         random_lags(m)
 
         def step(m: MultiHeadedCorrelation = m) -> None:
-            m.zero_grad(set_to_none=True)
             m(x).sum().backward()
+            m.zero_grad(set_to_none=True)
 
         steps[name] = step
     log(f"mixer: B={B} T={T} C={C} H={H}")
-    res = interleaved(steps, args.rounds, args.reps, device)
-    return {"shape": {"batch": B, "seq": T, "embd": C, "heads": H}, "results": with_ratios(res, B * T, "attention")}
+    res = measure(steps, args.rounds, args.reps, device, args.memory_only)
+    return {"shape": {"batch": B, "seq": T, "embd": C, "heads": H}, "tokens": B * T, "results": res}
 
 
 def diagonal_scores(q, k, v, a, scale):
@@ -192,17 +203,18 @@ def bench_formulations(args: argparse.Namespace, device: torch.device) -> dict:
         for name, fn in kernels.items():
 
             def step(fn: Callable = fn) -> None:
+                fn().sum().backward()
                 for t in (q, k, v, a):
                     t.grad = None
-                fn().sum().backward()
 
             steps[name] = step
         log(f"formulations (w={w}): B={B} T={T} H={H} d={d}")
-        res = interleaved(steps, args.rounds, args.formulation_reps, device)
+        res = measure(steps, args.rounds, args.formulation_reps, device, args.memory_only)
         out[f"seq{T}"] = {
             "shape": {"batch": B, "seq": T, "heads": H, "head_dim": d, "window": w},
             "max_abs_diff_vs_diagonal": diffs,
-            "results": with_ratios(res, B * T, "attention"),
+            "tokens": B * T,
+            "results": res,
         }
     return out
 
@@ -222,16 +234,18 @@ def bench_model(args: argparse.Namespace, device: torch.device) -> dict:
             params[name] = m.num_params()
 
             def step(m: LeviathanComponent = m) -> None:
-                m.zero_grad(set_to_none=True)
                 m(x, y)[1].backward()
+                m.zero_grad(set_to_none=True)
 
             steps[name] = step
         log(f"model {preset}: B={B} T={T}")
-        res = interleaved(steps, max(1, args.rounds - 2) if preset == "small" else args.rounds, 1, device)
+        rounds = max(1, args.rounds - 2) if preset == "small" else args.rounds
+        res = measure(steps, rounds, 1, device, args.memory_only)
         out[preset] = {
             "shape": {"batch": B, "seq": T, **{k: v for k, v in ComponentConfig.preset(preset).to_dict().items() if k in ("n_layer", "n_head", "n_embd")}},
             "params": params,
-            "results": with_ratios(res, B * T, "attention"),
+            "tokens": B * T,
+            "results": res,
         }
     return out
 
@@ -278,14 +292,49 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sections", default="mixer,formulations,model", help="comma-separated subset of mixer,formulations,model")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 1 or args.reps < 1 or args.formulation_reps < 1 or not args.windows or min(args.windows) < 1:
         p.error("--rounds, --reps and every window must be >= 1")
     return args
 
 
+def run_sections(args: argparse.Namespace, device: torch.device, sections: list[str]) -> dict:
+    out = {}
+    if "mixer" in sections:
+        out["mixer"] = bench_mixer(args, device)
+    if "formulations" in sections:
+        out["formulations"] = bench_formulations(args, device)
+    if "model" in sections:
+        out["model"] = bench_model(args, device)
+    return out
+
+
+def cpu_memory(argv: list[str]) -> dict:
+    """Run the same sections in a child with glibc's mmap threshold pinned; its peak bytes."""
+    log("memory pass (child process)")
+    env = {**os.environ, MMAP_ENV: "65536"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-only"],
+        env=env, stdout=subprocess.PIPE, text=True, check=True,
+    )
+    return json.loads(proc.stdout)
+
+
+def section_results(report: dict) -> list[dict]:
+    """Every {"results": ...} block of a report, in a fixed order."""
+    blocks = []
+    for name in ("mixer", "formulations", "model"):
+        part = report.get(name)
+        if part is None:
+            continue
+        blocks.extend([part] if "results" in part else [part[k] for k in part])
+    return blocks
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(raw_argv)
     try:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -296,14 +345,16 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(sections) - {"mixer", "formulations", "model"}
         if unknown:
             raise ValueError(f"--sections: unknown {sorted(unknown)}")
+        if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
+            raise ValueError("CPU memory needs Linux /proc (VmHWM, clear_refs)")
     except (ValueError, RuntimeError) as e:
         print(f"mixer.py: {e}", file=sys.stderr)
         return 2
-    if device.type == "cpu" and os.environ.get(MMAP_ENV) is None and sys.platform == "linux" and argv is None:
-        # Pin glibc's mmap threshold so freed tensors leave the resident set (see docstring).
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, MMAP_ENV: "65536"})
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_only:
+        print(json.dumps(run_sections(args, device, sections)))
+        return 0
     t0 = time.time()
     report: dict = {
         "benchmark": "mixer",
@@ -312,16 +363,18 @@ def main(argv: list[str] | None = None) -> int:
         "memory_method": (
             "torch.cuda.max_memory_allocated minus memory_allocated before the step"
             if device.type == "cuda"
-            else f"VmHWM (reset via /proc/self/clear_refs) minus VmRSS before the step, {MMAP_ENV}={os.environ.get(MMAP_ENV)}"
+            else f"separate process with {MMAP_ENV}=65536: VmHWM (reset via /proc/self/clear_refs) minus VmRSS before the step"
         ),
         "timing": "median seconds per forward+backward step over interleaved rounds; ratios are variant / attention",
     }
-    if "mixer" in sections:
-        report["mixer"] = bench_mixer(args, device)
-    if "formulations" in sections:
-        report["formulations"] = bench_formulations(args, device)
-    if "model" in sections:
-        report["model"] = bench_model(args, device)
+    report.update(run_sections(args, device, sections))
+    if device.type == "cpu":
+        memory = cpu_memory(raw_argv)
+        for block, mem_block in zip(section_results(report), section_results(memory)):
+            for name, r in block["results"].items():
+                r["peak_bytes"] = mem_block["results"][name]["peak_bytes"]
+    for block in section_results(report):
+        block["results"] = with_ratios(block["results"], block.pop("tokens"))
     report["wall_s"] = round(time.time() - t0, 1)
     text = json.dumps(report, indent=2)
     print(text)
