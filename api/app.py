@@ -34,4 +34,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+def __getattr__(name: str) -> FastAPI:
+    """`api.app:app`, built from the environment on first access (what uvicorn and
+    `leviathan serve` load), so importing `create_app` needs no valid environment."""
+    if name == "app":
+        globals()["app"] = application = create_app()
+        return application
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

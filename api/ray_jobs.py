@@ -41,18 +41,10 @@ META_PHASE2_STEPS = "leviathan_phase2_steps"
 SUBMISSION_PREFIX = "leviathan-"
 TERMINAL = {JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED}
 
-UPLOAD_EXCLUDES = [
-    ".git",
-    ".venv",
-    "venv",
-    "runs",
-    "data",
-    "*.egg-info",
-    ".hypothesis",
-    ".pytest_cache",
-    "__pycache__",
-    "benchmarks/results",
-]
+# gitwildmatch patterns relative to working_dir (Ray also honours .gitignore and
+# .rayignore). Hidden entries are .git, .venv and tool caches: none is code.
+# ".?*", not ".*": Ray matches the root itself as "." and ".*" would exclude everything.
+UPLOAD_EXCLUDES = [".?*", "/venv", "/runs", "/data", "*.egg-info", "__pycache__", "/benchmarks/results"]
 
 # Ids the Jobs server can address: Ray builds `/api/jobs/{id}` without quoting,
 # so anything else cannot name a job there either.
@@ -110,6 +102,10 @@ def ray_errors(job_id: str | None = None) -> Iterator[None]:
         m = _STATUS_CODE.search(str(e))
         if job_id is not None and m and m.group(1) == "404":
             raise HTTPException(404, f"no job {job_id!r}") from None
+        if "try again later" in str(e):  # e.g. the head's job agent is still starting
+            raise HTTPException(
+                503, f"Ray Jobs server not ready: {e}", headers={"Retry-After": "5"}
+            ) from None
         raise HTTPException(502, f"Ray Jobs server error: {e}") from None
 
 

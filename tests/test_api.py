@@ -27,6 +27,7 @@ from tests.test_api_support import (
     API_TOKEN,
     LiveServer,
     make_settings,
+    submit,
     tiny_spec,
     wait_for_status,
 )
@@ -303,7 +304,7 @@ def test_metrics_reader_folds_appended_lines_and_skips_bad_ones(tmp_path):
 def test_tiny_job_succeeds_with_metrics_logs_and_survives_an_api_restart(server, api, ray_cluster, storage):
     from ray.job_submission import JobSubmissionClient
 
-    r = api.post("/v1/jobs", json=tiny_spec("tiny-api", steps=4, modules=2))
+    r = submit(api, tiny_spec("tiny-api", steps=4, modules=2))
     assert r.status_code == 201, r.text
     sub = r.json()
     job_id, run_dir = sub["job_id"], Path(sub["run_dir"])
@@ -350,13 +351,19 @@ def test_tiny_job_succeeds_with_metrics_logs_and_survives_an_api_restart(server,
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_running_job_stops_and_its_log_stream_ends(api):
-    r = api.post("/v1/jobs", json=tiny_spec("stop-me", steps=100_000))
+    r = submit(api, tiny_spec("stop-me", steps=100_000))
     assert r.status_code == 201, r.text
     job_id = r.json()["job_id"]
+    # Stop it mid-training: once its first metrics are in, the worker group is up.
+    deadline = time.monotonic() + 180
     body = wait_for_status(api, job_id, {"RUNNING"}, timeout=120)
-    assert body["status"] == "RUNNING", body
+    while body["status"] == "RUNNING" and body["step"] is None and time.monotonic() < deadline:
+        time.sleep(1)
+        body = api.get(f"/v1/jobs/{job_id}").json()
+    assert body["status"] == "RUNNING" and body["phase"] == "members", body
+    assert any(m["step"] is not None for m in body["members"]), body
 
     streamed: list[str] = []
 
@@ -376,3 +383,17 @@ def test_running_job_stops_and_its_log_stream_ends(api):
     assert f"Running entrypoint for job {job_id}" in "".join(streamed)
     again = api.post(f"/v1/jobs/{job_id}/stop").json()
     assert again == {"job_id": job_id, "stopped": False, "status": "STOPPED"}
+
+
+def test_job_upload_holds_the_code_and_stays_small():
+    # What Ray would zip for a job's working_dir: the packages, not .git/.venv/caches.
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    from api.ray_jobs import UPLOAD_EXCLUDES
+
+    files: list[Path] = []
+    _dir_travel(REPO_ROOT, [_get_excludes(REPO_ROOT, UPLOAD_EXCLUDES)], files.append, include_gitignore=True)
+    names = {str(f.relative_to(REPO_ROOT)) for f in files if f.is_file()}
+    assert {"jobs/spec.py", "api/app.py", "leviathan/__init__.py", "pyproject.toml"} <= names, names
+    assert not any(n.startswith((".git/", ".venv/", ".hypothesis/")) for n in names)
+    assert sum((REPO_ROOT / n).stat().st_size for n in names) < 100 * 2**20  # Ray's upload cap

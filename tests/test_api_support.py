@@ -96,6 +96,17 @@ def tiny_spec(name: str, steps: int = 4, modules: int = 1) -> dict[str, Any]:
     }
 
 
+def submit(client: httpx.Client, spec: dict[str, Any], timeout: float = 60) -> httpx.Response:
+    """POST /v1/jobs, retrying while Ray answers 503 (a fresh cluster's job agent
+    can take a few seconds to accept submissions)."""
+    deadline = time.monotonic() + timeout
+    r = client.post("/v1/jobs", json=spec)
+    while r.status_code == 503 and time.monotonic() < deadline:
+        time.sleep(1)
+        r = client.post("/v1/jobs", json=spec)
+    return r
+
+
 def wait_for_status(
     client: httpx.Client, job_id: str, wanted: set[str], timeout: float
 ) -> dict[str, Any]:

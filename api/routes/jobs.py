@@ -44,7 +44,7 @@ router = APIRouter(
     responses={
         401: {"model": ErrorBody, "description": "Missing or wrong API token."},
         502: {"model": ErrorBody, "description": "The Ray Jobs server answered with an error."},
-        503: {"model": ErrorBody, "description": "The Ray Jobs server is unreachable."},
+        503: {"model": ErrorBody, "description": "The Ray Jobs server is unreachable or not ready (retry)."},
     },
 )
 _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job."}}
@@ -185,7 +185,10 @@ def _detail(info: JobDetails, gateway: RayGateway, reader: MetricsReader) -> Job
     status_code=201,
     response_model=JobSubmitted,
     summary="Submit a training job (a JobSpec) to Ray",
-    responses={429: {"model": ErrorBody, "description": "max_concurrent_jobs reached."}},
+    responses={
+        400: {"model": ErrorBody, "description": "The body cannot be read (not UTF-8 text)."},
+        429: {"model": ErrorBody, "description": "max_concurrent_jobs reached."},
+    },
 )
 def submit_job(
     spec: JobSpec,
@@ -312,10 +315,12 @@ async def _follow(client: JobSubmissionClient, job_id: str, skip: int) -> AsyncI
 
 @router.get(
     "/{job_id}/logs",
-    response_class=PlainTextResponse,
     summary="The job's driver log (tail, or follow as a stream)",
     responses={
-        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        200: {
+            "description": "The log as text/plain (streamed with follow=true).",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
         **_NOT_FOUND,
     },
 )
