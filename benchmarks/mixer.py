@@ -102,17 +102,27 @@ def measure(
         return {n: {"peak_bytes": peak_step_bytes(steps[n], device)} for n in names}
     mem = {n: peak_step_bytes(steps[n], device) if device.type == "cuda" else None for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             for _ in range(reps):
                 sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 steps[n]()
                 sync(device)
                 times[n].append(time.perf_counter() - t0)
+                cpu[n].append(time.process_time() - c0)
         log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {statistics.median(times[n]) * 1e3:.1f} ms" for n in names))
-    return {n: {"median_s": statistics.median(times[n]), "peak_bytes": mem[n], "samples": len(times[n])} for n in names}
+    return {
+        n: {
+            "median_s": statistics.median(times[n]),
+            "median_cpu_s": statistics.median(cpu[n]) if device.type == "cpu" else None,
+            "peak_bytes": mem[n],
+            "samples": len(times[n]),
+        }
+        for n in names
+    }
 
 
 def with_ratios(results: dict[str, dict], tokens: int, baseline: str = "attention") -> dict[str, dict]:
@@ -120,11 +130,13 @@ def with_ratios(results: dict[str, dict], tokens: int, baseline: str = "attentio
     out = {}
     for n, r in results.items():
         peak, base_peak = r.get("peak_bytes"), base.get("peak_bytes")
+        cpu, base_cpu = r.get("median_cpu_s"), base.get("median_cpu_s")
         out[n] = {
             "median_ms": round(r["median_s"] * 1e3, 3),
             "tokens_per_s": round(tokens / r["median_s"], 1),
             "peak_mib": None if peak is None else round(peak / 2**20, 2),
             "time_ratio_vs_" + baseline: round(r["median_s"] / base["median_s"], 3),
+            "cpu_time_ratio_vs_" + baseline: round(cpu / base_cpu, 3) if cpu and base_cpu else None,
             "memory_ratio_vs_" + baseline: round(peak / base_peak, 3) if peak is not None and base_peak else None,
             "samples": r["samples"],
         }
@@ -365,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda"
             else f"separate process with {MMAP_ENV}=65536: VmHWM (reset via /proc/self/clear_refs) minus VmRSS before the step"
         ),
-        "timing": "median seconds per forward+backward step over interleaved rounds; ratios are variant / attention",
+        "timing": (
+            "median wall seconds per forward+backward step over interleaved rounds; ratios are variant / attention; "
+            "on CPU also the ratio of median process CPU time, which other load on the machine disturbs less"
+        ),
     }
     report.update(run_sections(args, device, sections))
     if device.type == "cpu":
