@@ -2,7 +2,8 @@
 
 Two jobs, side by side in one run, through the real TorchTrainer path:
 
-- 1 worker hosting 1 module, and 2 workers hosting 1 module each: the same
+- 1 worker hosting 1 module, and 2 workers hosting 1 module each, run in
+  the order 1, 2, 2, 1 (ABBA, so drift in the machine's load cancels): the same
   load per worker (modules x members_per_module members, batch, sequence).
   Phase-1 throughput = sum over members of tokens/s (members on one worker
   train one after another, so a worker's throughput is the sum of its
@@ -79,6 +80,7 @@ def run_job(spec) -> dict:
     }
 
 
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-interval", type=int, default=20)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--manifest", default=None, help="prepared data (default: the built-in corpus)")
+    p.add_argument("--repeats", type=int, default=2, help="ABBA rounds (1 = one job of each)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
 
@@ -101,9 +104,29 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest = args.manifest or str(ensure_builtin("byte"))
     init_ray(num_cpus=max(2, os.cpu_count() or 2))
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    order = [w for i in range(args.repeats) for w in ((1, 2) if i % 2 == 0 else (2, 1))]
     with tempfile.TemporaryDirectory(prefix="leviathan-scaling-") as storage:
-        one = run_job(job_spec(args, 1, storage, manifest))
-        two = run_job(job_spec(args, 2, storage, manifest))
+        for i, workers in enumerate(order):
+            spec = job_spec(args, workers, f"{storage}/{i}", manifest)
+            runs[workers].append(run_job(spec))
+
+    def summary(results: list[dict]) -> dict:
+        intervals = [v for r in results for v in r["phase1_tokens_per_s_intervals"]]
+        profiles = [r["phase2"] for r in results if r["phase2"]]
+        return {
+            "workers": results[0]["workers"],
+            "members": results[0]["members"],
+            "jobs": len(results),
+            "wall_s": [r["wall_s"] for r in results],
+            "phase1_tokens_per_s_median": statistics.median(intervals),
+            "phase1_tokens_per_s_intervals": intervals,
+            "phase2_step_s_median": statistics.median(p["phase2_step_s_median"] for p in profiles),
+            "phase2_comm_s_median": statistics.median(p["phase2_comm_s_median"] for p in profiles),
+            "phase2_comm_share_median": statistics.median(p["phase2_comm_share_median"] for p in profiles),
+        }
+
+    one, two = summary(runs[1]), summary(runs[2])
     report = {
         "benchmark": "scaling",
         "machine": {
@@ -119,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "one_worker": one,
         "two_workers": two,
         "phase1_speedup_2_vs_1": two["phase1_tokens_per_s_median"] / one["phase1_tokens_per_s_median"],
-        "phase2_comm_share_2_workers": (two["phase2"] or {}).get("phase2_comm_share_median"),
+        "phase2_comm_share_2_workers": two["phase2_comm_share_median"],
     }
     text = json.dumps(report, indent=2)
     print(text)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -131,4 +131,3 @@ class Module:
     domain: str
     members: list[Member]
     sampler: Any  # leviathan.data.BatchSampler over the domain's train shard
-    stats: dict[str, list[float]] = field(default_factory=dict)  # member name -> losses since last eval

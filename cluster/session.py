@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def configure_train_env() -> None:
@@ -47,10 +55,20 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> str:
         return "cluster"
     # address="local": always a new cluster of our own, never one found through
     # /tmp/ray/ray_current_cluster (which may be another user's, or stale).
+    # Ray Train's placement-group cleaner asks the state API whether the
+    # controller is alive; without an address that API connects to the most
+    # recently started Ray on the machine, which on a shared machine can be
+    # another cluster (which does not know our controller, so the cleaner
+    # removes our workers' placement group). The job's env var points it here.
+    dashboard_port = _free_port()
     ray.init(
         address="local",
         num_cpus=num_cpus,
+        dashboard_port=dashboard_port,
         logging_level=logging.WARNING,
-        runtime_env={"env_vars": {STATE_TRACKING: os.environ[STATE_TRACKING]}},
+        runtime_env={"env_vars": {
+            STATE_TRACKING: os.environ[STATE_TRACKING],
+            API_SERVER_ADDRESS: f"http://127.0.0.1:{dashboard_port}",
+        }},
     )
     return "local"

@@ -136,6 +136,7 @@ class EnsembleWorker:
         self.interval_start = time.perf_counter()
         self.interval_steps = 0
         self.final_table: dict[str, Any] | None = None  # rank 0, after the last eval
+        self.last_eval: dict[str, Any] = {}  # the latest evaluation's summary, for every report
         # Benchmarks: time phase-2 steps and the collectives inside them.
         self.profile = bool(config.get("profile", False))
         self.step_times: list[float] = []
@@ -239,7 +240,10 @@ class EnsembleWorker:
         elapsed = time.perf_counter() - self.interval_start
         metrics: dict[str, Any] = {"phase": phase, "step": step}
         if do_eval:
-            metrics.update(self.evaluate_and_log(phase, step, lr, elapsed, final=last and phase == "merge"))
+            self.last_eval = {"eval_step": step, "eval_phase": phase}
+            self.last_eval.update(self.evaluate_and_log(phase, step, lr, elapsed, final=last and phase == "merge"))
+        # Every report carries the latest evaluation (Ray Tune schedules on its figures).
+        metrics.update(self.last_eval)
         if self.profile and last and phase == "merge" and self.step_times:
             metrics["profile"] = profile_summary(self.step_times, self.comm_times)
         if do_ckpt:

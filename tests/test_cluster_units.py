@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -177,3 +178,15 @@ def test_missing_checkpoint_file_is_named(tmp_path, shard):
     spec = _tiny_spec()
     with pytest.raises(checkpointing.CheckpointLayoutError, match="module_0.pt"):
         checkpointing.load_module(tmp_path, _module(spec, shard))
+
+
+def test_progress_bar_follows_the_metrics_log(tmp_path, capsys):
+    from cluster.metrics import ProgressBar
+
+    log = MetricsLog(str(tmp_path))
+    with ProgressBar(str(tmp_path), phase1_steps=10, phase2_steps=4, interval_s=0.05):
+        log.append([record(step=10, phase="members", member="m0.0", module=0, train_loss=2.5)])
+        log.append([record(step=4, phase="merge", member="merger", train_loss=1.25)])
+        time.sleep(0.5)
+    err = capsys.readouterr().err
+    assert "14/14" in err and "merger=1.250" in err, err[-500:]

@@ -100,7 +100,10 @@ def test_killed_worker_resumes_from_its_checkpoint_and_finishes_the_exact_steps(
         return bool(steps) and max(steps) > _latest_checkpoint_step(run)
 
     _wait(logged_past_checkpoint, 120, "phase-1 metrics past the checkpoint")
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = list_actors(  # this session's cluster only: the machine may run others
+        address=ray_cluster.dashboard_url,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     assert workers, "no live Ray Train worker to kill"
     killed_at = max(r["step"] for r in _records(run) if r["phase"] == "members")
     assert killed_at < P1, "the run left phase 1 before the kill; make phase 1 longer"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import threading
 import time
@@ -43,7 +45,17 @@ def main() -> int:
         resources={"max_failures": 3},
     )
     run = Path(spec.run_dir)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # Every process of this cluster (its nodes inherit this environment) asks
+    # its own dashboard, not whichever Ray started last on the machine.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    os.environ["RAY_API_SERVER_ADDRESS"] = dashboard
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard_port},
+    )
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
@@ -66,7 +78,7 @@ def main() -> int:
             time.sleep(0.1)
 
         victim = nodes[1]
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        workers = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         hosted = any(w.node_id == victim.node_id for w in workers)
         cluster.remove_node(victim, allow_graceful=False)  # add_node/remove_node: main thread only
         cluster.add_node(num_cpus=1)
