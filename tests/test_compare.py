@@ -99,6 +99,9 @@ def test_compare_correlation_and_attention(ray_cluster, tmp_path, capsys):
     assert [r["settings"]["mixer"] for r in reports] == ["correlation", "attention"]
     for name in ("loss-correlation.png", "loss-attention.png", "loss-together.png"):
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # Each run's report.md carries the other's merged model as its twin row.
+    assert "twin: merged, attention" in (tmp_path / "runs" / "cmp-correlation" / "report.md").read_text()
+    assert "twin: merged, correlation" in (tmp_path / "runs" / "cmp-attention" / "report.md").read_text()
     md = (folder / "compare.md").read_text()
     assert "| correlation" in md and "| attention" in md and "posterior" in md
     assert md in out
