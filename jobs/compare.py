@@ -11,7 +11,8 @@ counts.
 
 Each run is a normal training run (`jobs.train.run`) named `<name>-<mixer>`
 in the spec's storage, evaluated with `jobs.evaluate.evaluate_run` on the same
-windows. Into `<storage>/<name>-compare/` go `compare.json`, `compare.md` and
+windows (the report the training wrote is reused when its settings match);
+each run's report.md then gains the other run's merged model as its twin row. Into `<storage>/<name>-compare/` go `compare.json`, `compare.md` and
 the loss curves: `loss-<mixer>.png` per run and `loss-together.png`.
 """
 
@@ -157,6 +158,16 @@ def _params(run_dir: str) -> dict[str, Any]:
     }
 
 
+def _report_for(run_dir: str, max_batches: int) -> dict[str, Any]:
+    """The run's report.json when the training already wrote it with these settings, else a fresh one."""
+    path = Path(run_dir) / "report.json"
+    if path.is_file():
+        report = json.loads(path.read_text())
+        if report.get("settings", {}).get("max_batches") == max_batches:
+            return report
+    return evaluate_run(run_dir, max_batches=max_batches)
+
+
 def summarise_run(spec: JobSpec, wall_s: float, report: dict[str, Any]) -> dict[str, Any]:
     """One run's line of the comparison: evaluation, speed, wall time, parameters."""
     records = _read_metrics(spec.run_dir)
@@ -263,7 +274,7 @@ def compare(
         t0 = time.perf_counter()
         jobs.train.run(s, progress=progress)
         wall = time.perf_counter() - t0
-        reports[mixer] = evaluate_run(s.run_dir, max_batches=max_batches)
+        reports[mixer] = _report_for(s.run_dir, max_batches)
         runs[mixer] = summarise_run(s, wall, reports[mixer])
     if len(mixers) == 2:  # each run's report.md gains the other's merged model as its twin row
         for mixer, other in (mixers, mixers[::-1]):

@@ -159,15 +159,18 @@ def trial_spec(base: dict[str, Any], values: dict[str, Any]) -> JobSpec:
 def check_reports(spec: JobSpec) -> None:
     """Every report of the training must carry the metric ASHA schedules on.
 
-    The training evaluates (and reports mixed_val_loss) every eval_interval
-    steps and reports checkpoints every checkpoint_interval steps; a
-    checkpoint-only report has no mixed_val_loss, which Tune refuses.
+    The training reports at every eval_interval and every checkpoint_interval
+    step, each report carrying the latest evaluation's mixed_val_loss; a
+    checkpoint before the first evaluation would be a report without it,
+    which Tune refuses.
     """
     t = spec.training
-    if t.checkpoint_interval % t.eval_interval:
+    first_phase_steps = t.phase1_steps or t.phase2_steps
+    if t.checkpoint_interval < t.eval_interval and t.checkpoint_interval < first_phase_steps:
         raise TuneError(
-            f"training.checkpoint_interval: {t.checkpoint_interval} is not a multiple of training.eval_interval="
-            f"{t.eval_interval}; in a sweep every report must carry {METRIC}"
+            f"training.checkpoint_interval: {t.checkpoint_interval} < training.eval_interval={t.eval_interval} "
+            f"reports a checkpoint before the first evaluation, without {METRIC}; a sweep needs "
+            "checkpoint_interval >= eval_interval"
         )
 
 
