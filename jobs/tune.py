@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, format_validation_error, load_spec
+from jobs.spec import BUILTIN_MANIFEST, JobSpec, format_validation_error, load_spec
 
 METRIC = "mixed_val_loss"
 ALIASES = {
