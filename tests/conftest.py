@@ -132,9 +132,15 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
         yield RayCluster(address=gcs_address, dashboard_url=dashboard_url, auth_token=token)
     finally:
         ray.shutdown()
-        head.send_signal(signal.SIGTERM)
+        # The head's processes share its process group: end them together, not one by one.
+        os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=10)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait()
         log.close()
