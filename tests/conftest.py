@@ -135,7 +135,7 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
         # The head's processes share its process group: end them together, not one by one.
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=10)
+            head.wait(timeout=3)
         except subprocess.TimeoutExpired:
             pass
         try:
