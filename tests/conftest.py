@@ -42,6 +42,9 @@ def _ensure_ray_token() -> str:
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = _ensure_ray_token()
 os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
+# The suite runs beside its own Ray workers on two cores: one thread per process keeps
+# torch from oversubscribing them (set before torch is first imported).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def free_port() -> int:
