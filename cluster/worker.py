@@ -9,12 +9,13 @@ A job has two phases (DESIGN section 5):
   mixed-domain batch and the merger learns from the gathered states
   (cluster.merge); with `joint = true` the members learn too.
 
-At every `eval_interval` (and the last step of a phase) each rank evaluates
-its members (cluster.evaluation), rank 0 gathers everyone's figures with
-`all_gather_object`, appends them to `<run>/metrics.jsonl` and logs them; at
-every `checkpoint_interval` (and at the end of each phase) every rank writes
-its part of a checkpoint (cluster.checkpointing). All ranks call
-`ray.train.report` at the same steps (it is a barrier). A restarted worker
+At every `eval_interval` and `checkpoint_interval` (and the last step of a
+phase) each rank evaluates its members (cluster.evaluation), rank 0 gathers
+everyone's figures with `all_gather_object`, appends them to
+`<run>/metrics.jsonl` and logs them, and all ranks call `ray.train.report`
+(a barrier; only rank 0's metrics are kept). At every `checkpoint_interval`
+(and at the end of each phase) the report carries a checkpoint to which
+every rank wrote its part (cluster.checkpointing). A restarted worker
 group resumes from `ray.train.get_checkpoint()` and runs exactly the steps
 that are left; lines for steps that run a second time say `"replayed": true`.
 """
@@ -136,7 +137,6 @@ class EnsembleWorker:
         self.interval_start = time.perf_counter()
         self.interval_steps = 0
         self.final_table: dict[str, Any] | None = None  # rank 0, after the last eval
-        self.last_eval: dict[str, Any] = {}  # the latest evaluation's summary, for every report
         # Benchmarks: time phase-2 steps and the collectives inside them.
         self.profile = bool(config.get("profile", False))
         self.step_times: list[float] = []
@@ -233,17 +233,14 @@ class EnsembleWorker:
     def after_step(self, phase: str, step: int, total: int, lr: float | None) -> None:
         """Evaluate / checkpoint / report when this step calls for it (same decision on every rank)."""
         last = step == total
-        do_eval = last or step % self.t.eval_interval == 0
         do_ckpt = last or step % self.t.checkpoint_interval == 0
-        if not (do_eval or do_ckpt):
+        if not (do_ckpt or step % self.t.eval_interval == 0):
             return
+        # Every report carries a fresh evaluation (Ray Tune schedules on its figures),
+        # so checkpoint steps are evaluated too.
         elapsed = time.perf_counter() - self.interval_start
         metrics: dict[str, Any] = {"phase": phase, "step": step}
-        if do_eval:
-            self.last_eval = {"eval_step": step, "eval_phase": phase}
-            self.last_eval.update(self.evaluate_and_log(phase, step, lr, elapsed, final=last and phase == "merge"))
-        # Every report carries the latest evaluation (Ray Tune schedules on its figures).
-        metrics.update(self.last_eval)
+        metrics.update(self.evaluate_and_log(phase, step, lr, elapsed, final=last and phase == "merge"))
         if self.profile and last and phase == "merge" and self.step_times:
             metrics["profile"] = profile_summary(self.step_times, self.comm_times)
         if do_ckpt:

@@ -12,7 +12,7 @@ One job = one Ray Train run (cluster.trainer.build_trainer). This entry point:
    folder plus the tokenizer and spec.json, loadable without Ray), writes
    `<run>/train_result.json` and prints the final table: every member's val
    loss on its own domain and on the mixed val set, the uniform mixture's and
-   the merged model's.
+   the merged model's; then `jobs.evaluate` writes `<run>/report.md`.
 
 Without `--spec` it runs the built-in demo (jobs/specs/demo.toml).
 """
@@ -193,7 +193,21 @@ def run(spec: JobSpec, *, progress: bool | None = None) -> dict[str, Any]:
     }])
     print(format_table(table), flush=True)
     print(f"run folder: {run_dir} ({out['wall_time_s']:.0f} s)", flush=True)
+    write_report(run_dir)
     return out
+
+
+def write_report(run_dir: str) -> None:
+    """`report.md` / `report.json` by jobs.evaluate (every baseline, bits per byte); the
+    training result stands even when this fails, so a failure is a warning."""
+    from jobs.evaluate import evaluate_run
+
+    try:
+        evaluate_run(run_dir)
+    except ValueError as e:
+        print(f"leviathan train: warning: evaluation report not written: {e}", file=sys.stderr)
+        return
+    print(f"evaluation report: {run_dir}/report.md", flush=True)
 
 
 class _Parser(argparse.ArgumentParser):

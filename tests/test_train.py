@@ -45,16 +45,17 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     assert ensemble.member_names == ["m0.0", "m0.1", "m1.0", "m1.1"]
     assert load_tokenizer(run / "final").vocab_size == ensemble.config.vocab_size
     assert json.loads((run / "final" / "spec.json").read_text())["name"] == "e2e"
+    assert (run / "report.md").is_file(), "jobs.evaluate wrote the evaluation report"
     logits, loss = ensemble(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
     assert logits.shape == (1, 8, ensemble.config.vocab_size) and torch.isfinite(loss)
 
-    # metrics.jsonl: the contract's fields, every member at every eval step, then done.
+    # metrics.jsonl: the contract's fields, every member at every eval and checkpoint step, then done.
     records = _records(run)
     assert records[-1]["phase"] == "done"
     for r in records[:-1]:
         assert tuple(r) == RECORD_FIELDS and r["replayed"] is False
     members = {(r["member"], r["step"]) for r in records if r["phase"] == "members" and r["module"] is not None}
-    assert members == {(m, s) for m in ("m0.0", "m0.1", "m1.0", "m1.1") for s in (3, 6)}
+    assert members == {(m, s) for m in ("m0.0", "m0.1", "m1.0", "m1.1") for s in (3, 4, 6)}
     merges = [(r["member"], r["step"]) for r in records if r["phase"] == "merge" and r["member"] == "merger"]
     assert merges == [("merger", 3), ("merger", 4)]
     finals = {r["member"] for r in records if r["phase"] == "final"}
