@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -23,6 +24,8 @@ from typing import Any, Iterator
 from pydantic import ValidationError
 
 from api.schemas import MetricRecord
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 _LATEST_FIELDS = ("train_loss", "val_loss", "mixed_val_loss", "lr", "tokens_per_s")
@@ -124,7 +127,11 @@ class MetricsReader:
         """A snapshot of the run's latest figures; None while it has no metrics file."""
         with self._lock:
             state = self._runs.get(run_dir) or MetricsSummary()
-            got = _read_from(run_dir, state.offset)
+            try:
+                got = _read_from(run_dir, state.offset)
+            except (OSError, ValueError) as e:  # status pages still show Ray's view
+                log.warning("cannot read %s/%s: %s", run_dir, METRICS_FILE, e)
+                got = None
             if got is None:
                 self._runs.pop(run_dir, None)
                 return None

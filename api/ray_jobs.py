@@ -153,10 +153,22 @@ def new_run_name(spec_name: str) -> str:
     return f"{spec_name[:56]}-{secrets.token_hex(3)}"
 
 
+def ensure_storage(storage: str) -> None:
+    """Create the storage root (or the folder under it a spec names) if needed."""
+    if "://" in storage:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(storage)
+        fs.create_dir(path, recursive=True)
+    else:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+
+
 def write_spec(spec: JobSpec) -> str:
     """Write `<run_dir>/spec.json` where the job reads it; returns its path or URI.
 
-    The run folder must not exist yet: a collision would mix two runs' outputs.
+    The run folder must not exist yet (FileExistsError): a collision would mix two
+    runs' outputs. The storage folder above it must exist (`ensure_storage`).
     """
     run_dir = spec.run_dir
     if "://" in run_dir:
@@ -165,12 +177,12 @@ def write_spec(spec: JobSpec) -> str:
         fs, path = pafs.FileSystem.from_uri(run_dir)
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             raise FileExistsError(run_dir)
-        fs.create_dir(path, recursive=True)
+        fs.create_dir(path, recursive=False)
         with fs.open_output_stream(f"{path}/spec.json") as f:
             f.write(spec.to_json().encode())
         return f"{run_dir}/spec.json"
     folder = Path(run_dir)
-    folder.mkdir(parents=True, exist_ok=False)
+    folder.mkdir(exist_ok=False)
     spec_path = folder / "spec.json"
     spec_path.write_text(spec.to_json())
     return str(spec_path)

@@ -5,7 +5,7 @@
 
 Loopback only, bounded: each measured block stops after --requests requests or
 --seconds seconds, whichever comes first. Without --ray-address the script starts
-its own local Ray (dashboard + Jobs server) in this process. The API runs as a
+its own Ray with `ray start --head` (dashboard + Jobs server, 2 CPUs). The API runs as a
 real `uvicorn api.app:app` subprocess (its own cores and GIL), with an API token
 set. Without --job-id a tiny Leviathan job is submitted through the API and run to
 the end first, so the measured GET reads a finished run's Ray record and its
@@ -27,6 +27,8 @@ import json
 import os
 import platform
 import secrets
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -113,19 +115,47 @@ async def load(url: str, headers: dict[str, str], clients: int, max_requests: in
     }
 
 
-def start_local_ray() -> str:
-    import ray
+def start_local_ray(temp_dir: str) -> tuple[str, subprocess.Popen]:
+    """A `ray start --head` cluster of our own (dashboard + Jobs server), as users run.
 
-    ctx = ray.init(
-        address="local",  # a new cluster even when another one runs on this machine
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=free_port(),
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
-    return f"http://{ctx.dashboard_url}"
+    Its own --temp-dir matters: a job's driver finds its cluster through
+    `<temp dir>/ray_current_cluster`, which the default /tmp/ray shares with every
+    other Ray on the machine. This interpreter's folder leads PATH so the job's
+    `python` is this environment's.
+    """
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    dashboard_port = free_port()
+    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", f"--temp-dir={temp_dir}",
+           f"--port={free_port()}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+           "--include-dashboard=true", "--num-cpus=2", f"--ray-client-server-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           "--disable-usage-stats"]
+    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"`ray start --head` exited with {head.returncode}")
+        try:
+            if httpx.get(f"{url}/api/jobs/", headers=ray_headers(), timeout=2).status_code == 200:
+                return url, head
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_process(head)
+    raise RuntimeError("the local Ray dashboard did not come up")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def ray_headers() -> dict[str, str]:
@@ -144,8 +174,6 @@ def start_api(ray_address: str, storage: str, token: str, port: int) -> subproce
         "LEVIATHAN_STORAGE": storage,
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
-    # The job's driver runs on this machine's Ray, in this interpreter's environment.
-    env.setdefault("LEVIATHAN_JOB_PYTHON", sys.executable)
     cmd = [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1",
            "--port", str(port), "--log-level", "warning", "--no-access-log"]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env)
@@ -231,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     own_ray = args.ray_address is None
-    ray_address = start_local_ray() if own_ray else args.ray_address.rstrip("/")
+    head = ray_temp = None
+    if own_ray:
+        ray_temp = tempfile.mkdtemp(prefix="lvray-", dir="/tmp")  # short: Ray's socket paths live here
+        ray_address, head = start_local_ray(ray_temp)
+    else:
+        ray_address = args.ray_address.rstrip("/")
     token = secrets.token_urlsafe(24)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -259,12 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"round {i} {name}: {res['rps']:.0f} req/s, p50 {res['p50_ms']:.1f} ms, "
                         f"p99 {res['p99_ms']:.1f} ms, statuses {res['statuses']}, errors {res['errors']}")
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-            if own_ray:
-                import ray
-
-                ray.shutdown()
+            stop_process(proc)
+            if head is not None:
+                stop_process(head)
+                shutil.rmtree(ray_temp, ignore_errors=True)
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in rounds[name])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import threading
@@ -159,10 +158,11 @@ def test_limits_are_422_naming_the_field_and_limit(api, section, field, value, l
     assert match and limit in match[0]["msg"], errors
 
 
-def test_storage_outside_the_api_root_is_422(api, tmp_path):
-    for storage in [str(tmp_path), "relative/runs", "/"]:
-        errors = _post_422(api, {**tiny_spec("s"), "storage": storage})
-        assert errors[0]["loc"] == ["body", "storage"], errors
+def test_storage_outside_the_api_root_is_422(api, storage, tmp_path):
+    (storage / "a-file").write_text("")
+    for bad in [str(tmp_path), "relative/runs", "/", f"{storage}/../elsewhere", f"{storage}/a-file/runs"]:
+        errors = _post_422(api, {**tiny_spec("s"), "storage": bad})
+        assert errors[0]["loc"] == ["body", "storage"], (bad, errors)
 
 
 def test_missing_manifest_is_422_on_data_manifest(api, tmp_path):
@@ -177,8 +177,12 @@ def test_concurrency_limit_is_429_and_submits_nothing(ray_cluster, storage, tmp_
         r = c.post("/v1/jobs", json=tiny_spec("toomany"))
         assert r.status_code == 429, r.text
         assert "max_concurrent_jobs" in r.json()["detail"]
+        # A storage folder under the API's root passes validation too.
+        r = c.post("/v1/jobs", json={**tiny_spec("toomany"), "storage": str(tmp_path / "team-a")})
+        assert r.status_code == 429, r.text
         assert c.get("/v1/jobs").json()["total"] == before
-    assert list(tmp_path.iterdir()) == []
+    # No run folder: only the (empty) storage folder the spec named.
+    assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")] == ["team-a"]
 
 
 def test_list_rejects_bad_pagination_and_status(api):
@@ -192,11 +196,10 @@ def test_list_rejects_bad_pagination_and_status(api):
 
 def test_job_from_ray_job_submit_shows_with_ray_fields(api, ray_cluster):
     sid = f"plain-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token"} if ray_cluster.auth_token else dict(os.environ)
     subprocess.run(
         [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
          "--submission-id", sid, "--no-wait", "--", "echo", "hello from ray job submit"],
-        env=env, check=True, capture_output=True, timeout=60,
+        env=ray_cluster.cli_env(), check=True, capture_output=True, timeout=60,
     )
     body = wait_for_status(api, sid, {"SUCCEEDED"}, timeout=60)
     assert body["status"] == "SUCCEEDED", body
@@ -207,8 +210,10 @@ def test_job_from_ray_job_submit_shows_with_ray_fields(api, ray_cluster):
     assert sid in [j["job_id"] for j in listed]
     metrics = api.get(f"/v1/jobs/{sid}/metrics").json()
     assert metrics["records"] == [] and metrics["run_dir"] is None
-    assert "hello from ray job submit" in api.get(f"/v1/jobs/{sid}/logs").text
-    assert api.get(f"/v1/jobs/{sid}/logs", params={"tail": 1}).text.strip() == "hello from ray job submit"
+    full = api.get(f"/v1/jobs/{sid}/logs").text
+    assert "hello from ray job submit\n" in full.splitlines(keepends=True), full  # the echo's own line
+    tail = api.get(f"/v1/jobs/{sid}/logs", params={"tail": 2}).text
+    assert tail == "".join(full.splitlines(keepends=True)[-2:])
 
 
 def test_list_paginates_newest_first(api):
@@ -316,7 +321,7 @@ def test_tiny_job_succeeds_with_metrics_logs_and_survives_an_api_restart(server,
     # It is a plain Ray job: the Jobs server (what `ray job list` reads) knows it.
     ray = JobSubmissionClient(ray_cluster.dashboard_url, headers=ray_cluster.auth_headers())
     info = ray.get_job_info(job_id)
-    assert info.entrypoint == f"{sys.executable} -m jobs.train --spec {run_dir / 'spec.json'}"
+    assert info.entrypoint == f"python -m jobs.train --spec {run_dir / 'spec.json'}"
     assert info.metadata["leviathan_spec_name"] == "tiny-api"
     assert info.metadata["leviathan_run_dir"] == str(run_dir)
     assert job_id in [j.submission_id for j in ray.list_jobs()]

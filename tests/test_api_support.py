@@ -3,7 +3,6 @@ in a thread, test settings and a tiny training spec."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,14 +20,14 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def make_settings(ray_cluster: RayCluster, storage: Path, **overrides: Any) -> Settings:
-    """Test settings: the session's Ray, storage in tmp, this checkout uploaded, the
-    venv's python as the job's python (the cluster runs in this venv)."""
+    """Test settings: the session's Ray, storage in tmp, this checkout uploaded, and
+    the default job entrypoint (`python` is the venv's on the cluster's PATH)."""
     values: dict[str, Any] = dict(
         ray_address=ray_cluster.dashboard_url,
         api_token=API_TOKEN,
         storage=str(storage),
         working_dir=str(REPO_ROOT),
-        job_python=sys.executable,
+        job_python="python",
         ray_auth_token=ray_cluster.auth_token,
     )
     values.update(overrides)

@@ -187,6 +187,7 @@ def _detail(info: JobDetails, gateway: RayGateway, reader: MetricsReader) -> Job
     summary="Submit a training job (a JobSpec) to Ray",
     responses={
         400: {"model": ErrorBody, "description": "The body cannot be read (not UTF-8 text)."},
+        500: {"model": ErrorBody, "description": "The API cannot write to its storage."},
         429: {"model": ErrorBody, "description": "max_concurrent_jobs reached."},
     },
 )
@@ -196,7 +197,14 @@ def submit_job(
     gateway: RayGateway = Depends(get_gateway),
     client: JobSubmissionClient = Depends(get_ray_client),
 ) -> JobSubmitted:
+    chose_storage = "storage" in spec.model_fields_set
     spec = validate_for_submission(spec, settings)
+    try:
+        ray_jobs.ensure_storage(spec.storage)
+    except (OSError, ValueError) as e:
+        if chose_storage:
+            raise RequestValidationError([_field_error(("storage",), f"cannot create it: {e}", spec.storage)])
+        raise HTTPException(500, f"the API cannot write to its storage {spec.storage}: {e}") from None
     with gateway.submit_lock:
         active = ray_jobs.count_active_leviathan_jobs(client)
         if active >= settings.max_concurrent_jobs:
@@ -212,8 +220,10 @@ def submit_job(
                 break
             except FileExistsError:
                 continue
+            except (OSError, ValueError) as e:
+                raise HTTPException(500, f"cannot write {run_spec.run_dir}/spec.json: {e}") from None
         else:
-            raise HTTPException(409, f"could not find a free run folder under {spec.storage}")
+            raise HTTPException(500, f"no free run folder name under {spec.storage} after 5 tries")
         submission_id = ray_jobs.SUBMISSION_PREFIX + run_spec.name
         try:
             with ray_errors():
@@ -269,7 +279,8 @@ def get_job(
     return _detail(info, gateway, reader)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsPage, responses=_NOT_FOUND,
+@router.get("/{job_id}/metrics", response_model=MetricsPage,
+            responses={**_NOT_FOUND, 500: {"model": ErrorBody, "description": "The run folder cannot be read."}},
             summary="Records of the run's metrics.jsonl")
 def get_metrics(
     job_id: str,
@@ -280,7 +291,10 @@ def get_metrics(
     if not ray_jobs.is_leviathan(info):
         return MetricsPage(job_id=job_id, since_step=since_step, records=[])
     run_dir = info.metadata[ray_jobs.META_RUN_DIR]
-    records = read_records(run_dir, since_step)
+    try:
+        records = read_records(run_dir, since_step)
+    except (OSError, ValueError) as e:
+        raise HTTPException(500, f"cannot read {run_dir}/metrics.jsonl: {e}") from None
     steps = [r["step"] for r in records if r.get("step") is not None]
     return MetricsPage(
         job_id=job_id,
