@@ -29,10 +29,16 @@ def serve(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     import uvicorn
+    from pydantic import ValidationError
 
     from api.settings import Settings
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        print(f"error: bad API settings in the environment: {problems}", file=sys.stderr)
+        return 2
     uvicorn.run("api.app:app", host=args.host or settings.host, port=args.port or settings.port)
     return 0
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 import urllib.error
@@ -106,9 +108,13 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
     token = os.environ["RAY_AUTH_TOKEN"]  # `ray start --head` turns auth on since the token exists
     gcs_port, dashboard_port = free_port(), free_port()
     log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
+    # A private temp dir: job drivers find their cluster through <temp dir>/ray_current_cluster,
+    # so the shared /tmp/ray would hand them any other cluster started on this machine.
+    temp_dir = tempfile.mkdtemp(prefix="lvray-", dir="/tmp")
     head = subprocess.Popen(
         [
             ray_bin, "start", "--head", "--block",
+            f"--temp-dir={temp_dir}",
             f"--port={gcs_port}",
             f"--dashboard-port={dashboard_port}",
             "--dashboard-host=127.0.0.1",
@@ -147,3 +153,4 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
             pass
         head.wait()
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
