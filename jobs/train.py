@@ -91,15 +91,49 @@ def with_overrides(spec: JobSpec, *, name: str | None = None, storage: str | Non
         raise SpecError(format_validation_error(e)) from None
 
 
-def prepare_data(spec: JobSpec) -> None:
-    """Prepare the built-in corpus if the spec uses it, then check the spec's data."""
+def prepare_data(spec: JobSpec) -> tuple[Path, list[str]]:
+    """Prepare the built-in corpus if the spec uses it, then check the spec's data:
+    (manifest path, module i's domain)."""
     if spec.data.manifest == BUILTIN_MANIFEST:
         from jobs.prepare import ensure_builtin
 
         ensure_builtin(spec.data.tokenizer)
     from cluster.trainer import resolve_data
 
-    resolve_data(spec)
+    return resolve_data(spec)
+
+
+def _read_text(path: str) -> str | None:
+    if not _is_uri(path):
+        p = Path(path)
+        return p.read_text() if p.is_file() else None
+    if not _exists(path):
+        return None
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(path)
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+def check_run_folder(spec: JobSpec) -> None:
+    """A run folder holds one job: a finished run is not trained again, and an
+    unfinished one resumes only with the same spec (its checkpoints fit no other)."""
+    run_dir = spec.run_dir
+    if _exists(f"{run_dir}/{RESULT_FILE}"):
+        raise SpecError(
+            f"name: run {spec.name!r} already finished in {run_dir}; pick another --name or remove the folder"
+        )
+    old = _read_text(f"{run_dir}/spec.json")
+    if old is not None:
+        try:
+            same = JobSpec.model_validate_json(old) == spec
+        except ValueError:
+            same = False
+        if not same:
+            raise SpecError(
+                f"name: {run_dir} holds run {spec.name!r} with a different spec; pick another --name or remove the folder"
+            )
 
 
 def assemble_final(checkpoint, spec: JobSpec, manifest: Path, final_dir: str) -> dict[str, Any]:
@@ -146,16 +180,12 @@ def run(spec: JobSpec, *, progress: bool | None = None) -> dict[str, Any]:
     """Run a whole job (prepare, fit, final/, evaluation table) and return the result dict."""
     from cluster.metrics import MetricsLog, ProgressBar
     from cluster.session import init_ray
-    from cluster.trainer import build_trainer, check_placement, resolve_data
+    from cluster.trainer import build_trainer, check_placement
 
     started = time.time()
     run_dir = spec.run_dir
-    if _exists(f"{run_dir}/{RESULT_FILE}"):
-        raise SpecError(
-            f"name: run {spec.name!r} already finished in {run_dir}; pick another --name or remove the folder"
-        )
-    prepare_data(spec)
-    manifest, domains = resolve_data(spec)
+    check_run_folder(spec)
+    manifest, domains = prepare_data(spec)
     init_ray()
     check_placement(spec)
     _write_text(f"{run_dir}/spec.json", spec.to_json() + "\n")

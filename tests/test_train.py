@@ -75,6 +75,16 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
         train.run(spec, progress=False)
 
 
+def test_run_folder_with_another_spec_is_refused(manifest, tmp_path):
+    spec = tiny_spec(manifest, tmp_path, "taken")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "spec.json").write_text(spec.to_json())
+    train.check_run_folder(spec)  # the same spec (e.g. written by the API first) resumes
+    other = tiny_spec(manifest, tmp_path, "taken", training={"phase1_steps": 7})
+    with pytest.raises(SpecError, match="different spec"):
+        train.check_run_folder(other)
+
+
 def test_unplaceable_job_fails_fast_with_a_clear_message(ray_cluster, manifest, tmp_path, capsys):
     spec = tiny_spec(manifest, tmp_path, "gpu", resources={"use_gpu": True})
     start = time.monotonic()
