@@ -88,6 +88,15 @@ def test_killed_worker_resumes_from_its_checkpoint_and_finishes_the_exact_steps(
         resources={"max_failures": 3},
     )
     run = Path(spec.run_dir)
+
+    def live_workers() -> set[int]:  # this session's cluster only: the machine may run others
+        actors = list_actors(
+            address=ray_cluster.dashboard_url,
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        )
+        return {a.pid for a in actors}
+
+    earlier = live_workers()  # workers of earlier runs still shutting down are not ours to kill
     out: dict = {}
     thread = threading.Thread(target=lambda: out.update(result=train.run(spec, progress=False)), daemon=True)
     thread.start()
@@ -100,14 +109,11 @@ def test_killed_worker_resumes_from_its_checkpoint_and_finishes_the_exact_steps(
         return bool(steps) and max(steps) > _latest_checkpoint_step(run)
 
     _wait(logged_past_checkpoint, 120, "phase-1 metrics past the checkpoint")
-    workers = list_actors(  # this session's cluster only: the machine may run others
-        address=ray_cluster.dashboard_url,
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-    )
-    assert workers, "no live Ray Train worker to kill"
+    workers = sorted(live_workers() - earlier)
+    assert workers, "no live Ray Train worker of this run to kill"
     killed_at = max(r["step"] for r in _records(run) if r["phase"] == "members")
     assert killed_at < P1, "the run left phase 1 before the kill; make phase 1 longer"
-    os.kill(workers[-1].pid, signal.SIGKILL)
+    os.kill(workers[-1], signal.SIGKILL)
 
     thread.join(timeout=300)
     assert not thread.is_alive(), "the run did not finish after the worker was killed"
