@@ -46,11 +46,11 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> str:
     configure_train_env()
     if ray.is_initialized():
         return "existing"
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # With RAY_ADDRESS in the environment, ray.init() reads it itself; the
-        # job supervisor also hands its driver the cluster's auth settings.
-        ray.init(address=None if address == os.environ.get("RAY_ADDRESS") else address,
+    env_address = os.environ.get("RAY_ADDRESS")
+    if address or env_address:
+        # Without an explicit address ray.init() reads RAY_ADDRESS itself, as a
+        # `ray job submit` driver expects (the job supervisor sets it).
+        ray.init(address=address if address and address != env_address else None,
                  logging_level=logging.WARNING)
         return "cluster"
     # address="local": always a new cluster of our own, never one found through
