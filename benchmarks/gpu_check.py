@@ -15,6 +15,7 @@ tensor-core FLOP/s of the detected GPU (H100/H200 SXM: 989 TFLOP/s; pass
 --peak-tflops for another card). Needs only the repository and its venv.
 
     python benchmarks/gpu_check.py [--preset base] [--steps 300] [--out FILE]
+    python benchmarks/gpu_check.py --cpu --preset tiny --steps 40 --seq-len 128   # smoke test, no GPU
 """
 
 from __future__ import annotations
@@ -52,17 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo, float32, no MFU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     import ray
     import torch
 
-    if not torch.cuda.is_available():
+    use_gpu = not args.cpu
+    if use_gpu and not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device visible to torch", "torch": torch.__version__}))
         return 1
-    gpu = torch.cuda.get_device_name(0)
-    peak, peak_note = (args.peak_tflops, f"--peak-tflops {args.peak_tflops:g}") if args.peak_tflops else peak_tflops(gpu)
+    gpu = torch.cuda.get_device_name(0) if use_gpu else "cpu"
+    if args.peak_tflops:
+        peak, peak_note = args.peak_tflops, f"--peak-tflops {args.peak_tflops:g}"
+    else:
+        peak, peak_note = peak_tflops(gpu) if use_gpu else (None, "cpu smoke test: no MFU")
 
     with tempfile.TemporaryDirectory(prefix="leviathan-gpu-") as home:
         os.environ["LEVIATHAN_HOME"] = home
@@ -88,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                 "phase1_steps": args.steps, "phase2_steps": args.merge_steps, "batch_size": args.batch_size,
                 "seq_len": args.seq_len, "lr": 6e-4, "merge_lr": 3e-4, "warmup_steps": 20,
                 "eval_interval": args.eval_interval, "eval_batches": 2,
-                "checkpoint_interval": 10 * (args.steps + args.merge_steps), "dtype": "bfloat16",
+                "checkpoint_interval": 10 * (args.steps + args.merge_steps),
+                "dtype": "bfloat16" if use_gpu else "float32",
             },
-            "resources": {"workers": 1, "use_gpu": True, "gpus_per_worker": 1, "cpus_per_worker": 1},
+            "resources": {"workers": 1, "use_gpu": use_gpu, "gpus_per_worker": 1, "cpus_per_worker": 1},
         })
         config = ensemble_config(spec, load_manifest(manifest).vocab_size)
         params = [build_component(c).num_params(non_embedding=True) for c in config.members]
@@ -118,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda,
         "ray": ray.__version__,
         "python": platform.python_version(),
-        "backend": "nccl",
-        "dtype": "bfloat16",
+        "backend": "nccl" if use_gpu else "gloo",
+        "dtype": "bfloat16" if use_gpu else "float32",
         "shapes": {
             "preset": args.preset, "members": len(params), "params_per_member_non_embedding": params,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "phase1_steps": args.steps,
