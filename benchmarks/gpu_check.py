@@ -2,7 +2,7 @@
 
 Trains a small ensemble (2 modules x 1 member on one worker by default,
 preset `base` = the seed's 20-layer LeviathanComponent) for about a minute on
-one GPU through `cluster.trainer.build_trainer` (use_gpu, dtype bfloat16,
+one GPU through `jobs.plan.build_job_trainer` (use_gpu, dtype bfloat16,
 NCCL backend), then prints JSON with phase-1 tokens/s and the model FLOPs
 utilisation:
 
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="leviathan-gpu-") as home:
         os.environ["LEVIATHAN_HOME"] = home
-        from cluster.members import ensemble_config
+        from jobs.plan import ensemble_config
         from cluster.metrics import MetricsLog
         from cluster.session import init_ray
-        from cluster.trainer import build_trainer
+        from jobs.plan import build_job_trainer
         from jobs.prepare import ensure_builtin
         from jobs.spec import JobSpec
         from leviathan.data import load_manifest
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
         init_ray()
         start = time.perf_counter()
-        trainer = build_trainer(spec, profile=True)
+        trainer = build_job_trainer(spec, profile=True)
         result = trainer.fit()
         wall = time.perf_counter() - start
         records = MetricsLog(spec.run_dir).read()

@@ -59,10 +59,10 @@ def job_spec(args: argparse.Namespace, workers: int, storage: str, manifest: str
 def run_job(spec) -> dict:
     """Fit one job; phase-1 tokens/s per eval interval (first one skipped: warmup) and the phase-2 profile."""
     from cluster.metrics import MetricsLog
-    from cluster.trainer import build_trainer
+    from jobs.plan import build_job_trainer
 
     start = time.perf_counter()
-    result = build_trainer(spec, profile=True).fit()
+    result = build_job_trainer(spec, profile=True).fit()
     wall = time.perf_counter() - start
     records = MetricsLog(spec.run_dir).read()
     per_step: dict[int, float] = {}

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.members import Member, Module
+from cluster.members import Module
 from leviathan.config import EnsembleConfig
 from leviathan.ensemble import LeviathanEnsemble
 

@@ -17,41 +17,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from jobs.spec import JobSpec
-from leviathan.config import ComponentConfig, EnsembleConfig
+from leviathan.config import EnsembleConfig
 from leviathan.ensemble import CorrelationMerger
 from leviathan.model import LeviathanComponentBase, build_component, configure_adamw
-
-DEFAULT_BLOCK_SIZE = 256
-
-
-def ensemble_config(spec: JobSpec, vocab_size: int) -> EnsembleConfig:
-    """The spec's ensemble as a model-library config (members module-major).
-
-    Members accept contexts of at least `training.seq_len` tokens (block size
-    max(256, seq_len)) so a model trained on long windows can still generate
-    past them.
-    """
-    e = spec.ensemble
-    block = max(DEFAULT_BLOCK_SIZE, spec.training.seq_len)
-    members = [
-        ComponentConfig.preset(
-            m.preset, flavour=m.flavour, mixer=e.mixer, window=e.window,
-            vocab_size=vocab_size, block_size=block,
-        )
-        for m in e.member_specs()
-    ]
-    return EnsembleConfig(
-        members=members,
-        modules=e.modules,
-        members_per_module=e.members_per_module,
-        merge=e.merge,
-        merge_width=e.merge_width,
-        merge_heads=e.merge_heads,
-        merge_window=e.effective_merge_window,
-        mixer=e.mixer,
-    )
-
 
 def derived_seed(seed: int, *parts: Any) -> int:
     """A stable 31-bit seed for (job seed, part names...): independent of rank and placement."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, check_manifest, resolve_manifest_path
+from leviathan.config import EnsembleConfig
 
 CHECKPOINTS_NAME = "checkpoints"
 # Restarts of the controller itself (e.g. a worker group that cannot start):
@@ -27,26 +27,7 @@ class PlacementError(ValueError):
     """The cluster cannot host the job's workers; the message says what is missing."""
 
 
-def resolve_data(spec: JobSpec) -> tuple[Path, list[str]]:
-    """(manifest path, module i's domain for every module), checked before any worker starts.
-
-    The built-in corpus must be prepared already (`jobs.prepare.ensure_builtin`).
-    """
-    if spec.data.manifest == BUILTIN_MANIFEST:
-        from jobs.prepare import builtin_data_dir
-
-        path = builtin_data_dir(spec.data.tokenizer) / "manifest.json"
-        if not path.is_file():
-            raise SpecError(f"data.manifest: the built-in corpus is not prepared ({path}); run `leviathan prepare`")
-        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"manifest": str(path)})})
-    manifest = check_manifest(spec)
-    assert manifest is not None
-    names = [d["name"] for d in manifest["domains"]]
-    domains = spec.data.domains or names[: spec.ensemble.modules]
-    return resolve_manifest_path(spec.data.manifest), list(domains)
-
-
-def worker_resources(spec: JobSpec) -> dict[str, float]:
+def worker_resources(spec: Any) -> dict[str, float]:
     r = spec.resources
     out = {"CPU": float(r.cpus_per_worker)}
     if r.use_gpu:
@@ -54,7 +35,7 @@ def worker_resources(spec: JobSpec) -> dict[str, float]:
     return out
 
 
-def check_placement(spec: JobSpec, nodes: list[dict[str, Any]] | None = None) -> None:
+def check_placement(spec: Any, nodes: list[dict[str, Any]] | None = None) -> None:
     """Fail fast when the cluster cannot hold the job's workers.
 
     Each worker needs `resources_per_worker` on a single node, so a worker
@@ -86,14 +67,21 @@ def check_placement(spec: JobSpec, nodes: list[dict[str, Any]] | None = None) ->
 
 
 def build_trainer(
-    spec: JobSpec,
+    spec: Any,
     *,
+    manifest: str | Path,
+    domains: list[str],
+    ensemble: EnsembleConfig,
     run_name: str | None = None,
     storage_path: str | None = None,
     callbacks: list | None = None,
     profile: bool = False,
 ):
     """The job's `ray.train.torch.TorchTrainer`.
+
+    `spec` is a validated JobSpec (the schema belongs to `jobs/`, the layer above;
+    `jobs.plan.build_job_trainer` resolves it into `manifest`, module i's domain
+    `domains[i]`, and the model library's `ensemble` config).
 
     Default layout: checkpoints in `<spec.run_dir>/checkpoints`, metrics.jsonl in
     `<spec.run_dir>`. With `run_name` (one trainer per Tune trial), checkpoints
@@ -109,11 +97,6 @@ def build_trainer(
 
     configure_train_env()
 
-    if spec.training.batch_size < spec.num_workers:
-        raise SpecError(
-            f"training.batch_size: {spec.training.batch_size} rows cannot be split over {spec.num_workers} workers"
-        )
-    manifest, domains = resolve_data(spec)
     storage = storage_path or spec.run_dir
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
@@ -123,7 +106,8 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "spec": spec.model_dump(mode="json"),
+            "spec": spec,
+            "ensemble": ensemble.to_dict(),
             "manifest": str(manifest),
             "domains": domains,
             "metrics_dir": metrics_dir,

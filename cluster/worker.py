@@ -36,13 +36,13 @@ import torch
 import torch.distributed as dist
 
 from cluster import checkpointing
-from cluster.evaluation import EvalResult, evaluate, mean
-from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed, ensemble_config
+from cluster.evaluation import evaluate, mean
+from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed
 from cluster.merge import CommTimer, Exchange, local_parameters, merged_loss, reduce_and_clip
 from cluster.metrics import Gauges, MetricsLog, format_line, record
 from cluster.placement import modules_for_rank
 from cluster.schedule import lr_at, set_lr
-from jobs.spec import JobSpec
+from leviathan.config import EnsembleConfig
 from leviathan.data import BatchSampler, MixedBatchSampler, eval_batches, load_manifest
 
 # Ray Train configures the workers' root logger (INFO, to the job's logs); a
@@ -52,7 +52,8 @@ FINAL_TABLE_FILE = "final_table.json"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. config: {"spec": JobSpec as JSON dict, "manifest": path,
+    """Ray Train entry point. config: {"spec": the validated JobSpec (read-only),
+    "ensemble": EnsembleConfig.to_dict(), "manifest": path,
     "domains": [module i's domain, ...], "metrics_dir": folder of metrics.jsonl}."""
     EnsembleWorker(config).run()
 
@@ -86,7 +87,7 @@ class EnsembleWorker:
     """One rank's share of the job: its modules, a merger replica, its samplers."""
 
     def __init__(self, config: dict[str, Any]):
-        self.spec = spec = JobSpec.model_validate(config["spec"])
+        self.spec = spec = config["spec"]
         self.t = spec.training
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -101,7 +102,7 @@ class EnsembleWorker:
         )
         manifest = load_manifest(config["manifest"])
         self.domains: list[str] = list(config["domains"])
-        self.config = ensemble_config(spec, manifest.vocab_size)
+        self.config = EnsembleConfig.from_dict(config["ensemble"])
         k = spec.ensemble.members_per_module
         self.exchange = Exchange.for_placement(self.rank, self.world_size, spec.ensemble.modules, k)
         names = self.config.member_names
@@ -367,7 +368,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def final_table(records: list[dict[str, Any]], domains: list[str], spec: JobSpec) -> dict[str, Any]:
+def final_table(records: list[dict[str, Any]], domains: list[str], spec: Any) -> dict[str, Any]:
     """The job's closing evaluation: every member on its own domain and on the mixed
     val set, the uniform mixture and the merged model (per domain and mixed)."""
     rows = []

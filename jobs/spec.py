@@ -149,6 +149,11 @@ class JobSpec(StrictModel):
                 f"resources.workers: {self.resources.workers} workers for {self.ensemble.modules} modules; "
                 "each worker hosts at least one module"
             )
+        if self.training.batch_size < self.num_workers:
+            raise ValueError(
+                f"training.batch_size: {self.training.batch_size} rows cannot be split over "
+                f"{self.num_workers} workers in the merge phase"
+            )
         if self.data.domains is not None and len(self.data.domains) < self.ensemble.modules:
             raise ValueError(
                 f"data.domains: {len(self.data.domains)} domains for {self.ensemble.modules} modules"

@@ -1,6 +1,6 @@
 """Train an ensemble: `python -m jobs.train --spec FILE` (or `leviathan train`).
 
-One job = one Ray Train run (cluster.trainer.build_trainer). This entry point:
+One job = one Ray Train run (jobs.plan.build_job_trainer). This entry point:
 
 1. prepares the built-in corpus when the spec asks for it, and checks the
    spec against its manifest and the cluster's resources before any worker
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -98,7 +97,7 @@ def prepare_data(spec: JobSpec) -> tuple[Path, list[str]]:
         from jobs.prepare import ensure_builtin
 
         ensure_builtin(spec.data.tokenizer)
-    from cluster.trainer import resolve_data
+    from jobs.plan import resolve_data
 
     return resolve_data(spec)
 
@@ -180,7 +179,8 @@ def run(spec: JobSpec, *, progress: bool | None = None) -> dict[str, Any]:
     """Run a whole job (prepare, fit, final/, evaluation table) and return the result dict."""
     from cluster.metrics import MetricsLog, ProgressBar
     from cluster.session import init_ray
-    from cluster.trainer import build_trainer, check_placement
+    from cluster.trainer import check_placement
+    from jobs.plan import build_job_trainer
 
     started = time.time()
     run_dir = spec.run_dir
@@ -190,7 +190,7 @@ def run(spec: JobSpec, *, progress: bool | None = None) -> dict[str, Any]:
     check_placement(spec)
     _write_text(f"{run_dir}/spec.json", spec.to_json() + "\n")
 
-    trainer = build_trainer(spec)
+    trainer = build_job_trainer(spec)
     if progress is None:
         progress = sys.stderr.isatty() and not _is_uri(run_dir)
     from ray.train import TrainingFailedError

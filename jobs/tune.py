@@ -3,7 +3,7 @@
 Ray Tune over a spec's fields, one training run per trial (Ray 2.60, Train V2):
 `tune.Tuner(driver_fn, ...)` where `driver_fn(config)` applies the trial's
 values to the spec, builds the job's TorchTrainer named `train-<trial id>`
-(`cluster.trainer.build_trainer`) with Tune's `TuneReportCallback` and fits it.
+(`jobs.plan.build_job_trainer`) with Tune's `TuneReportCallback` and fits it.
 Every evaluation of the training reports `mixed_val_loss` (the uniform
 mixture's in phase 1, the merged model's in phase 2), so ASHA compares trials
 at equal report counts and stops the worse ones early.
@@ -197,10 +197,10 @@ def _trial(config: dict[str, Any], base: dict[str, Any], tune_dir: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cluster.trainer import build_trainer
+    from jobs.plan import build_job_trainer
 
     spec = trial_spec(base, config)
-    trainer = build_trainer(
+    trainer = build_job_trainer(
         spec,
         run_name=f"train-{tune.get_context().get_trial_id()}",
         storage_path=tune_dir,

@@ -73,10 +73,13 @@ class RayCluster:
         return env
 
 
-def _ray_env() -> dict[str, str]:
+def _ray_env(dashboard_url: str) -> dict[str, str]:
     """The head node's environment: the test venv's python first on PATH, so job
-    entrypoints (`python -m jobs.train`) run with the project and its deps."""
+    entrypoints (`python -m jobs.train`) run with the project and its deps, and this
+    cluster's Jobs server as the one Ray's state API asks (Train's placement-group
+    cleaner would otherwise ask whichever cluster started last on the machine)."""
     env = dict(os.environ)
+    env["RAY_API_SERVER_ADDRESS"] = dashboard_url
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
@@ -104,9 +107,10 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
     import ray
 
     ray_bin = str(VENV_BIN / "ray")
-    env = _ray_env()
-    token = os.environ["RAY_AUTH_TOKEN"]  # `ray start --head` turns auth on since the token exists
     gcs_port, dashboard_port = free_port(), free_port()
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    env = _ray_env(dashboard_url)
+    token = os.environ["RAY_AUTH_TOKEN"]  # `ray start --head` turns auth on since the token exists
     log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
     # A private temp dir: job drivers find their cluster through <temp dir>/ray_current_cluster,
     # so the shared /tmp/ray would hand them any other cluster started on this machine.
@@ -132,10 +136,11 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_for_dashboard(dashboard_url, token, head)
-        os.environ.update(PATH=env["PATH"], PYTHONPATH=env["PYTHONPATH"])
+        os.environ.update(
+            PATH=env["PATH"], PYTHONPATH=env["PYTHONPATH"], RAY_API_SERVER_ADDRESS=dashboard_url
+        )
         gcs_address = f"127.0.0.1:{gcs_port}"
         ray.init(address=gcs_address, logging_level="WARNING", log_to_driver=False)
         yield RayCluster(address=gcs_address, dashboard_url=dashboard_url, auth_token=token)

@@ -258,6 +258,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert (s.ray_address, s.api_token.get_secret_value(), s.max_modules) == ("http://10.0.0.1:8265", "abc", 3)
     assert (s.host, s.port, s.storage) == ("127.0.0.1", 8000, str(tmp_path))
     monkeypatch.delenv("LEVIATHAN_RAY_ADDRESS")
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)  # it would come before RAY_ADDRESS
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     with pytest.raises(ValueError, match="Ray Jobs server URL"):
         Settings()

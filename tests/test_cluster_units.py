@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cluster import checkpointing
-from cluster.members import Member, Module, adamw, build_member, build_merger, ensemble_config
+from cluster.members import Member, Module, adamw, build_member, build_merger
 from cluster.metrics import RECORD_FIELDS, MetricsLog, record
 from cluster.placement import (
     max_modules_per_rank,
@@ -24,6 +24,7 @@ from cluster.placement import (
 from cluster.schedule import lr_at
 from cluster.trainer import PlacementError, check_placement
 from cluster.worker import train_module_step
+from jobs.plan import ensemble_config
 from jobs.spec import JobSpec
 from leviathan.data import BatchSampler, TokenShard, write_shard
 from leviathan.ensemble import LeviathanEnsemble

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.members import ensemble_config
+from jobs.plan import ensemble_config
 from jobs.evaluate import evaluate_run, main
 from jobs.spec import JobSpec
 from leviathan.data import load_manifest

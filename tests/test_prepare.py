@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import pytest
 
 from jobs.prepare import (
     DomainSource,
-    PrepareError,
     builtin_data_dir,
     ensure_builtin,
     main,
