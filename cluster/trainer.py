@@ -1,7 +1,7 @@
 """Build the one `TorchTrainer` of a job, and refuse jobs the cluster cannot place.
 
     TorchTrainer(train_loop_per_worker,
-                 train_loop_config={"spec", "manifest", "domains", "metrics_dir"},
+                 train_loop_config={"plan": RunPlan, "metrics_dir": folder of metrics.jsonl, "profile": bool},
                  scaling_config=ScalingConfig(num_workers=W, use_gpu=..., resources_per_worker=...),
                  run_config=RunConfig(name="checkpoints", storage_path=<run dir>, failure_config=..., checkpoint_config=...),
                  torch_config=TorchConfig(backend="gloo" | "nccl"))
@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from leviathan.config import EnsembleConfig
+from cluster.plan import Resources, RunPlan
 
 CHECKPOINTS_NAME = "checkpoints"
 # Restarts of the controller itself (e.g. a worker group that cannot start):
@@ -27,15 +27,7 @@ class PlacementError(ValueError):
     """The cluster cannot host the job's workers; the message says what is missing."""
 
 
-def worker_resources(spec: Any) -> dict[str, float]:
-    r = spec.resources
-    out = {"CPU": float(r.cpus_per_worker)}
-    if r.use_gpu:
-        out["GPU"] = float(r.gpus_per_worker)
-    return out
-
-
-def check_placement(spec: Any, nodes: list[dict[str, Any]] | None = None) -> None:
+def check_placement(resources: Resources, name: str, nodes: list[dict[str, Any]] | None = None) -> None:
     """Fail fast when the cluster cannot hold the job's workers.
 
     Each worker needs `resources_per_worker` on a single node, so a worker
@@ -48,8 +40,8 @@ def check_placement(spec: Any, nodes: list[dict[str, Any]] | None = None) -> Non
         import ray
 
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-    need = worker_resources(spec)
-    W = spec.num_workers
+    need = resources.per_worker()
+    W = resources.num_workers
     slots = 0
     for n in nodes:
         res = n.get("Resources", {})
@@ -59,19 +51,16 @@ def check_placement(spec: Any, nodes: list[dict[str, Any]] | None = None) -> Non
     totals = {k: sum(n.get("Resources", {}).get(k, 0.0) for n in nodes) for k in need}
     asked = ", ".join(f"{v:g} {k}" for k, v in need.items())
     have = ", ".join(f"{v:g} {k}" for k, v in totals.items())
-    hint = " (set resources.use_gpu = false to train on CPUs)" if spec.resources.use_gpu and totals.get("GPU", 0) == 0 else ""
+    hint = " (set resources.use_gpu = false to train on CPUs)" if resources.use_gpu and totals.get("GPU", 0) == 0 else ""
     raise PlacementError(
-        f"cannot place job {spec.name!r}: {W} workers x ({asked}) each, but the cluster "
+        f"cannot place job {name!r}: {W} workers x ({asked}) each, but the cluster "
         f"({len(nodes)} node(s), {have} in total) fits only {slots}{hint}"
     )
 
 
 def build_trainer(
-    spec: Any,
+    plan: RunPlan,
     *,
-    manifest: str | Path,
-    domains: list[str],
-    ensemble: EnsembleConfig,
     run_name: str | None = None,
     storage_path: str | None = None,
     callbacks: list | None = None,
@@ -79,13 +68,9 @@ def build_trainer(
 ):
     """The job's `ray.train.torch.TorchTrainer`.
 
-    `spec` is a validated JobSpec (the schema belongs to `jobs/`, the layer above;
-    `jobs.plan.build_job_trainer` resolves it into `manifest`, module i's domain
-    `domains[i]`, and the model library's `ensemble` config).
-
-    Default layout: checkpoints in `<spec.run_dir>/checkpoints`, metrics.jsonl in
-    `<spec.run_dir>`. With `run_name` (one trainer per Tune trial), checkpoints
-    and metrics.jsonl both go to `<storage_path or spec.run_dir>/<run_name>`.
+    Default layout: checkpoints in `<plan.run_dir>/checkpoints`, metrics.jsonl in
+    `<plan.run_dir>`. With `run_name` (one trainer per Tune trial), checkpoints
+    and metrics.jsonl both go to `<storage_path or plan.run_dir>/<run_name>`.
     `profile` (benchmarks) times phase-2 steps and their collectives and adds
     the medians to the last report's metrics under "profile".
     """
@@ -97,26 +82,19 @@ def build_trainer(
 
     configure_train_env()
 
-    storage = storage_path or spec.run_dir
+    storage = storage_path or plan.run_dir
     if "://" not in storage:
         storage = str(Path(storage).expanduser().resolve())
     name = run_name or CHECKPOINTS_NAME
     metrics_dir = storage if run_name is None else f"{storage.rstrip('/')}/{run_name}"
-    r = spec.resources
+    r = plan.resources
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "spec": spec,
-            "ensemble": ensemble.to_dict(),
-            "manifest": str(manifest),
-            "domains": domains,
-            "metrics_dir": metrics_dir,
-            "profile": profile,
-        },
+        train_loop_config={"plan": plan, "metrics_dir": metrics_dir, "profile": profile},
         scaling_config=ScalingConfig(
-            num_workers=spec.num_workers,
+            num_workers=r.num_workers,
             use_gpu=r.use_gpu,
-            resources_per_worker=worker_resources(spec),
+            resources_per_worker=r.per_worker(),
         ),
         run_config=RunConfig(
             name=name,

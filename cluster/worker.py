@@ -41,8 +41,8 @@ from cluster.members import Member, Module, adamw, build_member, build_merger, d
 from cluster.merge import CommTimer, Exchange, local_parameters, merged_loss, reduce_and_clip
 from cluster.metrics import Gauges, MetricsLog, format_line, record
 from cluster.placement import modules_for_rank
+from cluster.plan import RunPlan
 from cluster.schedule import lr_at, set_lr
-from leviathan.config import EnsembleConfig
 from leviathan.data import BatchSampler, MixedBatchSampler, eval_batches, load_manifest
 
 # Ray Train configures the workers' root logger (INFO, to the job's logs); a
@@ -52,10 +52,9 @@ FINAL_TABLE_FILE = "final_table.json"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. config: {"spec": the validated JobSpec (read-only),
-    "ensemble": EnsembleConfig.to_dict(), "manifest": path,
-    "domains": [module i's domain, ...], "metrics_dir": folder of metrics.jsonl}."""
-    EnsembleWorker(config).run()
+    """Ray Train entry point. config: {"plan": the job's RunPlan,
+    "metrics_dir": folder of metrics.jsonl, "profile": time phase-2 steps (benchmarks)}."""
+    EnsembleWorker(config["plan"], config["metrics_dir"], bool(config.get("profile", False))).run()
 
 
 def train_module_step(
@@ -86,60 +85,60 @@ def train_module_step(
 class EnsembleWorker:
     """One rank's share of the job: its modules, a merger replica, its samplers."""
 
-    def __init__(self, config: dict[str, Any]):
-        self.spec = spec = config["spec"]
-        self.t = spec.training
+    def __init__(self, plan: RunPlan, metrics_dir: str, profile: bool = False):
+        self.plan = plan
+        self.t = plan.training
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        if spec.resources.use_gpu:
+        if plan.resources.use_gpu:
             self.device = ray.train.torch.get_device()
         else:
             self.device = torch.device("cpu")
-            torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
+            torch.set_num_threads(max(1, int(plan.resources.cpus_per_worker)))
         use_bf16 = self.device.type == "cuda" and self.t.dtype == "bfloat16"
         self.autocast = (
             (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
         )
-        manifest = load_manifest(config["manifest"])
-        self.domains: list[str] = list(config["domains"])
-        self.config = EnsembleConfig.from_dict(config["ensemble"])
-        k = spec.ensemble.members_per_module
-        self.exchange = Exchange.for_placement(self.rank, self.world_size, spec.ensemble.modules, k)
+        manifest = load_manifest(plan.manifest)
+        self.domains: list[str] = list(plan.domains)
+        self.config = plan.ensemble
+        k = self.config.members_per_module
+        self.exchange = Exchange.for_placement(self.rank, self.world_size, self.config.modules, k)
         names = self.config.member_names
         B, T = self.t.batch_size, self.t.seq_len
 
         self.modules: list[Module] = []
-        for i in modules_for_rank(self.rank, self.world_size, spec.ensemble.modules):
+        for i in modules_for_rank(self.rank, self.world_size, self.config.modules):
             members = []
             for j in range(i * k, (i + 1) * k):
-                model, projection = build_member(self.config, j, spec.seed)
+                model, projection = build_member(self.config, j, plan.seed)
                 model, projection = model.to(self.device), projection.to(self.device)
                 members.append(Member(j, names[j], model, projection, adamw(model, self.t.lr, self.t.weight_decay)))
             shard = manifest.shard(self.domains[i], "train")
-            sampler = BatchSampler(shard, B, T, seed=derived_seed(spec.seed, "data", i))
+            sampler = BatchSampler(shard, B, T, seed=derived_seed(plan.seed, "data", i))
             self.modules.append(Module(i, self.domains[i], members, sampler))
         self.members = [m for mod in self.modules for m in mod.members]
 
         # The merger and the mixed sampler are replicated: same seed, same draws on every rank.
-        self.merger = build_merger(self.config, spec.seed).to(self.device)
+        self.merger = build_merger(self.config, plan.seed).to(self.device)
         self.merger_optimizer = None
         self.mixed_sampler = MixedBatchSampler(
-            [manifest.shard(d, "train") for d in self.domains[: spec.ensemble.modules]],
-            B, T, seed=derived_seed(spec.seed, "mixed"),
+            [manifest.shard(d, "train") for d in self.domains],
+            B, T, seed=derived_seed(plan.seed, "mixed"),
         )
         self.val_sets = {
             d: eval_batches(manifest.shard(d, "val"), B, T, self.t.eval_batches)
-            for d in self.domains[: spec.ensemble.modules]
+            for d in self.domains
         }
-        self.metrics = MetricsLog(config["metrics_dir"]) if self.rank == 0 else None
+        self.metrics = MetricsLog(metrics_dir) if self.rank == 0 else None
         self.logged = self.metrics.logged_steps() if self.metrics else {}
-        self.gauges = Gauges(spec.name)
+        self.gauges = Gauges(plan.name)
         self.losses: dict[str, list[float]] = {}
         self.interval_start = time.perf_counter()
         self.interval_steps = 0
         self.final_table: dict[str, Any] | None = None  # rank 0, after the last eval
         # Benchmarks: time phase-2 steps and the collectives inside them.
-        self.profile = bool(config.get("profile", False))
+        self.profile = profile
         self.step_times: list[float] = []
         self.comm_times: list[float] = []
 
@@ -296,7 +295,7 @@ class EnsembleWorker:
         lines = records
         if final:
             lines = records + [dict(r, phase="final", lr=None, tokens_per_s=None, train_loss=None) for r in records]
-            self.final_table = final_table(records, self.domains[: self.spec.ensemble.modules], self.spec)
+            self.final_table = final_table(records, self.plan)
         self.metrics.append([{k: v for k, v in r.items() if k != "val_by_domain"} for r in lines])
         return summary
 
@@ -312,7 +311,7 @@ class EnsembleWorker:
                 checkpointing.save_coordinator(
                     d, merger=self.merger, merger_optimizer=self.merger_optimizer,
                     mixed_sampler=self.mixed_sampler, config=self.config, phase=phase, step=step,
-                    extra={"name": self.spec.name, "world_size": self.world_size, "domains": self.domains},
+                    extra={"name": self.plan.name, "world_size": self.world_size, "domains": self.domains},
                 )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -328,7 +327,7 @@ class EnsembleWorker:
         return phase, step
 
     def log(self, message: str) -> None:
-        logger.info("[leviathan %s rank %d] %s", self.spec.name, self.rank, message)
+        logger.info("[leviathan %s rank %d] %s", self.plan.name, self.rank, message)
 
 
 def profile_summary(step_times: list[float], comm_times: list[float]) -> dict[str, float]:
@@ -368,7 +367,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def final_table(records: list[dict[str, Any]], domains: list[str], spec: Any) -> dict[str, Any]:
+def final_table(records: list[dict[str, Any]], plan: RunPlan) -> dict[str, Any]:
     """The job's closing evaluation: every member on its own domain and on the mixed
     val set, the uniform mixture and the merged model (per domain and mixed)."""
     rows = []
@@ -386,10 +385,10 @@ def final_table(records: list[dict[str, Any]], domains: list[str], spec: Any) ->
     merged = next((r for r in rows if r["kind"] == "merger"), None)
     uniform = next(r for r in rows if r["kind"] == "uniform")
     out = {
-        "merge": spec.ensemble.merge,
-        "joint": spec.training.joint,
-        "domains": domains,
-        "steps": {"members": spec.training.phase1_steps, "merge": spec.training.phase2_steps},
+        "merge": plan.ensemble.merge,
+        "joint": plan.training.joint,
+        "domains": list(plan.domains),
+        "steps": {"members": plan.training.phase1_steps, "merge": plan.training.phase2_steps},
         "rows": rows,
     }
     if merged is not None and members:

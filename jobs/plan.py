@@ -1,10 +1,10 @@
-"""What a JobSpec resolves to before any worker starts.
+"""What a JobSpec resolves to before any worker starts: its `RunPlan`.
 
 The spec is this layer's schema; `cluster/` below never imports it. Here it is
-turned into what the training layer consumes: the manifest and each module's
-domain (checked against the manifest), and the model library's
-`EnsembleConfig`. `build_job_trainer` is the one place that hands both to
-`cluster.trainer.build_trainer`.
+turned, once, into the plan the training layer consumes: the manifest and each
+module's domain (checked against the manifest), the model library's
+`EnsembleConfig`, the schedule and the resources. `build_job_trainer` is the
+one place that hands a plan to `cluster.trainer.build_trainer`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cluster.plan import Resources, RunPlan, Training
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, check_manifest, resolve_manifest_path
 
 DEFAULT_BLOCK_SIZE = 256
@@ -66,12 +67,35 @@ def ensemble_config(spec: JobSpec, vocab_size: int):
     )
 
 
-def build_job_trainer(spec: JobSpec, **kwargs: Any):
-    """`cluster.trainer.build_trainer` for a spec: data resolved and checked, the
-    ensemble config built; kwargs (run_name, storage_path, callbacks, profile) pass through."""
-    from cluster.trainer import build_trainer
+def resources_of(spec: JobSpec) -> Resources:
+    """The spec's worker count and per-worker resources (placement is checked on these)."""
+    r = spec.resources
+    return Resources(
+        num_workers=spec.num_workers, use_gpu=r.use_gpu, cpus_per_worker=r.cpus_per_worker,
+        gpus_per_worker=r.gpus_per_worker, max_failures=r.max_failures,
+    )
+
+
+def build_plan(spec: JobSpec) -> RunPlan:
+    """The spec's `RunPlan`: data resolved and checked against the manifest, the ensemble config built."""
     from leviathan.data import load_manifest
 
     manifest, domains = resolve_data(spec)
-    config = ensemble_config(spec, load_manifest(manifest).vocab_size)
-    return build_trainer(spec, manifest=manifest, domains=domains, ensemble=config, **kwargs)
+    return RunPlan(
+        name=spec.name,
+        seed=spec.seed,
+        run_dir=spec.run_dir,
+        manifest=str(manifest),
+        domains=tuple(domains[: spec.ensemble.modules]),
+        ensemble=ensemble_config(spec, load_manifest(manifest).vocab_size),
+        training=Training(**spec.training.model_dump()),
+        resources=resources_of(spec),
+    )
+
+
+def build_job_trainer(spec: JobSpec, **kwargs: Any):
+    """`cluster.trainer.build_trainer` for a spec's plan; kwargs (run_name, storage_path,
+    callbacks, profile) pass through."""
+    from cluster.trainer import build_trainer
+
+    return build_trainer(build_plan(spec), **kwargs)

@@ -180,14 +180,14 @@ def run(spec: JobSpec, *, progress: bool | None = None) -> dict[str, Any]:
     from cluster.metrics import MetricsLog, ProgressBar
     from cluster.session import init_ray
     from cluster.trainer import check_placement
-    from jobs.plan import build_job_trainer
+    from jobs.plan import build_job_trainer, resources_of
 
     started = time.time()
     run_dir = spec.run_dir
     check_run_folder(spec)
     manifest, domains = prepare_data(spec)
     init_ray()
-    check_placement(spec)
+    check_placement(resources_of(spec), spec.name)
     _write_text(f"{run_dir}/spec.json", spec.to_json() + "\n")
 
     trainer = build_job_trainer(spec)

@@ -275,6 +275,7 @@ def tune_spec(
 
     from cluster.session import init_ray
     from cluster.trainer import check_placement
+    from jobs.plan import resources_of
     from jobs.train import prepare_data
 
     if trials < 1:
@@ -291,7 +292,7 @@ def tune_spec(
 
         base["data"]["manifest"] = str(builtin_data_dir(spec.data.tokenizer) / "manifest.json")
     init_ray()
-    check_placement(spec)
+    check_placement(resources_of(spec), spec.name)
 
     storage = Path(spec.storage).expanduser().resolve()
     experiment = f"{spec.name}-tune"

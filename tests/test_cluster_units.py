@@ -24,7 +24,7 @@ from cluster.placement import (
 from cluster.schedule import lr_at
 from cluster.trainer import PlacementError, check_placement
 from cluster.worker import train_module_step
-from jobs.plan import ensemble_config
+from jobs.plan import ensemble_config, resources_of
 from jobs.spec import JobSpec
 from leviathan.data import BatchSampler, TokenShard, write_shard
 from leviathan.ensemble import LeviathanEnsemble
@@ -89,12 +89,12 @@ def test_check_placement_fails_fast_with_a_clear_message():
     spec = JobSpec.model_validate({"resources": {"workers": 2, "use_gpu": True}})
     cpu_nodes = [{"Alive": True, "Resources": {"CPU": 4.0}}]
     with pytest.raises(PlacementError, match=r"2 workers x \(1 CPU, 1 GPU\).*0 GPU.*use_gpu = false"):
-        check_placement(spec, cpu_nodes)
+        check_placement(resources_of(spec), spec.name, cpu_nodes)
     # Two 1-CPU workers need two 1-CPU slots: one node with 1.5 CPUs holds only one.
     spec = JobSpec.model_validate({"resources": {"workers": 2}})
     with pytest.raises(PlacementError, match="fits only 1"):
-        check_placement(spec, [{"Alive": True, "Resources": {"CPU": 1.5}}])
-    check_placement(spec, [{"Alive": True, "Resources": {"CPU": 1.0}}] * 2)
+        check_placement(resources_of(spec), spec.name, [{"Alive": True, "Resources": {"CPU": 1.5}}])
+    check_placement(resources_of(spec), spec.name, [{"Alive": True, "Resources": {"CPU": 1.0}}] * 2)
 
 
 def _tiny_spec(**training) -> JobSpec:
