@@ -24,10 +24,10 @@ from typing import Any, Iterator
 from pydantic import ValidationError
 
 from api.schemas import MetricRecord
+from leviathan.records import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 _LATEST_FIELDS = ("train_loss", "val_loss", "mixed_val_loss", "lr", "tokens_per_s")
 
 

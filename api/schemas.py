@@ -9,7 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from leviathan.records import RECORD_TYPES
 
 JobStatusName = Literal["PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"]
 
@@ -79,23 +81,12 @@ class JobDetail(JobSummary):
     metrics_updated_at: datetime | None = None
 
 
-class MetricRecord(BaseModel):
-    """One line of metrics.jsonl (unknown keys are kept)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    time: float | None = None
-    step: int | None = None
-    phase: str | None = None
-    module: int | None = None
-    member: str | None = None
-    domain: str | None = None
-    train_loss: float | None = None
-    val_loss: float | None = None
-    mixed_val_loss: float | None = None
-    lr: float | None = None
-    tokens_per_s: float | None = None
-    replayed: bool | None = None
+# One line of metrics.jsonl, every field of `leviathan.records` nullable (unknown keys are kept).
+MetricRecord = create_model(
+    "MetricRecord",
+    __config__=ConfigDict(extra="allow"),
+    **{name: (kind | None, None) for name, kind in RECORD_TYPES.items()},
+)
 
 
 class MetricsPage(BaseModel):

@@ -1,17 +1,9 @@
 """Training metrics: the run's `metrics.jsonl`, Ray gauges, and a progress bar.
 
-`metrics.jsonl` (DESIGN section 7) has one JSON object per line, written by
-rank 0 only:
-
-    {"time": unix_s, "step": int, "phase": "members" | "merge" | "final",
-     "module": int | null, "member": "m0.1" | "merger" | "uniform",
-     "domain": str | null, "train_loss": float | null, "val_loss": float | null,
-     "mixed_val_loss": float | null, "lr": float | null,
-     "tokens_per_s": float | null, "replayed": bool}
-
-and a last `{"phase": "done", ...}` line when the job finishes. After a restart
-the steps between the checkpoint and the failure run again; their lines carry
-`"replayed": true` (rank 0 reads the largest step already logged per phase).
+`metrics.jsonl` (DESIGN section 7) has one `leviathan.records` record per
+line, written by rank 0 only. After a restart the steps between the checkpoint
+and the failure run again; their lines carry `"replayed": true` (rank 0 reads
+the largest step already logged per phase).
 
 The run folder may be a local path or a pyarrow.fs URI (shared storage on a
 multi-node cluster); URIs without append support are rewritten whole.
@@ -20,67 +12,12 @@ multi-node cluster); URIs without append support are rewritten whole.
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterable
 
-METRICS_FILE = "metrics.jsonl"
-PHASES = ("members", "merge", "final")
-
-RECORD_FIELDS = (
-    "time", "step", "phase", "module", "member", "domain", "train_loss", "val_loss",
-    "mixed_val_loss", "lr", "tokens_per_s", "replayed",
-)
-
-
-def _num(x: float | None) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def record(
-    *,
-    step: int,
-    phase: str,
-    member: str,
-    module: int | None = None,
-    domain: str | None = None,
-    train_loss: float | None = None,
-    val_loss: float | None = None,
-    mixed_val_loss: float | None = None,
-    lr: float | None = None,
-    tokens_per_s: float | None = None,
-    replayed: bool = False,
-    val_by_domain: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """One metrics.jsonl record (every field present, non-finite numbers as null).
-
-    `val_by_domain` (domain -> val loss) rides along in memory for the final
-    table; it is not part of the metrics.jsonl line.
-    """
-    if phase not in PHASES:
-        raise ValueError(f"phase: {phase!r} is not one of {PHASES}")
-    return {
-        "time": time.time(),
-        "step": int(step),
-        "phase": phase,
-        "module": module,
-        "member": member,
-        "domain": domain,
-        "train_loss": _num(train_loss),
-        "val_loss": _num(val_loss),
-        "mixed_val_loss": _num(mixed_val_loss),
-        "lr": _num(lr),
-        "tokens_per_s": _num(tokens_per_s),
-        "replayed": bool(replayed),
-        **({"val_by_domain": val_by_domain} if val_by_domain is not None else {}),
-    }
-
+from leviathan.records import METRICS_FILE, PHASES
 
 def _is_uri(path: str) -> bool:
     return "://" in path
@@ -212,6 +149,8 @@ class ProgressBar:
         self.phase1_steps = phase1_steps
         self.total = phase1_steps + phase2_steps
         self.interval_s = interval_s
+        # Records of earlier runs of the same folder, counted before this run can add any.
+        self.start = len(self.log.read())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="leviathan-progress", daemon=True)
 
@@ -226,23 +165,26 @@ class ProgressBar:
     def _run(self) -> None:
         from tqdm import tqdm
 
-        start = len(self.log.read())  # earlier runs of the same folder
         with tqdm(total=self.total, unit="step", desc="train", dynamic_ncols=True) as bar:
             while True:
-                records = self.log.read()[start:]
-                done = 0
-                postfix: dict[str, str] = {}
-                for r in records:
-                    if r.get("phase") == "members":
-                        done = max(done, r["step"])
-                        if r.get("train_loss") is not None:
-                            postfix["member"] = f"{r['train_loss']:.3f}"
-                    elif r.get("phase") == "merge":
-                        done = max(done, self.phase1_steps + r["step"])
-                        if r.get("member") == "merger" and r.get("train_loss") is not None:
-                            postfix["merger"] = f"{r['train_loss']:.3f}"
-                bar.n = min(done, self.total)
-                bar.set_postfix(postfix, refresh=False)
-                bar.refresh()
-                if self._stop.wait(self.interval_s):
+                stopping = self._stop.is_set()  # one more look after the stop: the last records show
+                self._show(bar)
+                if stopping:
                     return
+                self._stop.wait(self.interval_s)
+
+    def _show(self, bar: Any) -> None:
+        done = 0
+        postfix: dict[str, str] = {}
+        for r in self.log.read()[self.start:]:
+            if r.get("phase") == "members":
+                done = max(done, r["step"])
+                if r.get("train_loss") is not None:
+                    postfix["member"] = f"{r['train_loss']:.3f}"
+            elif r.get("phase") == "merge":
+                done = max(done, self.phase1_steps + r["step"])
+                if r.get("member") == "merger" and r.get("train_loss") is not None:
+                    postfix["merger"] = f"{r['train_loss']:.3f}"
+        bar.n = min(done, self.total)
+        bar.set_postfix(postfix, refresh=False)
+        bar.refresh()

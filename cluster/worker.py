@@ -39,7 +39,8 @@ from cluster import checkpointing
 from cluster.evaluation import evaluate, mean
 from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed
 from cluster.merge import CommTimer, Exchange, local_parameters, merged_loss, reduce_and_clip
-from cluster.metrics import Gauges, MetricsLog, format_line, record
+from cluster.metrics import Gauges, MetricsLog, format_line
+from leviathan.records import record
 from cluster.placement import modules_for_rank
 from cluster.plan import RunPlan
 from cluster.schedule import lr_at, set_lr

@@ -181,6 +181,7 @@ def run(spec: JobSpec, *, progress: bool | None = None) -> dict[str, Any]:
     from cluster.session import init_ray
     from cluster.trainer import check_placement
     from jobs.plan import build_job_trainer, resources_of
+    from leviathan.records import done_record
 
     started = time.time()
     run_dir = spec.run_dir
@@ -216,11 +217,7 @@ def run(spec: JobSpec, *, progress: bool | None = None) -> dict[str, Any]:
         **table,
     }
     _write_text(f"{run_dir}/{RESULT_FILE}", json.dumps(out, indent=2) + "\n")
-    MetricsLog(run_dir).append([{
-        "time": time.time(), "step": spec.training.phase2_steps, "phase": "done", "module": None,
-        "member": None, "domain": None, "train_loss": None, "val_loss": None, "mixed_val_loss": None,
-        "lr": None, "tokens_per_s": None, "replayed": False,
-    }])
+    MetricsLog(run_dir).append([done_record(spec.training.phase2_steps)])
     print(format_table(table), flush=True)
     print(f"run folder: {run_dir} ({out['wall_time_s']:.0f} s)", flush=True)
     write_report(run_dir)

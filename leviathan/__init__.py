@@ -1,32 +1,48 @@
 """Leviathan: correlation-based language models and their ensembles, in pure PyTorch.
 
-No Ray, no web framework: the model library is usable on its own. The data
-modules (`leviathan.tokenizer`, `leviathan.data`) are imported on demand.
+No Ray, no web framework: the model library is usable on its own. The package
+is lazy: a name below is imported on first use, so the torch-free modules
+(`leviathan.config`, `leviathan.records`) are importable by every layer, the
+API included, without importing torch.
 """
 
-from .checkpoint import CheckpointError, load
-from .config import FLAVOURS, MERGE_MODES, MIXERS, PRESETS, ComponentConfig, EnsembleConfig
-from .correlation import CorrelationCache, MultiHeadedCorrelation
-from .ensemble import CorrelationMerger, EnsembleOutput, LeviathanEnsemble, MergeOutput
-from .model import LeviathanComponent, LeviathanComponentBase, build_component, configure_adamw
+from __future__ import annotations
 
-__all__ = [
-    "FLAVOURS",
-    "MERGE_MODES",
-    "MIXERS",
-    "PRESETS",
-    "CheckpointError",
-    "ComponentConfig",
-    "CorrelationCache",
-    "CorrelationMerger",
-    "EnsembleConfig",
-    "EnsembleOutput",
-    "LeviathanComponent",
-    "LeviathanComponentBase",
-    "LeviathanEnsemble",
-    "MergeOutput",
-    "MultiHeadedCorrelation",
-    "build_component",
-    "configure_adamw",
-    "load",
-]
+import importlib
+from typing import Any
+
+# Public name -> the submodule that defines it.
+_EXPORTS = {
+    "CheckpointError": "checkpoint",
+    "load": "loading",
+    "FLAVOURS": "config",
+    "MERGE_MODES": "config",
+    "MIXERS": "config",
+    "PRESETS": "config",
+    "ComponentConfig": "config",
+    "EnsembleConfig": "config",
+    "CorrelationCache": "correlation",
+    "MultiHeadedCorrelation": "correlation",
+    "CorrelationMerger": "ensemble",
+    "EnsembleOutput": "ensemble",
+    "LeviathanEnsemble": "ensemble",
+    "MergeOutput": "ensemble",
+    "LeviathanComponent": "model",
+    "LeviathanComponentBase": "model",
+    "build_component": "model",
+    "configure_adamw": "model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'leviathan' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

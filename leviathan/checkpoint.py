@@ -5,13 +5,13 @@
                               "sha256": "...", "bytes": N}}
     <dir>/model.safetensors  the module's state dict (tied tensors stored once)
 
-The checksum in config.json lets `load` tell a damaged weights file from a
+This module is folder I/O only: which class a folder's kind rebuilds is
+`leviathan.loading`'s business. The checksum in config.json lets a load tell a damaged weights file from a
 valid one before any tensor is read, so every failure names the file at fault.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +22,8 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from .data import sha256_file
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -29,14 +31,6 @@ WEIGHTS_FILE = "model.safetensors"
 
 class CheckpointError(ValueError):
     """A model folder that cannot be loaded; the message names the file."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_folder(module: nn.Module, directory: str | Path, kind: str, config: dict[str, Any]) -> Path:
@@ -52,7 +46,7 @@ def save_folder(module: nn.Module, directory: str | Path, kind: str, config: dic
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "config": config,
-        "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(weights), "bytes": weights.stat().st_size},
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights), "bytes": weights.stat().st_size},
     }
     tmp = folder / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -96,7 +90,7 @@ def load_folder(
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing")
     expected = meta["weights"].get("sha256")
-    if expected is not None and _sha256(weights) != expected:
+    if expected is not None and sha256_file(weights) != expected:
         raise CheckpointError(f"{weights}: corrupt (sha256 differs from {config_path.name})")
     try:
         missing, unexpected = load_model(module, str(weights), strict=False, device="cpu")
@@ -107,17 +101,3 @@ def load_folder(
             f"{weights}: does not match {config_path.name}: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
         )
     return module.to(map_location)
-
-
-def load(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load whatever the folder holds: a component or an ensemble."""
-    kind = read_meta(directory)["kind"]
-    if kind == "component":
-        from .model import LeviathanComponent
-
-        return LeviathanComponent.load(directory, map_location)
-    if kind == "ensemble":
-        from .ensemble import LeviathanEnsemble
-
-        return LeviathanEnsemble.load(directory, map_location)
-    raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: unknown kind {kind!r}")

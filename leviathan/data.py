@@ -105,17 +105,15 @@ class TokenShard:
         return f"TokenShard({str(self.path)!r}, tokens={len(self)}, dtype={self.dtype})"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
+    """The file's sha256, hex (manifests and model folders record it to detect damage)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass
 class Manifest:
-    """A prepared data folder, as described by its manifest.json (format in CONTRACTS / DESIGN 6)."""
+    """A prepared data folder, as described by its manifest.json (format in DESIGN section 6)."""
 
     root: Path
     data: dict[str, Any] = field(repr=False)

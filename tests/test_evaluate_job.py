@@ -1,4 +1,4 @@
-"""jobs.evaluate on a real run folder: a saved tiny ensemble, its tokenizer and spec (CONTRACTS "Runs on disk")."""
+"""jobs.evaluate on a real run folder: a saved tiny ensemble, its tokenizer and spec (DESIGN section 7, "Runs on disk")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The layers of DESIGN section 1: imports only go down api -> jobs -> cluster -> leviathan."""
+"""The layers of DESIGN section 1: imports only go down api -> jobs -> cluster -> leviathan,
+and the API reaches the model library only through its torch-free modules."""
 
 from __future__ import annotations
 
@@ -20,15 +21,24 @@ FORBIDDEN = {
 }
 
 
-def imported_packages(path: Path) -> set[str]:
-    """Top-level names of every absolute import in a file, lazy imports inside functions included."""
+# The model library's modules that import no torch: every layer may use them, the API included.
+TORCH_FREE = {"leviathan.config", "leviathan.records"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Full names of every absolute import in a file, lazy imports inside functions included."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
     return names
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level names of every absolute import in a file."""
+    return {name.split(".")[0] for name in imported_modules(path)}
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
@@ -39,6 +49,21 @@ def test_imports_only_go_down_the_layers(layer: str) -> None:
     }
     broken = {file: names for file, names in broken.items() if names}
     assert not broken, f"{layer}/ imports what lies above it or outside it: {broken}"
+
+
+def test_api_uses_only_the_torch_free_modules_of_the_model_library() -> None:
+    used = {
+        str(path.relative_to(ROOT)): sorted(n for n in imported_modules(path) if n.split(".")[0] == "leviathan")
+        for path in sorted((ROOT / "api").rglob("*.py"))
+    }
+    broken = {file: names for file, names in used.items() if set(names) - TORCH_FREE}
+    assert not broken, f"api/ imports model-library modules that need torch: {broken}"
+
+
+def test_torch_free_modules_import_without_torch() -> None:
+    code = f"import sys, {', '.join(sorted(TORCH_FREE))}; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"the torch-free modules pulled in {out.stdout.strip()}"
 
 
 def test_model_library_imports_without_ray_or_web_stack() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.metrics import RECORD_FIELDS
+from leviathan.records import RECORD_FIELDS
 from jobs import train
 from jobs.spec import SpecError
 from tests.scripts.common import builtin_manifest, tiny_spec, write_spec
