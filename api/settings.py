@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     max_modules: int = Field(16, ge=1)
     max_steps: int = Field(1_000_000, ge=0, description="Per phase: phase1_steps and phase2_steps each.")
     max_seq_len: int = Field(4096, ge=2)
+    max_member_params: int = Field(
+        1_000_000_000, ge=1, description="Parameters of one member (its preset and sizes, at the data's vocabulary)."
+    )
     max_concurrent_jobs: int = Field(4, ge=0, description="Leviathan jobs PENDING or RUNNING at once.")
 
     @field_validator("ray_address", "dashboard_url")

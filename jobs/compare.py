@@ -28,8 +28,7 @@ from typing import Any
 
 from jobs.evaluate import DEFAULT_MAX_BATCHES, add_twin, evaluate_run, write_reports
 from jobs.spec import JobSpec, format_validation_error, load_spec
-
-MIXERS = ("correlation", "attention")
+from leviathan.config import MIXERS
 
 
 class CompareError(ValueError):

@@ -14,9 +14,7 @@ from typing import Any
 
 from cluster.plan import Resources, RunPlan, Training
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, check_manifest, resolve_manifest_path
-
-DEFAULT_BLOCK_SIZE = 256
-
+from leviathan.config import EnsembleConfig
 
 def resolve_data(spec: JobSpec) -> tuple[Path, list[str]]:
     """(manifest path, module i's domain for every module), checked before any worker starts.
@@ -37,34 +35,10 @@ def resolve_data(spec: JobSpec) -> tuple[Path, list[str]]:
     return resolve_manifest_path(spec.data.manifest), list(domains)
 
 
-def ensemble_config(spec: JobSpec, vocab_size: int):
-    """The spec's ensemble as a model-library `EnsembleConfig` (members module-major).
-
-    Members accept contexts of at least `training.seq_len` tokens (block size
-    max(256, seq_len)) so a model trained on long windows can still generate
-    past them.
-    """
-    from leviathan.config import ComponentConfig, EnsembleConfig
-
-    e = spec.ensemble
-    block = max(DEFAULT_BLOCK_SIZE, spec.training.seq_len)
-    members = [
-        ComponentConfig.preset(
-            m.preset, flavour=m.flavour, mixer=e.mixer, window=e.window,
-            vocab_size=vocab_size, block_size=block,
-        )
-        for m in e.member_specs()
-    ]
-    return EnsembleConfig(
-        members=members,
-        modules=e.modules,
-        members_per_module=e.members_per_module,
-        merge=e.merge,
-        merge_width=e.merge_width,
-        merge_heads=e.merge_heads,
-        merge_window=e.effective_merge_window,
-        mixer=e.mixer,
-    )
+def ensemble_config(spec: JobSpec, vocab_size: int) -> EnsembleConfig:
+    """The spec's ensemble as a model-library `EnsembleConfig` (members module-major,
+    context `spec.block_size`)."""
+    return spec.ensemble.to_config(vocab_size, spec.block_size)
 
 
 def resources_of(spec: JobSpec) -> Resources:

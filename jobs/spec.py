@@ -1,8 +1,9 @@
 """The JobSpec: one typed, validated description of a training job.
 
 The API validates a spec before it touches Ray and the job entrypoint reads the
-same spec, so this module imports neither torch nor Ray (only pydantic and the
-standard library). Every model refuses unknown keys, so a typo in a spec is an
+same spec, so this module imports neither torch nor Ray (only pydantic, the
+standard library and the model library's torch-free `leviathan.config`, whose
+choices and checks it reuses). Every model refuses unknown keys, so a typo in a spec is an
 error naming the field, not a silently ignored setting.
 """
 
@@ -16,16 +17,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Preset = Literal["tiny", "small", "base"]
-Flavour = Literal["gelu4", "relu3", "leaky6"]
-Mixer = Literal["correlation", "attention"]
-MergeMode = Literal["fusion", "mixture"]
+from leviathan.config import BYTE_VOCAB_SIZE, FLAVOURS, MERGE_MODES, MIXERS, PRESETS, SIZE_FIELDS, ComponentConfig, EnsembleConfig
+
+# The model library's choices (torch-free `leviathan.config`), as the schema's enums.
+Preset = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+Flavour = Literal[FLAVOURS]  # type: ignore[valid-type]
+Mixer = Literal[MIXERS]  # type: ignore[valid-type]
+MergeMode = Literal[MERGE_MODES]  # type: ignore[valid-type]
 TokenizerKind = Literal["byte", "bpe"]
 
 BUILTIN_MANIFEST = "builtin"
 """`data.manifest = "builtin"`: the built-in corpus, prepared on first use."""
 
 RUN_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+DEFAULT_BLOCK_SIZE = 256
 
 
 def default_home() -> Path:
@@ -56,8 +61,29 @@ class DataSpec(StrictModel):
 
 
 class MemberSpec(StrictModel):
-    preset: Preset = "tiny"
+    """One member: a preset, sizes beside it (overriding it), or sizes instead of one."""
+
+    preset: Preset | None = Field("tiny", description="Named size; null: n_layer, n_head and n_embd give the size.")
     flavour: Flavour = "gelu4"
+    n_layer: int | None = Field(None, description="Blocks (overrides the preset's).")
+    n_head: int | None = Field(None, description="Heads per block (overrides the preset's); must divide n_embd.")
+    n_embd: int | None = Field(None, description="Width (overrides the preset's).")
+    dropout: float | None = Field(None, description="Dropout in [0, 1) (default 0).")
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "MemberSpec":
+        if self.preset is None:
+            missing = [f for f in ("n_layer", "n_head", "n_embd") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"{missing[0]}: required when no preset is given")
+        self.component_config()  # ComponentConfig's own checks, message naming the field
+        return self
+
+    def component_config(self, **fields: Any) -> ComponentConfig:
+        """This member as a model-library config; `fields` sets the rest (mixer, window, vocab_size, ...)."""
+        sizes = {f: getattr(self, f) for f in SIZE_FIELDS if getattr(self, f) is not None}
+        base = PRESETS[self.preset] if self.preset is not None else {}
+        return ComponentConfig(**{**base, **sizes, "flavour": self.flavour, **fields})
 
 
 class EnsembleSpec(StrictModel):
@@ -79,27 +105,36 @@ class EnsembleSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "EnsembleSpec":
-        total = self.modules * self.members_per_module
-        if len(self.members) not in (self.members_per_module, total):
-            raise ValueError(
-                f"members: expected {self.members_per_module} (one per member slot) or {total} "
-                f"(modules * members_per_module) entries, got {len(self.members)}"
-            )
-        if self.merge_width % self.merge_heads:
-            raise ValueError(
-                f"merge_width: {self.merge_width} is not divisible by merge_heads={self.merge_heads}"
-            )
+        self.to_config()  # EnsembleConfig's own checks (member count, merge_width / merge_heads)
         return self
+
+    def to_config(self, vocab_size: int = BYTE_VOCAB_SIZE, block_size: int = DEFAULT_BLOCK_SIZE) -> EnsembleConfig:
+        """The model library's `EnsembleConfig` of this ensemble (members module-major)."""
+        members = [
+            m.component_config(mixer=self.mixer, window=self.window, vocab_size=vocab_size, block_size=block_size)
+            for m in self.members
+        ]
+        return EnsembleConfig(
+            members=members,
+            modules=self.modules,
+            members_per_module=self.members_per_module,
+            merge=self.merge,
+            merge_width=self.merge_width,
+            merge_heads=self.merge_heads,
+            merge_window=self.effective_merge_window,
+            mixer=self.mixer,
+        )
+
+    def member_params(self, vocab_size: int, block_size: int) -> list[int]:
+        """Parameter count of each entry of `members`, counted without building a model."""
+        return [
+            m.component_config(mixer=self.mixer, window=self.window, vocab_size=vocab_size, block_size=block_size).num_params
+            for m in self.members
+        ]
 
     @property
     def num_members(self) -> int:
         return self.modules * self.members_per_module
-
-    def member_specs(self) -> list[MemberSpec]:
-        """All members in module-major order (member j of module i at i * members_per_module + j)."""
-        if len(self.members) == self.num_members:
-            return list(self.members)
-        return [m for _ in range(self.modules) for m in self.members]
 
     @property
     def effective_merge_window(self) -> int:
@@ -129,8 +164,18 @@ class ResourcesSpec(StrictModel):
     workers: int | None = Field(None, ge=1, le=64, description="Ray Train workers; default: one per module.")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0, le=256)
-    gpus_per_worker: float = Field(1.0, gt=0, le=16)
+    gpus_per_worker: float = Field(
+        1.0, gt=0, le=16, description="Must be 1 with use_gpu: one GPU per worker (NCCL refuses shared ones)."
+    )
     max_failures: int = Field(2, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _check_gpus(self) -> "ResourcesSpec":
+        if self.use_gpu and self.gpus_per_worker != 1:
+            raise ValueError(
+                f"gpus_per_worker: must be 1 with use_gpu (one GPU per worker), got {self.gpus_per_worker:g}"
+            )
+        return self
 
 
 class JobSpec(StrictModel):
@@ -163,6 +208,12 @@ class JobSpec(StrictModel):
     @property
     def num_workers(self) -> int:
         return self.resources.workers or self.ensemble.modules
+
+    @property
+    def block_size(self) -> int:
+        """Members' context: at least `training.seq_len` tokens (max(256, seq_len)), so a
+        model trained on long windows can still generate past them."""
+        return max(DEFAULT_BLOCK_SIZE, self.training.seq_len)
 
     @property
     def run_dir(self) -> str:

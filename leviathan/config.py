@@ -10,8 +10,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-FLAVOURS = ("gelu4", "relu3", "leaky6")
+MLP_WIDTH: dict[str, int] = {"gelu4": 4, "relu3": 3, "leaky6": 6}
+"""flavour -> the MLP's hidden width as a multiple of n_embd."""
+
+FLAVOURS = tuple(MLP_WIDTH)
 """MLP flavours: activation + hidden width multiplier (GELU x4, ReLU x3, LeakyReLU x6)."""
+
+BYTE_VOCAB_SIZE = 260
+"""The byte tokenizer's vocabulary: 256 bytes and 4 special tokens."""
+
+SIZE_FIELDS = ("n_layer", "n_head", "n_embd", "dropout")
+"""A component's size settings: what a preset sets (dropout 0) and a spec may override."""
 
 MIXERS = ("correlation", "attention")
 """Token mixers: lagged multi-headed correlation, or its baseline twin, causal attention."""
@@ -56,7 +65,7 @@ class ComponentConfig:
     + 2*C (norms) + H*w (lag weights, correlation only)) + C (final norm).
     """
 
-    vocab_size: int = 260
+    vocab_size: int = BYTE_VOCAB_SIZE
     block_size: int = 256
     n_layer: int = 2
     n_head: int = 4
@@ -88,6 +97,23 @@ class ComponentConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def num_params(self) -> int:
+        """The model's parameter count, without building it (torch-free; the API limits it).
+
+        Per block: ln_1, ln_2 (C each), c_attn (3C^2), c_proj (C^2), MLP (2rC^2),
+        lag weights (H*w, correlation only); plus wte (V*C, tied with the LM head),
+        wpe (P*C) and ln_f (C). With bias: LayerNorms and Linears add their biases.
+        """
+        C, r = self.n_embd, MLP_WIDTH[self.flavour]
+        block = 2 * C + 4 * C * C + 2 * r * C * C
+        if self.mixer == "correlation":
+            block += self.n_head * self.window
+        if self.bias:
+            block += 2 * C + 3 * C + C + r * C + C
+        final = 2 * C if self.bias else C
+        return (self.vocab_size + self.block_size) * C + self.n_layer * block + final
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ComponentConfig":

@@ -23,21 +23,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import load_folder, save_folder
-from .config import ComponentConfig
+from .config import MLP_WIDTH, ComponentConfig
 from .correlation import CorrelationCache, MultiHeadedCorrelation
 
-FLAVOUR_MLP: dict[str, tuple[int, Callable[[], nn.Module]]] = {
-    "gelu4": (4, nn.GELU),
-    "relu3": (3, nn.ReLU),
-    "leaky6": (6, nn.LeakyReLU),
+FLAVOUR_ACTIVATION: dict[str, Callable[[], nn.Module]] = {
+    "gelu4": nn.GELU,
+    "relu3": nn.ReLU,
+    "leaky6": nn.LeakyReLU,
 }
-"""flavour -> (hidden width multiplier, activation)."""
+"""flavour -> the MLP's activation (its hidden width multiplier is `config.MLP_WIDTH`)."""
 
 
 class MLP(nn.Module):
     def __init__(self, config: ComponentConfig) -> None:
         super().__init__()
-        mult, act = FLAVOUR_MLP[config.flavour]
+        mult, act = MLP_WIDTH[config.flavour], FLAVOUR_ACTIVATION[config.flavour]
         self.c_fc = nn.Linear(config.n_embd, mult * config.n_embd, bias=config.bias)
         self.act = act()
         self.c_proj = nn.Linear(mult * config.n_embd, config.n_embd, bias=config.bias)
@@ -136,7 +136,7 @@ def generate_cached(
 class LeviathanComponentBase(nn.Module):
     """What every Leviathan flavour shares: embeddings, the block stack, final norm, LM head.
 
-    Subclasses provide `make_block(config, layer)`. Shapes: idx (B, T) int64,
+    Subclasses provide `make_block(config)`. Shapes: idx (B, T) int64,
     T <= block_size; hidden (B, T, n_embd); logits (B, T, vocab_size).
     """
 
@@ -146,7 +146,7 @@ class LeviathanComponentBase(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(self.make_block(config, i) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(self.make_block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (nanoGPT)
@@ -156,8 +156,8 @@ class LeviathanComponentBase(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def make_block(self, config: ComponentConfig, layer: int) -> nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} must define make_block(config, layer)")
+    def make_block(self, config: ComponentConfig) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must define make_block(config)")
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -258,7 +258,7 @@ class LeviathanComponentBase(nn.Module):
 class LeviathanComponent(LeviathanComponentBase):
     """The standard Leviathan component: every block is `Block(config)` (flavour from the config)."""
 
-    def make_block(self, config: ComponentConfig, layer: int) -> nn.Module:
+    def make_block(self, config: ComponentConfig) -> nn.Module:
         return Block(config)
 
 

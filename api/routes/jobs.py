@@ -34,6 +34,7 @@ from api.schemas import (
 )
 from api.settings import Settings
 from jobs.spec import JobSpec, SpecError, check_manifest
+from leviathan.config import BYTE_VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,21 @@ def _check_storage(spec: JobSpec, settings: Settings) -> str | dict:
     return norm
 
 
+def _member_size_errors(spec: JobSpec, manifest: dict | None, limit: int) -> list[dict]:
+    """`ensemble.members.<i>` over the per-member parameter limit, counted at the data's
+    vocabulary (the byte vocabulary while the built-in corpus is not prepared yet)."""
+    vocab = manifest["vocab_size"] if manifest else BYTE_VOCAB_SIZE
+    return [
+        _field_error(
+            ("ensemble", "members", i),
+            f"Input should have at most {limit} parameters (this API's max_member_params), has {n}",
+            n, "less_than_equal",
+        )
+        for i, n in enumerate(spec.ensemble.member_params(vocab, spec.block_size))
+        if n > limit
+    ]
+
+
 def validate_for_submission(spec: JobSpec, settings: Settings) -> JobSpec:
     """Everything short of Ray: storage root, the API's limits, the data manifest.
 
@@ -108,11 +124,13 @@ def validate_for_submission(spec: JobSpec, settings: Settings) -> JobSpec:
             ))
     if not errors:
         try:
-            check_manifest(spec)
+            manifest = check_manifest(spec)
         except SpecError as e:
             field, _, msg = str(e).partition(": ")
             loc = tuple(field.split(".")) if msg and " " not in field else ("data", "manifest")
             errors.append(_field_error(loc, msg or str(e), None))
+        else:
+            errors.extend(_member_size_errors(spec, manifest, settings.max_member_params))
     if errors:
         raise RequestValidationError(errors)
     return spec.model_copy(update={"storage": storage})
