@@ -1,7 +1,7 @@
 """Build the one `TorchTrainer` of a job, and refuse jobs the cluster cannot place.
 
     TorchTrainer(train_loop_per_worker,
-                 train_loop_config={"plan": RunPlan, "metrics_dir": folder of metrics.jsonl, "profile": bool},
+                 train_loop_config={"plan": RunPlan, "metrics_dir": folder of metrics.jsonl, "profile": bool, "verbose": bool},
                  scaling_config=ScalingConfig(num_workers=W, use_gpu=..., resources_per_worker=...),
                  run_config=RunConfig(name="checkpoints", storage_path=<run dir>, failure_config=..., checkpoint_config=...),
                  torch_config=TorchConfig(backend="gloo" | "nccl"))
@@ -65,6 +65,7 @@ def build_trainer(
     storage_path: str | None = None,
     callbacks: list | None = None,
     profile: bool = False,
+    verbose: bool = False,
 ):
     """The job's `ray.train.torch.TorchTrainer`.
 
@@ -72,12 +73,14 @@ def build_trainer(
     `<plan.run_dir>`. With `run_name` (one trainer per Tune trial), checkpoints
     and metrics.jsonl both go to `<storage_path or plan.run_dir>/<run_name>`.
     `profile` (benchmarks) times phase-2 steps and their collectives and adds
-    the medians to the last report's metrics under "profile".
+    the medians to the last report's metrics under "profile". `verbose` shows
+    Ray Train's own per-report and checkpoint INFO lines (cluster.verbosity).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.session import configure_train_env
+    from cluster.verbosity import ray_train_log_level
     from cluster.worker import train_loop_per_worker
 
     configure_train_env()
@@ -90,7 +93,7 @@ def build_trainer(
     r = plan.resources
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan, "metrics_dir": metrics_dir, "profile": profile},
+        train_loop_config={"plan": plan, "metrics_dir": metrics_dir, "profile": profile, "verbose": verbose},
         scaling_config=ScalingConfig(
             num_workers=r.num_workers,
             use_gpu=r.use_gpu,
@@ -104,6 +107,7 @@ def build_trainer(
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=ray_train_log_level(verbose)),
         ),
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
     )

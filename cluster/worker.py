@@ -44,6 +44,7 @@ from leviathan.records import record
 from cluster.placement import modules_for_rank
 from cluster.plan import RunPlan
 from cluster.schedule import lr_at, set_lr
+from cluster.verbosity import quiet_report_lines
 from leviathan.data import BatchSampler, MixedBatchSampler, eval_batches, load_manifest
 
 # Ray Train configures the workers' root logger (INFO, to the job's logs); a
@@ -54,7 +55,9 @@ FINAL_TABLE_FILE = "final_table.json"
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. config: {"plan": the job's RunPlan,
-    "metrics_dir": folder of metrics.jsonl, "profile": time phase-2 steps (benchmarks)}."""
+    "metrics_dir": folder of metrics.jsonl, "profile": time phase-2 steps (benchmarks),
+    "verbose": show Ray Train's per-report lines}."""
+    quiet_report_lines(bool(config.get("verbose", False)))
     EnsembleWorker(config["plan"], config["metrics_dir"], bool(config.get("profile", False))).run()
 
 

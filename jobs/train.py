@@ -175,8 +175,10 @@ def format_table(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(spec: JobSpec, *, progress: bool | None = None) -> dict[str, Any]:
-    """Run a whole job (prepare, fit, final/, evaluation table) and return the result dict."""
+def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run a whole job (prepare, fit, final/, evaluation table) and return the result dict.
+
+    `verbose` shows Ray Train's own per-report and checkpoint INFO lines too."""
     from cluster.metrics import MetricsLog, ProgressBar
     from cluster.session import init_ray
     from cluster.trainer import check_placement
@@ -191,7 +193,7 @@ def run(spec: JobSpec, *, progress: bool | None = None) -> dict[str, Any]:
     check_placement(resources_of(spec), spec.name)
     _write_text(f"{run_dir}/spec.json", spec.to_json() + "\n")
 
-    trainer = build_job_trainer(spec)
+    trainer = build_job_trainer(spec, verbose=verbose)
     if progress is None:
         progress = sys.stderr.isatty() and not _is_uri(run_dir)
     from ray.train import TrainingFailedError
@@ -218,9 +220,9 @@ def run(spec: JobSpec, *, progress: bool | None = None) -> dict[str, Any]:
     }
     _write_text(f"{run_dir}/{RESULT_FILE}", json.dumps(out, indent=2) + "\n")
     MetricsLog(run_dir).append([done_record(spec.training.phase2_steps)])
+    write_report(run_dir)
     print(format_table(table), flush=True)
     print(f"run folder: {run_dir} ({out['wall_time_s']:.0f} s)", flush=True)
-    write_report(run_dir)
     return out
 
 
@@ -248,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="override the spec's storage (runs go to <storage>/<name>)")
     p.add_argument("--name", default=None, help="override the spec's run name")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="also show Ray Train's per-report and checkpoint log lines")
     return p
 
 
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         spec = with_overrides(load_spec(args.spec), name=args.name, storage=args.storage)
-        run(spec, progress=False if args.no_progress else None)
+        run(spec, progress=False if args.no_progress else None, verbose=args.verbose)
     except ValueError as e:  # SpecError, PlacementError, data errors: the job cannot start
         print(f"leviathan train: error: {e}", file=sys.stderr)
         return 2

@@ -55,7 +55,7 @@ def test_a_real_train_worker_runs_the_plan_without_importing_jobs(ray_cluster, m
         resources={"workers": 1},
     )
     built = build_trainer(build_plan(spec))
-    assert set(built.train_loop_config) == {"plan", "metrics_dir", "profile"}
+    assert set(built.train_loop_config) == {"plan", "metrics_dir", "profile", "verbose"}
     assert isinstance(built.train_loop_config["plan"], RunPlan)
     assert isinstance(built.train_loop_config["plan"].training, Training)
 
