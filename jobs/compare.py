@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.evaluate import DEFAULT_MAX_BATCHES, add_twin, evaluate_run, write_reports
-from jobs.spec import JobSpec, format_validation_error, load_spec
+from jobs.spec import JobSpec, SpecError, load_spec, with_values
 from leviathan.config import MIXERS
 
 
@@ -47,15 +47,10 @@ def parse_mixers(text: str) -> list[str]:
 
 def spec_for_mixer(spec: JobSpec, mixer: str) -> JobSpec:
     """The same spec with `ensemble.mixer` set and its own run name `<name>-<mixer>`."""
-    from pydantic import ValidationError
-
-    data = spec.model_dump()
-    data["ensemble"]["mixer"] = mixer
-    data["name"] = f"{spec.name}-{mixer}"
     try:
-        return JobSpec.model_validate(data)
-    except ValidationError as e:
-        raise CompareError(f"spec for mixer {mixer}: {format_validation_error(e)}") from None
+        return with_values(spec, {"ensemble.mixer": mixer, "name": f"{spec.name}-{mixer}"})
+    except SpecError as e:
+        raise CompareError(f"spec for mixer {mixer}: {e}") from None
 
 
 def _read_metrics(run_dir: str) -> list[dict[str, Any]]:

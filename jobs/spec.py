@@ -9,6 +9,7 @@ error naming the field, not a silently ignored setting.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tomllib
@@ -255,6 +256,26 @@ def format_validation_error(err: ValidationError) -> str:
         loc = ".".join(str(x) for x in e["loc"]) or "spec"
         lines.append(f"{loc}: {e['msg']}")
     return "; ".join(lines)
+
+
+def with_values(spec: JobSpec | dict[str, Any], values: dict[str, Any]) -> JobSpec:
+    """A spec (or a spec dict) with dotted fields set, e.g. {"training.lr": 1e-3, "name": "x"},
+    validated like a spec file. Raises SpecError naming the field."""
+    data = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else copy.deepcopy(spec)
+    for name, value in values.items():
+        *path, leaf = name.split(".")
+        node = data
+        for i, key in enumerate(path):
+            if not isinstance(node.get(key), dict):
+                raise SpecError(f"{name}: the spec has no section {'.'.join(path[: i + 1])!r}")
+            node = node[key]
+        if leaf not in node:
+            raise SpecError(f"{name}: the spec has no field {name!r}")
+        node[leaf] = value
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e)) from None
 
 
 def load_spec(path: str | os.PathLike) -> JobSpec:

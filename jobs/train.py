@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, format_validation_error, load_spec
+from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec, with_values
 
 DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "demo.toml"
 RESULT_FILE = "train_result.json"
@@ -73,21 +73,6 @@ def _upload_folder(local: Path, dest: str) -> None:
 
     fs, p = pafs.FileSystem.from_uri(dest)
     pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def with_overrides(spec: JobSpec, *, name: str | None = None, storage: str | None = None) -> JobSpec:
-    """The spec with --name / --storage applied (validated like the file itself)."""
-    data = spec.model_dump(mode="json")
-    if name is not None:
-        data["name"] = name
-    if storage is not None:
-        data["storage"] = storage
-    from pydantic import ValidationError
-
-    try:
-        return JobSpec.model_validate(data)
-    except ValidationError as e:
-        raise SpecError(format_validation_error(e)) from None
 
 
 def prepare_data(spec: JobSpec) -> tuple[Path, list[str]]:
@@ -257,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        spec = with_overrides(load_spec(args.spec), name=args.name, storage=args.storage)
+        overrides = {"name": args.name, "storage": args.storage}
+        spec = with_values(load_spec(args.spec), {k: v for k, v in overrides.items() if v is not None})
         run(spec, progress=False if args.no_progress else None, verbose=args.verbose)
     except ValueError as e:  # SpecError, PlacementError, data errors: the job cannot start
         print(f"leviathan train: error: {e}", file=sys.stderr)

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import BUILTIN_MANIFEST, JobSpec, format_validation_error, load_spec
+from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec, with_values
+from leviathan.tables import markdown_table
 
 METRIC = "mixed_val_loss"
 ALIASES = {
@@ -130,30 +131,12 @@ def parse_param(text: str) -> Param:
     return Param(name, kind, args)
 
 
-def set_dotted(data: dict[str, Any], name: str, value: Any) -> None:
-    """data["a"]["b"] = value for name "a.b"; the field must exist in the spec."""
-    *path, leaf = name.split(".")
-    node = data
-    for i, key in enumerate(path):
-        if not isinstance(node.get(key), dict):
-            raise TuneError(f"--param {name}: the spec has no section {'.'.join(path[: i + 1])!r}")
-        node = node[key]
-    if leaf not in node:
-        raise TuneError(f"--param {name}: the spec has no field {name!r}")
-    node[leaf] = value
-
-
 def trial_spec(base: dict[str, Any], values: dict[str, Any]) -> JobSpec:
     """The base spec (a JobSpec dict) with the trial's values set, validated."""
-    from pydantic import ValidationError
-
-    data = json.loads(json.dumps(base))
-    for name, value in values.items():
-        set_dotted(data, name, value)
     try:
-        return JobSpec.model_validate(data)
-    except ValidationError as e:
-        raise TuneError(f"{', '.join(f'{k}={v!r}' for k, v in values.items())}: {format_validation_error(e)}") from None
+        return with_values(base, values)
+    except SpecError as e:
+        raise TuneError(f"{', '.join(f'{k}={v!r}' for k, v in values.items())}: {e}") from None
 
 
 def check_params(spec: JobSpec, params: list[Param]) -> None:
@@ -236,9 +219,7 @@ def format_results(rows: list[dict[str, Any]], params: list[Param]) -> str:
         loss = "-" if r[METRIC] is None else f"{r[METRIC]:.4f}"
         vals = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in r["params"].values()]
         body.append([str(i), r["trial_id"], r["status"], *vals, loss, str(r["reports"]), f"{r['phase']}/{r['step']}"])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)] if body else [len(h) for h in header]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(b) for b in body)])
+    return markdown_table(header, body)
 
 
 def _strip_none(x: Any) -> Any:

@@ -2,7 +2,7 @@
 
 No Ray, no web framework: the model library is usable on its own. The package
 is lazy: a name below is imported on first use, so the torch-free modules
-(`leviathan.config`, `leviathan.records`) are importable by every layer, the
+(`leviathan.config`, `leviathan.records`, `leviathan.tables`) are importable by every layer, the
 API included, without importing torch.
 """
 
