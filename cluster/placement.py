@@ -37,21 +37,6 @@ def modules_for_rank(rank: int, world_size: int, modules: int) -> list[int]:
     return list(range(start, start + count))
 
 
-def rank_of_module(module: int, world_size: int, modules: int) -> int:
-    """The rank that hosts `module`."""
-    if not 0 <= module < modules:
-        raise ValueError(f"module {module} out of range 0..{modules - 1}")
-    for rank in range(world_size):
-        if module in modules_for_rank(rank, world_size, modules):
-            return rank
-    raise AssertionError("unreachable: every module has a rank")
-
-
-def max_modules_per_rank(world_size: int, modules: int) -> int:
-    """ceil(modules / world_size): the most modules any rank hosts (the gather's padded size)."""
-    return -(-modules // world_size)
-
-
 def members_for_rank(rank: int, world_size: int, modules: int, members_per_module: int) -> list[int]:
     """Indices (module-major) of the members rank `rank` hosts."""
     return [

@@ -235,11 +235,6 @@ class LeviathanComponentBase(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def configure_optimizer(
-        self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
-    ) -> torch.optim.AdamW:
-        return configure_adamw(self, lr, weight_decay, betas)
-
     def save(self, directory: str | Path) -> Path:
         """Write config.json + model.safetensors into `directory`."""
         return save_folder(self, directory, "component", self.config.to_dict())

@@ -28,7 +28,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, Union
 
-import numpy as np
 
 SPECIAL_TOKENS = ("<|eos|>", "<|pad|>", "<|bos|>", "<|sep|>")
 TOKENIZER_FILE = "tokenizer.json"
@@ -74,10 +73,6 @@ class ByteTokenizer:
     def encode(self, text: str | bytes) -> list[int]:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         return list(data)
-
-    def encode_array(self, data: bytes) -> np.ndarray:
-        """The fast path for the data pipeline: bytes -> (n,) uint8 token ids, no copy."""
-        return np.frombuffer(data, dtype=np.uint8)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Exact bytes of the byte tokens; special tokens are dropped."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from leviathan import CheckpointError, ComponentConfig, LeviathanComponent, LeviathanComponentBase, build_component
+from leviathan import CheckpointError, ComponentConfig, LeviathanComponent, LeviathanComponentBase, build_component, configure_adamw
 from leviathan import load as load_any
 
 BASE_PARAMS_VOCAB_260 = 154_047_200
@@ -159,7 +159,7 @@ def test_generate_rejects_bad_arguments() -> None:
 
 def test_optimizer_decays_matrices_only() -> None:
     model = tiny()
-    opt = model.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    opt = configure_adamw(model, lr=1e-3, weight_decay=0.1)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"])
@@ -170,7 +170,7 @@ def test_optimizer_decays_matrices_only() -> None:
 
 def test_a_few_steps_learn_a_repeated_sequence() -> None:
     model = tiny(block_size=32)
-    opt = model.configure_optimizer(lr=3e-3, weight_decay=0.0)
+    opt = configure_adamw(model, lr=3e-3, weight_decay=0.0)
     seq = torch.randint(0, 260, (1, 33)).repeat(4, 1)
     x, y = seq[:, :-1], seq[:, 1:]
     first = None
