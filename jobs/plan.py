@@ -16,6 +16,7 @@ from cluster.plan import Resources, RunPlan, Training
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, check_manifest, resolve_manifest_path
 from leviathan.config import EnsembleConfig
 
+
 def resolve_data(spec: JobSpec) -> tuple[Path, list[str]]:
     """(manifest path, module i's domain for every module), checked before any worker starts.
 
