@@ -113,6 +113,18 @@ class Exchange:
             timer.add("gather", timer.sync() - t0)
         return torch.cat([p[:c] for p, c in zip(parts, self.counts)])
 
+    def gather_rows(self, local: torch.Tensor, batch: int) -> torch.Tensor:
+        """Stack every rank's rows R_r (|R_r|, ...) back into the whole batch (B, ...) (no gradient)."""
+        if self.world_size == 1:
+            return local
+        sizes = [len(range(batch)[row_slice(r, self.world_size, batch)]) for r in range(self.world_size)]
+        pad = max(sizes) - local.shape[0]
+        if pad:
+            local = torch.cat([local, local.new_zeros(pad, *local.shape[1:])])
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
 
 def _time_backward(local: torch.Tensor, parts: Sequence[torch.Tensor], timer: CommTimer) -> None:
     """Time the gather's backward (a reduce-scatter / all-to-all): from the moment

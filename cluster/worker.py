@@ -44,6 +44,7 @@ from cluster.placement import modules_for_rank
 from cluster.schedule import lr_at, set_lr
 from leviathan.config import EnsembleConfig
 from leviathan.data import BatchSampler, MixedBatchSampler, eval_batches, load_manifest
+from leviathan.evaluation import default_prefix_tokens
 
 # Ray Train configures the workers' root logger (INFO, to the job's logs); a
 # print() there is teed to stdout and the logger, so each line would show twice.
@@ -127,10 +128,12 @@ class EnsembleWorker:
             [manifest.shard(d, "train") for d in self.domains[: spec.ensemble.modules]],
             B, T, seed=derived_seed(spec.seed, "mixed"),
         )
+        # The same windows and dev prefix `jobs.evaluate` scores by default.
         self.val_sets = {
             d: eval_batches(manifest.shard(d, "val"), B, T, self.t.eval_batches)
             for d in self.domains[: spec.ensemble.modules]
         }
+        self.prefix_tokens = default_prefix_tokens(T)
         self.metrics = MetricsLog(config["metrics_dir"]) if self.rank == 0 else None
         self.logged = self.metrics.logged_steps() if self.metrics else {}
         self.gauges = Gauges(spec.name)
@@ -252,7 +255,10 @@ class EnsembleWorker:
 
     def evaluate_and_log(self, phase: str, step: int, lr: float | None, elapsed: float, final: bool) -> dict[str, Any]:
         merger = self.merger if phase == "merge" else None
-        result = evaluate(self.members, merger, self.val_sets, self.exchange, self.device, self.autocast)
+        result = evaluate(
+            self.members, self.config.member_names, merger, self.val_sets, self.prefix_tokens,
+            self.exchange, self.device, self.autocast,
+        )
         tokens = self.interval_steps * self.t.batch_size * self.t.seq_len
         tps = tokens / elapsed if elapsed > 0 and self.interval_steps else None
         replayed = step <= self.logged.get(phase, -1)
@@ -260,12 +266,12 @@ class EnsembleWorker:
         if phase == "members" or self.t.joint or final:
             for module in self.modules:
                 for m in module.members:
-                    losses = result.members[m.name]
+                    losses = result.by_domain(m.name)
                     train = self.losses.get(m.name)
                     mine.append(record(
                         step=step, phase=phase, module=module.index, member=m.name, domain=module.domain,
                         train_loss=mean(train) if train else None, val_loss=losses[module.domain],
-                        mixed_val_loss=mean(list(losses.values())), lr=lr if phase == "members" else None,
+                        mixed_val_loss=result.mixed(m.name), lr=lr if phase == "members" else None,
                         tokens_per_s=tps if phase == "members" else None, replayed=replayed,
                         val_by_domain=losses,
                     ))
@@ -278,25 +284,27 @@ class EnsembleWorker:
         else:
             everyone = [mine]
         records = [dict(r, replayed=replayed) for part in everyone for r in part]
-        records.append(record(step=step, phase=phase, member="uniform", mixed_val_loss=mean(list(result.uniform.values())),
-                              replayed=replayed, val_by_domain=result.uniform))
-        if result.merged is not None:
+        records.append(record(step=step, phase=phase, member="uniform", mixed_val_loss=result.mixed("uniform"),
+                              replayed=replayed, val_by_domain=result.by_domain("uniform")))
+        if merger is not None:
             train = self.losses.get("merger")
             records.append(record(
                 step=step, phase=phase, member="merger", train_loss=mean(train) if train else None,
-                mixed_val_loss=mean(list(result.merged.values())), lr=lr, tokens_per_s=tps,
-                replayed=replayed, val_by_domain=result.merged,
+                mixed_val_loss=result.mixed("merged"), lr=lr, tokens_per_s=tps,
+                replayed=replayed, val_by_domain=result.by_domain("merged"),
             ))
         summary = summarise(records)
         if self.rank != 0:
             return summary
-        for r in records[len(records) - (2 if result.merged is not None else 1):]:
+        for r in records[len(records) - (2 if merger is not None else 1):]:
             self.gauges.update(r)
             self.log(format_line(r))
         lines = records
         if final:
             lines = records + [dict(r, phase="final", lr=None, tokens_per_s=None, train_loss=None) for r in records]
-            self.final_table = final_table(records, self.domains[: self.spec.ensemble.modules], self.spec)
+            posterior = record(step=step, phase="final", member="posterior", mixed_val_loss=result.mixed("posterior"),
+                               val_by_domain=result.by_domain("posterior"))
+            self.final_table = final_table(records + [posterior], self.domains[: self.spec.ensemble.modules], self.spec)
         self.metrics.append([{k: v for k, v in r.items() if k != "val_by_domain"} for r in lines])
         return summary
 
@@ -354,7 +362,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Flat figures for `ray.train.report` (what Ray Tune sees): the current model's
     mixed val loss is the merger's in phase 2 and the uniform mixture's in phase 1."""
     by = {r["member"]: r for r in records}
-    members = [r for r in records if r["member"] not in ("uniform", "merger")]
+    members = [r for r in records if r["module"] is not None]
     out: dict[str, Any] = {"uniform_mixed_val_loss": by["uniform"]["mixed_val_loss"]}
     if members:
         out["best_member_mixed_val_loss"] = min(r["mixed_val_loss"] for r in members)
@@ -370,12 +378,14 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def final_table(records: list[dict[str, Any]], domains: list[str], spec: Any) -> dict[str, Any]:
     """The job's closing evaluation: every member on its own domain and on the mixed
-    val set, the uniform mixture and the merged model (per domain and mixed)."""
+    val set, the uniform mixture, the BTM prefix posterior and the merged model
+    (per domain and mixed). The figures are the report's (`leviathan.evaluation`):
+    loss per scored token, the dev prefix excluded, k windows per domain."""
     rows = []
     for r in records:
         rows.append({
             "name": r["member"],
-            "kind": r["member"] if r["member"] in ("uniform", "merger") else "member",
+            "kind": r["member"] if r["member"] in ("uniform", "posterior", "merger") else "member",
             "module": r["module"],
             "domain": r["domain"],
             "own_val_loss": r["val_loss"],
