@@ -10,8 +10,11 @@ A job has two phases (DESIGN section 5):
   (cluster.merge); with `joint = true` the members learn too.
 
 At every `eval_interval` and `checkpoint_interval` (and the last step of a
-phase) each rank evaluates its members (cluster.evaluation), rank 0 gathers
-everyone's figures with `all_gather_object`, appends them to
+phase) the ranks score every row of the evaluation table together
+(cluster.evaluation: the report's windows, dev prefix and scoring function, so
+`val_loss` and `mixed_val_loss` are the report's loss per scored token on the
+member's own domain and on the mixed set), rank 0 gathers the records of
+everyone's members with `all_gather_object`, appends them to
 `<run>/metrics.jsonl` and logs them, and all ranks call `ray.train.report`
 (a barrier; only rank 0's metrics are kept). At every `checkpoint_interval`
 (and at the end of each phase) the report carries a checkpoint to which
