@@ -395,6 +395,8 @@ def final_table(records: list[dict[str, Any]], domains: list[str], spec: Any) ->
             "mixed_val_loss": r["mixed_val_loss"],
             "val_by_domain": r.get("val_by_domain"),
         })
+    order = ("member", "uniform", "posterior", "merger")  # the members, the baselines, the merged model
+    rows.sort(key=lambda r: order.index(r["kind"]))
     members = [r for r in rows if r["kind"] == "member"]
     merged = next((r for r in rows if r["kind"] == "merger"), None)
     uniform = next(r for r in rows if r["kind"] == "uniform")

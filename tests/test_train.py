@@ -34,9 +34,9 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     result = train.run(spec, progress=False)
     run = Path(spec.run_dir)
 
-    # The table: 4 members, the uniform mixture, the merged model, the BTM prefix posterior.
+    # The table: 4 members, the uniform mixture, the BTM prefix posterior, the merged model.
     kinds = [r["kind"] for r in result["rows"]]
-    assert kinds == ["member"] * 4 + ["uniform", "merger", "posterior"], kinds
+    assert kinds == ["member"] * 4 + ["uniform", "posterior", "merger"], kinds
     assert [r["name"] for r in result["rows"][:4]] == ["m0.0", "m0.1", "m1.0", "m1.1"]
     assert json.loads((run / "train_result.json").read_text())["rows"] == result["rows"]
 
