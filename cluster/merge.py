@@ -5,13 +5,16 @@ One step on a mixed-domain batch (x, y) (B, T), the same on every rank:
 
 1. Each rank runs its members on all B rows and projects their final hidden
    states to the merge width: s_m = P_m h_m (B, T, D) for its members m
-   (mixture mode also keeps log p_m (B, T, V)). With `joint = false` the
-   members run under no_grad; the projections stay differentiable.
-2. The states are exchanged with `torch.distributed.nn.functional.all_gather`
+   (`leviathan.ensemble.run_members`). Mixture mode also keeps each member's
+   log-prob of the target tokens, log p_m(y_t) (B, T): the mixture loss
+   -mean log sum_m pi[t, m] p_m(y_t) needs nothing more, so no (B, T, V)
+   tensor travels. With `joint = false` the members run under no_grad; the
+   projections stay differentiable.
+2. The states (and target log-probs) are exchanged with `torch.distributed.nn.functional.all_gather`
    (differentiable: its backward sums every rank's gradient for a rank's
    states, so gradients reach the projections, and with `joint` the members).
    Ranks hosting fewer members pad with zeros; the padding is dropped again.
-3. Rank r merges its own rows R_r (a contiguous 1/W of the batch) and takes
+3. Rank r merges its own rows R_r (`leviathan.ensemble.merge_members`) (a contiguous 1/W of the batch) and takes
    loss_r = CE(merged logits on R_r) * |R_r| / B, so sum_r loss_r is the mean
    loss over the whole batch, exactly what `LeviathanEnsemble.forward` gives
    on one process. Backpropagating loss_r on every rank gives each projection
@@ -37,10 +40,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
-import torch.nn.functional as F
 
 from cluster.members import Member
 from cluster.placement import members_for_rank, row_slice
+from leviathan.ensemble import MemberOutputs, merge_members, run_members
 
 # torch 2.13 marks torch.distributed.nn's differentiable all_gather deprecated in
 # favour of a private API; it is still the public differentiable collective.
@@ -110,6 +113,18 @@ class Exchange:
             timer.add("gather", timer.sync() - t0)
         return torch.cat([p[:c] for p, c in zip(parts, self.counts)])
 
+    def gather_rows(self, local: torch.Tensor, batch: int) -> torch.Tensor:
+        """Stack every rank's rows R_r (|R_r|, ...) back into the whole batch (B, ...) (no gradient)."""
+        if self.world_size == 1:
+            return local
+        sizes = [len(range(batch)[row_slice(r, self.world_size, batch)]) for r in range(self.world_size)]
+        pad = max(sizes) - local.shape[0]
+        if pad:
+            local = torch.cat([local, local.new_zeros(pad, *local.shape[1:])])
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
 
 def _time_backward(local: torch.Tensor, parts: Sequence[torch.Tensor], timer: CommTimer) -> None:
     """Time the gather's backward (a reduce-scatter / all-to-all): from the moment
@@ -128,20 +143,18 @@ def _time_backward(local: torch.Tensor, parts: Sequence[torch.Tensor], timer: Co
     local.register_hook(input_ready)
 
 
-def member_outputs(
-    members: Sequence[Member], x: torch.Tensor, *, mixture: bool, joint: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run a rank's members on x (B, T): states (M_r, B, T, D) and, for mixture,
-    log-probs (M_r, B, T, V) (else None). Members get gradients only with `joint`;
-    the projections always do (when grad mode is on)."""
-    states, logprobs = [], []
-    for m in members:
-        with torch.set_grad_enabled(joint and torch.is_grad_enabled()):
-            h = m.model.hidden(x)  # (B, T, C_m)
-            if mixture:
-                logprobs.append(F.log_softmax(m.model.logits_from_hidden(h).float(), dim=-1))  # (B, T, V)
-        states.append(m.projection(h))  # (B, T, D)
-    return torch.stack(states), (torch.stack(logprobs) if mixture else None)
+def rank_outputs(
+    members: Sequence[Member], x: torch.Tensor, y: torch.Tensor | None, *, members_grad: bool
+) -> MemberOutputs:
+    """This rank's members on x (B, T), through the ensemble's one member forward:
+    states (M_r, B, T, D) and, given y, target log-probs (M_r, B, T)."""
+    return run_members([m.model for m in members], [m.projection for m in members], x, y, members_grad=members_grad)
+
+
+def gather_outputs(local: MemberOutputs, exchange: Exchange, timer: CommTimer | None = None) -> MemberOutputs:
+    """Every member's outputs (M, B, ...) on every rank: the states and the target log-probs travel."""
+    target_lp = None if local.target_logprobs is None else exchange.gather(local.target_logprobs, timer)
+    return MemberOutputs(states=exchange.gather(local.states, timer), target_logprobs=target_lp)
 
 
 def merged_loss(
@@ -156,15 +169,10 @@ def merged_loss(
 ) -> torch.Tensor:
     """This rank's share loss_r = CE(merge on rows R_r) * |R_r| / B (sum over ranks = batch mean)."""
     mixture = merger.merge_mode == "mixture"
-    states, logprobs = member_outputs(members, x, mixture=mixture, joint=joint)
+    local = rank_outputs(members, x, y if mixture else None, members_grad=joint)
     rows = exchange.rows(x.shape[0])
-    all_states = exchange.gather(states, timer)  # (M, B, T, D)
-    s = all_states[:, rows].permute(1, 2, 0, 3)  # (b, T, M, D)
-    lp = None
-    if mixture:
-        lp = exchange.gather(logprobs, timer)[:, rows].permute(1, 2, 0, 3)  # (b, T, M, V)
-    out = merger(s, lp, y[rows])
-    return out.loss * (s.shape[0] / x.shape[0])
+    out = merge_members(merger, gather_outputs(local, exchange, timer), y[rows], rows)
+    return out.loss * (y[rows].shape[0] / x.shape[0])
 
 
 def local_parameters(members: Sequence[Member], *, joint: bool) -> list[nn.Parameter]:

@@ -10,8 +10,11 @@ A job has two phases (DESIGN section 5):
   (cluster.merge); with `joint = true` the members learn too.
 
 At every `eval_interval` and `checkpoint_interval` (and the last step of a
-phase) each rank evaluates its members (cluster.evaluation), rank 0 gathers
-everyone's figures with `all_gather_object`, appends them to
+phase) the ranks score every row of the evaluation table together
+(cluster.evaluation: the report's windows, dev prefix and scoring function, so
+`val_loss` and `mixed_val_loss` are the report's loss per scored token on the
+member's own domain and on the mixed set), rank 0 gathers the records of
+everyone's members with `all_gather_object`, appends them to
 `<run>/metrics.jsonl` and logs them, and all ranks call `ray.train.report`
 (a barrier; only rank 0's metrics are kept). At every `checkpoint_interval`
 (and at the end of each phase) the report carries a checkpoint to which
@@ -46,6 +49,7 @@ from cluster.plan import RunPlan
 from cluster.schedule import lr_at, set_lr
 from cluster.verbosity import quiet_report_lines
 from leviathan.data import BatchSampler, MixedBatchSampler, eval_batches, load_manifest
+from leviathan.evaluation import default_prefix_tokens
 
 # Ray Train configures the workers' root logger (INFO, to the job's logs); a
 # print() there is teed to stdout and the logger, so each line would show twice.
@@ -130,10 +134,12 @@ class EnsembleWorker:
             [manifest.shard(d, "train") for d in self.domains],
             B, T, seed=derived_seed(plan.seed, "mixed"),
         )
+        # The same windows and dev prefix `jobs.evaluate` scores by default.
         self.val_sets = {
             d: eval_batches(manifest.shard(d, "val"), B, T, self.t.eval_batches)
             for d in self.domains
         }
+        self.prefix_tokens = default_prefix_tokens(T)
         self.metrics = MetricsLog(metrics_dir) if self.rank == 0 else None
         self.logged = self.metrics.logged_steps() if self.metrics else {}
         self.gauges = Gauges(plan.name)
@@ -255,7 +261,10 @@ class EnsembleWorker:
 
     def evaluate_and_log(self, phase: str, step: int, lr: float | None, elapsed: float, final: bool) -> dict[str, Any]:
         merger = self.merger if phase == "merge" else None
-        result = evaluate(self.members, merger, self.val_sets, self.exchange, self.device, self.autocast)
+        result = evaluate(
+            self.members, self.config.member_names, merger, self.val_sets, self.prefix_tokens,
+            self.exchange, self.device, self.autocast,
+        )
         tokens = self.interval_steps * self.t.batch_size * self.t.seq_len
         tps = tokens / elapsed if elapsed > 0 and self.interval_steps else None
         replayed = step <= self.logged.get(phase, -1)
@@ -263,12 +272,12 @@ class EnsembleWorker:
         if phase == "members" or self.t.joint or final:
             for module in self.modules:
                 for m in module.members:
-                    losses = result.members[m.name]
+                    losses = result.by_domain(m.name)
                     train = self.losses.get(m.name)
                     mine.append(record(
                         step=step, phase=phase, module=module.index, member=m.name, domain=module.domain,
                         train_loss=mean(train) if train else None, val_loss=losses[module.domain],
-                        mixed_val_loss=mean(list(losses.values())), lr=lr if phase == "members" else None,
+                        mixed_val_loss=result.mixed(m.name), lr=lr if phase == "members" else None,
                         tokens_per_s=tps if phase == "members" else None, replayed=replayed,
                         val_by_domain=losses,
                     ))
@@ -281,25 +290,27 @@ class EnsembleWorker:
         else:
             everyone = [mine]
         records = [dict(r, replayed=replayed) for part in everyone for r in part]
-        records.append(record(step=step, phase=phase, member="uniform", mixed_val_loss=mean(list(result.uniform.values())),
-                              replayed=replayed, val_by_domain=result.uniform))
-        if result.merged is not None:
+        records.append(record(step=step, phase=phase, member="uniform", mixed_val_loss=result.mixed("uniform"),
+                              replayed=replayed, val_by_domain=result.by_domain("uniform")))
+        if merger is not None:
             train = self.losses.get("merger")
             records.append(record(
                 step=step, phase=phase, member="merger", train_loss=mean(train) if train else None,
-                mixed_val_loss=mean(list(result.merged.values())), lr=lr, tokens_per_s=tps,
-                replayed=replayed, val_by_domain=result.merged,
+                mixed_val_loss=result.mixed("merged"), lr=lr, tokens_per_s=tps,
+                replayed=replayed, val_by_domain=result.by_domain("merged"),
             ))
         summary = summarise(records)
         if self.rank != 0:
             return summary
-        for r in records[len(records) - (2 if result.merged is not None else 1):]:
+        for r in records[len(records) - (2 if merger is not None else 1):]:
             self.gauges.update(r)
             self.log(format_line(r))
         lines = records
         if final:
             lines = records + [dict(r, phase="final", lr=None, tokens_per_s=None, train_loss=None) for r in records]
-            self.final_table = final_table(records, self.plan)
+            posterior = record(step=step, phase="final", member="posterior", mixed_val_loss=result.mixed("posterior"),
+                               val_by_domain=result.by_domain("posterior"))
+            self.final_table = final_table(records + [posterior], self.plan)
         self.metrics.append([{k: v for k, v in r.items() if k != "val_by_domain"} for r in lines])
         return summary
 
@@ -357,7 +368,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Flat figures for `ray.train.report` (what Ray Tune sees): the current model's
     mixed val loss is the merger's in phase 2 and the uniform mixture's in phase 1."""
     by = {r["member"]: r for r in records}
-    members = [r for r in records if r["member"] not in ("uniform", "merger")]
+    members = [r for r in records if r["module"] is not None]
     out: dict[str, Any] = {"uniform_mixed_val_loss": by["uniform"]["mixed_val_loss"]}
     if members:
         out["best_member_mixed_val_loss"] = min(r["mixed_val_loss"] for r in members)
@@ -373,18 +384,22 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def final_table(records: list[dict[str, Any]], plan: RunPlan) -> dict[str, Any]:
     """The job's closing evaluation: every member on its own domain and on the mixed
-    val set, the uniform mixture and the merged model (per domain and mixed)."""
+    val set, the uniform mixture, the BTM prefix posterior and the merged model
+    (per domain and mixed). The figures are the report's (`leviathan.evaluation`):
+    loss per scored token, the dev prefix excluded, k windows per domain."""
     rows = []
     for r in records:
         rows.append({
             "name": r["member"],
-            "kind": r["member"] if r["member"] in ("uniform", "merger") else "member",
+            "kind": r["member"] if r["member"] in ("uniform", "posterior", "merger") else "member",
             "module": r["module"],
             "domain": r["domain"],
             "own_val_loss": r["val_loss"],
             "mixed_val_loss": r["mixed_val_loss"],
             "val_by_domain": r.get("val_by_domain"),
         })
+    order = ("member", "uniform", "posterior", "merger")  # the members, the baselines, the merged model
+    rows.sort(key=lambda r: order.index(r["kind"]))
     members = [r for r in rows if r["kind"] == "member"]
     merged = next((r for r in rows if r["kind"] == "merger"), None)
     uniform = next(r for r in rows if r["kind"] == "uniform")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.evaluate import DEFAULT_MAX_BATCHES, add_twin, evaluate_run, write_reports
+from jobs.evaluate import add_twin, evaluate_run, write_reports
 from jobs.spec import JobSpec, SpecError, load_spec, with_values
 from leviathan.config import MIXERS
 
@@ -152,12 +152,13 @@ def _params(run_dir: str) -> dict[str, Any]:
     }
 
 
-def _report_for(run_dir: str, max_batches: int) -> dict[str, Any]:
-    """The run's report.json when the training already wrote it with these settings, else a fresh one."""
+def _report_for(run_dir: str, max_batches: int | None) -> dict[str, Any]:
+    """The run's report.json when the training already wrote it with these settings
+    (max_batches None: the run's own), else a fresh one."""
     path = Path(run_dir) / "report.json"
     if path.is_file():
         report = json.loads(path.read_text())
-        if report.get("settings", {}).get("max_batches") == max_batches:
+        if max_batches is None or report.get("settings", {}).get("max_batches") == max_batches:
             return report
     return evaluate_run(run_dir, max_batches=max_batches)
 
@@ -249,7 +250,7 @@ def compare(
     spec: JobSpec,
     mixers: list[str] | tuple[str, ...] = MIXERS,
     *,
-    max_batches: int = DEFAULT_MAX_BATCHES,
+    max_batches: int | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train `spec` once per mixer, evaluate each run, write the comparison; returns compare.json's dict."""
@@ -283,7 +284,7 @@ def compare(
         "mixers": list(mixers),
         "columns": list(first["merged"]["loss"]),
         "training": spec.training.model_dump(),
-        "eval": {"max_batches": max_batches},
+        "eval": {"max_batches": next(iter(reports.values()))["settings"]["max_batches"]},
         "runs": runs,
         "figures": [str(f) for f in figures],
     }
@@ -300,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--spec", required=True, help="job spec (TOML or JSON)")
     p.add_argument("--mixers", default=",".join(MIXERS), help="comma-separated mixers (default: correlation,attention)")
-    p.add_argument("--max-batches", type=int, default=DEFAULT_MAX_BATCHES, help="eval batches per domain")
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="eval batches per domain (default: the spec's training.eval_batches)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     return p
 
@@ -308,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.max_batches < 1:
+        if args.max_batches is not None and args.max_batches < 1:
             raise CompareError(f"--max-batches: must be >= 1, got {args.max_batches}")
         spec = load_spec(args.spec)
         result = compare(spec, parse_mixers(args.mixers), max_batches=args.max_batches,

@@ -22,8 +22,6 @@ from typing import Any
 
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec
 
-DEFAULT_MAX_BATCHES = 8
-
 
 class RunError(ValueError):
     """A run folder that cannot be evaluated; the message is one line naming the file."""
@@ -85,7 +83,7 @@ def _manifest_for(spec: JobSpec, manifest: str | None):
 def _evaluate_local(
     run: Path,
     *,
-    max_batches: int,
+    max_batches: int | None,
     batch_size: int | None,
     seq_len: int | None,
     prefix_tokens: int | None,
@@ -109,7 +107,7 @@ def _evaluate_local(
     settings = dict(
         batch_size=batch_size or spec.training.batch_size,
         seq_len=seq_len or min(spec.training.seq_len, ensemble.config.block_size),
-        max_batches=max_batches,
+        max_batches=max_batches or spec.training.eval_batches,
         prefix_tokens=prefix_tokens,
         device=device or _default_device(),
     )
@@ -171,7 +169,7 @@ def _default_device() -> str:
 
 def evaluate_run(
     run_dir: str | Path,
-    max_batches: int = DEFAULT_MAX_BATCHES,
+    max_batches: int | None = None,
     batch_size: int | None = None,
     *,
     seq_len: int | None = None,
@@ -182,9 +180,10 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a finished run and write `report.json` + `report.md` into its folder.
 
-    batch_size and seq_len default to the run's training values (seq_len capped
-    at the members' block size); prefix_tokens defaults to seq_len // 4 (see
-    `leviathan.evaluation`). `manifest` evaluates on another prepared corpus with
+    batch_size, seq_len and max_batches default to the run's training values
+    (batch_size, seq_len capped at the members' block size, eval_batches) and
+    prefix_tokens to seq_len // 4: the windows and dev prefix the workers scored
+    during training, so the report's figures equal the final table's. `manifest` evaluates on another prepared corpus with
     the same tokenizer (its first `modules` domains). `twin`: a local run folder
     of the same ensemble with the other mixer (the attention twin, DESIGN
     section 4); its merged model becomes the row "twin", scored on the same
@@ -242,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a finished run: merged ensemble vs members vs uniform vs posterior mixture.",
     )
     p.add_argument("--run", required=True, help="run folder (<storage>/<name>) containing final/")
-    p.add_argument("--max-batches", type=_positive, default=DEFAULT_MAX_BATCHES,
-                   help=f"eval batches per domain (default {DEFAULT_MAX_BATCHES})")
+    p.add_argument("--max-batches", type=_positive, default=None,
+                   help="eval batches per domain (default: the run's training.eval_batches)")
     p.add_argument("--batch-size", type=_positive, default=None, help="windows per batch (default: the run's)")
     p.add_argument("--seq-len", type=_positive, default=None, help="tokens per window (default: the run's)")
     p.add_argument("--prefix-tokens", type=int, default=None,

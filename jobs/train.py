@@ -144,11 +144,14 @@ def assemble_final(checkpoint, spec: JobSpec, manifest: Path, final_dir: str) ->
 
 
 def format_table(table: dict[str, Any]) -> str:
-    """The final table as text: one row per member, then the uniform mixture and the merged model."""
+    """The final table as text: one row per member, then the uniform mixture, the BTM prefix
+    posterior and the merged model. Losses per scored token, as in report.md."""
     head = f"{'model':<16} {'module':>6} {'domain':<12} {'own-domain val':>14} {'mixed val':>10}"
     lines = [head, "-" * len(head)]
     for r in table["rows"]:
-        name = {"merger": f"merged ({table['merge']})", "uniform": "uniform"}.get(r["kind"], r["name"])
+        name = {"merger": f"merged ({table['merge']})", "uniform": "uniform", "posterior": "posterior"}.get(
+            r["kind"], r["name"]
+        )
         own = "" if r["own_val_loss"] is None else f"{r['own_val_loss']:.4f}"
         module = "" if r["module"] is None else str(r["module"])
         lines.append(f"{name:<16} {module:>6} {r['domain'] or '':<12} {own:>14} {r['mixed_val_loss']:>10.4f}")

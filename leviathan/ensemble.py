@@ -16,8 +16,16 @@ position, how much each member counts:
 It is the token mixer's correlation turned onto the member axis: the lag
 window runs over time (positions t-u <= t, so the merge is causal) and the
 softmax runs over members. The merger only sees stacked states (B, T, M, D),
-so a distributed trainer can gather the members' states from wherever they
-were computed and call `merge` itself.
+so a distributed trainer can gather the members' outputs from wherever they
+were computed and merge them itself.
+
+One path for every caller: `run_members` is the members' forward (projected
+states, log-probs of the targets, full log-probs only when asked) and
+`merge_members` the merge call. The ensemble's forward and generation, the
+distributed trainer (cluster.merge) and both evaluations use these two.
+In mixture mode the loss needs only the (M, B, T) target log-probs:
+
+    loss = -mean_t log sum_m pi[t, m] p_m(y_t)
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -37,8 +46,84 @@ from .model import DecodeCache, LeviathanComponentBase, build_component, check_s
 
 
 @dataclass
+class MemberOutputs:
+    """What the members hand the merger, member axis first (the axis a distributed
+    trainer gathers over ranks).
+
+    target_logprobs, log p_m(y_t | x_<=t) of the actual target tokens, is what the
+    mixture loss and every evaluation row need; the full log-probs (M, B, T, V)
+    exist only when logits over the vocabulary are wanted (mixture generation).
+    """
+
+    states: Tensor  # (M, B, T, D) projected final hidden states s_m = P_m h_m
+    target_logprobs: Tensor | None  # (M, B, T), when targets were given
+    logprobs: Tensor | None = None  # (M, B, T, V), only with full_logprobs
+
+    def losses(self) -> Tensor:
+        """Each member's own LM loss (M,): the mean NLL of its target log-probs."""
+        if self.target_logprobs is None:
+            raise ValueError("member losses need targets")
+        return -self.target_logprobs.float().mean(dim=(1, 2))
+
+
+def run_members(
+    members: Sequence[LeviathanComponentBase],
+    projections: Sequence[nn.Module],
+    idx: Tensor,
+    targets: Tensor | None = None,
+    *,
+    full_logprobs: bool = False,
+    members_grad: bool = True,
+    caches: Sequence[DecodeCache] | None = None,
+) -> MemberOutputs:
+    """Run members (and their projections) on idx (B, T): the one member forward.
+
+    targets (B, T) give the target log-probs; full_logprobs keeps (M, B, T, V).
+    members_grad=False runs the members under no_grad (frozen members in the
+    merge phase) while the projections stay differentiable. caches: one decode
+    cache per member for incremental generation.
+    """
+    states, target_lp, full_lp = [], [], []
+    for i, (member, projection) in enumerate(zip(members, projections)):
+        with torch.set_grad_enabled(members_grad and torch.is_grad_enabled()):
+            h = member.hidden(idx, None if caches is None else caches[i])  # (B, T, d_m)
+            if targets is not None or full_logprobs:
+                lp = F.log_softmax(member.logits_from_hidden(h).float(), dim=-1)  # (B, T, V)
+                if targets is not None:
+                    target_lp.append(lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1))  # (B, T)
+                if full_logprobs:
+                    full_lp.append(lp)
+        states.append(projection(h))  # (B, T, D)
+    return MemberOutputs(
+        states=torch.stack(states),
+        target_logprobs=torch.stack(target_lp) if targets is not None else None,
+        logprobs=torch.stack(full_lp) if full_logprobs else None,
+    )
+
+
+def merge_members(
+    merger: CorrelationMerger,
+    outputs: MemberOutputs,
+    targets: Tensor | None = None,
+    rows: slice = slice(None),
+    weights: Tensor | None = None,
+    cache: MergeCache | None = None,
+) -> MergeOutput:
+    """The one merge call: batch rows `rows` of the members' outputs through the merger.
+
+    outputs hold every member (M, B, ...); targets are the selected rows' (b, T).
+    The member axis moves to dim 2, the merger's layout (b, T, M, ...).
+    """
+    states = outputs.states[:, rows].permute(1, 2, 0, 3)  # (b, T, M, D)
+    target_lp = None if outputs.target_logprobs is None else outputs.target_logprobs[:, rows].permute(1, 2, 0)
+    logprobs = None if outputs.logprobs is None else outputs.logprobs[:, rows].permute(1, 2, 0, 3)
+    return merger(states, target_lp, logprobs, targets, weights, cache)
+
+
+@dataclass
 class MergeOutput:
-    logits: Tensor  # (B, T, V); mixture: log of the mixture probabilities
+    logits: Tensor | None  # (B, T, V); mixture: log of the mixture probabilities (needs full log-probs)
+    target_logprobs: Tensor | None  # (B, T) log p(y_t) of the merged model, when targets were given
     loss: Tensor | None  # mean NLL over (B, T) when targets were given
     weights: Tensor  # (B, T, M, H), softmax over M
 
@@ -110,6 +195,7 @@ class CorrelationMerger(nn.Module):
     def forward(
         self,
         states: Tensor,
+        target_logprobs: Tensor | None = None,
         logprobs: Tensor | None = None,
         targets: Tensor | None = None,
         weights: Tensor | None = None,
@@ -117,10 +203,11 @@ class CorrelationMerger(nn.Module):
     ) -> MergeOutput:
         """Merge stacked member states (B, T, M, D).
 
-        logprobs (B, T, M, V): the members' log-probabilities, required for
-        mixture. targets (B, T): gives the loss. weights (B, T, M, H): use these
-        merge weights instead of the learned ones (e.g. the uniform mixture
-        baseline, or forcing one member); each must sum to 1 over M.
+        target_logprobs (B, T, M): the members' log-probs of the targets, which
+        is all the mixture loss needs. logprobs (B, T, M, V): the members' full
+        log-probs, for mixture logits. targets (B, T): gives the loss. weights
+        (B, T, M, H): use these merge weights instead of the learned ones (e.g.
+        the uniform mixture baseline, or forcing one member); each must sum to 1 over M.
         """
         B, T, M, D = states.shape
         if M != self.config.num_members or D != self.config.merge_width:
@@ -139,19 +226,26 @@ class CorrelationMerger(nn.Module):
             fused = torch.einsum("btmh,btmhd->bthd", weights.to(v.dtype), v).reshape(B, T, D)  # (B, T, D)
             x = states.mean(dim=2) + self.out_proj(fused)  # (B, T, D)
             logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-            loss = None
+            target_lp = None
             if targets is not None:
-                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+                target_lp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         else:
-            if logprobs is None or logprobs.shape[:3] != (B, T, M):
-                got = None if logprobs is None else tuple(logprobs.shape)
-                raise ValueError(f"logprobs: mixture needs (B, T, M, V) = ({B}, {T}, {M}, V), got {got}")
             log_pi = torch.logsumexp(log_w, dim=-1) - math.log(self.n_head)  # (B, T, M) = log mean_h w
-            logits = torch.logsumexp(log_pi.unsqueeze(-1) + logprobs.float(), dim=2)  # (B, T, V)
-            loss = None
+            logits = target_lp = None
+            if logprobs is not None:
+                if logprobs.shape[:3] != (B, T, M):
+                    raise ValueError(f"logprobs: mixture needs (B, T, M, V) = ({B}, {T}, {M}, V), got {tuple(logprobs.shape)}")
+                logits = torch.logsumexp(log_pi.unsqueeze(-1) + logprobs.float(), dim=2)  # (B, T, V)
             if targets is not None:
-                loss = F.nll_loss(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return MergeOutput(logits=logits, loss=loss, weights=weights)
+                if target_logprobs is None or target_logprobs.shape != (B, T, M):
+                    got = None if target_logprobs is None else tuple(target_logprobs.shape)
+                    raise ValueError(f"target_logprobs: the mixture loss needs (B, T, M) = ({B}, {T}, {M}), got {got}")
+                # log p(y_t) = log sum_m pi[t, m] p_m(y_t)
+                target_lp = torch.logsumexp(log_pi + target_logprobs.float(), dim=2)  # (B, T)
+            elif logprobs is None:
+                raise ValueError("logprobs: mixture needs the members' log-probs (full, or of the targets)")
+        loss = None if target_lp is None else -target_lp.mean()
+        return MergeOutput(logits=logits, target_logprobs=target_lp, loss=loss, weights=weights)
 
 
 class EnsembleCache:
@@ -186,28 +280,9 @@ class LeviathanEnsemble(nn.Module):
     def member_names(self) -> list[str]:
         return self.config.member_names
 
-    def _features(self, i: int, idx: Tensor, cache: DecodeCache | None = None) -> tuple[Tensor, Tensor]:
-        member: LeviathanComponentBase = self.members[i]  # type: ignore[assignment]
-        h = member.hidden(idx, cache)  # (B, T, d_i)
-        return self.projections[i](h), h
-
-    def member_features(self, i: int, idx: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Member i's projected state (B, T, D) and, for mixture, its log-probs (B, T, V)."""
-        state, h = self._features(i, idx)
-        logprobs = None
-        if self.config.merge == "mixture":
-            logprobs = F.log_softmax(self.members[i].logits_from_hidden(h).float(), dim=-1)
-        return state, logprobs
-
-    def merge(
-        self,
-        states: Tensor,
-        logprobs: Tensor | None = None,
-        targets: Tensor | None = None,
-        weights: Tensor | None = None,
-    ) -> MergeOutput:
-        """Merge stacked member states (B, T, M, D) (see `CorrelationMerger.forward`)."""
-        return self.merger(states, logprobs, targets, weights)
+    def member_outputs(self, idx: Tensor, targets: Tensor | None = None, full_logprobs: bool = False) -> MemberOutputs:
+        """Every member's outputs on idx (B, T) (see `run_members`)."""
+        return run_members(self.members, self.projections, idx, targets, full_logprobs=full_logprobs)
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, return_details: bool = False
@@ -215,40 +290,21 @@ class LeviathanEnsemble(nn.Module):
         """(B, T) -> (merged logits (B, T, V), loss), or an `EnsembleOutput` with return_details."""
         mixture = self.config.merge == "mixture"
         want_member_losses = return_details and targets is not None
-        states, logprobs, member_losses = [], [], {}
-        for i, name in enumerate(self.member_names):
-            state, h = self._features(i, idx)
-            states.append(state)
-            if mixture or want_member_losses:
-                logits = self.members[i].logits_from_hidden(h).float()  # (B, T, V)
-                lp = F.log_softmax(logits, dim=-1)
-                if mixture:
-                    logprobs.append(lp)
-                if want_member_losses:
-                    member_losses[name] = F.nll_loss(lp.reshape(-1, lp.size(-1)), targets.reshape(-1))
-        out = self.merger(
-            torch.stack(states, dim=2),  # (B, T, M, D)
-            torch.stack(logprobs, dim=2) if mixture else None,  # (B, T, M, V)
-            targets,
-        )
+        outputs = self.member_outputs(idx, targets if mixture or want_member_losses else None, full_logprobs=mixture)
+        out = merge_members(self.merger, outputs, targets)
         if not return_details:
             return out.logits, out.loss
-        return EnsembleOutput(out.logits, out.loss, member_losses if want_member_losses else None, out.weights)
+        member_losses = dict(zip(self.member_names, outputs.losses())) if want_member_losses else None
+        return EnsembleOutput(out.logits, out.loss, member_losses, out.weights)
 
     def _step(self, tokens: Tensor, cache: EnsembleCache | None) -> tuple[Tensor, EnsembleCache]:
         """Run the next positions through every member and the merger, with caches."""
         cache = cache if cache is not None else EnsembleCache(self.members)
-        states, logprobs = [], []
-        for i in range(len(self.members)):
-            state, h = self._features(i, tokens, cache.members[i])
-            states.append(state)
-            if self.config.merge == "mixture":
-                logprobs.append(F.log_softmax(self.members[i].logits_from_hidden(h).float(), dim=-1))
-        out = self.merger(
-            torch.stack(states, dim=2),
-            torch.stack(logprobs, dim=2) if logprobs else None,
-            cache=cache.merge,
+        outputs = run_members(
+            self.members, self.projections, tokens,
+            full_logprobs=self.config.merge == "mixture", caches=cache.members,
         )
+        out = merge_members(self.merger, outputs, cache=cache.merge)
         return out.logits[:, -1, :], cache
 
     @torch.no_grad()

@@ -12,8 +12,14 @@ Rows of the table (what the merged model is compared with, DESIGN section 4):
   with a uniform prior, ``w_m = softmax_m(sum_{t < P} log p_m(y_t | y_<t))``,
   and the rest of the window is scored with ``p(y_t) = sum_m w_m p_m(y_t)``.
 
-Columns: each domain's val split, and the mixed val set (an equal number of
-windows from every domain).
+Columns: each domain's val split, and the mixed val set. Every domain is
+scored on the same fixed number of windows k and the mixed set is all of
+them, so the mixed loss is the mean of the domains' losses.
+
+One scoring function, `score_windows`, turns per-token log-probabilities into
+every row's figures. It runs here in one process and, on the same windows,
+distributed on the training workers (cluster.evaluation), so the training log,
+the final table and this report give the same number for the same thing.
 
 Which tokens are scored: every eval window has T target positions; positions
 ``0 .. P-1`` (P = ``prefix_tokens``) are the posterior's dev prefix and are
@@ -44,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from leviathan.data import Manifest, eval_batches
-from leviathan.ensemble import LeviathanEnsemble
+from leviathan.ensemble import LeviathanEnsemble, merge_members, run_members
 
 LN2 = math.log(2.0)
 MIXED = "mixed"
@@ -90,46 +96,72 @@ def mix_members(member_lp: torch.Tensor, prefix_tokens: int) -> tuple[torch.Tens
     return uniform_lp, posterior_lp, log_w
 
 
+def default_prefix_tokens(seq_len: int) -> int:
+    """The dev prefix P every evaluation excludes unless told otherwise: a quarter of the window."""
+    return seq_len // 4
+
+
+def score_windows(member_lp: torch.Tensor, merged_lp: torch.Tensor | None, prefix_tokens: int) -> torch.Tensor:
+    """The one scoring function: per-token log-probs of a set of windows -> each row's NLL per window.
+
+    member_lp: (N, T, M) log p_m(y_t | y_<t) of every member; merged_lp: (N, T)
+    the merged model's, or None when there is no merger yet. Rows, in
+    `row_names` order: merged (when given), the members, then the mixtures of
+    the members (`mix_members`). A new row is one more (N, T) log-prob derived
+    here; a new column is one more set of windows. Returns (R, N) float64:
+    -sum_{t >= P} log p_row(y_t) for every window (the dev prefix t < P is
+    excluded from every row, so all rows are scored on the same tokens).
+    """
+    uniform_lp, posterior_lp, _ = mix_members(member_lp, prefix_tokens)
+    rows = [member_lp, uniform_lp.unsqueeze(-1), posterior_lp.unsqueeze(-1)]
+    if merged_lp is not None:
+        rows.insert(0, merged_lp.unsqueeze(-1))
+    per_token = torch.cat(rows, dim=-1)  # (N, T, R)
+    return -per_token[:, prefix_tokens:].double().sum(dim=1).T  # (R, N)
+
+
+def column_nll(nll_by_domain: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """Summed NLL per row (R,) of every column: each domain, then the mixed set.
+
+    Every domain is scored on the same fixed number of windows k (the fewest
+    any domain gave: its first k), and the mixed set is all of them, so a
+    mixed-set loss is exactly the mean of the domains' losses.
+    Returns ({column: (R,) summed NLL}, k).
+    """
+    k = min(n.shape[1] for n in nll_by_domain.values())
+    sums = {d: n[:, :k].sum(dim=1) for d, n in nll_by_domain.items()}
+    sums[MIXED] = sum(sums.values())
+    return sums, k
+
+
+def column_losses(
+    nll_by_domain: dict[str, torch.Tensor], scored_tokens_per_window: int
+) -> dict[str, list[float]]:
+    """Loss (nats per scored token) per column and row: {column: [loss of row r]}."""
+    sums, k = column_nll(nll_by_domain)
+    tokens = {c: k * scored_tokens_per_window * (len(nll_by_domain) if c == MIXED else 1) for c in sums}
+    return {c: (s / tokens[c]).tolist() for c, s in sums.items()}
+
+
 @torch.no_grad()
 def score_batch(
     ensemble: LeviathanEnsemble, x: torch.Tensor, y: torch.Tensor, prefix_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score one batch of windows with every row of the table.
 
-    x, y: (B, T) int64, y = x shifted by one. Each member runs once: its hidden
-    states feed both its own LM head and (through its projection) the merger.
+    x, y: (B, T) int64, y = x shifted by one. Each member runs once
+    (`run_members`): its hidden states feed both its own LM head and (through
+    its projection) the merger.
 
     Returns (nll (R, B) summed over the scored positions P..T-1 of each window,
     posterior weights (B, M), merger weights (M,) averaged over batch, time and heads).
     """
-    P = prefix_tokens
-    states, logprobs, target_lp = [], [], []
-    mixture = ensemble.config.merge == "mixture"
-    for member, projection in zip(ensemble.members, ensemble.projections):
-        h = member.hidden(x)  # (B, T, C_m)
-        states.append(projection(h))  # (B, T, D)
-        lp = F.log_softmax(member.logits_from_hidden(h).float(), dim=-1)  # (B, T, V)
-        target_lp.append(lp.gather(-1, y.unsqueeze(-1)).squeeze(-1))  # (B, T)
-        if mixture:
-            logprobs.append(lp)
-    member_lp = torch.stack(target_lp, dim=-1)  # (B, T, M)
-
-    out = ensemble.merge(
-        torch.stack(states, dim=2),  # (B, T, M, D)
-        torch.stack(logprobs, dim=2) if mixture else None,  # (B, T, M, V)
-        None,
-    )
-    merged_lp = F.log_softmax(out.logits.float(), dim=-1)  # (B, T, V)
-    merged_lp = merged_lp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
-
-    uniform_lp, posterior_lp, log_w = mix_members(member_lp, P)
-
-    rows = torch.cat(
-        [merged_lp.unsqueeze(-1), member_lp, uniform_lp.unsqueeze(-1), posterior_lp.unsqueeze(-1)],
-        dim=-1,
-    )  # (B, T, R)
-    nll = -rows[:, P:].double().sum(dim=1).T  # (R, B)
-    merger_w = out.weights.float().mean(dim=(0, 1, 3))  # (M,)
+    outputs = run_members(ensemble.members, ensemble.projections, x, y)
+    merged = merge_members(ensemble.merger, outputs, y)
+    member_lp = outputs.target_logprobs.permute(1, 2, 0)  # (B, T, M)
+    nll = score_windows(member_lp, merged.target_logprobs, prefix_tokens)
+    _, _, log_w = mix_members(member_lp, prefix_tokens)
+    merger_w = merged.weights.float().mean(dim=(0, 1, 3))  # (M,)
     return nll.cpu(), log_w.exp().cpu(), merger_w.cpu()
 
 
@@ -182,8 +214,8 @@ def evaluate_ensemble(
     deterministic windows (`eval_batches`: at most `max_batches` batches of
     `batch_size` windows of `seq_len` targets). prefix_tokens (default
     seq_len // 4) is the posterior's dev prefix P, excluded from every row's
-    scored tokens. The mixed column uses the first k windows of every domain,
-    k = the smallest number of windows any domain gave (an equal share each).
+    scored tokens. Every column uses the first k windows of every domain,
+    k = the smallest number of windows any domain gave (`column_nll`).
 
     Returns a JSON-safe dict (the content of report.json): `columns`, `rows`
     (name, kind, domain, and loss/ppl/bpb per column), scored `tokens` and
@@ -206,7 +238,7 @@ def evaluate_ensemble(
             f"manifest: vocab_size {manifest.vocab_size} does not match the ensemble's {cfg.vocab_size}"
         )
     if prefix_tokens is None:
-        prefix_tokens = seq_len // 4
+        prefix_tokens = default_prefix_tokens(seq_len)
     if seq_len < 2 or seq_len > cfg.block_size:
         raise EvaluationError(f"seq_len: {seq_len} must be in 2..{cfg.block_size} (the members' block size)")
     if not 0 <= prefix_tokens < seq_len:
@@ -233,18 +265,12 @@ def evaluate_ensemble(
     member_domain = {n: domains[cfg.module_of(i)] for i, n in enumerate(ensemble.member_names)}
     bpt = {d: manifest.bytes_per_token(d, "val") for d in domains}
 
-    k = min(s.nll.shape[1] for s in scores.values())
+    sums, k = column_nll({d: s.nll for d, s in scores.items()})
     columns = [*domains, MIXED]
-    sums: dict[str, torch.Tensor] = {}  # column -> (R,) summed nll
-    tokens: dict[str, int] = {}
-    nbytes: dict[str, float] = {}
-    for d, s in scores.items():
-        sums[d] = s.nll.sum(dim=1)
-        tokens[d] = s.nll.shape[1] * s.tokens_per_window
-        nbytes[d] = tokens[d] * bpt[d]
-    sums[MIXED] = sum(s.nll[:, :k].sum(dim=1) for s in scores.values())
-    tokens[MIXED] = len(domains) * k * (seq_len - prefix_tokens)
-    nbytes[MIXED] = sum(k * (seq_len - prefix_tokens) * bpt[d] for d in domains)
+    tokens = {d: k * (seq_len - prefix_tokens) for d in domains}
+    nbytes = {d: tokens[d] * bpt[d] for d in domains}
+    tokens[MIXED] = sum(tokens[d] for d in domains)
+    nbytes[MIXED] = sum(nbytes[d] for d in domains)
 
     rows = []
     for r, name in enumerate(names):
@@ -277,8 +303,8 @@ def evaluate_ensemble(
             "max_batches": max_batches,
             "prefix_tokens": prefix_tokens,
             "scored_tokens_per_window": seq_len - prefix_tokens,
-            "windows": {d: int(s.nll.shape[1]) for d, s in scores.items()},
-            "mixed_windows_per_domain": k,
+            "windows_per_domain": k,
+            "windows": {d: k for d in domains},
             "merge": cfg.merge,
             "mixer": cfg.mixer,
         },
@@ -319,8 +345,8 @@ def format_report(report: dict[str, Any], title: str | None = None) -> str:
     out.append(
         f"Val windows of {s['seq_len']} tokens, the first {s['prefix_tokens']} of each are the "
         f"posterior's dev prefix and are not scored (every row is scored on the same "
-        f"{s['scored_tokens_per_window']} tokens per window); mixed = "
-        f"{s['mixed_windows_per_domain']} windows from each domain."
+        f"{s['scored_tokens_per_window']} tokens per window); every domain is scored on "
+        f"{s['windows_per_domain']} windows and the mixed set is all of them."
     )
     for metric, heading, digits in (
         ("loss", "Loss (nats per token)", 4),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from leviathan import CheckpointError, ComponentConfig, EnsembleConfig, LeviathanEnsemble
 from leviathan import load as load_any
+from leviathan.ensemble import merge_members
 
 V = 260
 
@@ -73,13 +74,12 @@ def member_logprobs(model: LeviathanEnsemble, idx: torch.Tensor) -> list[torch.T
 def test_mixture_with_all_weight_on_one_member_is_that_member() -> None:
     model = ensemble("mixture")
     idx, targets = tokens(), tokens(seed=2)
-    states, logprobs = zip(*(model.member_features(i, idx) for i in range(4)))
-    states, logprobs = torch.stack(states, 2), torch.stack(logprobs, 2)
+    outputs = model.member_outputs(idx, targets, full_logprobs=True)
     own = member_logprobs(model, idx)
     for j in range(4):
         weights = torch.zeros(2, 12, 4, 4)
         weights[:, :, j] = 1.0
-        out = model.merge(states, logprobs, targets, weights=weights)
+        out = merge_members(model.merger, outputs, targets, weights=weights)
         torch.testing.assert_close(out.logits, own[j], atol=1e-5, rtol=0, msg=f"member {j}")
         torch.testing.assert_close(out.loss, F.nll_loss(own[j].reshape(-1, V), targets.reshape(-1)))
 
@@ -87,8 +87,8 @@ def test_mixture_with_all_weight_on_one_member_is_that_member() -> None:
 def test_uniform_weights_give_the_uniform_mixture() -> None:
     model = ensemble("mixture")
     idx = tokens()
-    states, logprobs = zip(*(model.member_features(i, idx) for i in range(4)))
-    out = model.merge(torch.stack(states, 2), torch.stack(logprobs, 2), weights=torch.full((2, 12, 4, 4), 0.25))
+    outputs = model.member_outputs(idx, full_logprobs=True)
+    out = merge_members(model.merger, outputs, weights=torch.full((2, 12, 4, 4), 0.25))
     mean_p = torch.stack([lp.exp() for lp in member_logprobs(model, idx)]).mean(0)
     torch.testing.assert_close(out.logits.exp(), mean_p, atol=1e-6, rtol=1e-5)
 
@@ -114,24 +114,35 @@ def naive_merge_scores(model: LeviathanEnsemble, states: torch.Tensor) -> torch.
 def test_merge_weights_follow_the_lagged_formula() -> None:
     model = ensemble("fusion")
     idx = tokens(T=9)
-    states = torch.stack([model.member_features(i, idx)[0] for i in range(4)], 2)
-    out = model.merge(states)
+    states = model.member_outputs(idx).states.permute(1, 2, 0, 3)  # (B, T, M, D)
+    out = model.merger(states)
     expected = torch.softmax(naive_merge_scores(model, states), dim=2)
     torch.testing.assert_close(out.weights, expected, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("merge", ["fusion", "mixture"])
-def test_split_path_equals_forward(merge: str) -> None:
-    """member_features on each member + merge (the distributed trainer's path) == forward."""
+def test_loss_from_target_logprobs_equals_the_full_logits_loss(merge: str) -> None:
+    """The loss and merged target log-probs from (M, B, T) target log-probs alone (what the
+    distributed trainer sends) equal the NLL of the full merged logits."""
     model = ensemble(merge)
     idx, targets = tokens(), tokens(seed=2)
     logits, loss = model(idx, targets)
-    states, logprobs = zip(*(model.member_features(i, idx) for i in range(4)))
-    lp = torch.stack(logprobs, 2) if merge == "mixture" else None
-    assert (lp is None) == (merge == "fusion")
-    out = model.merge(torch.stack(states, 2), lp, targets)
-    torch.testing.assert_close(out.logits, logits)
+    lean = model.member_outputs(idx, targets)
+    assert lean.logprobs is None and lean.target_logprobs.shape == (4, 2, 12)
+    out = merge_members(model.merger, lean, targets)
+    expected = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out.target_logprobs, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1)))
+
+
+def test_merge_of_selected_rows_equals_those_rows_of_the_whole_batch() -> None:
+    model = ensemble("mixture")
+    idx, targets = tokens(B=3), tokens(B=3, seed=2)
+    outputs = model.member_outputs(idx, targets)
+    whole = merge_members(model.merger, outputs, targets)
+    part = merge_members(model.merger, outputs, targets[1:], rows=slice(1, 3))
+    torch.testing.assert_close(part.target_logprobs, whole.target_logprobs[1:])
 
 
 def test_member_losses_are_each_members_own_loss() -> None:
@@ -176,12 +187,15 @@ def test_generate_cached_equals_full_forward_sampling(merge: str) -> None:
 
 def test_merge_rejects_wrong_shapes() -> None:
     model = ensemble("mixture")
+    merger = model.merger
     with pytest.raises(ValueError, match="states"):
-        model.merge(torch.zeros(1, 3, 5, 32))
+        merger(torch.zeros(1, 3, 5, 32))
     with pytest.raises(ValueError, match="logprobs"):
-        model.merge(torch.zeros(1, 3, 4, 32))
+        merger(torch.zeros(1, 3, 4, 32))
+    with pytest.raises(ValueError, match="target_logprobs"):
+        merger(torch.zeros(1, 3, 4, 32), targets=torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="weights"):
-        model.merge(torch.zeros(1, 3, 4, 32), torch.zeros(1, 3, 4, V), weights=torch.zeros(1, 3, 4, 2))
+        merger(torch.zeros(1, 3, 4, 32), logprobs=torch.zeros(1, 3, 4, V), weights=torch.zeros(1, 3, 4, 2))
 
 
 @pytest.mark.parametrize("merge", ["fusion", "mixture"])

@@ -34,9 +34,9 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     result = train.run(spec, progress=False)
     run = Path(spec.run_dir)
 
-    # The table: 4 members, the uniform mixture, the merged model.
+    # The table: 4 members, the uniform mixture, the BTM prefix posterior, the merged model.
     kinds = [r["kind"] for r in result["rows"]]
-    assert kinds == ["member"] * 4 + ["uniform", "merger"], kinds
+    assert kinds == ["member"] * 4 + ["uniform", "posterior", "merger"], kinds
     assert [r["name"] for r in result["rows"][:4]] == ["m0.0", "m0.1", "m1.0", "m1.1"]
     assert json.loads((run / "train_result.json").read_text())["rows"] == result["rows"]
 
@@ -46,6 +46,14 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     assert load_tokenizer(run / "final").vocab_size == ensemble.config.vocab_size
     assert json.loads((run / "final" / "spec.json").read_text())["name"] == "e2e"
     assert (run / "report.md").is_file(), "jobs.evaluate wrote the evaluation report"
+
+    # One evaluator: the final table (scored on the workers) and report.json (one process) agree.
+    report = {r["name"]: r["loss"] for r in json.loads((run / "report.json").read_text())["rows"]}
+    for r in result["rows"]:
+        figures = report["merged" if r["kind"] == "merger" else r["name"]]
+        assert r["mixed_val_loss"] == pytest.approx(figures["mixed"], rel=1e-5), r["name"]
+        for domain, loss in r["val_by_domain"].items():
+            assert loss == pytest.approx(figures[domain], rel=1e-5), (r["name"], domain)
     logits, loss = ensemble(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
     assert logits.shape == (1, 8, ensemble.config.vocab_size) and torch.isfinite(loss)
 

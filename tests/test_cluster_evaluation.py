@@ -1,0 +1,91 @@
+"""The workers' evaluation (cluster.evaluation, what the trainer calls) on 2 Ray
+workers gives the same figures as `leviathan.evaluation.evaluate_ensemble` in one
+process: every row, every domain and the mixed set, with and without a merger.
+
+2 modules x 2 members on 2 workers and batches of 3 windows (rank 0 merges 2
+rows, rank 1 one), so both the member gather and the row gather are exercised.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leviathan.config import ComponentConfig, EnsembleConfig
+from leviathan.data import load_manifest
+from leviathan.ensemble import LeviathanEnsemble
+from leviathan.evaluation import MIXED, evaluate_ensemble
+from tests.test_evaluation import prepare_corpus
+
+SETTINGS = dict(batch_size=3, seq_len=16, max_batches=2, prefix_tokens=4)
+
+
+def _ensemble(merge: str) -> LeviathanEnsemble:
+    torch.manual_seed(3)
+    member = ComponentConfig.preset("tiny", vocab_size=260, block_size=32, n_layer=1)
+    config = EnsembleConfig(members=[member] * 2, modules=2, members_per_module=2, merge=merge, merge_width=32)
+    return LeviathanEnsemble(config)
+
+
+def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, tmp_path):
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    manifest = prepare_corpus(tmp_path / "corpus")
+    domains = load_manifest(manifest).domains[:2]
+    cases = {"fusion": "fusion", "mixture": "mixture", "members-only": "mixture"}
+    for name, merge in cases.items():
+        _ensemble(merge).save(tmp_path / name)
+
+    def loop(config):
+        import ray.train
+        import torch
+
+        from cluster.evaluation import evaluate
+        from cluster.members import Member
+        from cluster.merge import Exchange
+        from cluster.placement import members_for_rank
+        from leviathan.data import eval_batches, load_manifest
+        from leviathan.ensemble import LeviathanEnsemble
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        m = load_manifest(config["manifest"])
+        s = config["settings"]
+        val_sets = {d: eval_batches(m.shard(d, "val"), s["batch_size"], s["seq_len"], s["max_batches"])
+                    for d in config["domains"]}
+        out = {}
+        for name in config["cases"]:
+            ens = LeviathanEnsemble.load(f"{config['dir']}/{name}")
+            c = ens.config
+            mine = members_for_rank(rank, world, c.modules, c.members_per_module)
+            members = [Member(i, c.member_names[i], ens.members[i], ens.projections[i]) for i in mine]
+            exchange = Exchange.for_placement(rank, world, c.modules, c.members_per_module)
+            merger = None if name == "members-only" else ens.merger
+            result = evaluate(members, c.member_names, merger, val_sets, s["prefix_tokens"], exchange,
+                              torch.device("cpu"))
+            out[name] = {"rows": result.rows, "losses": result.losses}
+        torch.save(out, f"{config['dir']}/rank{rank}.pt")
+
+    TorchTrainer(
+        loop,
+        train_loop_config={"dir": str(tmp_path), "cases": list(cases), "manifest": str(manifest),
+                           "domains": list(domains), "settings": SETTINGS},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+    ).fit()
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in cases:
+        report = evaluate_ensemble(LeviathanEnsemble.load(tmp_path / name), load_manifest(manifest), list(domains),
+                                   **SETTINGS)
+        expected = {r["name"]: r["loss"] for r in report["rows"]}
+        if name == "members-only":
+            del expected["merged"]
+        for r, got in enumerate(ranks):
+            assert got[name]["rows"] == list(expected), f"{name}: rank {r} rows"
+            for column in [*domains, MIXED]:
+                for i, row_name in enumerate(got[name]["rows"]):
+                    assert got[name]["losses"][column][i] == pytest.approx(expected[row_name][column], rel=1e-5, abs=1e-6), (
+                        f"{name}: rank {r}, {row_name} on {column}"
+                    )
