@@ -28,6 +28,7 @@ from typing import Any
 
 from jobs.evaluate import DEFAULT_MAX_BATCHES, add_twin, evaluate_run, write_reports
 from jobs.spec import JobSpec, format_validation_error, load_spec
+from leviathan.storage import is_uri
 
 MIXERS = ("correlation", "attention")
 
@@ -263,7 +264,7 @@ def compare(
 
     from cluster.session import init_ray
 
-    if "://" in spec.storage:
+    if is_uri(spec.storage):
         raise CompareError(f"storage: compare writes its figures to a local folder, got {spec.storage}")
     init_ray()  # started once, before the first run, so no run's wall time includes it
     runs: dict[str, dict[str, Any]] = {}

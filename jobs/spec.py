@@ -167,10 +167,9 @@ class JobSpec(StrictModel):
     @property
     def run_dir(self) -> str:
         """`<storage>/<name>`: a local path, or a URI when storage is one."""
-        storage = self.storage
-        if "://" not in storage:
-            storage = str(Path(storage).expanduser())
-        return storage.rstrip("/") + "/" + self.name
+        from leviathan.storage import is_uri, join
+
+        return join(self.storage if is_uri(self.storage) else str(Path(self.storage).expanduser()), self.name)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -186,15 +185,21 @@ class SpecError(ValueError):
 
 
 def load_spec_dict(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file not found: {p}")
+    """A spec file's fields; the file may be a local path or a pyarrow.fs URI."""
+    from leviathan import storage
+
+    path = str(path)
     try:
-        if p.suffix == ".toml":
-            return tomllib.loads(p.read_text())
-        return json.loads(p.read_text())
+        text = storage.read_text(path)
+        if text is None:
+            raise SpecError(f"spec file not found: {path}")
+        if path.endswith(".toml"):
+            return tomllib.loads(text)
+        return json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(f"{p}: cannot parse: {e}") from None
+        raise SpecError(f"{path}: cannot parse: {e}") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e}") from None
 
 
 def format_validation_error(err: ValidationError) -> str:

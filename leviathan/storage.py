@@ -132,16 +132,19 @@ def upload_dir(local: str | os.PathLike, location: str) -> None:
 def download(location: str, local: str | os.PathLike) -> None:
     """Copy a file or folder at `location` to the local path `local`."""
     fs, path = resolve(location)
-    pafs.copy_files(path, os.path.abspath(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    local = os.path.abspath(local)
+    is_folder = fs.get_file_info(path).type == pafs.FileType.Directory
+    os.makedirs(local if is_folder else os.path.dirname(local), exist_ok=True)  # copy_files makes only subfolders
+    pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
 
 # ----------------------------------------------------------------------------- append-only logs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class LogCursor:
     """How far a reader has consumed an `AppendLog`: a part number and a byte offset in it.
-    Local logs are one file: part is always 0."""
+    Local logs are one file: part is always 0. Cursors order by position in the log."""
 
     part: int = 0
     offset: int = 0
@@ -201,7 +204,8 @@ class AppendLog:
     def read_from(self, cursor: LogCursor = LogCursor()) -> tuple[bytes, LogCursor] | None:
         """The complete lines written after `cursor`, and the cursor after them; None while
         the log does not exist. A torn last line (a local write in progress) is left for
-        the next call. A local file that shrank was replaced: it is read from the start."""
+        the next call. A local file that shrank was replaced: it is read from the start, and
+        the cursor returned is then smaller than the one given."""
         if not self.parted:
             return self._read_file_from(cursor.offset)
         chunks = []

@@ -42,6 +42,10 @@ def test_files_and_folders(root, tmp_path):
     back = tmp_path / "back"
     storage.download(storage.join(run, "final"), back)
     assert (back / "sub" / "c.json").read_text() == "[1]"
+    storage.download(storage.join(run, "final", "sub"), tmp_path / "flat")  # a folder of files only
+    storage.download(storage.join(run, "final", "w.bin"), tmp_path / "one" / "w.bin")
+    assert (tmp_path / "flat" / "c.json").read_text() == "[1]"
+    assert (tmp_path / "one" / "w.bin").read_bytes() == b"\0\1\2"
 
     storage.remove_dir(run)
     assert not storage.exists(storage.join(run, "final", "w.bin"))
