@@ -103,7 +103,7 @@ def _evaluate_local(
     ours, theirs = tokenizer.spec(), m.tokenizer_spec
     if (ours.get("kind"), ours.get("vocab_size")) != (theirs.get("kind"), theirs.get("vocab_size")):
         raise RunError(
-            f"{m.root}: the manifest's tokenizer ({theirs.get('kind')}, vocab {theirs.get('vocab_size')}) "
+            f"{m.location}: the manifest's tokenizer ({theirs.get('kind')}, vocab {theirs.get('vocab_size')}) "
             f"is not the run's ({ours.get('kind')}, vocab {ours.get('vocab_size')} in {final})"
         )
     domains = spec.data.domains if manifest is None else None
@@ -116,7 +116,7 @@ def _evaluate_local(
     )
     try:
         report = evaluate_ensemble(ensemble, m, domains, **settings)
-        report["run"] = {"name": spec.name, "dir": str(run), "manifest": str(m.root), "time": time.time()}
+        report["run"] = {"name": spec.name, "dir": str(run), "manifest": m.location, "time": time.time()}
         if twin is not None:
             twin_ensemble, _ = load_final(twin)
             if twin_ensemble.config.vocab_size != ensemble.config.vocab_size:

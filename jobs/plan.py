@@ -17,7 +17,7 @@ from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, check_manifest, reso
 DEFAULT_BLOCK_SIZE = 256
 
 
-def resolve_data(spec: JobSpec) -> tuple[Path, list[str]]:
+def resolve_data(spec: JobSpec) -> tuple[str, list[str]]:
     """(manifest path, module i's domain for every module), checked before any worker starts.
 
     The built-in corpus must be prepared already (`jobs.prepare.ensure_builtin`).

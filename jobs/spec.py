@@ -219,10 +219,13 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
         raise SpecError(f"{path}: {format_validation_error(e)}") from None
 
 
-def resolve_manifest_path(manifest: str) -> Path:
-    """A manifest given as a folder or a file -> the manifest.json path (not checked to exist)."""
-    p = Path(manifest).expanduser()
-    return p / "manifest.json" if p.suffix != ".json" else p
+def resolve_manifest_path(manifest: str) -> str:
+    """A manifest given as a folder or a file (local path or pyarrow.fs URI) -> the
+    manifest.json location (not checked to exist)."""
+    from leviathan.storage import is_uri, join
+
+    location = manifest if is_uri(manifest) else str(Path(manifest).expanduser())
+    return location if location.endswith(".json") else join(location, "manifest.json")
 
 
 def check_manifest(spec: JobSpec) -> dict[str, Any] | None:
@@ -231,13 +234,19 @@ def check_manifest(spec: JobSpec) -> dict[str, Any] | None:
     Returns the manifest dict, or None for the built-in corpus when it is not
     prepared yet (the job prepares it). Raises SpecError naming the problem.
     """
+    from leviathan.storage import read_text
+
     if spec.data.manifest == BUILTIN_MANIFEST:
         return None
     path = resolve_manifest_path(spec.data.manifest)
-    if not path.is_file():
+    try:
+        text = read_text(path)
+    except OSError as e:
+        raise SpecError(f"data.manifest: cannot read {path} ({' '.join(str(e).split())})") from None
+    if text is None:
         raise SpecError(f"data.manifest: no manifest at {path}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
         domains = [d["name"] for d in manifest["domains"]]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise SpecError(f"data.manifest: {path} is not a Leviathan manifest ({e})") from None

@@ -55,7 +55,7 @@ def with_overrides(spec: JobSpec, *, name: str | None = None, storage: str | Non
         raise SpecError(format_validation_error(e)) from None
 
 
-def prepare_data(spec: JobSpec) -> tuple[Path, list[str]]:
+def prepare_data(spec: JobSpec) -> tuple[str, list[str]]:
     """Prepare the built-in corpus if the spec uses it, then check the spec's data:
     (manifest path, module i's domain)."""
     if spec.data.manifest == BUILTIN_MANIFEST:
@@ -91,14 +91,14 @@ def check_run_folder(spec: JobSpec) -> bool:
     return old is not None
 
 
-def assemble_final(checkpoint, spec: JobSpec, manifest: Path, final_dir: str) -> dict[str, Any]:
+def assemble_final(checkpoint, spec: JobSpec, manifest: str, final_dir: str) -> dict[str, Any]:
     """`final/` = the ensemble from the last checkpoint + tokenizer + spec.json.
 
     Returns the final evaluation table the workers left in that checkpoint.
     """
     from cluster.checkpointing import assemble
     from cluster.worker import FINAL_TABLE_FILE
-    from leviathan.tokenizer import load_tokenizer
+    from leviathan.data import load_manifest
 
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="leviathan-final-") as tmp:
         table_file = Path(d) / FINAL_TABLE_FILE
@@ -108,7 +108,7 @@ def assemble_final(checkpoint, spec: JobSpec, manifest: Path, final_dir: str) ->
         out = Path(tmp) / "final"
         ensemble = assemble(d)
         ensemble.save(out)
-        load_tokenizer(manifest).save(out)
+        load_manifest(manifest).tokenizer().save(out)
         (out / SPEC_FILE).write_text(spec.to_json() + "\n")
         storage.upload_dir(out, final_dir)
     return table

@@ -51,6 +51,13 @@ def is_local_fs(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
+def local_path(location: str) -> Path | None:
+    """The path on this machine's disk of a location on the local filesystem (a plain
+    path or a file:// URI); None for remote storage."""
+    fs, path = resolve(location)
+    return Path(path) if is_local_fs(fs) else None
+
+
 def _type(location: str) -> pafs.FileType:
     fs, path = resolve(location)
     return fs.get_file_info(path).type
@@ -66,6 +73,12 @@ def is_file(location: str) -> bool:
 
 def is_dir(location: str) -> bool:
     return _type(location) == pafs.FileType.Directory
+
+
+def list_dir(location: str) -> list[str]:
+    """Names of the entries directly in a folder ([] when it is absent or empty)."""
+    fs, path = resolve(location)
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
 
 
 def read_bytes(location: str) -> bytes:
