@@ -117,6 +117,7 @@ class RayCluster:
     address: str  # GCS address, for RAY_ADDRESS / ray.init(address=...)
     dashboard_url: str  # http://127.0.0.1:<port>, the Jobs API
     auth_token: str | None  # Ray token auth (on for this cluster)
+    staging_dir: Path  # where the cluster's workers stage data from remote manifests
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
@@ -167,6 +168,8 @@ def ray_cluster(tmp_path_factory, s3_server) -> RayCluster:
     gcs_port, dashboard_port = free_port(), free_port()
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     env = _ray_env(dashboard_url)
+    staging_dir = tmp_path_factory.mktemp("staged")
+    env["LEVIATHAN_STAGING_DIR"] = str(staging_dir)
     token = os.environ["RAY_AUTH_TOKEN"]  # `ray start --head` turns auth on since the token exists
     log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
     # A private temp dir: job drivers find their cluster through <temp dir>/ray_current_cluster,
@@ -200,7 +203,7 @@ def ray_cluster(tmp_path_factory, s3_server) -> RayCluster:
         )
         gcs_address = f"127.0.0.1:{gcs_port}"
         ray.init(address=gcs_address, logging_level="WARNING", log_to_driver=False)
-        yield RayCluster(address=gcs_address, dashboard_url=dashboard_url, auth_token=token)
+        yield RayCluster(address=gcs_address, dashboard_url=dashboard_url, auth_token=token, staging_dir=staging_dir)
     finally:
         ray.shutdown()
         # The head's processes share its process group: end them together, not one by one.

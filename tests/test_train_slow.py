@@ -163,25 +163,38 @@ def test_ray_job_submit_runs_the_training_entrypoint(ray_cluster, manifest, tmp_
     assert (Path(spec.run_dir) / "final" / "model.safetensors").is_file()
 
 
-def test_run_on_an_object_store_appends_part_files_and_keeps_the_api_spec(ray_cluster, manifest, s3_bucket,
-                                                                           s3_server, tmp_path):
-    """Storage on S3 (moto): the API's spec.json is the only copy (the driver does not
-    write it again), metrics are part files the API's reader follows, and final/ and
-    the report land in the bucket."""
+def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_cluster, manifest, s3_bucket, s3_server,
+                                                                        tmp_path, monkeypatch):
+    """Data and run folder on S3 (moto). Workers stage the shards from the remote
+    manifest (sha256-checked) and memory-map the copies; the API's spec.json is the
+    only copy (the driver does not write it again); metrics are part files the API's
+    reader follows; final/ and the report land in the bucket."""
+    import hashlib
+
     import pyarrow.fs as pafs
 
     from api.metrics import MetricsReader, read_records
     from api.ray_jobs import write_spec as api_write_spec
     from leviathan import storage
+    from leviathan.data import load_manifest
     from leviathan.ensemble import LeviathanEnsemble
 
-    spec = tiny_spec(manifest, f"{s3_bucket}/runs", "s3-run")
+    monkeypatch.setenv("LEVIATHAN_STAGING_DIR", str(tmp_path / "driver-staged"))
+    storage.upload_dir(manifest.parent, f"{s3_bucket}/data")
+    spec = tiny_spec(f"{s3_bucket}/data/manifest.json", f"{s3_bucket}/runs", "s3-run")
     spec_uri = api_write_spec(spec)
     fs = s3_server.filesystem()
     key = lambda uri: uri.removeprefix("s3://")  # noqa: E731
     written = fs.get_file_info(key(spec_uri)).mtime
 
     result = train.run(spec, progress=False)
+
+    remote = load_manifest(spec.data.manifest)
+    staged = ray_cluster.staging_dir / remote.root.name
+    for domain in result["domains"]:
+        entry = remote.split(domain, "train")
+        assert hashlib.sha256((staged / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
+
     run_dir = spec.run_dir
     assert fs.get_file_info(key(spec_uri)).mtime == written, "spec.json was written again"
     names = {i.path.removeprefix(key(run_dir) + "/")
