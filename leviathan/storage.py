@@ -46,7 +46,7 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), normalize(location)
 
 
-def is_local_fs(fs: pafs.FileSystem) -> bool:
+def _is_local_fs(fs: pafs.FileSystem) -> bool:
     """Local disks append in place; object stores do not."""
     return isinstance(fs, pafs.LocalFileSystem)
 
@@ -55,7 +55,7 @@ def local_path(location: str) -> Path | None:
     """The path on this machine's disk of a location on the local filesystem (a plain
     path or a file:// URI); None for remote storage."""
     fs, path = resolve(location)
-    return Path(path) if is_local_fs(fs) else None
+    return Path(path) if _is_local_fs(fs) else None
 
 
 def _type(location: str) -> pafs.FileType:
@@ -117,7 +117,7 @@ def make_dir(location: str, *, new: bool = False) -> None:
     if new:
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             raise FileExistsError(location)
-        if is_local_fs(fs):
+        if _is_local_fs(fs):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             os.mkdir(path)  # atomic: fails when another writer won the race
             return
@@ -136,7 +136,7 @@ def upload_dir(local: str | os.PathLike, location: str) -> None:
     fs, path = resolve(location)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir(path)
-    if is_local_fs(fs):
+    if _is_local_fs(fs):
         shutil.copytree(local, path)
         return
     pafs.copy_files(os.path.abspath(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
@@ -179,7 +179,7 @@ class AppendLog:
     def __init__(self, location: str):
         self.location = location.rstrip("/")
         self._fs, self._path = resolve(self.location)
-        self.parted = not is_local_fs(self._fs)
+        self.parted = not _is_local_fs(self._fs)
         self._parts_dir = self._path.removesuffix(".jsonl")
         self._next_part: int | None = None  # found by one listing on the first append
 
