@@ -1,10 +1,11 @@
 """Reading a run's `metrics.jsonl` (written by rank 0 of the training job).
 
-The file is the job's own output, not API state: every answer is derived from it.
+The log is the job's own output, not API state: every answer is derived from it.
 A job's status page needs only the latest figures per member, so the reader folds
-the file incrementally: it remembers how far it has read each file and parses
-only the bytes appended since (a long run's file grows to many MB; re-parsing it on
-every poll would cost O(file) per request). Only complete lines are consumed, so a
+the log incrementally: it keeps a cursor per run (a byte offset in a local file,
+the next part file on an object store; `leviathan.storage.AppendLog`) and parses
+only what was appended since (a long run's log grows to many MB; re-parsing it on
+every poll would cost O(log) per request). Only complete lines are consumed, so a
 line rank 0 is still writing is read on the next call. Lines that are not valid
 records are skipped.
 """
@@ -18,46 +19,21 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 from pydantic import ValidationError
 
 from api.schemas import MetricRecord
 from leviathan.records import METRICS_FILE
+from leviathan.storage import AppendLog, LogCursor, join
 
 log = logging.getLogger(__name__)
 
 _LATEST_FIELDS = ("train_loss", "val_loss", "mixed_val_loss", "lr", "tokens_per_s")
 
 
-def _read_from(run_dir: str, offset: int) -> tuple[bytes, int] | None:
-    """Bytes of `<run_dir>/metrics.jsonl` from `offset`, and the file size; None if absent."""
-    if "://" in run_dir:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(run_dir)
-        path = f"{path}/{METRICS_FILE}"
-        info = fs.get_file_info(path)
-        if info.type != pafs.FileType.File:
-            return None
-        size = info.size
-        if size <= offset:
-            return b"", size
-        with fs.open_input_file(path) as f:
-            f.seek(offset)
-            return f.read(size - offset), size
-    path = Path(run_dir) / METRICS_FILE
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            if size <= offset:
-                return b"", size
-            f.seek(offset)
-            return f.read(size - offset), size
-    except FileNotFoundError:
-        return None
+def _log(run_dir: str) -> AppendLog:
+    return AppendLog(join(run_dir, METRICS_FILE))
 
 
 def _finite_float(text: str) -> float | None:
@@ -81,7 +57,7 @@ def _parse_lines(data: bytes) -> Iterator[dict[str, Any]]:
 class MetricsSummary:
     """The latest state of a run, folded from its records in file order."""
 
-    offset: int = 0  # bytes consumed (complete lines only)
+    cursor: LogCursor = LogCursor()  # how far the log is consumed (complete lines only)
     records: int = 0
     phase: str | None = None
     step: int | None = None
@@ -128,21 +104,19 @@ class MetricsReader:
         with self._lock:
             state = self._runs.get(run_dir) or MetricsSummary()
             try:
-                got = _read_from(run_dir, state.offset)
+                got = _log(run_dir).read_from(state.cursor)
             except (OSError, ValueError) as e:  # status pages still show Ray's view
                 log.warning("cannot read %s/%s: %s", run_dir, METRICS_FILE, e)
                 got = None
             if got is None:
                 self._runs.pop(run_dir, None)
                 return None
-            data, size = got
-            if size < state.offset:  # the file was replaced: start over
+            data, cursor = got
+            if cursor < state.cursor:  # the log was replaced and read from its start
                 state = MetricsSummary()
-                data, size = _read_from(run_dir, 0) or (b"", 0)
-            end = data.rfind(b"\n") + 1
-            for rec in _parse_lines(data[:end]):
+            for rec in _parse_lines(data):
                 state.fold(rec)
-            state.offset += end
+            state.cursor = cursor
             self._runs[run_dir] = state
             self._runs.move_to_end(run_dir)
             while len(self._runs) > self._max_runs:
@@ -152,12 +126,7 @@ class MetricsReader:
 
 def read_records(run_dir: str, since_step: int | None = None) -> list[dict[str, Any]]:
     """All complete records (file order), those with step > since_step when given."""
-    got = _read_from(run_dir, 0)
-    if got is None:
-        return []
-    data = got[0]
-    data = data[: data.rfind(b"\n") + 1]
-    records = list(_parse_lines(data))
+    records = list(_parse_lines(_log(run_dir).read_all()))
     if since_step is not None:
         records = [r for r in records if r.get("step") is not None and r["step"] > since_step]
     return records

@@ -18,7 +18,6 @@ import shlex
 import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Iterator
 
 import requests
@@ -28,6 +27,7 @@ from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient, JobTy
 
 from api.settings import Settings
 from jobs.spec import JobSpec
+from leviathan import storage
 
 # Job metadata keys (Ray metadata values are strings).
 META_RUN_DIR = "leviathan_run_dir"
@@ -153,39 +153,21 @@ def new_run_name(spec_name: str) -> str:
     return f"{spec_name[:56]}-{secrets.token_hex(3)}"
 
 
-def ensure_storage(storage: str) -> None:
+def ensure_storage(location: str) -> None:
     """Create the storage root (or the folder under it a spec names) if needed."""
-    if "://" in storage:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(storage)
-        fs.create_dir(path, recursive=True)
-    else:
-        Path(storage).mkdir(parents=True, exist_ok=True)
+    storage.make_dir(location)
 
 
 def write_spec(spec: JobSpec) -> str:
-    """Write `<run_dir>/spec.json` where the job reads it; returns its path or URI.
+    """Write `<run_dir>/spec.json`, the one copy the job reads; returns its path or URI.
 
     The run folder must not exist yet (FileExistsError): a collision would mix two
     runs' outputs. The storage folder above it must exist (`ensure_storage`).
     """
-    run_dir = spec.run_dir
-    if "://" in run_dir:
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(run_dir)
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            raise FileExistsError(run_dir)
-        fs.create_dir(path, recursive=False)
-        with fs.open_output_stream(f"{path}/spec.json") as f:
-            f.write(spec.to_json().encode())
-        return f"{run_dir}/spec.json"
-    folder = Path(run_dir)
-    folder.mkdir(exist_ok=False)
-    spec_path = folder / "spec.json"
-    spec_path.write_text(spec.to_json())
-    return str(spec_path)
+    storage.make_dir(spec.run_dir, new=True)
+    spec_path = storage.join(spec.run_dir, "spec.json")
+    storage.write_text(spec_path, spec.to_json() + "\n")
+    return spec_path
 
 
 def entrypoint(settings: Settings, spec_path: str) -> str:

@@ -6,21 +6,18 @@ and the failure run again; their lines carry `"replayed": true` (rank 0 reads
 the largest step already logged per phase).
 
 The run folder may be a local path or a pyarrow.fs URI (shared storage on a
-multi-node cluster); URIs without append support are rewritten whole.
+multi-node cluster). On an object store the log is a folder of part files,
+`metrics/part-000000.jsonl`, one per append (`leviathan.storage.AppendLog`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
-from pathlib import Path
 from typing import Any, Iterable
 
 from leviathan.records import METRICS_FILE, PHASES
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
+from leviathan.storage import AppendLog, join
 
 
 class MetricsLog:
@@ -28,13 +25,12 @@ class MetricsLog:
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir.rstrip("/")
-        self.path = f"{self.run_dir}/{METRICS_FILE}"
+        self.log = AppendLog(join(self.run_dir, METRICS_FILE))
 
     def read(self) -> list[dict[str, Any]]:
-        """Every complete record so far (a torn last line is skipped)."""
-        text = self._read_text()
+        """Every complete record so far (lines that are not JSON are skipped)."""
         out = []
-        for line in text.splitlines():
+        for line in self.log.read_all().splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
@@ -51,36 +47,7 @@ class MetricsLog:
         return steps
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(r) + "\n" for r in records)
-        if not lines:
-            return
-        if not _is_uri(self.path):
-            Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(lines)
-                f.flush()
-                os.fsync(f.fileno())
-            return
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(self.path)
-        old = self._read_text()
-        if old and not old.endswith("\n"):
-            old += "\n"
-        with fs.open_output_stream(path) as f:
-            f.write((old + lines).encode())
-
-    def _read_text(self) -> str:
-        if not _is_uri(self.path):
-            p = Path(self.path)
-            return p.read_text() if p.is_file() else ""
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(self.path)
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return ""
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
+        self.log.append("".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def format_line(r: dict[str, Any]) -> str:

@@ -12,10 +12,10 @@ workers use torch.distributed collectives directly (cluster.merge).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from cluster.plan import Resources, RunPlan
+from leviathan.storage import join, normalize
 
 CHECKPOINTS_NAME = "checkpoints"
 # Restarts of the controller itself (e.g. a worker group that cannot start):
@@ -85,11 +85,9 @@ def build_trainer(
 
     configure_train_env()
 
-    storage = storage_path or plan.run_dir
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
+    storage = normalize(storage_path or plan.run_dir)
     name = run_name or CHECKPOINTS_NAME
-    metrics_dir = storage if run_name is None else f"{storage.rstrip('/')}/{run_name}"
+    metrics_dir = storage if run_name is None else join(storage, run_name)
     r = plan.resources
     return TorchTrainer(
         train_loop_per_worker,

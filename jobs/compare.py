@@ -29,6 +29,7 @@ from typing import Any
 from jobs.evaluate import add_twin, evaluate_run, write_reports
 from jobs.spec import JobSpec, SpecError, load_spec, with_values
 from leviathan.config import MIXERS
+from leviathan.storage import is_uri
 
 
 class CompareError(ValueError):
@@ -258,7 +259,7 @@ def compare(
 
     from cluster.session import init_ray
 
-    if "://" in spec.storage:
+    if is_uri(spec.storage):
         raise CompareError(f"storage: compare writes its figures to a local folder, got {spec.storage}")
     init_ray()  # started once, before the first run, so no run's wall time includes it
     runs: dict[str, dict[str, Any]] = {}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec
+from leviathan import storage
 
 
 class RunError(ValueError):
@@ -100,7 +101,7 @@ def _evaluate_local(
     ours, theirs = tokenizer.spec(), m.tokenizer_spec
     if (ours.get("kind"), ours.get("vocab_size")) != (theirs.get("kind"), theirs.get("vocab_size")):
         raise RunError(
-            f"{m.root}: the manifest's tokenizer ({theirs.get('kind')}, vocab {theirs.get('vocab_size')}) "
+            f"{m.location}: the manifest's tokenizer ({theirs.get('kind')}, vocab {theirs.get('vocab_size')}) "
             f"is not the run's ({ours.get('kind')}, vocab {ours.get('vocab_size')} in {final})"
         )
     domains = spec.data.domains if manifest is None else None
@@ -113,7 +114,7 @@ def _evaluate_local(
     )
     try:
         report = evaluate_ensemble(ensemble, m, domains, **settings)
-        report["run"] = {"name": spec.name, "dir": str(run), "manifest": str(m.root), "time": time.time()}
+        report["run"] = {"name": spec.name, "dir": str(run), "manifest": m.location, "time": time.time()}
         if twin is not None:
             twin_ensemble, _ = load_final(twin)
             if twin_ensemble.config.vocab_size != ensemble.config.vocab_size:
@@ -200,29 +201,23 @@ def evaluate_run(
         twin=None if twin is None else str(twin),
     )
     run_dir = str(run_dir)
-    if "://" not in run_dir:
+    if not storage.is_uri(run_dir):
         return _evaluate_local(Path(run_dir).expanduser(), **kwargs)
-
-    import pyarrow.fs as pafs
-
     try:
-        fs, root = pafs.FileSystem.from_uri(run_dir.rstrip("/"))
-        if fs.get_file_info(root + "/final").type != pafs.FileType.Directory:
+        if not storage.is_dir(storage.join(run_dir, "final")):
             raise RunError(f"{run_dir}/final: no final/ folder (the run has not finished training)")
         with tempfile.TemporaryDirectory(prefix="leviathan-eval-") as tmp:
             local = Path(tmp) / "run"
-            (local / "final").mkdir(parents=True)
-            pafs.copy_files(root + "/final", str(local / "final"), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            if fs.get_file_info(root + "/spec.json").type == pafs.FileType.File:
-                pafs.copy_files(root + "/spec.json", str(local / "spec.json"), source_filesystem=fs,
-                                destination_filesystem=pafs.LocalFileSystem())
+            local.mkdir()
+            storage.download(storage.join(run_dir, "final"), local / "final")
+            spec_file = storage.join(run_dir, "spec.json")
+            if storage.is_file(spec_file):
+                storage.download(spec_file, local / "spec.json")
             report = _evaluate_local(local, **kwargs)
             report["run"]["dir"] = run_dir
             write_reports(local, report)
             for name in ("report.json", "report.md"):
-                pafs.copy_files(str(local / name), f"{root}/{name}", source_filesystem=pafs.LocalFileSystem(),
-                                destination_filesystem=fs)
+                storage.write_bytes(storage.join(run_dir, name), (local / name).read_bytes())
             return report
     except OSError as e:
         raise RunError(f"{run_dir}: {_one_line(e)}") from None

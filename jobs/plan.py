@@ -9,7 +9,6 @@ one place that hands a plan to `cluster.trainer.build_trainer`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from cluster.plan import Resources, RunPlan, Training
@@ -17,7 +16,7 @@ from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, check_manifest, reso
 from leviathan.config import EnsembleConfig
 
 
-def resolve_data(spec: JobSpec) -> tuple[Path, list[str]]:
+def resolve_data(spec: JobSpec) -> tuple[str, list[str]]:
     """(manifest path, module i's domain for every module), checked before any worker starts.
 
     The built-in corpus must be prepared already (`jobs.prepare.ensure_builtin`).

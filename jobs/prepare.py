@@ -43,6 +43,7 @@ import re
 import secrets
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ import numpy as np
 from jobs.spec import default_home
 from leviathan.corpus import BUILTIN_DOMAINS, capped, corpus_version
 from leviathan.data import FORMAT_VERSION, MANIFEST_FILE, DataError, load_manifest, sha256_file, token_dtype, write_shard
+from leviathan import storage
 from leviathan.tokenizer import BPETokenizer, ByteTokenizer
 
 log = logging.getLogger("leviathan.prepare")
@@ -465,6 +467,25 @@ def prepare_sources(
     return out / MANIFEST_FILE
 
 
+def prepare_sources_to_uri(sources: list[DomainSource], out: str, *, force: bool = False, **options: Any) -> str:
+    """`prepare_sources` into a pyarrow.fs URI (shared storage): prepared in a local
+    temp folder, then uploaded, manifest.json last, so a manifest there always has
+    its files. Returns the manifest's URI."""
+    manifest_uri = storage.join(out, MANIFEST_FILE)
+    try:
+        if storage.list_dir(out) and not force:
+            raise OutputExistsError(f"--out {out} exists and is not empty (use --force to replace it)")
+        with tempfile.TemporaryDirectory(prefix="leviathan-prepare-") as tmp:
+            local = prepare_sources(sources, Path(tmp) / "out", force=False, **options)
+            manifest = local.read_bytes()
+            local.unlink()
+            storage.upload_dir(local.parent, out)
+            storage.write_bytes(manifest_uri, manifest)
+    except OSError as e:
+        raise PrepareError(f"--out {out}: cannot upload the prepared data ({' '.join(str(e).split())})") from None
+    return manifest_uri
+
+
 def prepare(
     domains: dict[str, Path],
     out: str | os.PathLike,
@@ -563,16 +584,20 @@ def main(argv: list[str] | None = None) -> int:
             raise PrepareError(f"duplicate domain name {dupes[0]!r}")
         if args.out is None and pairs:
             raise PrepareError("--out is required with --domain")
-        out = Path(args.out) if args.out else builtin_data_dir(args.tokenizer)
-        if args.out is None and not args.force and _already_prepared(out, args.tokenizer, args.vocab_size):
-            log.info("the built-in corpus is already prepared at %s (--force prepares it again)", out)
-            print(out / MANIFEST_FILE)
+        builtin_out = builtin_data_dir(args.tokenizer)
+        if args.out is None and not args.force and _already_prepared(builtin_out, args.tokenizer, args.vocab_size):
+            log.info("the built-in corpus is already prepared at %s (--force prepares it again)", builtin_out)
+            print(builtin_out / MANIFEST_FILE)
             return 0
         sources = [file_source(n, p, args.glob, args.text_column) for n, p in pairs]
         if use_builtin:
             sources += builtin_sources()
-        manifest = prepare_sources(sources, out, args.tokenizer, args.vocab_size, args.val_fraction,
-                                   args.seq_len, args.force)
+        options = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                       seq_len=args.seq_len, force=args.force)
+        if args.out is not None and storage.is_uri(args.out):
+            manifest = prepare_sources_to_uri(sources, args.out, **options)
+        else:
+            manifest = prepare_sources(sources, args.out or builtin_out, **options)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

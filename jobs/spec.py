@@ -219,10 +219,9 @@ class JobSpec(StrictModel):
     @property
     def run_dir(self) -> str:
         """`<storage>/<name>`: a local path, or a URI when storage is one."""
-        storage = self.storage
-        if "://" not in storage:
-            storage = str(Path(storage).expanduser())
-        return storage.rstrip("/") + "/" + self.name
+        from leviathan.storage import is_uri, join
+
+        return join(self.storage if is_uri(self.storage) else str(Path(self.storage).expanduser()), self.name)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -238,15 +237,21 @@ class SpecError(ValueError):
 
 
 def load_spec_dict(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"spec file not found: {p}")
+    """A spec file's fields; the file may be a local path or a pyarrow.fs URI."""
+    from leviathan import storage
+
+    path = str(path)
     try:
-        if p.suffix == ".toml":
-            return tomllib.loads(p.read_text())
-        return json.loads(p.read_text())
+        text = storage.read_text(path)
+        if text is None:
+            raise SpecError(f"spec file not found: {path}")
+        if path.endswith(".toml"):
+            return tomllib.loads(text)
+        return json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(f"{p}: cannot parse: {e}") from None
+        raise SpecError(f"{path}: cannot parse: {e}") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e}") from None
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -286,10 +291,13 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
         raise SpecError(f"{path}: {format_validation_error(e)}") from None
 
 
-def resolve_manifest_path(manifest: str) -> Path:
-    """A manifest given as a folder or a file -> the manifest.json path (not checked to exist)."""
-    p = Path(manifest).expanduser()
-    return p / "manifest.json" if p.suffix != ".json" else p
+def resolve_manifest_path(manifest: str) -> str:
+    """A manifest given as a folder or a file (local path or pyarrow.fs URI) -> the
+    manifest.json location (not checked to exist)."""
+    from leviathan.storage import is_uri, join
+
+    location = manifest if is_uri(manifest) else str(Path(manifest).expanduser())
+    return location if location.endswith(".json") else join(location, "manifest.json")
 
 
 def check_manifest(spec: JobSpec) -> dict[str, Any] | None:
@@ -298,13 +306,19 @@ def check_manifest(spec: JobSpec) -> dict[str, Any] | None:
     Returns the manifest dict, or None for the built-in corpus when it is not
     prepared yet (the job prepares it). Raises SpecError naming the problem.
     """
+    from leviathan.storage import read_text
+
     if spec.data.manifest == BUILTIN_MANIFEST:
         return None
     path = resolve_manifest_path(spec.data.manifest)
-    if not path.is_file():
+    try:
+        text = read_text(path)
+    except OSError as e:
+        raise SpecError(f"data.manifest: cannot read {path} ({' '.join(str(e).split())})") from None
+    if text is None:
         raise SpecError(f"data.manifest: no manifest at {path}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
         domains = [d["name"] for d in manifest["domains"]]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise SpecError(f"data.manifest: {path} is not a Leviathan manifest ({e})") from None

@@ -7,7 +7,8 @@ One job = one Ray Train run (jobs.plan.build_job_trainer). This entry point:
    starts (a bad spec or an unplaceable job is a one-line error, exit 2);
 2. connects to the cluster in `RAY_ADDRESS` (a `ray job submit` driver) or
    starts a local Ray;
-3. writes `<run>/spec.json` and runs `TorchTrainer.fit()`;
+3. writes `<run>/spec.json` (unless the API wrote it on submission) and runs
+   `TorchTrainer.fit()`;
 4. assembles `<run>/final/` from the last checkpoint (a `LeviathanEnsemble`
    folder plus the tokenizer and spec.json, loadable without Ray), writes
    `<run>/train_result.json` and prints the final table: every member's val
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -29,53 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec, with_values
+from leviathan import storage
 
 DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "demo.toml"
 RESULT_FILE = "train_result.json"
+SPEC_FILE = "spec.json"
 
 
 class TrainError(RuntimeError):
     """Training ran but did not finish (workers failed past max_failures)."""
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _exists(path: str) -> bool:
-    if not _is_uri(path):
-        return Path(path).exists()
-    import pyarrow.fs as pafs
-
-    fs, p = pafs.FileSystem.from_uri(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
-
-
-def _write_text(path: str, text: str) -> None:
-    if not _is_uri(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-        return
-    import pyarrow.fs as pafs
-
-    fs, p = pafs.FileSystem.from_uri(path)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
-
-
-def _upload_folder(local: Path, dest: str) -> None:
-    if not _is_uri(dest):
-        if Path(dest).exists():
-            shutil.rmtree(dest)
-        shutil.copytree(local, dest)
-        return
-    import pyarrow.fs as pafs
-
-    fs, p = pafs.FileSystem.from_uri(dest)
-    pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def prepare_data(spec: JobSpec) -> tuple[Path, list[str]]:
+def prepare_data(spec: JobSpec) -> tuple[str, list[str]]:
     """Prepare the built-in corpus if the spec uses it, then check the spec's data:
     (manifest path, module i's domain)."""
     if spec.data.manifest == BUILTIN_MANIFEST:
@@ -87,28 +52,18 @@ def prepare_data(spec: JobSpec) -> tuple[Path, list[str]]:
     return resolve_data(spec)
 
 
-def _read_text(path: str) -> str | None:
-    if not _is_uri(path):
-        p = Path(path)
-        return p.read_text() if p.is_file() else None
-    if not _exists(path):
-        return None
-    import pyarrow.fs as pafs
-
-    fs, p = pafs.FileSystem.from_uri(path)
-    with fs.open_input_stream(p) as f:
-        return f.read().decode()
-
-
-def check_run_folder(spec: JobSpec) -> None:
+def check_run_folder(spec: JobSpec) -> bool:
     """A run folder holds one job: a finished run is not trained again, and an
-    unfinished one resumes only with the same spec (its checkpoints fit no other)."""
+    unfinished one resumes only with the same spec (its checkpoints fit no other).
+
+    Returns whether the folder already holds this spec's spec.json (written by the
+    API on submission, or by an earlier attempt of this run)."""
     run_dir = spec.run_dir
-    if _exists(f"{run_dir}/{RESULT_FILE}"):
+    if storage.exists(storage.join(run_dir, RESULT_FILE)):
         raise SpecError(
             f"name: run {spec.name!r} already finished in {run_dir}; pick another --name or remove the folder"
         )
-    old = _read_text(f"{run_dir}/spec.json")
+    old = storage.read_text(storage.join(run_dir, SPEC_FILE))
     if old is not None:
         try:
             same = JobSpec.model_validate_json(old) == spec
@@ -118,16 +73,17 @@ def check_run_folder(spec: JobSpec) -> None:
             raise SpecError(
                 f"name: {run_dir} holds run {spec.name!r} with a different spec; pick another --name or remove the folder"
             )
+    return old is not None
 
 
-def assemble_final(checkpoint, spec: JobSpec, manifest: Path, final_dir: str) -> dict[str, Any]:
+def assemble_final(checkpoint, spec: JobSpec, manifest: str, final_dir: str) -> dict[str, Any]:
     """`final/` = the ensemble from the last checkpoint + tokenizer + spec.json.
 
     Returns the final evaluation table the workers left in that checkpoint.
     """
     from cluster.checkpointing import assemble
     from cluster.worker import FINAL_TABLE_FILE
-    from leviathan.tokenizer import load_tokenizer
+    from leviathan.data import load_manifest
 
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="leviathan-final-") as tmp:
         table_file = Path(d) / FINAL_TABLE_FILE
@@ -137,9 +93,9 @@ def assemble_final(checkpoint, spec: JobSpec, manifest: Path, final_dir: str) ->
         out = Path(tmp) / "final"
         ensemble = assemble(d)
         ensemble.save(out)
-        load_tokenizer(manifest).save(out)
-        (out / "spec.json").write_text(spec.to_json() + "\n")
-        _upload_folder(out, final_dir)
+        load_manifest(manifest).tokenizer().save(out)
+        (out / SPEC_FILE).write_text(spec.to_json() + "\n")
+        storage.upload_dir(out, final_dir)
     return table
 
 
@@ -175,15 +131,16 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
 
     started = time.time()
     run_dir = spec.run_dir
-    check_run_folder(spec)
+    has_spec = check_run_folder(spec)
     manifest, domains = prepare_data(spec)
     init_ray()
     check_placement(resources_of(spec), spec.name)
-    _write_text(f"{run_dir}/spec.json", spec.to_json() + "\n")
+    if not has_spec:
+        storage.write_text(storage.join(run_dir, SPEC_FILE), spec.to_json() + "\n")
 
     trainer = build_job_trainer(spec, verbose=verbose)
     if progress is None:
-        progress = sys.stderr.isatty() and not _is_uri(run_dir)
+        progress = sys.stderr.isatty() and not storage.is_uri(run_dir)
     from ray.train import TrainingFailedError
 
     try:
@@ -206,7 +163,7 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
         "domains": domains,
         **table,
     }
-    _write_text(f"{run_dir}/{RESULT_FILE}", json.dumps(out, indent=2) + "\n")
+    storage.write_text(storage.join(run_dir, RESULT_FILE), json.dumps(out, indent=2) + "\n")
     MetricsLog(run_dir).append([done_record(spec.training.phase2_steps)])
     write_report(run_dir)
     print(format_table(table), flush=True)

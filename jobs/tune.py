@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec, with_values
+from leviathan.storage import is_uri
 from leviathan.tables import markdown_table
 
 METRIC = "mixed_val_loss"
@@ -263,7 +264,7 @@ def tune_spec(
         raise TuneError(f"--trials: must be >= 1, got {trials}")
     if not params:
         raise TuneError("no --param given: name at least one spec field to sweep")
-    if "://" in spec.storage:
+    if is_uri(spec.storage):
         raise TuneError(f"storage: jobs.tune writes its tables to a local folder, got {spec.storage}")
     check_params(spec, params)
     prepare_data(spec)

@@ -10,6 +10,7 @@ and the API submit jobs to the same cluster.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -56,10 +57,67 @@ def free_port() -> int:
 
 
 @dataclass
+class S3Store:
+    """moto's S3 server on 127.0.0.1: a real object store (no appends, no folders) for
+    storage tests. pyarrow.fs resolves `s3://` URIs to it through the AWS_* variables
+    this session sets, in the test process and in the Ray cluster it starts."""
+
+    endpoint: str  # http://127.0.0.1:<port>
+
+    def filesystem(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            endpoint_override=self.endpoint.removeprefix("http://"), scheme="http",
+            access_key=S3_ENV["AWS_ACCESS_KEY_ID"], secret_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+            region=S3_ENV["AWS_DEFAULT_REGION"], allow_bucket_creation=True,
+        )
+
+    def new_bucket(self) -> str:
+        """A fresh empty bucket; returns its URI `s3://<name>`."""
+        name = f"lv-{secrets.token_hex(6)}"
+        self.filesystem().create_dir(name)
+        return f"s3://{name}"
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server per session (started before Ray, so Ray's workers see it too)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+    try:
+        yield S3Store(endpoint=endpoint)
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh bucket on the session's S3 server: `s3://<name>`."""
+    return s3_server.new_bucket()
+
+
+@dataclass
 class RayCluster:
     address: str  # GCS address, for RAY_ADDRESS / ray.init(address=...)
     dashboard_url: str  # http://127.0.0.1:<port>, the Jobs API
     auth_token: str | None  # Ray token auth (on for this cluster)
+    staging_dir: Path  # where the cluster's workers stage data from remote manifests
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
@@ -103,13 +161,15 @@ def _wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, timeout_s:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory) -> RayCluster:
+def ray_cluster(tmp_path_factory, s3_server) -> RayCluster:
     import ray
 
     ray_bin = str(VENV_BIN / "ray")
     gcs_port, dashboard_port = free_port(), free_port()
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     env = _ray_env(dashboard_url)
+    staging_dir = tmp_path_factory.mktemp("staged")
+    env["LEVIATHAN_STAGING_DIR"] = str(staging_dir)
     token = os.environ["RAY_AUTH_TOKEN"]  # `ray start --head` turns auth on since the token exists
     log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
     # A private temp dir: job drivers find their cluster through <temp dir>/ray_current_cluster,
@@ -143,7 +203,7 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
         )
         gcs_address = f"127.0.0.1:{gcs_port}"
         ray.init(address=gcs_address, logging_level="WARNING", log_to_driver=False)
-        yield RayCluster(address=gcs_address, dashboard_url=dashboard_url, auth_token=token)
+        yield RayCluster(address=gcs_address, dashboard_url=dashboard_url, auth_token=token, staging_dir=staging_dir)
     finally:
         ray.shutdown()
         # The head's processes share its process group: end them together, not one by one.

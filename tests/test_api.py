@@ -302,6 +302,26 @@ def test_metrics_reader_folds_appended_lines_and_skips_bad_ones(tmp_path):
     assert not any(isinstance(v, float) and math.isnan(v) for r in read_records(str(tmp_path)) for v in r.values())
 
 
+def test_metrics_reader_follows_a_log_on_an_object_store(s3_bucket):
+    """On S3 the training job writes part files; the reader resumes after the parts it
+    has read, so each poll reads only what was appended since."""
+    from cluster.metrics import MetricsLog
+
+    run_dir = f"{s3_bucket}/runs/r1"
+    reader = MetricsReader()
+    assert reader.summary(run_dir) is None
+    writer = MetricsLog(run_dir)
+    writer.append([_record(1, "m0.0", train_loss=3.0), _record(1, "m1.0", module=1, train_loss=4.0)])
+    s = reader.summary(run_dir)
+    assert s.records == 2 and s.members["m1.0"]["train_loss"] == 4.0
+    writer.append([_record(2, "m0.0", val_loss=2.5)])
+    MetricsLog(run_dir).append([{"phase": "done", "time": 2000.0, "step": 2}])  # the driver's last line
+    s = reader.summary(run_dir)
+    assert s.records == 4 and s.phase == "done"
+    assert (s.members["m0.0"]["train_loss"], s.members["m0.0"]["val_loss"]) == (3.0, 2.5)
+    assert [r["step"] for r in read_records(run_dir, since_step=1)] == [2, 2]
+
+
 # ----------------------------------------------------------------------------- real training jobs
 
 

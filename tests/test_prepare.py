@@ -22,7 +22,7 @@ from jobs.prepare import (
     prepare_sources,
 )
 from leviathan.corpus import BUILTIN_DOMAINS, DOMAIN_CAP, builtin_corpus
-from leviathan.data import TokenShard, load_manifest
+from leviathan.data import DataError, TokenShard, load_manifest
 from leviathan.tokenizer import BPETokenizer, ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,3 +248,63 @@ def test_cli_defaults_to_builtin_and_reuses_it(tmp_path, monkeypatch, capsys):
     assert main(["--builtin", "--force"]) == 0
     assert path.stat().st_mtime_ns != stamp
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["builtin-byte"]
+
+
+# ----------------------------------------------------------------------------- data on shared storage
+
+
+@pytest.fixture()
+def remote_manifest(corpus, s3_bucket, tmp_path, monkeypatch, capsys) -> str:
+    """The corpus prepared with `--out s3://...` (BPE, so the tokenizer file travels too);
+    staging goes to a temp folder."""
+    monkeypatch.setenv("LEVIATHAN_STAGING_DIR", str(tmp_path / "staged"))
+    out = f"{s3_bucket}/data/corpus"
+    args = ["--out", out, "--tokenizer", "bpe", "--vocab-size", "300", "--seq-len", "16"]
+    assert main([*(a for n in ("code", "prose") for a in ("--domain", f"{n}={corpus[n]}")), *args]) == 0
+    assert capsys.readouterr().out.strip() == f"{out}/manifest.json"
+    return out
+
+
+def test_prepare_to_a_uri_uploads_shards_that_workers_stage_and_map(remote_manifest, s3_server, tmp_path):
+    m = load_manifest(remote_manifest)
+    assert m.source == remote_manifest and m.domains == ["code", "prose"]
+    assert m.root.parent == tmp_path / "staged" and not m.root.exists(), "nothing is staged before it is used"
+
+    shard = m.shard("code", "train")  # staged, verified, memory-mapped
+    staged = m.root / m.split("code", "train")["file"]
+    assert shard.path == staged and sorted(p.name for p in m.root.iterdir()) == [staged.name]
+    assert hashlib.sha256(staged.read_bytes()).hexdigest() == m.split("code", "train")["sha256"]
+    assert isinstance(shard._mmap, pa.MemoryMappedFile) and not shard.tokens.flags.owndata
+
+    # Staged once: with the remote copy gone, the node still opens its verified copy.
+    s3_server.filesystem().delete_file(f"{remote_manifest}/{staged.name}".removeprefix("s3://"))
+    assert np.array_equal(m.shard("code", "train").tokens, shard.tokens)
+    assert m.tokenizer().vocab_size == m.vocab_size  # the BPE file is staged as well
+
+
+def test_a_corrupt_remote_shard_is_refused_and_never_staged(remote_manifest, s3_server):
+    m = load_manifest(remote_manifest)
+    name = m.split("prose", "val")["file"]
+    key = f"{remote_manifest}/{name}".removeprefix("s3://")
+    fs = s3_server.filesystem()
+    with fs.open_input_stream(key) as f:
+        data = bytearray(f.read())
+    data[-1] ^= 0xFF
+    with fs.open_output_stream(key) as f:
+        f.write(bytes(data))
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        m.shard("prose", "val")
+    assert not m.root.exists() or not any(m.root.iterdir()), "a bad download leaves nothing behind"
+
+
+def test_prepare_to_a_uri_refuses_a_non_empty_folder_and_missing_files_are_named(remote_manifest, corpus, capsys,
+                                                                                   s3_server):
+    assert main(["--domain", f"prose={corpus['prose']}", "--out", remote_manifest, "--seq-len", "16"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    m = load_manifest(remote_manifest)
+    name = m.split("code", "val")["file"]
+    s3_server.filesystem().delete_file(f"{remote_manifest}/{name}".removeprefix("s3://"))
+    with pytest.raises(DataError, match=f"missing file {remote_manifest}/{name}"):
+        load_manifest(remote_manifest)
+    with pytest.raises(DataError, match="no manifest at"):
+        load_manifest(f"{remote_manifest}/absent")

@@ -161,3 +161,53 @@ def test_ray_job_submit_runs_the_training_entrypoint(ray_cluster, manifest, tmp_
     result = json.loads((Path(spec.run_dir) / "train_result.json").read_text())
     assert [r["kind"] for r in result["rows"]][-3:] == ["uniform", "posterior", "merger"]
     assert (Path(spec.run_dir) / "final" / "model.safetensors").is_file()
+
+
+def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_cluster, manifest, s3_bucket, s3_server,
+                                                                        tmp_path, monkeypatch):
+    """Data and run folder on S3 (moto). Workers stage the shards from the remote
+    manifest (sha256-checked) and memory-map the copies; the API's spec.json is the
+    only copy (the driver does not write it again); metrics are part files the API's
+    reader follows; final/ and the report land in the bucket."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    from api.metrics import MetricsReader, read_records
+    from api.ray_jobs import write_spec as api_write_spec
+    from leviathan import storage
+    from leviathan.data import load_manifest
+    from leviathan.ensemble import LeviathanEnsemble
+
+    monkeypatch.setenv("LEVIATHAN_STAGING_DIR", str(tmp_path / "driver-staged"))
+    storage.upload_dir(manifest.parent, f"{s3_bucket}/data")
+    spec = tiny_spec(f"{s3_bucket}/data/manifest.json", f"{s3_bucket}/runs", "s3-run")
+    spec_uri = api_write_spec(spec)
+    fs = s3_server.filesystem()
+    key = lambda uri: uri.removeprefix("s3://")  # noqa: E731
+    written = fs.get_file_info(key(spec_uri)).mtime
+
+    result = train.run(spec, progress=False)
+
+    remote = load_manifest(spec.data.manifest)
+    staged = ray_cluster.staging_dir / remote.root.name
+    for domain in result["domains"]:
+        entry = remote.split(domain, "train")
+        assert hashlib.sha256((staged / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
+
+    run_dir = spec.run_dir
+    assert fs.get_file_info(key(spec_uri)).mtime == written, "spec.json was written again"
+    names = {i.path.removeprefix(key(run_dir) + "/")
+             for i in fs.get_file_info(pafs.FileSelector(key(run_dir), recursive=True))
+             if i.type == pafs.FileType.File}
+    parts = sorted(n for n in names if n.startswith("metrics/"))
+    assert "metrics.jsonl" not in names and parts == [f"metrics/part-{i:06d}.jsonl" for i in range(len(parts))]
+    assert {"train_result.json", "report.md", "final/spec.json"} <= names
+
+    records = read_records(run_dir)
+    assert records[-1]["phase"] == "done" and len(parts) > 3
+    summary = MetricsReader().summary(run_dir)
+    assert summary.phase == "done" and summary.records == len(records)
+    assert json.loads(storage.read_text(f"{run_dir}/train_result.json"))["rows"] == result["rows"]
+    storage.download(f"{run_dir}/final", tmp_path / "final")
+    assert LeviathanEnsemble.load(tmp_path / "final").member_names == ["m0.0", "m0.1", "m1.0", "m1.1"]

@@ -6,9 +6,9 @@ folder's metrics.jsonl adds the ensemble's progress. Nothing is stored here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, HTTPException, Query
@@ -35,6 +35,7 @@ from api.schemas import (
 from api.settings import Settings
 from jobs.spec import JobSpec, SpecError, check_manifest
 from leviathan.config import BYTE_VOCAB_SIZE
+from leviathan.storage import is_uri, normalize, remove_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +60,17 @@ def _field_error(loc: tuple[str, ...], msg: str, value: Any, kind: str = "value_
     return {"type": kind, "loc": ("body", *loc), "msg": msg, "input": value}
 
 
-def _storage_root(settings: Settings) -> str:
-    root = settings.storage
-    return root.rstrip("/") if "://" in root else os.path.abspath(os.path.expanduser(root))
-
-
 def _check_storage(spec: JobSpec, settings: Settings) -> str | dict:
     """The storage the run uses: the API's root, or a folder under it the spec names.
 
     Runs may not write outside the operator's storage root (the API writes
     spec.json there and the job writes everything else).
     """
-    root = _storage_root(settings)
+    root = normalize(settings.storage)
     if "storage" not in spec.model_fields_set:
         return root
     given = spec.storage
-    if "://" in given:
+    if is_uri(given):
         norm = given.rstrip("/")
         ok = (norm == root or norm.startswith(root + "/")) and "/../" not in norm + "/"
     else:
@@ -252,8 +248,8 @@ def submit_job(
                     metadata=ray_jobs.job_metadata(run_spec, spec.name),
                 )
         except HTTPException:
-            if "://" not in run_spec.run_dir:  # nothing ran: leave no empty run behind
-                shutil.rmtree(run_spec.run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # nothing ran: leave no empty run behind
+                remove_dir(run_spec.run_dir)
             raise
     log.info("submitted %s (%s)", submission_id, run_spec.run_dir)
     return JobSubmitted(

@@ -18,7 +18,7 @@ def builtin_manifest(folder: Path) -> Path:
     return manifest
 
 
-def tiny_spec(manifest: Path, storage: Path, name: str, **sections: dict[str, Any]) -> JobSpec:
+def tiny_spec(manifest: Path | str, storage: Path | str, name: str, **sections: dict[str, Any]) -> JobSpec:
     """A spec small enough for a test: 2 modules x 2 tiny members on 2 CPU workers."""
     spec: dict[str, Any] = {
         "name": name,

@@ -1,0 +1,254 @@
+"""Run-folder and data I/O over local paths and pyarrow.fs URIs (s3://, gs://, file://, ...).
+
+Every layer reads and writes run folders, manifests and shards through this
+module, so "is it a URI?" is decided in one place. A location is a plain string:
+a local path (`~` expanded, made absolute) or a URI pyarrow.fs resolves to a
+filesystem. Object stores cannot append, so `AppendLog` writes a log as numbered
+part files there (one small object per append, O(1)), and as one appended file
+on local disks.
+
+Torch-free: imported by api/, jobs/ and cluster/ alike.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(location: str) -> bool:
+    """True for `scheme://...` locations, False for local paths."""
+    return "://" in str(location)
+
+
+def normalize(location: str | os.PathLike) -> str:
+    """A canonical spelling: URIs without a trailing slash, local paths absolute with `~` expanded."""
+    location = str(location)
+    if is_uri(location):
+        return location.rstrip("/")
+    return os.path.abspath(os.path.expanduser(location))
+
+
+def join(location: str, *names: str) -> str:
+    """`location/name/...` for paths and URIs alike."""
+    return "/".join([str(location).rstrip("/"), *names])
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding `location` and the path inside it."""
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location.rstrip("/"))
+    return pafs.LocalFileSystem(), normalize(location)
+
+
+def _is_local_fs(fs: pafs.FileSystem) -> bool:
+    """Local disks append in place; object stores do not."""
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def local_path(location: str) -> Path | None:
+    """The path on this machine's disk of a location on the local filesystem (a plain
+    path or a file:// URI); None for remote storage."""
+    fs, path = resolve(location)
+    return Path(path) if _is_local_fs(fs) else None
+
+
+def _type(location: str) -> pafs.FileType:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type
+
+
+def exists(location: str) -> bool:
+    return _type(location) != pafs.FileType.NotFound
+
+
+def is_file(location: str) -> bool:
+    return _type(location) == pafs.FileType.File
+
+
+def is_dir(location: str) -> bool:
+    return _type(location) == pafs.FileType.Directory
+
+
+def list_dir(location: str) -> list[str]:
+    """Names of the entries directly in a folder ([] when it is absent or empty)."""
+    fs, path = resolve(location)
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
+
+def read_bytes(location: str) -> bytes:
+    """The whole file; FileNotFoundError when it is absent."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(location: str) -> str | None:
+    """The file's text, or None when it is absent."""
+    try:
+        return read_bytes(location).decode()
+    except FileNotFoundError:
+        return None
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write (replace) one file, creating the folders above it."""
+    fs, path = resolve(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def make_dir(location: str, *, new: bool = False) -> None:
+    """Create a folder (and its parents). `new=True`: FileExistsError if it already exists,
+    so two writers never share one folder (on object stores this check is best effort)."""
+    fs, path = resolve(location)
+    if new:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            raise FileExistsError(location)
+        if _is_local_fs(fs):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.mkdir(path)  # atomic: fails when another writer won the race
+            return
+    fs.create_dir(path, recursive=True)
+
+
+def remove_dir(location: str) -> None:
+    """Delete a folder and everything in it (nothing if it is absent)."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def upload_dir(local: str | os.PathLike, location: str) -> None:
+    """Copy a local folder to `location`, replacing what was there."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    if _is_local_fs(fs):
+        shutil.copytree(local, path)
+        return
+    pafs.copy_files(os.path.abspath(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download(location: str, local: str | os.PathLike) -> None:
+    """Copy a file or folder at `location` to the local path `local`."""
+    fs, path = resolve(location)
+    local = os.path.abspath(local)
+    is_folder = fs.get_file_info(path).type == pafs.FileType.Directory
+    os.makedirs(local if is_folder else os.path.dirname(local), exist_ok=True)  # copy_files makes only subfolders
+    pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+# ----------------------------------------------------------------------------- append-only logs
+
+
+@dataclass(frozen=True, order=True)
+class LogCursor:
+    """How far a reader has consumed an `AppendLog`: a part number and a byte offset in it.
+    Local logs are one file: part is always 0. Cursors order by position in the log."""
+
+    part: int = 0
+    offset: int = 0
+
+
+_PART = re.compile(r"part-(\d+)\.jsonl$")
+
+
+class AppendLog:
+    """A log of newline-terminated records at `location` (e.g. `<run>/metrics.jsonl`).
+
+    On a local filesystem it is that one file, appended in place. On an object
+    store, where an append would rewrite the whole object, each `append` writes
+    one new object `<location without .jsonl>/part-000123.jsonl`; parts are never
+    rewritten, so an append costs O(its own bytes) and readers can resume from a
+    `LogCursor` by reading only the parts after it. One writer at a time.
+    """
+
+    def __init__(self, location: str):
+        self.location = location.rstrip("/")
+        self._fs, self._path = resolve(self.location)
+        self.parted = not _is_local_fs(self._fs)
+        self._parts_dir = self._path.removesuffix(".jsonl")
+        self._next_part: int | None = None  # found by one listing on the first append
+
+    def _part_path(self, n: int) -> str:
+        return f"{self._parts_dir}/part-{n:06d}.jsonl"
+
+    def append(self, data: bytes) -> None:
+        """Add complete lines (`data` must end with a newline)."""
+        if not data:
+            return
+        if not data.endswith(b"\n"):
+            raise ValueError("an AppendLog append must end with a newline")
+        if not self.parted:
+            os.makedirs(os.path.dirname(self._path), exist_ok=True)
+            with open(self._path, "ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return
+        if self._next_part is None:
+            self._next_part = self._count_parts()
+        with self._fs.open_output_stream(self._part_path(self._next_part)) as f:
+            f.write(data)
+        self._next_part += 1
+
+    def _count_parts(self) -> int:
+        infos = self._fs.get_file_info(pafs.FileSelector(self._parts_dir, allow_not_found=True))
+        numbers = [int(m.group(1)) for i in infos if (m := _PART.search(i.base_name))]
+        return max(numbers, default=-1) + 1
+
+    def exists(self) -> bool:
+        path = self._part_path(0) if self.parted else self._path
+        return self._fs.get_file_info(path).type == pafs.FileType.File
+
+    def read_from(self, cursor: LogCursor = LogCursor()) -> tuple[bytes, LogCursor] | None:
+        """The complete lines written after `cursor`, and the cursor after them; None while
+        the log does not exist. A torn last line (a local write in progress) is left for
+        the next call. A local file that shrank was replaced: it is read from the start, and
+        the cursor returned is then smaller than the one given."""
+        if not self.parted:
+            return self._read_file_from(cursor.offset)
+        chunks = []
+        part = cursor.part
+        while True:
+            try:
+                with self._fs.open_input_stream(self._part_path(part)) as f:
+                    chunks.append(f.read())
+            except FileNotFoundError:
+                break
+            part += 1
+        if part == 0:
+            return None
+        return b"".join(chunks), LogCursor(part=part)
+
+    def _read_file_from(self, offset: int) -> tuple[bytes, LogCursor] | None:
+        try:
+            with open(self._path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size < offset:
+                    offset = 0
+                f.seek(offset)
+                data = f.read(size - offset)
+        except FileNotFoundError:
+            return None
+        end = data.rfind(b"\n") + 1
+        return data[:end], LogCursor(offset=offset + end)
+
+    def read_all(self) -> bytes:
+        """Every complete line so far (b"" when the log does not exist)."""
+        got = self.read_from()
+        return b"" if got is None else got[0]
+
