@@ -134,7 +134,7 @@ def naive_running_posterior(target_lp: Tensor) -> Tensor:
         for t in range(T):
             z = max(seen)
             norm = sum(math.exp(s - z) for s in seen)
-            p = sum(math.exp(seen[m] - z) / norm * math.exp(lp[b, t, m]) for m in range(M))
+            p = sum(math.exp(seen[m] - z) / norm * math.exp(float(lp[b, t, m])) for m in range(M))
             out[b, t] = math.log(p)
             for m in range(M):
                 seen[m] += float(lp[b, t, m])
@@ -259,6 +259,24 @@ def fresh_ensemble(base: LeviathanEnsemble, mode: str, seed: int) -> LeviathanEn
     return ens
 
 
+_STREAMS: dict[tuple, list] = {}
+
+
+@torch.no_grad()
+def frozen_stream(base: LeviathanEnsemble, shards: list, steps: int, switch_frac: float, seed: int) -> list:
+    """The phase-2 batches with the frozen members' outputs, computed once and shared by recipes."""
+    key = (steps, switch_frac, seed)
+    if key not in _STREAMS:
+        batches = TrainBatches(shards, 16, SEQ_LEN, seed=seed, switch_frac=switch_frac)
+        stream = []
+        for _ in range(steps):
+            x, y = batches.next()
+            hidden, lp = member_outputs(base, x, y)
+            stream.append((x, y, hidden, lp))
+        _STREAMS[key] = stream
+    return _STREAMS[key]
+
+
 def train(base: LeviathanEnsemble, shards: list, r: Recipe, seed: int = 0) -> tuple[LeviathanEnsemble, dict]:
     ens = fresh_ensemble(base, r.mode, seed)
     merger: EvidenceMerger = ens.merger  # type: ignore[assignment]
@@ -273,17 +291,16 @@ def train(base: LeviathanEnsemble, shards: list, r: Recipe, seed: int = 0) -> tu
     member_opt = configure_adamw(ens.members, r.lr * 0.1, 0.1) if r.joint else None
     for g in opt.param_groups + (member_opt.param_groups if member_opt else []):
         g["base_lr"] = g["lr"]
-    batches = TrainBatches(shards, 16, SEQ_LEN, seed=seed, switch_frac=r.switch_frac)
+    stream = frozen_stream(base, shards, r.steps, r.switch_frac, seed)
     ens.train()
     ens.members.train(r.joint)
     losses, t0 = [], time.process_time()
-    for step in range(r.steps):
+    for step, (x, y, hidden, target_lp) in enumerate(stream):
         f = lr_factor(step, r.steps)
         for o in [opt] + ([member_opt] if member_opt else []):
             for g in o.param_groups:
                 g["lr"] = g["base_lr"] * f
-        x, y = batches.next()
-        with torch.set_grad_enabled(r.joint):
+        if r.joint:  # the same batches, the members run with gradients
             hidden, target_lp = member_outputs(ens, x, y)
         lp, _ = merged_target_lp(merger, states_of(ens, hidden), target_lp, y, r.mode, r.evidence)
         loss = -lp.mean()
@@ -296,13 +313,13 @@ def train(base: LeviathanEnsemble, shards: list, r: Recipe, seed: int = 0) -> tu
         opt.step()
         if member_opt:
             member_opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     ens.eval()
     info = {
         "train_loss_last20": float(np.mean(losses[-20:])),
         "cpu_s_per_step": (time.process_time() - t0) / r.steps,
-        "beta": merger.beta.tolist(),
-        "gamma": merger.gamma().tolist(),
+        "beta": [round(v, 4) for v in merger.beta.tolist()],
+        "gamma": [round(v, 5) for v in merger.gamma().tolist()],
     }
     return ens, info
 
