@@ -237,7 +237,8 @@ RECIPES = {r.name: r for r in [
     Recipe("fus-ev", mode="fusion"),
     Recipe("fus-ev-sw25", mode="fusion", switch_frac=0.25),
     Recipe("fus-noev", mode="fusion", evidence=False),
-    Recipe("mix-ev-sw25-joint", switch_frac=0.25, joint=True),
+    Recipe("mix-ev-sw25-bg10-joint", switch_frac=0.25, gamma_lr_scale=10.0, joint=True),
+    Recipe("fus-ev-sw25-bg10", mode="fusion", switch_frac=0.25, gamma_lr_scale=10.0),
 ]}
 
 
@@ -419,14 +420,51 @@ def check_fresh_equals_running_posterior(base: LeviathanEnsemble, s: EvalSet, ca
     return float((out.double() - naive_running_posterior(lp)).abs().max())
 
 
+def train_members(spec_path: str, run_dir: Path, steps: int, seed: int = 0) -> None:
+    """Phase 1 in one process: member i trains alone on its module's domain; writes run_dir/final."""
+    from jobs.plan import ensemble_config
+    from jobs.spec import load_spec
+    from leviathan.data import BatchSampler
+
+    spec = load_spec(spec_path)
+    manifest = load_manifest(resolve_manifest_path(spec.data.manifest))
+    domains = spec.data.domains or manifest.domains[: spec.ensemble.modules]
+    torch.manual_seed(seed)
+    ens = LeviathanEnsemble(ensemble_config(spec, manifest.vocab_size))
+    t = spec.training
+    for i, member in enumerate(ens.members):
+        shard = manifest.shard(domains[ens.config.module_of(i)], "train")
+        sampler = BatchSampler(shard, t.batch_size, t.seq_len, seed=seed + i)
+        opt = configure_adamw(member, t.lr, t.weight_decay)
+        member.train()
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = t.lr * lr_factor(step, steps, t.warmup_steps, t.min_lr_ratio)
+            x, y = sampler.next()
+            _, loss = member(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(member.parameters(), t.grad_clip)
+            opt.step()
+        print(json.dumps({"member": ens.member_names[i], "train_loss": float(loss.detach())}), flush=True)
+    ens.eval()
+    ens.save(run_dir / "final")
+    (run_dir / "spec.json").write_text(json.dumps(json.loads(spec.model_dump_json())) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--run", required=True, help="a run folder with final/")
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument("--train-members", default=None, metavar="SPEC",
+                   help="first train the spec's members in this process (phase 1) into --run")
+    p.add_argument("--member-steps", type=int, default=300)
     a = p.parse_args()
     torch.set_num_threads(1)
+    if a.train_members:
+        train_members(a.train_members, Path(a.run), a.member_steps, a.seed)
     final = LeviathanEnsemble.load(Path(a.run) / "final")
     spec = json.loads((Path(a.run) / "spec.json").read_text())
     m = spec["data"]["manifest"]
