@@ -228,17 +228,13 @@ RECIPES = {r.name: r for r in [
     Recipe("mix-ev"),
     Recipe("mix-ev-sw25", switch_frac=0.25),
     Recipe("mix-ev-sw50", switch_frac=0.5),
-    Recipe("mix-ev-lr1e-2", lr=1e-2),
     Recipe("mix-ev-sw25-lr1e-2", lr=1e-2, switch_frac=0.25),
     Recipe("mix-ev-sw25-bg10", switch_frac=0.25, gamma_lr_scale=10.0),
     Recipe("mix-ev-frozen-bg", train_beta=False, train_gamma=False),
-    Recipe("mix-ev-300", steps=300, switch_frac=0.25),
     Recipe("mix-noev", evidence=False),
     Recipe("fus-ev", mode="fusion"),
-    Recipe("fus-ev-sw25", mode="fusion", switch_frac=0.25),
     Recipe("fus-noev", mode="fusion", evidence=False),
     Recipe("mix-ev-sw25-bg10-joint", switch_frac=0.25, gamma_lr_scale=10.0, joint=True),
-    Recipe("fus-ev-sw25-bg10", mode="fusion", switch_frac=0.25, gamma_lr_scale=10.0),
 ]}
 
 
