@@ -1,0 +1,1 @@
+"""Scripts that build reproducible corpora from files a fresh machine already has."""
