@@ -22,7 +22,7 @@ FORBIDDEN = {
 
 
 # The model library's modules that import no torch: every layer may use them, the API included.
-TORCH_FREE = {"leviathan.config", "leviathan.records", "leviathan.tables"}
+TORCH_FREE = {"leviathan", "leviathan.config", "leviathan.records", "leviathan.storage", "leviathan.tables"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -33,6 +33,8 @@ def imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
+            if node.module == "leviathan":  # `from leviathan import storage` imports leviathan.storage
+                names.update(f"leviathan.{alias.name}" for alias in node.names)
     return names
 
 
