@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -53,12 +54,14 @@ from .config import MIXERS, _check_choice, _check_int
 
 log = logging.getLogger(__name__)
 
-SHIFTED_DIAGONAL_MAX_LEN = 512
+SHIFTED_DIAGONAL_MAX_LEN = 1024
 """Longest sequence for which the CPU materialises the (T, T) scores.
 
-Measured with benchmarks/mixer.py (section "crossover"): up to this length the
-shifted-diagonal path's forward+backward is faster than the lag-stacked SDPA
-at every window from 2 to 8; above it, the lag-stacked path's O(T) memory wins.
+Measured with benchmarks/mixer.py (section "crossover", one thread, head dim
+64): up to T = 1024 the shifted-diagonal forward+backward takes at most the
+lag-stacked SDPA's CPU time at every window from 2 to 8 (they tie at w = 2,
+T = 1024); at T = 2048 and w = 2 the lag-stacked path is twice as fast, and its
+memory grows as T, not T^2.
 """
 
 PATHS = ("sdpa", "shifted_diagonal", "lag_stacked", "triton")
@@ -211,22 +214,26 @@ def sdpa_on_backends(q: Tensor, k: Tensor, v: Tensor, backends: tuple[SDPBackend
     """SDPA on the first of `backends` that accepts these inputs, chosen explicitly.
 
     Each backend is tried alone, in order; the first that runs is remembered
-    for this kind of input (device, dtype, widths, mask, dropout) and logged,
+    for this list and kind of input (device, dtype, widths, mask, dropout) and logged,
     so later calls go straight to it.
     """
-    key = (q.device, q.dtype, q.size(-1), v.size(-1), kwargs.get("attn_mask") is not None, bool(kwargs.get("dropout_p")))
+    key = (backends, q.device, q.dtype, q.size(-1), v.size(-1), kwargs.get("attn_mask") is not None, bool(kwargs.get("dropout_p")))
     known = _cuda_backend.get(key)
     if known is not None:
         with sdpa_kernel(known):
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
     failures = []
     for backend in backends:
-        try:
-            with sdpa_kernel(backend):
-                out = F.scaled_dot_product_attention(q, k, v, **kwargs)
-        except RuntimeError as e:
-            failures.append(f"{backend.name}: {str(e).splitlines()[0]}")
-            continue
+        # PyTorch gives the reason a backend cannot run as warnings, then raises.
+        with warnings.catch_warnings(record=True) as reasons:
+            warnings.simplefilter("always")
+            try:
+                with sdpa_kernel(backend):
+                    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+            except RuntimeError as e:
+                why = [str(r.message).split(" (Triggered")[0] for r in reasons] or [str(e).splitlines()[0]]
+                failures.append(f"{backend.name}: {' '.join(why)}")
+                continue
         _cuda_backend[key] = backend
         log.info(
             "correlation: SDPA backend %s for %s q width %d, v width %d%s",
