@@ -57,8 +57,8 @@ log = logging.getLogger(__name__)
 SHIFTED_DIAGONAL_MAX_LEN = 1024
 """Longest sequence for which the CPU materialises the (T, T) scores.
 
-Measured with benchmarks/mixer.py (section "crossover", one thread, head dim
-64): up to T = 1024 the shifted-diagonal forward+backward takes at most the
+Measured with `benchmarks/mixer.py --threads 1 --sections mixer --seqs
+512,1024,2048 --windows 2,4,8` (head dim 64): up to T = 1024 the shifted-diagonal forward+backward takes at most the
 lag-stacked SDPA's CPU time at every window from 2 to 8 (they tie at w = 2,
 T = 1024); at T = 2048 and w = 2 the lag-stacked path is twice as fast, and its
 memory grows as T, not T^2.
@@ -98,9 +98,11 @@ def mixer_path(
     if window == 1:
         return "sdpa"
     if device_type == "cuda":
+        if dropout:
+            return "lag_stacked"
         if triton is None:
-            triton = not dropout and triton_kernels() is not None
-        return "triton" if triton and not dropout else "lag_stacked"
+            triton = triton_kernels() is not None
+        return "triton" if triton else "lag_stacked"
     return "shifted_diagonal" if seq_len <= SHIFTED_DIAGONAL_MAX_LEN else "lag_stacked"
 
 
@@ -108,7 +110,7 @@ _logged: set[tuple] = set()
 
 
 def log_once(*key: object) -> None:
-    """Log the path (or backend) a shape runs on, once per distinct key."""
+    """Log the path a shape runs on, once per distinct key (not once per call)."""
     if key not in _logged:
         _logged.add(key)
         log.info("correlation: %s", " ".join(map(str, key)))
