@@ -28,7 +28,7 @@ is that baseline twin: the same projections, no lag weights.
 Which computation runs is chosen by shape and device (`mixer_path`):
 
     "sdpa"              w = 1: one SDPA call at width d
-    "shifted_diagonal"  CPU, T <= SHIFTED_DIAGONAL_MAX_LEN: S materialised, shifts added in place
+    "shifted_diagonal"  CPU, T <= 512 (w < 4) or 1024: S materialised, shifts added in place
     "lag_stacked"       CPU above that length, or CUDA without Triton: SDPA on width d*w
     "triton"            CUDA with Triton: the tiled shifted-diagonal kernel of `leviathan.kernels`
 
@@ -55,14 +55,27 @@ from .config import MIXERS, _check_choice, _check_int
 log = logging.getLogger(__name__)
 
 SHIFTED_DIAGONAL_MAX_LEN = 1024
-"""Longest sequence for which the CPU materialises the (T, T) scores.
+"""Longest sequence for which the CPU materialises the (T, T) scores at w >= 4
+(SHORT_WINDOW_MAX_LEN at w = 2, 3).
 
 Measured with `benchmarks/mixer.py --threads 1 --sections mixer --seqs
-512,1024,2048 --windows 2,4,8` (head dim 64): up to T = 1024 the shifted-diagonal forward+backward takes at most the
-lag-stacked SDPA's CPU time at every window from 2 to 8 (they tie at w = 2,
-T = 1024); at T = 2048 and w = 2 the lag-stacked path is twice as fast, and its
-memory grows as T, not T^2.
+512,1024,2048 --windows 2,4,8` (C = 384, 6 heads of 64, 2048 tokens, forward +
+backward CPU time against attention). Shifted-diagonal / lag-stacked:
+T = 512: 1.40 / 1.47 (w = 2), 1.45 / 2.61 (w = 4), 1.64 / 5.25 (w = 8);
+T = 1024: 2.00 / 1.55, 2.26 / 2.71, 3.58 / 5.22;
+T = 2048: 3.09 / 1.58, 3.93 / 3.01, 5.02 / 5.63, with twice the lag-stacked
+path's memory at w = 8 (495 against 241 MiB), which is why it stops at 1024.
+The lag-stacked cost grows with w and the shifted-diagonal cost with T^2.
 """
+
+SHORT_WINDOW_MAX_LEN = 512
+"""The same limit at w = 2 and 3, where the lag-stacked path is cheaper (above)."""
+
+
+def shifted_diagonal_max_len(window: int) -> int:
+    """Longest sequence the CPU runs on the shifted-diagonal path at this window."""
+    return SHIFTED_DIAGONAL_MAX_LEN if window >= 4 else SHORT_WINDOW_MAX_LEN
+
 
 PATHS = ("sdpa", "shifted_diagonal", "lag_stacked", "triton")
 """How the mixer computes its scores (see the module docstring)."""
@@ -103,7 +116,7 @@ def mixer_path(
         if triton is None:
             triton = triton_kernels() is not None
         return "triton" if triton else "lag_stacked"
-    return "shifted_diagonal" if seq_len <= SHIFTED_DIAGONAL_MAX_LEN else "lag_stacked"
+    return "shifted_diagonal" if seq_len <= shifted_diagonal_max_len(window) else "lag_stacked"
 
 
 _logged: set[tuple] = set()
@@ -155,7 +168,7 @@ class ShiftedDiagonalCorrelation(torch.autograd.Function):
         da_u = sum_{b,i,j} dS'[i, j] S[i-u, j-u]
         dq  = dS k * scale,  dk = dS^T q * scale
     It keeps S and P (two (B, H, T, T) tensors) for the backward, which is why
-    it runs only up to SHIFTED_DIAGONAL_MAX_LEN.
+    it runs only up to `shifted_diagonal_max_len`.
     """
 
     @staticmethod
@@ -411,7 +424,7 @@ class MultiHeadedCorrelation(nn.Module):
         return sdpa(qs, ks, v, dropout_p=dropout_p, is_causal=True, scale=scale)
 
     def extra_repr(self) -> str:
-        rule = f"cpu: shifted_diagonal up to T={SHIFTED_DIAGONAL_MAX_LEN}, lag_stacked above; cuda: triton or lag_stacked"
+        rule = f"cpu: shifted_diagonal up to T={shifted_diagonal_max_len(self.window)}, lag_stacked above; cuda: triton or lag_stacked"
         path = "sdpa" if self.window == 1 else self.force_path or f"auto ({rule})"
         return (
             f"mixer={self.mixer!r}, n_head={self.n_head}, head_dim={self.head_dim}, window={self.window}, "

@@ -187,9 +187,9 @@ def profiled_ops(m: MultiHeadedCorrelation, x: torch.Tensor) -> set[str]:
 
 @pytest.mark.parametrize("window", [1, 4])
 def test_no_score_matrix_above_the_measured_length(window: int) -> None:
-    """Above SHIFTED_DIAGONAL_MAX_LEN (and always at w = 1) SDPA takes its fused kernel, no L x L scores."""
+    """Above the measured length (and always at w = 1) SDPA takes its fused kernel, no L x L scores."""
     m = MultiHeadedCorrelation(C, H, window)
-    x = torch.randn(1, correlation.SHIFTED_DIAGONAL_MAX_LEN + 1, C)
+    x = torch.randn(1, correlation.shifted_diagonal_max_len(window) + 1, C)
     ops = profiled_ops(m, x)
     assert any("flash_attention" in op for op in ops), sorted(ops)
     assert "aten::_softmax" not in ops and "aten::bmm" not in ops, "math kernel (L x L scores) was used"
@@ -207,8 +207,10 @@ def test_scores_materialised_up_to_the_measured_length() -> None:
     [
         ("cpu", 64, 1, None, False, "sdpa"),
         ("cpu", 64, 4, None, False, "shifted_diagonal"),
-        ("cpu", correlation.SHIFTED_DIAGONAL_MAX_LEN, 8, None, False, "shifted_diagonal"),
-        ("cpu", correlation.SHIFTED_DIAGONAL_MAX_LEN + 1, 2, None, False, "lag_stacked"),
+        ("cpu", correlation.SHIFTED_DIAGONAL_MAX_LEN, 4, None, False, "shifted_diagonal"),
+        ("cpu", correlation.SHIFTED_DIAGONAL_MAX_LEN + 1, 8, None, False, "lag_stacked"),
+        ("cpu", correlation.SHORT_WINDOW_MAX_LEN, 3, None, False, "shifted_diagonal"),
+        ("cpu", correlation.SHORT_WINDOW_MAX_LEN + 1, 2, None, False, "lag_stacked"),
         ("cuda", 4096, 1, True, False, "sdpa"),
         ("cuda", 4096, 4, True, False, "triton"),
         ("cuda", 64, 4, False, False, "lag_stacked"),
@@ -221,7 +223,7 @@ def test_path_is_chosen_by_shape_and_device(device, seq_len, window, triton, dro
 
 def test_path_shows_in_repr_and_is_logged_once_per_shape(caplog: pytest.LogCaptureFixture) -> None:
     m = MultiHeadedCorrelation(C, H, 3)
-    assert "path=auto" in repr(m) and f"T={correlation.SHIFTED_DIAGONAL_MAX_LEN}" in repr(m)
+    assert "path=auto" in repr(m) and f"T={correlation.SHORT_WINDOW_MAX_LEN}," in repr(m)
     with caplog.at_level("INFO", logger="leviathan.correlation"):
         for T in (13, 13, 13, 14):
             m(torch.randn(1, T, C))

@@ -48,7 +48,8 @@ def test_weight_matmuls_match_torch_flop_counter() -> None:
 
 def test_cpu_path_follows_the_sequence_length() -> None:
     cfg = ComponentConfig(**{**TINY, "block_size": 4096})
-    short, long = correlation.SHIFTED_DIAGONAL_MAX_LEN, correlation.SHIFTED_DIAGONAL_MAX_LEN + 1
+    short = correlation.shifted_diagonal_max_len(cfg.window)
+    long = short + 1
     assert flops(cfg, short) == flops(cfg, short, path="shifted_diagonal")
     assert flops(cfg, long) == flops(cfg, long, path="lag_stacked") > flops(cfg, long, path="shifted_diagonal")
     assert flops(cfg) == flops(cfg, 4096)  # seq_len defaults to the block size
