@@ -5,8 +5,9 @@ One training step of `batch_size` sequences of T tokens counts, in FLOPs
 3x the forward: the factor 6 below):
 
     weights:  6 * B * T * (L * (4 C^2 + 2 r C^2) + V C)
-              (per layer: q, k, v and output projections, the MLP of hidden
-              width r C; then the LM head; embeddings are lookups, not FLOPs)
+              (every nn.Linear's weight, counted on the model built on the
+              meta device: per layer q, k, v and output projections and the
+              MLP of hidden width r C, then the LM head; embeddings are lookups)
     mixer:    6 * B * L * H * T (T + 1) / 2 * (score + d)
               (causal query-key pairs, per head: the score's multiply-adds
               plus d for the value sum)
@@ -27,9 +28,22 @@ elementwise work (norms, activations, softmax, loss) and the lag weights.
 
 from __future__ import annotations
 
+import torch
+import torch.nn as nn
+
 from .config import ComponentConfig
 from .correlation import PATHS, mixer_path
-from .model import FLAVOUR_MLP
+from .model import build_component
+
+
+def weight_multiply_adds(config: ComponentConfig) -> int:
+    """Multiply-adds per token of every nn.Linear of the model: L (4 C^2 + 2 r C^2) + V C.
+
+    Built on the meta device, so nothing is allocated or initialised.
+    """
+    with torch.device("meta"):
+        model = build_component(config)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
 def score_multiply_adds(path: str, head_dim: int, window: int) -> int:
@@ -59,12 +73,11 @@ def flops(
     T = config.block_size if seq_len is None else seq_len
     if T < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size: must be >= 1, got {T} and {batch_size}")
-    L, H, C, d = config.n_layer, config.n_head, config.n_embd, config.head_dim
+    L, H, d = config.n_layer, config.n_head, config.head_dim
     window = config.window if config.mixer == "correlation" else 1
     if path is None:
         path = mixer_path(device, T, window, dropout=config.dropout > 0)
-    mlp_mult = FLAVOUR_MLP[config.flavour][0]
-    weights = L * (4 * C * C + 2 * mlp_mult * C * C) + config.vocab_size * C
+    weights = weight_multiply_adds(config)
     pairs = T * (T + 1) // 2
     mixer = L * H * pairs * (score_multiply_adds(path, d, window) + d)
     return 6 * batch_size * (T * weights + mixer)
