@@ -13,16 +13,26 @@ reads a (w-1)-row halo of q and k above it. The online softmax and the value
 product run at width d, and nothing of size T x T reaches memory.
 
 Backward, FlashAttention-2 style: the forward saves lse[i] = logsumexp_j score[i, j];
-one program per key tile walks the query tiles below the diagonal and recomputes
+one program per key tile walks the query tiles at and below the diagonal and recomputes
 
-    P   = exp(score - lse)                 dV[j]      += sum_i P[i, j] dO[i]
-    dP  = dO V^T                           dS'[i, j]   = P[i, j] (dP[i, j] - delta[i]),  delta[i] = dO[i] . O[i]
-    dQ[i-u] += a_u scale sum_j dS'[i, j] k[j-u]
-    dK[j-u] += a_u scale sum_i dS'[i, j] q[i-u]
-    da[h, u] += sum_{i,j} dS'[i, j] S[i-u, j-u]
+    P   = exp(score - lse)                 dV[j]       += sum_i P[i, j] dO[i]
+    dP  = dO V^T                           dS'[i, j]    = P[i, j] (dP[i, j] - delta[i]),  delta[i] = dO[i] . O[i]
+
+then, per lag u, with G_u[i] = sum_j dS'[i, j] k[j-u]:
+
+    dQ[i-u] += a_u scale G_u[i]            dK[j-u] += a_u scale sum_i dS'[i, j] q[i-u]
+    da[h, u] += sum_{i,j} dS'[i, j] S[i-u, j-u] = scale sum_i q[i-u] . G_u[i]
 
 A shifted row i-u or j-u may belong to a neighbouring tile, so dQ and dK
 accumulate with fp32 atomic adds; dV rows belong to the program alone.
+
+Cost per tile: w score products + 1 value product forward, 3w + 2 backward
+(w = 1 is FlashAttention's 2 and 5). The shifts are reloads of the same q and
+k rows, so memory traffic stays attention's and no (T, d*w) lag-stacked tensor
+is built, but the score work is d*w multiply-adds per pair, as with lag
+stacking; the d + w form (one halo tile, its shifts summed on chip) is not
+what this kernel does.
+
 Inputs may be fp32, fp16 or bf16; every product accumulates in fp32 and fp32
 products use full IEEE precision (no TF32).
 """
@@ -47,23 +57,19 @@ def _load_rows(base, rows, dims, T, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _shift_product(q_base, k_base, rows, cols, dims, u, T, scale, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """S[rows-u, cols-u] = q[rows-u] . k[cols-u] * scale, with the shifted q and k tiles."""
-    q_u = _load_rows(q_base, rows - u, dims, T, HEAD_DIM)
-    k_u = _load_rows(k_base, cols - u, dims, T, HEAD_DIM)
-    return tl.dot(q_u, tl.trans(k_u), input_precision=PRECISION) * scale, q_u, k_u
-
-
-@triton.jit
 def _scores(q_base, k_base, a_base, rows, cols, dims, T, scale,
             HEAD_DIM: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """score[rows, cols] = sum_u a_u S[rows-u, cols-u]: (BLOCK_M, BLOCK_N) fp32."""
+    """score[rows, cols] = sum_u a_u S[rows-u, cols-u]: (BLOCK_M, BLOCK_N) fp32.
+
+    The u-th term multiplies the q tile and the k tile both moved up by u rows.
+    """
     score = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for u in tl.static_range(W):
-        s_u, _, _ = _shift_product(q_base, k_base, rows, cols, dims, u, T, scale, HEAD_DIM, PRECISION)
-        score += tl.load(a_base + u).to(tl.float32) * s_u
-    return score
+        q_u = _load_rows(q_base, rows - u, dims, T, HEAD_DIM)
+        k_u = _load_rows(k_base, cols - u, dims, T, HEAD_DIM)
+        score += tl.load(a_base + u).to(tl.float32) * tl.dot(q_u, tl.trans(k_u), input_precision=PRECISION)
+    return score * scale
 
 
 @triton.jit
@@ -121,6 +127,7 @@ def _backward_kernel(Q, K, V, A, DO, Lse, Delta, DQ, DK, DV, DA, T, N_HEAD, scal
 
     v = _load_rows(v_base, cols, dims, T, HEAD_DIM)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # lag 0's share of dK[cols]
     da = tl.zeros((W_PAD,), dtype=tl.float32)
     for start_m in range((pid_n * BLOCK_N) // BLOCK_M * BLOCK_M, T, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -134,20 +141,29 @@ def _backward_kernel(Q, K, V, A, DO, Lse, Delta, DQ, DK, DV, DA, T, N_HEAD, scal
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])  # dS' = d loss / d score, zero off the causal triangle
+        ds_in = ds.to(Q.dtype.element_ty)
         for u in tl.static_range(W):
-            s_u, q_u, k_u = _shift_product(q_base, k_base, rows, cols, dims, u, T, scale, HEAD_DIM, PRECISION)
-            da += tl.where(lags == u, tl.sum(tl.sum(ds * s_u, axis=1), axis=0), 0.0)
-            g = (ds * (tl.load(a_base + u).to(tl.float32) * scale)).to(q_u.dtype)
-            dq_u = tl.dot(g, k_u, input_precision=PRECISION)  # rows i-u
-            dk_u = tl.dot(tl.trans(g), q_u, input_precision=PRECISION)  # rows j-u
-            q_rows, k_rows = rows - u, cols - u
-            tl.atomic_add(DQ + offset + q_rows[:, None] * HEAD_DIM + dims[None, :], dq_u,
+            q_u = _load_rows(q_base, rows - u, dims, T, HEAD_DIM)
+            k_u = _load_rows(k_base, cols - u, dims, T, HEAD_DIM)
+            ds_k = tl.dot(ds_in, k_u, input_precision=PRECISION)  # sum_j dS'[i, j] k[j-u]
+            # da_u = sum_ij dS'[i, j] S[i-u, j-u] = scale * sum_i q[i-u] . ds_k[i]: no product of its own.
+            da += tl.where(lags == u, scale * tl.sum(tl.sum(q_u.to(tl.float32) * ds_k, axis=1), axis=0), 0.0)
+            a_u = tl.load(a_base + u).to(tl.float32) * scale
+            q_rows = rows - u
+            tl.atomic_add(DQ + offset + q_rows[:, None] * HEAD_DIM + dims[None, :], a_u * ds_k,
                           mask=((q_rows >= 0) & (q_rows < T))[:, None] & (dims < HEAD_DIM)[None, :])
-            tl.atomic_add(DK + offset + k_rows[:, None] * HEAD_DIM + dims[None, :], dk_u,
-                          mask=((k_rows >= 0) & (k_rows < T))[:, None] & (dims < HEAD_DIM)[None, :])
+            dk_u = a_u * tl.dot(tl.trans(ds_in), q_u, input_precision=PRECISION)  # rows j-u
+            if u == 0:
+                dk += dk_u
+            else:
+                k_rows = cols - u
+                tl.atomic_add(DK + offset + k_rows[:, None] * HEAD_DIM + dims[None, :], dk_u,
+                              mask=((k_rows >= 0) & (k_rows < T))[:, None] & (dims < HEAD_DIM)[None, :])
 
     mask = (cols < T)[:, None] & (dims < HEAD_DIM)[None, :]
     tl.store(DV + offset + cols[:, None] * HEAD_DIM + dims[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+    # Key tiles to the right add their lags' shares to these rows too.
+    tl.atomic_add(DK + offset + cols[:, None] * HEAD_DIM + dims[None, :], dk, mask=mask)
     tl.atomic_add(DA + head * W + lags, da, mask=lags < W)
 
 
@@ -159,6 +175,7 @@ def _blocks(q: Tensor) -> tuple[int, int, int]:
 
 
 def _precision(q: Tensor) -> str:
+    """fp32 products in full precision (TF32 would cost fp32 its accuracy); 16-bit inputs ignore it."""
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
