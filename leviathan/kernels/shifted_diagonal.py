@@ -33,8 +33,10 @@ is built, but the score work is d*w multiply-adds per pair, as with lag
 stacking; the d + w form (one halo tile, its shifts summed on chip) is not
 what this kernel does.
 
-Inputs may be fp32, fp16 or bf16; every product accumulates in fp32 and fp32
-products use full IEEE precision (no TF32).
+Inputs may be fp32, fp16 or bf16; every product accumulates in fp32. fp32
+products run on tensor cores as three TF32 products (tf32x3, near fp32 accuracy):
+plain TF32 would cost fp32 its accuracy, and IEEE products unroll into scalar
+FMAs that take ptxas minutes to compile.
 """
 
 from __future__ import annotations
@@ -181,8 +183,8 @@ def launch_config(head_dim: int, window: int) -> dict[str, int]:
 
 
 def _precision(q: Tensor) -> str:
-    """fp32 products in full precision (TF32 would cost fp32 its accuracy); 16-bit inputs ignore it."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+    """tl.dot's input_precision: tf32x3 for fp32 (see the module docstring); 16-bit inputs ignore it."""
+    return "tf32x3" if q.dtype == torch.float32 else "tf32"
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor, scale: float) -> tuple[Tensor, Tensor]:
