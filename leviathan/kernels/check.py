@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..correlation import lag_stack
-from . import shifted_diagonal_attention
+from . import shifted_diagonal_attention, triton_available
 
 
 def lag_stacked_reference(q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor, scale: float) -> Tensor:
@@ -141,4 +141,6 @@ def gpu_self_check(
 
 
 if __name__ == "__main__":
+    if not (torch.cuda.is_available() and triton_available()):
+        raise SystemExit(json.dumps({"error": "needs a CUDA device and Triton", "torch": torch.__version__}))
     print(json.dumps(gpu_self_check(), indent=1))
