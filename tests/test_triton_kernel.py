@@ -187,8 +187,8 @@ def test_gpu_self_check_runs_on_cpu() -> None:
     from leviathan.kernels.check import gpu_self_check
 
     report = gpu_self_check(
-        device="cpu", dtypes=(torch.float32,), windows=(2,), head_dims=(16,),
-        accuracy_length=20, lengths=(20,), batch=1, heads=1, repeats=1,
+        device="cpu", accuracy_cases=[(torch.float32, 2, 16)], accuracy_length=20,
+        windows=(2,), head_dims=(16,), lengths=(20,), batch=1, heads=1, repeats=1,
     )
     assert report["ok"], report["accuracy"]
     assert report["timing"][0]["kernel_fwd_bwd_ms"] > 0 and report["timing"][0]["fwd_bwd_ratio"] > 0
