@@ -375,8 +375,16 @@ def prepare_sources(
     val_fraction: float = 0.05,
     seq_len: int = 256,
     force: bool = False,
+    trained: Any = None,
+    encode_domain: Callable[..., dict[str, dict]] | None = None,
 ) -> Path:
-    """Tokenize `sources` into `out`; returns the manifest path. See the module docstring."""
+    """Tokenize `sources` into `out`; returns the manifest path. See the module docstring.
+
+    `trained`: a tokenizer of kind `tokenizer` to use instead of training one.
+    `encode_domain(source, cut, tokenizer, folder, dtype)`: writes a domain's
+    two shards and returns their manifest entries (default: in this process;
+    jobs.prepare_ray passes its Ray Data encoder).
+    """
     out = Path(out).expanduser().absolute()
     if not sources:
         raise PrepareError("no domains given (use --domain NAME=PATH or --builtin)")
@@ -406,8 +414,12 @@ def prepare_sources(
 
     tmp = _make_tmp(out)
     try:
-        if tokenizer == "byte":
-            tok: Any = ByteTokenizer()
+        if trained is not None:
+            if trained.kind != tokenizer:
+                raise PrepareError(f"--tokenizer {tokenizer}: the given tokenizer is {trained.kind}")
+            tok: Any = trained
+        elif tokenizer == "byte":
+            tok = ByteTokenizer()
         else:
             def train_texts() -> Iterator[str]:
                 for s in sources:
@@ -424,7 +436,7 @@ def prepare_sources(
         total_bytes = 0
         for s in sources:
             t1 = time.perf_counter()
-            splits = _encode_domain(s, cuts[s.name], tok, tmp, dtype)
+            splits = (encode_domain or _encode_domain)(s, cuts[s.name], tok, tmp, dtype)
             for split, entry in splits.items():
                 if entry["tokens"] < seq_len + 1:
                     raise PrepareError(
@@ -528,6 +540,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default=None, help=f"Parquet text column (default {DEFAULT_TEXT_COLUMN!r})")
     p.add_argument("--out", default=None, help="output folder (default for --builtin: $LEVIATHAN_HOME/data/builtin-<tokenizer>)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--ray", action="store_true",
+                   help="tokenise in parallel with Ray Data (jobs.prepare_ray; `--ray --help` lists its options)")
     return p
 
 
@@ -550,6 +564,11 @@ def _already_prepared(out: Path, tokenizer: str, vocab_size: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ray" in argv:
+        from jobs.prepare_ray import main as main_ray
+
+        return main_ray(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         args = _parser().parse_args(argv)

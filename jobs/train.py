@@ -59,6 +59,7 @@ def _write_text(path: str, text: str) -> None:
     import pyarrow.fs as pafs
 
     fs, p = pafs.FileSystem.from_uri(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)  # a no-op on object stores; file:// needs it
     with fs.open_output_stream(p) as f:
         f.write(text.encode())
 
@@ -72,6 +73,7 @@ def _upload_folder(local: Path, dest: str) -> None:
     import pyarrow.fs as pafs
 
     fs, p = pafs.FileSystem.from_uri(dest)
+    fs.create_dir(p, recursive=True)
     pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 

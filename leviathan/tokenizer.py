@@ -23,6 +23,7 @@ the data pipeline, not by `encode`.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +33,10 @@ import numpy as np
 
 SPECIAL_TOKENS = ("<|eos|>", "<|pad|>", "<|bos|>", "<|sep|>")
 TOKENIZER_FILE = "tokenizer.json"
+
+# GPT-2's word split, the one `tokenizers`' ByteLevel pre-tokenizer applies with use_regex=True.
+BYTE_LEVEL_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+WORD_CACHE_LIMIT = 1 << 20  # distinct words remembered by BPETokenizer.encode_batch before it starts over
 
 
 class TokenizerError(ValueError):
@@ -134,6 +139,12 @@ class BPETokenizer:
             b"" if i in special_ids else bytes(alphabet[c] for c in tokenizer.id_to_token(i))
             for i in range(self.vocab_size)
         ]
+        self._words = _word_splitter(tokenizer)
+        self._word_ids: dict[str, list[int]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (e.g. into Ray actors) without the word cache, which each process builds itself."""
+        return {**self.__dict__, "_word_ids": {}}
 
     @classmethod
     def train(cls, texts: Iterator[str] | Iterable[str], vocab_size: int = 4096, length: int | None = None) -> "BPETokenizer":
@@ -178,14 +189,41 @@ class BPETokenizer:
     def encode(self, text: str | bytes) -> list[int]:
         return self._tok.encode(self._text(text), add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str | bytes]) -> list[list[int]]:
-        """Encode many texts at once; `tokenizers` spreads them over its thread pool.
-
-        `encode_batch_fast` (tokenizers >= 0.20) skips the character offsets we never use.
-        """
+    def _encode_with_tokenizers(self, texts: list[str]) -> list[list[int]]:
+        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we never use.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        encodings = encode([self._text(t) for t in texts], add_special_tokens=False)
-        return [e.ids for e in encodings]
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def encode_batch(self, texts: list[str | bytes]) -> list[list[int]]:
+        """Encode many texts at once: the same ids as `tokenizers`, several times cheaper.
+
+        BPE encodes each word of the GPT-2 split on its own, and a corpus repeats
+        its words (Zipf), so the ids of every distinct word are remembered: the
+        texts are split with the same regex, only words not seen before go
+        through `tokenizers` (one batch call), and a text's ids are its words'
+        ids in order. Texts that spell a special token, which `tokenizers`
+        matches before splitting, and tokenizers whose pre-tokenizer is not
+        the plain ByteLevel split go through `tokenizers` whole.
+        """
+        texts = [self._text(t) for t in texts]
+        if self._words is None:
+            return self._encode_with_tokenizers(texts)
+        direct = [i for i, t in enumerate(texts) if "<|" in t and any(sp in t for sp in SPECIAL_TOKENS)]
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(direct, self._encode_with_tokenizers([texts[i] for i in direct])):
+            out[i] = ids
+        skip = set(direct)
+        words = [self._words.findall(t) if i not in skip else [] for i, t in enumerate(texts)]
+        cache = self._word_ids
+        new = list({w: None for ws in words for w in ws if w not in cache})
+        if len(cache) + len(new) > WORD_CACHE_LIMIT:
+            cache.clear()
+            new = list({w: None for ws in words for w in ws})
+        cache.update(zip(new, self._encode_with_tokenizers(new)))
+        for i, ws in enumerate(words):
+            if i not in skip:
+                out[i] = list(itertools.chain.from_iterable(map(cache.__getitem__, ws)))
+        return out
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         table = self._id_bytes
@@ -204,6 +242,26 @@ class BPETokenizer:
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+def _word_splitter(tokenizer: Any) -> Any:
+    """The tokenizer's word split as a compiled `regex`, or None when it is not (only)
+    GPT-2's ByteLevel split, as `BPETokenizer.train` builds it, with deterministic BPE."""
+    config = json.loads(tokenizer.to_str())
+    pre = config.get("pre_tokenizer") or {}
+    plain = (
+        config.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space", True)
+        and config.get("model", {}).get("type") == "BPE"
+        and not config["model"].get("dropout")
+    )
+    if not plain:
+        return None
+    import regex
+
+    return regex.compile(BYTE_LEVEL_SPLIT)
 
 
 AnyTokenizer = Union[ByteTokenizer, BPETokenizer]
