@@ -377,9 +377,12 @@ def prepare_sources(
     force: bool = False,
     trained: Any = None,
     encode_domain: Callable[..., dict[str, dict]] | None = None,
+    bpe_sample_bytes: int | None = None,
 ) -> Path:
     """Tokenize `sources` into `out`; returns the manifest path. See the module docstring.
 
+    `bpe_sample_bytes`: BPE trains on the first bpe_sample_bytes / len(sources)
+    bytes of every domain's train split (None: on all of it).
     `trained`: a tokenizer of kind `tokenizer` to use instead of training one.
     `encode_domain(source, cut, tokenizer, folder, dtype)`: writes a domain's
     two shards and returns their manifest entries (default: in this process;
@@ -400,6 +403,8 @@ def prepare_sources(
         raise PrepareError(f"--vocab-size {vocab_size}: must be between 260 and {1 << 20}")
     if seq_len < 1:
         raise PrepareError(f"--seq-len {seq_len}: must be >= 1")
+    if bpe_sample_bytes is not None and bpe_sample_bytes < 1:
+        raise PrepareError(f"--bpe-sample-bytes {bpe_sample_bytes}: must be >= 1")
     _check_out(out, force)
 
     t0 = time.perf_counter()
@@ -421,13 +426,21 @@ def prepare_sources(
         elif tokenizer == "byte":
             tok = ByteTokenizer()
         else:
+            share = None if bpe_sample_bytes is None else max(1, bpe_sample_bytes // len(sources))
+
             def train_texts() -> Iterator[str]:
                 for s in sources:
+                    left = share
                     for split, piece in split_documents(s.documents(), cuts[s.name]):
-                        if split == "train":
-                            yield from _text_pieces(piece)
+                        if split != "train" or left == 0:
+                            break  # the train split comes first
+                        if left is not None:
+                            piece = piece[:left]
+                            left -= len(piece)
+                        yield from _text_pieces(piece)
 
-            log.info("training BPE (vocab %d) on the train splits of %d domains", vocab_size, len(sources))
+            log.info("training BPE (vocab %d) on the train splits of %d domains%s", vocab_size, len(sources),
+                     "" if share is None else f" (up to {share} bytes each)")
             tok = BPETokenizer.train(train_texts(), vocab_size=vocab_size)
             log.info("BPE trained: vocab %d (%.1fs)", tok.vocab_size, time.perf_counter() - t0)
         dtype = token_dtype(tok.vocab_size)
@@ -540,6 +553,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default=None, help=f"Parquet text column (default {DEFAULT_TEXT_COLUMN!r})")
     p.add_argument("--out", default=None, help="output folder (default for --builtin: $LEVIATHAN_HOME/data/builtin-<tokenizer>)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--bpe-sample-bytes", type=int, default=None,
+                   help="train BPE on at most this many bytes of train text, spread over the domains (default: all)")
     p.add_argument("--ray", action="store_true",
                    help="tokenise in parallel with Ray Data (jobs.prepare_ray; `--ray --help` lists its options)")
     return p
@@ -591,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         if use_builtin:
             sources += builtin_sources()
         manifest = prepare_sources(sources, out, args.tokenizer, args.vocab_size, args.val_fraction,
-                                   args.seq_len, args.force)
+                                   args.seq_len, args.force, bpe_sample_bytes=args.bpe_sample_bytes)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
