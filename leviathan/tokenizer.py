@@ -141,6 +141,8 @@ class BPETokenizer:
         ]
         self._words = _word_splitter(tokenizer)
         self._word_ids: dict[str, list[int]] = {}
+        # byte b (as the latin-1 character chr(b)) -> ByteLevel's printable stand-in, for str.translate
+        self._byte_level = {b: ord(c) for c, b in alphabet.items()}
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (e.g. into Ray actors) without the word cache, which each process builds itself."""
@@ -200,8 +202,9 @@ class BPETokenizer:
         BPE encodes each word of the GPT-2 split on its own, and a corpus repeats
         its words (Zipf), so the ids of every distinct word are remembered: the
         texts are split with the same regex, only words not seen before go
-        through `tokenizers` (one batch call), and a text's ids are its words'
-        ids in order. Texts that spell a special token, which `tokenizers`
+        through the BPE model (`model.tokenize` on the word's ByteLevel
+        characters, what `tokenizers` does after splitting), and a text's ids
+        are its words' ids in order. Texts that spell a special token, which `tokenizers`
         matches before splitting, and tokenizers whose pre-tokenizer is not
         the plain ByteLevel split go through `tokenizers` whole.
         """
@@ -219,7 +222,9 @@ class BPETokenizer:
         if len(cache) + len(new) > WORD_CACHE_LIMIT:
             cache.clear()
             new = list({w: None for ws in words for w in ws})
-        cache.update(zip(new, self._encode_with_tokenizers(new)))
+        model, byte_level = self._tok.model, self._byte_level
+        for w in new:
+            cache[w] = [t.id for t in model.tokenize(w.encode("utf-8").decode("latin-1").translate(byte_level))]
         for i, ws in enumerate(words):
             if i not in skip:
                 out[i] = list(itertools.chain.from_iterable(map(cache.__getitem__, ws)))
