@@ -44,7 +44,8 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("tokenizer", [pytest.param("byte", marks=pytest.mark.slow), "bpe"])
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
 def test_ray_shards_are_byte_identical_to_the_single_process_path(ray_cluster, corpus, tmp_path, tokenizer):
     single = prepare(corpus, tmp_path / "single", tokenizer=tokenizer, vocab_size=300, seq_len=16)
     tokenizer_file = single.parent / "tokenizer.json" if tokenizer == "bpe" else None
