@@ -197,16 +197,17 @@ class BPETokenizer:
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def encode_batch(self, texts: list[str | bytes]) -> list[list[int]]:
-        """Encode many texts at once: the same ids as `tokenizers`, several times cheaper.
+        """Encode many texts at once: the same ids as `tokenizers`, for about a third of its CPU time.
 
         BPE encodes each word of the GPT-2 split on its own, and a corpus repeats
         its words (Zipf), so the ids of every distinct word are remembered: the
         texts are split with the same regex, only words not seen before go
         through the BPE model (`model.tokenize` on the word's ByteLevel
         characters, what `tokenizers` does after splitting), and a text's ids
-        are its words' ids in order. Texts that spell a special token, which `tokenizers`
-        matches before splitting, and tokenizers whose pre-tokenizer is not
-        the plain ByteLevel split go through `tokenizers` whole.
+        are its words' ids in order. Texts that spell a special token (which
+        `tokenizers` matches before splitting) go through `tokenizers` whole,
+        and so does everything for a tokenizer whose pre-tokenizer is not the
+        plain ByteLevel split.
         """
         texts = [self._text(t) for t in texts]
         if self._words is None:
