@@ -10,7 +10,8 @@ manifest are reused); only the tokenising moves into Ray:
 - Ray Data reads the documents (`read_binary_files`; Parquet row groups in
   tasks, so each row keeps its index) and
   `map_batches` runs them through a pool of actors (`--actors`, default one per
-  CPU of the cluster), each holding the tokenizer, loaded once per actor.
+  CPU of the cluster but one, left to the reads), each holding the tokenizer,
+  loaded once per actor.
   Every actor cuts its documents into the train and val pieces from the
   domain's val cut, which the driver computed from the documents' sizes
   alone (file sizes, Parquet column lengths).
@@ -271,7 +272,8 @@ def prepare_ray(
         except TokenizerError as e:
             raise PrepareError(f"--tokenizer-file: {e}") from None
     init_ray()
-    pool = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # A fixed pool that held every CPU would leave none for the read tasks feeding it.
+    pool = actors or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
     log.info("tokenising on Ray Data with %d actors", pool)
     return prepare_sources(
         sources, out, tokenizer, vocab_size, val_fraction, seq_len, force, trained=trained,
@@ -290,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-file", default=None,
                    help="a trained BPE tokenizer.json to use (with --tokenizer bpe) instead of training one")
     p.set_defaults(bpe_sample_bytes=DEFAULT_BPE_SAMPLE_BYTES)
-    p.add_argument("--actors", type=int, default=None, help="tokenizer actors (default: one per CPU of the cluster)")
+    p.add_argument("--actors", type=int, default=None, help="tokenizer actors (default: one per CPU of the cluster but one, left to the reads)")
     return p
 
 
