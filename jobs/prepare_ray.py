@@ -292,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-file", default=None,
                    help="a trained BPE tokenizer.json to use (with --tokenizer bpe) instead of training one")
     p.set_defaults(bpe_sample_bytes=DEFAULT_BPE_SAMPLE_BYTES)
-    p.add_argument("--actors", type=int, default=None, help="tokenizer actors (default: one per CPU of the cluster but one, left to the reads)")
+    p.add_argument("--actors", type=int, default=None,
+                   help="tokenizer actors (default: one per CPU of the cluster but one, left to the reads)")
     return p
 
 
