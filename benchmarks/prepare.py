@@ -10,8 +10,8 @@ BPE. `byte_collected` is the byte prepare of documents already collected in
 memory (splitting, tokenizing, writing, hashing only). For BPE the two phases are also timed apart: training the tokenizer on
 the train splits (wall time), and encoding with the trained tokenizer in
 process CPU time, so the figure is per core whatever else the machine runs
-(`encode_batch`, which remembers every distinct word's ids, beside
-`tokenizers`' own `encode_batch` on the same batches). MB/s = source bytes /
+(`encode_arrays`, which remembers every distinct word's ids, beside
+`tokenizers`' own `encode_batch` on the same batches, ids as arrays in both). MB/s = source bytes /
 seconds (1 MB = 1e6 bytes), medians over rounds; the goals: byte >= 20 MB/s,
 BPE encoding >= 5 MB per CPU second (what each `prepare --ray` actor does).
 
@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,7 +74,7 @@ def bpe_phases(vocab_size: int) -> dict[str, float]:
     """Training and encoding of the BPE tokenizer on the built-in corpus, timed apart.
 
     Training: wall seconds on the train splits. Encoding: process CPU seconds
-    (every thread of the process) of `encode_batch` over the whole corpus in
+    (every thread of the process) of `encode_arrays` over the whole corpus in
     batches of BPE_CHUNK bytes, as jobs.prepare and jobs.prepare_ray call it,
     with an empty word cache, then again with every word known; and the same
     batches through `tokenizers` alone.
@@ -97,15 +99,15 @@ def bpe_phases(vocab_size: int) -> dict[str, float]:
     fresh = pickle.loads(pickle.dumps(tok))  # no remembered words
     c0 = time.process_time()
     for batch in batches:
-        fresh.encode_batch(batch)
+        fresh.encode_arrays(batch)
     encode_cpu_s = time.process_time() - c0
     c0 = time.process_time()
     for batch in batches:  # again, every word known: the steady state of an actor deep into a large corpus
-        fresh.encode_batch(batch)
+        fresh.encode_arrays(batch)
     warm_cpu_s = time.process_time() - c0
     c0 = time.process_time()
     for batch in batches:
-        tok._encode_with_tokenizers(batch)
+        [np.asarray(ids, dtype=np.uint32) for ids in tok._encode_with_tokenizers(batch)]
     tokenizers_cpu_s = time.process_time() - c0
     return {"bpe_train": train_s, "bpe_encode_cpu": encode_cpu_s, "bpe_encode_warm_cpu": warm_cpu_s,
             "bpe_encode_tokenizers_cpu": tokenizers_cpu_s}

@@ -283,11 +283,11 @@ def _bpe_ids(tokenizer: BPETokenizer, pieces: list[bytes], dtype: np.dtype) -> n
         parts = _text_pieces(doc)
         texts.extend(parts)
         owner.extend([i] * len(parts))
-    encoded = tokenizer.encode_batch(texts)
+    encoded = tokenizer.encode_arrays(texts)
     out: list[np.ndarray] = []
     eos = np.array([tokenizer.eos_id], dtype=dtype)
     for j, ids in enumerate(encoded):
-        out.append(np.asarray(ids, dtype=dtype))
+        out.append(ids.astype(dtype, copy=False))
         if j + 1 == len(encoded) or owner[j + 1] != owner[j]:
             out.append(eos)
     return np.concatenate(out)

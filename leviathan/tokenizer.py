@@ -23,7 +23,6 @@ the data pipeline, not by `encode`.
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -143,7 +142,7 @@ class BPETokenizer:
             for i in range(self.vocab_size)
         ]
         self._words = _word_splitter(tokenizer)
-        self._word_ids: dict[str, list[int]] = {}
+        self._word_ids: dict[str, bytes] = {}
         # byte b (as the latin-1 character chr(b)) -> ByteLevel's printable stand-in, for str.translate
         self._byte_level = {b: ord(c) for c, b in alphabet.items()}
 
@@ -200,25 +199,30 @@ class BPETokenizer:
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def encode_batch(self, texts: list[str | bytes]) -> list[list[int]]:
-        """Encode many texts at once: the same ids as `tokenizers`, for about a third of its CPU time.
+        """Encode many texts at once (`encode_arrays`, as lists)."""
+        return [ids.tolist() for ids in self.encode_arrays(texts)]
+
+    def encode_arrays(self, texts: list[str | bytes]) -> list[np.ndarray]:
+        """Encode many texts into (n_i,) uint32 id arrays: the same ids as `tokenizers`,
+        for about a third of its CPU time.
 
         BPE encodes each word of the GPT-2 split on its own, and a corpus repeats
-        its words (Zipf), so the ids of every distinct word are remembered: the
-        texts are split with the same regex, only words not seen before go
-        through the BPE model (`model.tokenize` on the word's ByteLevel
-        characters, what `tokenizers` does after splitting), and a text's ids
-        are its words' ids in order. Texts that spell a special token (which
-        `tokenizers` matches before splitting) go through `tokenizers` whole,
-        and so does everything for a tokenizer whose pre-tokenizer is not the
-        plain ByteLevel split.
+        its words (Zipf), so the ids of every distinct word are remembered (as
+        uint32 bytes): the texts are split with the same regex, only words not
+        seen before go through the BPE model (`model.tokenize` on the word's
+        ByteLevel characters, what `tokenizers` does after splitting), and a
+        text's ids are its words' ids joined. Texts that spell a special token
+        (which `tokenizers` matches before splitting) go through `tokenizers`
+        whole, and so does everything for a tokenizer whose pre-tokenizer is
+        not the plain ByteLevel split.
         """
         texts = [self._text(t) for t in texts]
         if self._words is None:
-            return self._encode_with_tokenizers(texts)
+            return [np.asarray(ids, dtype=np.uint32) for ids in self._encode_with_tokenizers(texts)]
         direct = [i for i, t in enumerate(texts) if "<|" in t and any(sp in t for sp in SPECIAL_TOKENS)]
-        out: list[list[int]] = [[] for _ in texts]
+        out: list[np.ndarray] = [np.empty(0, dtype=np.uint32)] * len(texts)
         for i, ids in zip(direct, self._encode_with_tokenizers([texts[i] for i in direct])):
-            out[i] = ids
+            out[i] = np.asarray(ids, dtype=np.uint32)
         skip = set(direct)
         words = [self._words.findall(t) if i not in skip else [] for i, t in enumerate(texts)]
         cache = self._word_ids
@@ -228,10 +232,11 @@ class BPETokenizer:
             new = set().union(*words)
         model, byte_level = self._tok.model, self._byte_level
         for w in new:
-            cache[w] = [t.id for t in model.tokenize(w.encode("utf-8").decode("latin-1").translate(byte_level))]
+            tokens = model.tokenize(w.encode("utf-8").decode("latin-1").translate(byte_level))
+            cache[w] = np.array([t.id for t in tokens], dtype=np.uint32).tobytes()
         for i, ws in enumerate(words):
             if i not in skip:
-                out[i] = list(itertools.chain.from_iterable(map(cache.__getitem__, ws)))
+                out[i] = np.frombuffer(b"".join(map(cache.__getitem__, ws)), dtype=np.uint32)
         return out
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
