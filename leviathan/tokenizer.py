@@ -216,6 +216,8 @@ class BPETokenizer:
         whole, and so does everything for a tokenizer whose pre-tokenizer is
         not the plain ByteLevel split.
         """
+        import numpy as np
+
         texts = [self._text(t) for t in texts]
         if self._words is None:
             return [np.asarray(ids, dtype=np.uint32) for ids in self._encode_with_tokenizers(texts)]
