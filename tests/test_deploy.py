@@ -166,4 +166,5 @@ def test_rayjob_entrypoint_and_runtime_env_run_a_tiny_job_on_local_ray(ray_clust
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     assert "merged (fusion)" in logs
     result = json.loads((shared / "kuberay-tiny" / "train_result.json").read_text())
-    assert [r["kind"] for r in result["rows"]][-2:] == ["uniform", "merger"]
+    kinds = [r["kind"] for r in result["rows"]]
+    assert kinds[-1] == "merger" and "uniform" in kinds, kinds
