@@ -19,6 +19,7 @@ JOB_COMMANDS = {
     "compare": "Train one spec per mixer (correlation vs attention) and compare (jobs.compare).",
     "generate": "Sample text from a trained ensemble or one member (jobs.generate).",
     "tune": "Sweep a spec's hyper-parameters with Ray Tune (jobs.tune).",
+    "deploy": "Write KubeRay / `ray up` files that run a spec on a cluster (jobs.deploy).",
 }
 
 

@@ -66,8 +66,22 @@ def format_line(r: dict[str, Any]) -> str:
     )
 
 
+GAUGES = {
+    "train_loss": "Training loss (nats/token) of a member or the merger",
+    "val_loss": "Validation loss on the member's own domain",
+    "mixed_val_loss": "Validation loss on the mixed-domain validation set (member 'merger': the merged model)",
+    "tokens_per_s": "Training throughput of a member or the merger (tokens/s)",
+    "step": "Current step within the phase",
+}
+"""Gauges tagged by run, phase, module and member; exported as `ray_leviathan_<name>`."""
+
+PHASE_GAUGE = "phase"
+PHASE_NUMBER = {phase: i + 1 for i, phase in enumerate(PHASES)}
+"""The `ray_leviathan_phase` gauge, tagged by run only: 1 members, 2 merge, 3 final."""
+
+
 class Gauges:
-    """`ray.util.metrics` gauges for the dashboard, tagged by run, phase, module and member.
+    """`ray.util.metrics` gauges for the dashboard (`GAUGES`, plus the run's phase).
 
     Exported as `ray_leviathan_*` on each node's metrics port; Ray adds the
     worker's own tags. Created lazily in the worker process (Ray metrics need
@@ -81,15 +95,10 @@ class Gauges:
 
         self.run = run
         self._gauges = {
-            name: Gauge(f"leviathan_{name}", description=desc, tag_keys=self.TAGS)
-            for name, desc in (
-                ("train_loss", "Training loss (nats/token) of a member or the merger"),
-                ("val_loss", "Validation loss on the member's own domain"),
-                ("mixed_val_loss", "Validation loss on the mixed-domain validation set"),
-                ("tokens_per_s", "Training throughput of a member (tokens/s)"),
-                ("step", "Current step within the phase"),
-            )
+            name: Gauge(f"leviathan_{name}", description=desc, tag_keys=self.TAGS) for name, desc in GAUGES.items()
         }
+        self._phase = Gauge(f"leviathan_{PHASE_GAUGE}", description="Training phase: 1 members, 2 merge, 3 final",
+                            tag_keys=("run",))
 
     def update(self, r: dict[str, Any]) -> None:
         tags = {
@@ -98,6 +107,7 @@ class Gauges:
             "module": "" if r.get("module") is None else str(r["module"]),
             "member": r["member"],
         }
+        self._phase.set(PHASE_NUMBER[r["phase"]], tags={"run": self.run})
         self._gauges["step"].set(r["step"], tags=tags)
         for name in ("train_loss", "val_loss", "mixed_val_loss", "tokens_per_s"):
             if r.get(name) is not None:

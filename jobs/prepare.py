@@ -285,11 +285,11 @@ def _bpe_ids(tokenizer: BPETokenizer, pieces: list[bytes], dtype: np.dtype) -> n
         parts = _text_pieces(doc)
         texts.extend(parts)
         owner.extend([i] * len(parts))
-    encoded = tokenizer.encode_batch(texts)
+    encoded = tokenizer.encode_arrays(texts)
     out: list[np.ndarray] = []
     eos = np.array([tokenizer.eos_id], dtype=dtype)
     for j, ids in enumerate(encoded):
-        out.append(np.asarray(ids, dtype=dtype))
+        out.append(ids.astype(dtype, copy=False))
         if j + 1 == len(encoded) or owner[j + 1] != owner[j]:
             out.append(eos)
     return np.concatenate(out)
@@ -377,8 +377,19 @@ def prepare_sources(
     val_fraction: float = 0.05,
     seq_len: int = 256,
     force: bool = False,
+    trained: Any = None,
+    encode_domain: Callable[..., dict[str, dict]] | None = None,
+    bpe_sample_bytes: int | None = None,
 ) -> Path:
-    """Tokenize `sources` into `out`; returns the manifest path. See the module docstring."""
+    """Tokenize `sources` into `out`; returns the manifest path. See the module docstring.
+
+    `bpe_sample_bytes`: BPE trains on the first bpe_sample_bytes / len(sources)
+    bytes of every domain's train split (None: on all of it).
+    `trained`: a tokenizer of kind `tokenizer` to use instead of training one.
+    `encode_domain(source, cut, tokenizer, folder, dtype)`: writes a domain's
+    two shards and returns their manifest entries (default: in this process;
+    jobs.prepare_ray passes its Ray Data encoder).
+    """
     out = Path(out).expanduser().absolute()
     if not sources:
         raise PrepareError("no domains given (use --domain NAME=PATH or --builtin)")
@@ -394,6 +405,8 @@ def prepare_sources(
         raise PrepareError(f"--vocab-size {vocab_size}: must be between 260 and {1 << 20}")
     if seq_len < 1:
         raise PrepareError(f"--seq-len {seq_len}: must be >= 1")
+    if bpe_sample_bytes is not None and bpe_sample_bytes < 1:
+        raise PrepareError(f"--bpe-sample-bytes {bpe_sample_bytes}: must be >= 1")
     _check_out(out, force)
 
     t0 = time.perf_counter()
@@ -408,16 +421,28 @@ def prepare_sources(
 
     tmp = _make_tmp(out)
     try:
-        if tokenizer == "byte":
-            tok: Any = ByteTokenizer()
+        if trained is not None:
+            if trained.kind != tokenizer:
+                raise PrepareError(f"--tokenizer {tokenizer}: the given tokenizer is {trained.kind}")
+            tok: Any = trained
+        elif tokenizer == "byte":
+            tok = ByteTokenizer()
         else:
+            share = None if bpe_sample_bytes is None else max(1, bpe_sample_bytes // len(sources))
+
             def train_texts() -> Iterator[str]:
                 for s in sources:
+                    left = share
                     for split, piece in split_documents(s.documents(), cuts[s.name]):
-                        if split == "train":
-                            yield from _text_pieces(piece)
+                        if split != "train" or left == 0:
+                            break  # the train split comes first
+                        if left is not None:
+                            piece = piece[:left]
+                            left -= len(piece)
+                        yield from _text_pieces(piece)
 
-            log.info("training BPE (vocab %d) on the train splits of %d domains", vocab_size, len(sources))
+            log.info("training BPE (vocab %d) on the train splits of %d domains%s", vocab_size, len(sources),
+                     "" if share is None else f" (up to {share} bytes each)")
             tok = BPETokenizer.train(train_texts(), vocab_size=vocab_size)
             log.info("BPE trained: vocab %d (%.1fs)", tok.vocab_size, time.perf_counter() - t0)
         dtype = token_dtype(tok.vocab_size)
@@ -426,7 +451,7 @@ def prepare_sources(
         total_bytes = 0
         for s in sources:
             t1 = time.perf_counter()
-            splits = _encode_domain(s, cuts[s.name], tok, tmp, dtype)
+            splits = (encode_domain or _encode_domain)(s, cuts[s.name], tok, tmp, dtype)
             for split, entry in splits.items():
                 if entry["tokens"] < seq_len + 1:
                     raise PrepareError(
@@ -549,6 +574,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default=None, help=f"Parquet text column (default {DEFAULT_TEXT_COLUMN!r})")
     p.add_argument("--out", default=None, help="output folder (default for --builtin: $LEVIATHAN_HOME/data/builtin-<tokenizer>)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--bpe-sample-bytes", type=int, default=None,
+                   help="train BPE on at most this many bytes of train text, spread over the domains (default: all)")
+    p.add_argument("--ray", action="store_true",
+                   help="tokenise in parallel with Ray Data (jobs.prepare_ray; `--ray --help` lists its options)")
     return p
 
 
@@ -571,6 +600,11 @@ def _already_prepared(out: Path, tokenizer: str, vocab_size: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ray" in argv:
+        from jobs.prepare_ray import main as main_ray
+
+        return main_ray(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         args = _parser().parse_args(argv)
@@ -593,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         if use_builtin:
             sources += builtin_sources()
         options = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                       seq_len=args.seq_len, force=args.force)
+                       seq_len=args.seq_len, force=args.force, bpe_sample_bytes=args.bpe_sample_bytes)
         if args.out is not None and storage.is_uri(args.out):
             manifest = prepare_sources_to_uri(sources, args.out, **options)
         else:

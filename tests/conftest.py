@@ -118,6 +118,7 @@ class RayCluster:
     dashboard_url: str  # http://127.0.0.1:<port>, the Jobs API
     auth_token: str | None  # Ray token auth (on for this cluster)
     staging_dir: Path  # where the cluster's workers stage data from remote manifests
+    metrics_url: str  # the head node's Prometheus export (`ray start --metrics-export-port`)
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
@@ -165,7 +166,7 @@ def ray_cluster(tmp_path_factory, s3_server) -> RayCluster:
     import ray
 
     ray_bin = str(VENV_BIN / "ray")
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     env = _ray_env(dashboard_url)
     staging_dir = tmp_path_factory.mktemp("staged")
@@ -187,7 +188,7 @@ def ray_cluster(tmp_path_factory, s3_server) -> RayCluster:
             f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            f"--metrics-export-port={metrics_port}",
             f"--runtime-env-agent-port={free_port()}",
             "--disable-usage-stats",
         ],
@@ -203,7 +204,8 @@ def ray_cluster(tmp_path_factory, s3_server) -> RayCluster:
         )
         gcs_address = f"127.0.0.1:{gcs_port}"
         ray.init(address=gcs_address, logging_level="WARNING", log_to_driver=False)
-        yield RayCluster(address=gcs_address, dashboard_url=dashboard_url, auth_token=token, staging_dir=staging_dir)
+        yield RayCluster(address=gcs_address, dashboard_url=dashboard_url, auth_token=token, staging_dir=staging_dir,
+                         metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         ray.shutdown()
         # The head's processes share its process group: end them together, not one by one.

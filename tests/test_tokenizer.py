@@ -127,3 +127,30 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer": {"kind": "bpe", "file": "missing.json"}}))
     with pytest.raises(TokenizerError, match="missing.json"):
         load_tokenizer(tmp_path / "manifest.json")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(max_size=120) | st.sampled_from(["  x", "\n\n  \tdef", "it's 3.14", "a<|eos|>b", "<|"]), max_size=6))
+def test_bpe_encode_batch_matches_tokenizers(texts: list[str]):
+    """The word-cache encoder gives `tokenizers`' ids for any text, special-token spellings included."""
+    tok = _BPE_FOR_HYPOTHESIS
+    assert tok.encode_batch(texts) == tok._encode_with_tokenizers(texts)
+
+
+def test_bpe_encode_batch_matches_tokenizers_on_every_unicode_category(bpe):
+    from leviathan.corpus import BUILTIN_DOMAINS
+
+    unicode_domain = next(d for d in BUILTIN_DOMAINS if d.name == "unicode")
+    text = b"".join(unicode_domain.documents()).decode("utf-8")
+    lines = text.splitlines(keepends=True)
+    chunks = ["".join(lines[i:i + 500]) for i in range(0, len(lines), 500)]
+    assert bpe.encode_batch(chunks) == bpe._encode_with_tokenizers(chunks)
+
+
+def test_bpe_with_another_pre_tokenizer_encodes_through_tokenizers(tmp_path, bpe):
+    data = json.loads(bpe._tok.to_str())
+    data["pre_tokenizer"]["add_prefix_space"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    other = BPETokenizer.from_file(tmp_path / "tokenizer.json")
+    assert other._words is None
+    assert other.encode_batch(["x = 1", "hello"]) == [other.encode("x = 1"), other.encode("hello")]
