@@ -26,7 +26,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 SPECIAL_TOKENS = ("<|eos|>", "<|pad|>", "<|bos|>", "<|sep|>")

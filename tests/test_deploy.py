@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from jobs import deploy
-from jobs.spec import JobSpec, SpecError, load_spec
+from jobs.spec import JobSpec, load_spec
 from tests.scripts.common import builtin_manifest, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
