@@ -22,7 +22,7 @@ FORBIDDEN = {
 
 
 # The model library's modules that import no torch: every layer may use them, the API included.
-TORCH_FREE = {"leviathan.config", "leviathan.records", "leviathan.tables"}
+TORCH_FREE = {"leviathan.config", "leviathan.progress", "leviathan.records", "leviathan.tables"}
 
 
 def imported_modules(path: Path) -> set[str]:

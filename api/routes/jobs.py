@@ -173,6 +173,8 @@ def _detail(info: JobDetails, gateway: RayGateway, reader: MetricsReader) -> Job
         f"m{i}.{j}": {"member": f"m{i}.{j}", "module": i}
         for i in range(modules) for j in range(per_module)
     }
+    phase1_steps = _int_or_none(meta.get(ray_jobs.META_PHASE1_STEPS))
+    phase2_steps = _int_or_none(meta.get(ray_jobs.META_PHASE2_STEPS))
     summary = reader.summary(fields["run_dir"])
     if summary is not None:
         for name, m in summary.members.items():
@@ -182,10 +184,13 @@ def _detail(info: JobDetails, gateway: RayGateway, reader: MetricsReader) -> Job
             step=summary.step,
             metrics_records=summary.records,
             metrics_updated_at=summary.updated_at,
+            tokens_per_s=summary.progress.tokens_per_s or None,
         )
+        if phase1_steps is not None and phase2_steps is not None:
+            fields["eta_s"] = summary.progress.eta_s(phase1_steps, phase2_steps)
     fields.update(
-        phase1_steps=_int_or_none(meta.get(ray_jobs.META_PHASE1_STEPS)),
-        phase2_steps=_int_or_none(meta.get(ray_jobs.META_PHASE2_STEPS)),
+        phase1_steps=phase1_steps,
+        phase2_steps=phase2_steps,
         members=[MemberProgress(**m) for m in members.values()],
     )
     return JobDetail(**fields)
