@@ -66,8 +66,11 @@ def scalars(records: Iterable[dict[str, Any]], phase1_steps: int) -> dict[int, d
 
 
 def progress_scalars(progress: RunProgress, phase1_steps: int, phase2_steps: int) -> dict[str, float]:
-    """The job's tokens/s per phase and its ETA (seconds) at the latest report."""
-    out = {f"progress/tokens_per_s_{phase}": tps for phase, tps in progress.tokens_per_s.items()}
+    """The job's tokens/s in the current phase (`progress/tokens_per_s_members` or
+    `_merge`) and its ETA in seconds, at the latest report."""
+    out = {}
+    if progress.current_tokens_per_s is not None:
+        out[f"progress/tokens_per_s_{progress.current_phase}"] = progress.current_tokens_per_s
     eta = progress.eta_s(phase1_steps, phase2_steps)
     if eta is not None:
         out["progress/eta_s"] = eta

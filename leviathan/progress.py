@@ -68,16 +68,20 @@ class RunProgress:
         self._report[phase] = (step, t)
 
     @property
+    def current_phase(self) -> str:
+        """The training phase running now, or the last one once training is over."""
+        return "members" if self.phase in (None, "members") else "merge"
+
+    @property
     def current_tokens_per_s(self) -> float | None:
-        """Tokens/s of the phase running now (phase 2's once the members are done)."""
-        return self.tokens_per_s.get("members" if self.phase in (None, "members") else "merge")
+        return self.tokens_per_s.get(self.current_phase)
 
     def eta_s(self, phase1_steps: int, phase2_steps: int) -> float | None:
         """Seconds left as of the latest record; None until a step rate is known."""
         if self.phase in ("final", DONE_PHASE):
             return 0.0
         totals = {"members": phase1_steps, "merge": phase2_steps}
-        current = self.phase if self.phase in TRAINING_PHASES else "members"
+        current = self.current_phase
         rate = self.steps_per_s.get(current)
         if rate is None or rate <= 0:
             return None
