@@ -193,6 +193,20 @@ class TrackingSpec(StrictModel):
     experiment: str = Field("leviathan", min_length=1, max_length=250, description="MLflow experiment name.")
     tensorboard: bool = Field(False, description="Write TensorBoard event files under <run>/tensorboard.")
 
+    @property
+    def local_store(self) -> str | None:
+        """The local path a `file:` or `sqlite:` MLflow store writes to; None for a server."""
+        from urllib.parse import urlparse
+
+        uri = self.mlflow_uri
+        if uri is None:
+            return None
+        if uri.startswith("sqlite:"):
+            return uri.removeprefix("sqlite:").removeprefix("///")  # sqlite:////abs/x.db -> /abs/x.db
+        if uri.startswith("file:"):
+            return urlparse(uri).path
+        return None
+
 
 class JobSpec(StrictModel):
     name: str = Field("demo", pattern=RUN_NAME_PATTERN, description="Run name; the run folder is <storage>/<name>.")

@@ -144,6 +144,28 @@ def test_unusable_mlflow_uri_is_a_one_line_error_naming_the_field(tmp_path):
         JobSpec.model_validate({"tracking": {"tensorbord": True}})
 
 
+def test_api_refuses_a_local_mlflow_store_outside_its_storage_root(ray_cluster, tmp_path):
+    """The job writes a file:/sqlite: store like its run folder: only under the API's root.
+    `max_concurrent_jobs = 0`: a spec that passed validation answers 429 and trains nothing."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from tests.test_api_support import API_TOKEN, make_settings, tiny_spec
+
+    root = tmp_path / "runs"
+    app = create_app(make_settings(ray_cluster, root, max_concurrent_jobs=0))
+    with TestClient(app, headers={"Authorization": f"Bearer {API_TOKEN}"}) as client:
+        def post(uri: str):
+            return client.post("/v1/jobs", json={**tiny_spec("tracked"), "tracking": {"mlflow_uri": uri}})
+
+        for outside in (f"sqlite:///{tmp_path / 'elsewhere.db'}", "sqlite:///relative.db", f"file:{root}/../x"):
+            r = post(outside)
+            assert r.status_code == 422, (outside, r.text)
+            assert r.json()["detail"][0]["loc"] == ["body", "tracking", "mlflow_uri"], r.text
+        assert post(f"sqlite:///{root / 'mlflow.db'}").status_code == 429
+        assert post("http://mlflow.example:5000").status_code == 429
+
+
 def test_tensorboard_event_files_reach_a_run_folder_on_an_object_store(s3_bucket, tmp_path):
     from leviathan import storage
 
@@ -220,13 +242,14 @@ def test_killed_worker_continues_the_same_mlflow_run_and_logs_no_step_twice(ray_
     history = {k: [m.step for m in client.get_metric_history(mlrun.info.run_id, k)] for k in mlrun.data.metrics}
     repeated = {k: sorted(s for s, n in Counter(steps).items() if n > 1) for k, steps in history.items()}
     assert not {k: s for k, s in repeated.items() if s}, f"steps logged twice: {repeated}"
-    assert set(history["m0.0/val_loss"]) == set(range(5, p1 + 1, 5)), "every report's step, once"
+    reports = set(range(5, p1 + 1, 5)) | {p1 + p2}  # the members are evaluated again at the end of phase 2
+    assert set(history["m0.0/val_loss"]) == reports, "every report's step, once"
     assert max(history["merger/mixed_val_loss"]) == p1 + p2
     assert "final/merger/mixed_val_loss" in mlrun.data.metrics
     assert {"progress/tokens_per_s_members", "progress/tokens_per_s_merge", "progress/eta_s"} <= set(mlrun.data.metrics)
     assert {a.path for a in client.list_artifacts(mlrun.info.run_id)} >= {"final_table.json", "report.md"}
 
     tb_steps = _tensorboard_steps(run / TENSORBOARD_DIR)
-    assert set(tb_steps["m0.0/val_loss"]) == set(range(5, p1 + 1, 5))
+    assert set(tb_steps["m0.0/val_loss"]) == reports
     repeated_tb = {tag: s for tag, s in tb_steps.items() if len(set(s)) != len(s)}
     assert not repeated_tb, f"TensorBoard steps logged twice: {repeated_tb}"

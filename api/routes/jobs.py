@@ -81,6 +81,20 @@ def _check_storage(spec: JobSpec, settings: Settings) -> str | dict:
     return norm
 
 
+def _tracking_errors(spec: JobSpec, settings: Settings) -> list[dict]:
+    """A local MLflow store (`file:`, `sqlite:`) is written by the job: it must lie under
+    the storage root like the run folder."""
+    local = spec.tracking.local_store
+    if local is None:
+        return []
+    root = normalize(settings.storage)
+    norm = os.path.normpath(local)
+    if is_uri(root) or not os.path.isabs(norm) or not (norm + "/").startswith(root.rstrip("/") + "/"):
+        return [_field_error(("tracking", "mlflow_uri"), f"a local store must be an absolute path under {root}",
+                             spec.tracking.mlflow_uri)]
+    return []
+
+
 def _member_size_errors(spec: JobSpec, manifest: dict | None, limit: int) -> list[dict]:
     """`ensemble.members.<i>` over the per-member parameter limit, counted at the data's
     vocabulary (the byte vocabulary while the built-in corpus is not prepared yet)."""
@@ -106,6 +120,7 @@ def validate_for_submission(spec: JobSpec, settings: Settings) -> JobSpec:
     storage = _check_storage(spec, settings)
     if isinstance(storage, dict):
         errors.append(storage)
+    errors.extend(_tracking_errors(spec, settings))
     limits = [
         (("ensemble", "modules"), spec.ensemble.modules, settings.max_modules, "max_modules"),
         (("training", "phase1_steps"), spec.training.phase1_steps, settings.max_steps, "max_steps"),
