@@ -38,7 +38,6 @@ from leviathan.progress import RunProgress
 RUN_KEY_TAG = "leviathan.run_key"
 RUN_DIR_TAG = "leviathan.run_dir"
 TENSORBOARD_DIR = "tensorboard"
-FINAL_TABLE_ARTIFACT = "final_table.json"
 _FIGURES = ("train_loss", "val_loss", "mixed_val_loss", "lr", "tokens_per_s")
 _MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
@@ -234,7 +233,7 @@ def check_tracking(tracking: Tracking) -> None:
             return
         ensure_experiment(mlflow_client(tracking.mlflow_uri), tracking)
     except ImportError as e:
-        raise ValueError(f"tracking: {e.name or e} is not installed (pip install 'leviathan[tracking]')") from None
+        raise ValueError(f"tracking: {e.name or 'tensorboard'} is not installed (pip install 'leviathan[tracking]')") from None
     except Exception as e:  # MLflow's store errors have no common base; the message is what matters
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"tracking.mlflow_uri: cannot use {tracking.mlflow_uri}: {first}") from None
