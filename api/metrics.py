@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from pydantic import ValidationError
 
 from api.schemas import MetricRecord
+from leviathan.progress import RunProgress
 from leviathan.records import METRICS_FILE
 from leviathan.storage import AppendLog, LogCursor, join
 
@@ -63,9 +64,11 @@ class MetricsSummary:
     step: int | None = None
     updated_at: float | None = None
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    progress: RunProgress = field(default_factory=RunProgress)  # tokens/s per phase, ETA
 
     def fold(self, rec: dict[str, Any]) -> None:
         self.records += 1
+        self.progress.fold(rec)
         if rec.get("phase") is not None:
             self.phase = rec["phase"]
         if rec.get("step") is not None:

@@ -79,6 +79,12 @@ class JobDetail(JobSummary):
     )
     metrics_records: int | None = None
     metrics_updated_at: datetime | None = None
+    tokens_per_s: dict[str, float] | None = Field(
+        None, description="Training tokens/s of the whole job per phase (members, merge) at its latest report."
+    )
+    eta_s: float | None = Field(
+        None, description="Seconds left as of metrics_updated_at: steps left in the schedule at the recent step rate."
+    )
 
 
 # One line of metrics.jsonl, every field of `leviathan.records` nullable (unknown keys are kept).

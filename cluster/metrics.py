@@ -16,6 +16,7 @@ import json
 import threading
 from typing import Any, Iterable
 
+from leviathan.progress import RunProgress, format_duration
 from leviathan.records import METRICS_FILE, PHASES
 from leviathan.storage import AppendLog, join
 
@@ -80,6 +81,16 @@ PHASE_NUMBER = {phase: i + 1 for i, phase in enumerate(PHASES)}
 """The `ray_leviathan_phase` gauge, tagged by run only: 1 members, 2 merge, 3 final."""
 
 
+def format_progress(progress: RunProgress, phase1_steps: int, phase2_steps: int) -> str:
+    """The run's progress line: `[progress] members 50/200 merge 0/100 | 10.2k tok/s | ETA 1m20s`
+    (tokens/s of the current phase, ETA from the steps left at the recent step rate)."""
+    steps = f"members {progress.step.get('members', 0)}/{phase1_steps} merge {progress.step.get('merge', 0)}/{phase2_steps}"
+    tps = progress.current_tokens_per_s
+    speed = f" | {tps / 1000:.1f}k tok/s" if tps else ""
+    eta = progress.eta_s(phase1_steps, phase2_steps)
+    return f"[progress] {steps}{speed} | ETA {'-' if eta is None else format_duration(eta)}"
+
+
 class Gauges:
     """`ray.util.metrics` gauges for the dashboard (`GAUGES`, plus the run's phase).
 
@@ -118,7 +129,8 @@ class ProgressBar:
     """Driver-side progress bar: tails `metrics.jsonl` while `fit()` runs.
 
     Workers log at every eval interval; the bar moves to the largest step seen
-    (phase-1 steps, then phase-2 steps) and shows the latest losses.
+    (phase-1 steps, then phase-2 steps) and shows the latest losses, the current
+    phase's tokens/s and the ETA (`leviathan.progress`).
     """
 
     def __init__(self, run_dir: str, phase1_steps: int, phase2_steps: int, interval_s: float = 1.0):
@@ -153,7 +165,9 @@ class ProgressBar:
     def _show(self, bar: Any) -> None:
         done = 0
         postfix: dict[str, str] = {}
+        progress = RunProgress()
         for r in self.log.read()[self.start:]:
+            progress.fold(r)
             if r.get("phase") == "members":
                 done = max(done, r["step"])
                 if r.get("train_loss") is not None:
@@ -162,6 +176,11 @@ class ProgressBar:
                 done = max(done, self.phase1_steps + r["step"])
                 if r.get("member") == "merger" and r.get("train_loss") is not None:
                     postfix["merger"] = f"{r['train_loss']:.3f}"
+        if progress.current_tokens_per_s:
+            postfix["tok/s"] = f"{progress.current_tokens_per_s / 1000:.1f}k"
+        eta = progress.eta_s(self.phase1_steps, self.total - self.phase1_steps)
+        if eta is not None:
+            postfix["eta"] = format_duration(eta)
         bar.n = min(done, self.total)
         bar.set_postfix(postfix, refresh=False)
         bar.refresh()

@@ -9,7 +9,7 @@ spec's schema (`jobs/`) nor pydantic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from leviathan.config import EnsembleConfig
 
@@ -55,6 +55,23 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Tracking:
+    """Where rank 0 logs the run besides metrics.jsonl (the JobSpec's `tracking` table).
+
+    `params` is the flattened JobSpec (`training.lr` -> "0.003"), logged as the
+    MLflow run's parameters."""
+
+    mlflow_uri: str | None = None
+    experiment: str = "leviathan"
+    tensorboard: bool = False
+    params: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlflow_uri is not None or self.tensorboard
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """One job as the cluster runs it.
 
@@ -71,6 +88,7 @@ class RunPlan:
     ensemble: EnsembleConfig
     training: Training
     resources: Resources
+    tracking: Tracking = field(default_factory=Tracking)
 
     def __post_init__(self) -> None:
         if len(self.domains) != self.ensemble.modules:

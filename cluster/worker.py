@@ -42,11 +42,13 @@ from cluster import checkpointing
 from cluster.evaluation import evaluate, mean
 from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed
 from cluster.merge import CommTimer, Exchange, local_parameters, merged_loss, reduce_and_clip
-from cluster.metrics import Gauges, MetricsLog, format_line
+from cluster.metrics import Gauges, MetricsLog, format_line, format_progress
+from leviathan.progress import RunProgress
 from leviathan.records import record
 from cluster.placement import modules_for_rank
 from cluster.plan import RunPlan
 from cluster.schedule import lr_at, set_lr
+from cluster.tracking import Tracker
 from cluster.verbosity import quiet_report_lines
 from leviathan.data import BatchSampler, MixedBatchSampler, eval_batches, load_manifest
 from leviathan.evaluation import default_prefix_tokens
@@ -143,6 +145,11 @@ class EnsembleWorker:
         self.metrics = MetricsLog(metrics_dir) if self.rank == 0 else None
         self.logged = self.metrics.logged_steps() if self.metrics else {}
         self.gauges = Gauges(plan.name)
+        self.progress = RunProgress()
+        self.tracker = (
+            Tracker(plan.tracking, metrics_dir, self.t.phase1_steps, self.t.phase2_steps)
+            if self.rank == 0 and plan.tracking.enabled else None
+        )
         self.losses: dict[str, list[float]] = {}
         self.interval_start = time.perf_counter()
         self.interval_steps = 0
@@ -167,6 +174,8 @@ class EnsembleWorker:
         elif step < self.t.phase2_steps:
             self.train_merger(start=step)
         # else: the checkpoint is the finished job's last one; nothing is left to run.
+        if self.tracker is not None:
+            self.tracker.finish()
 
     def train_members(self, start: int) -> None:
         """Phase 1: steps start+1 .. phase1_steps of every hosted member, no communication."""
@@ -311,8 +320,22 @@ class EnsembleWorker:
             posterior = record(step=step, phase="final", member="posterior", mixed_val_loss=result.mixed("posterior"),
                                val_by_domain=result.by_domain("posterior"))
             self.final_table = final_table(records + [posterior], self.plan)
-        self.metrics.append([{k: v for k, v in r.items() if k != "val_by_domain"} for r in lines])
+        lines = [{k: v for k, v in r.items() if k != "val_by_domain"} for r in lines]
+        self.metrics.append(lines)
+        self.track(lines, final)
         return summary
+
+    def track(self, lines: list[dict[str, Any]], final: bool) -> None:
+        """Rank 0, once the lines are in metrics.jsonl: the progress line and the tracking runs
+        (which skip replayed lines; cluster.tracking)."""
+        for r in lines:
+            self.progress.fold(r)
+        self.log(format_progress(self.progress, self.t.phase1_steps, self.t.phase2_steps))
+        if self.tracker is None:
+            return
+        self.tracker.log(lines, self.progress)
+        if final and not lines[0]["replayed"]:
+            self.tracker.log_text(FINAL_TABLE_FILE, json.dumps(self.final_table, indent=2) + "\n")
 
     def report_checkpoint(self, phase: str, step: int, metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="leviathan-ckpt-") as tmp:

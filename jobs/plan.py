@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.plan import Resources, RunPlan, Training
+from cluster.plan import Resources, RunPlan, Tracking, Training
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, check_manifest, resolve_manifest_path
 from leviathan.config import EnsembleConfig
 
@@ -50,6 +50,32 @@ def resources_of(spec: JobSpec) -> Resources:
     )
 
 
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts and lists as dotted keys with string values:
+    {"training": {"lr": 0.003}, "ensemble": {"members": [{"preset": "tiny"}]}}
+    -> {"training.lr": "0.003", "ensemble.members.0.preset": "tiny"}."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: str(value)}
+    out: dict[str, str] = {}
+    for key, v in items:
+        out.update(flatten(v, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def tracking_of(spec: JobSpec) -> Tracking:
+    """The spec's tracking table, with the flattened spec as the run's parameters."""
+    t = spec.tracking
+    params = flatten(spec.model_dump(mode="json", exclude={"tracking"}))
+    return Tracking(
+        mlflow_uri=t.mlflow_uri, experiment=t.experiment, tensorboard=t.tensorboard,
+        params=tuple(sorted(params.items())),
+    )
+
+
 def build_plan(spec: JobSpec) -> RunPlan:
     """The spec's `RunPlan`: data resolved and checked against the manifest, the ensemble config built."""
     from leviathan.data import load_manifest
@@ -64,6 +90,7 @@ def build_plan(spec: JobSpec) -> RunPlan:
         ensemble=ensemble_config(spec, load_manifest(manifest).vocab_size),
         training=Training(**spec.training.model_dump()),
         resources=resources_of(spec),
+        tracking=tracking_of(spec),
     )
 
 

@@ -179,6 +179,35 @@ class ResourcesSpec(StrictModel):
         return self
 
 
+class TrackingSpec(StrictModel):
+    """Experiment tracking, written by rank 0 from inside the training function.
+
+    One tracking run per run folder: a restarted worker group continues it and
+    logs no step twice."""
+
+    mlflow_uri: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z][A-Za-z0-9+.-]*:",
+        description="MLflow tracking URI (file:/path and sqlite:///path work offline; http://host:5000 for a server).",
+    )
+    experiment: str = Field("leviathan", min_length=1, max_length=250, description="MLflow experiment name.")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files under <run>/tensorboard.")
+
+    @property
+    def local_store(self) -> str | None:
+        """The local path a `file:` or `sqlite:` MLflow store writes to; None for a server."""
+        from urllib.parse import urlparse
+
+        uri = self.mlflow_uri
+        if uri is None:
+            return None
+        if uri.startswith("sqlite:"):
+            return uri.removeprefix("sqlite:").removeprefix("///")  # sqlite:////abs/x.db -> /abs/x.db
+        if uri.startswith("file:"):
+            return urlparse(uri).path
+        return None
+
+
 class JobSpec(StrictModel):
     name: str = Field("demo", pattern=RUN_NAME_PATTERN, description="Run name; the run folder is <storage>/<name>.")
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -187,6 +216,7 @@ class JobSpec(StrictModel):
     ensemble: EnsembleSpec = Field(default_factory=EnsembleSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")
     def _check_workers(self) -> "JobSpec":

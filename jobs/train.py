@@ -13,7 +13,8 @@ One job = one Ray Train run (jobs.plan.build_job_trainer). This entry point:
    folder plus the tokenizer and spec.json, loadable without Ray), writes
    `<run>/train_result.json` and prints the final table: every member's val
    loss on its own domain and on the mixed val set, the uniform mixture's and
-   the merged model's; then `jobs.evaluate` writes `<run>/report.md`.
+   the merged model's; then `jobs.evaluate` writes `<run>/report.md`, which
+   also goes to the run's MLflow run when the spec tracks one (cluster.tracking).
 
 Without `--spec` it runs the built-in demo (jobs/specs/demo.toml).
 """
@@ -125,14 +126,17 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
     `verbose` shows Ray Train's own per-report and checkpoint INFO lines too."""
     from cluster.metrics import MetricsLog, ProgressBar
     from cluster.session import init_ray
+    from cluster.tracking import check_tracking, end_run
     from cluster.trainer import check_placement
-    from jobs.plan import build_job_trainer, resources_of
+    from jobs.plan import build_job_trainer, resources_of, tracking_of
     from leviathan.records import done_record
 
     started = time.time()
     run_dir = spec.run_dir
     has_spec = check_run_folder(spec)
     manifest, domains = prepare_data(spec)
+    tracking = tracking_of(spec)
+    check_tracking(tracking)
     init_ray()
     check_placement(resources_of(spec), spec.name)
     if not has_spec:
@@ -150,6 +154,7 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
         else:
             result = trainer.fit()
     except TrainingFailedError as e:
+        end_run(tracking, run_dir, "FAILED", {})
         raise TrainError(f"training failed: {e}") from e
     if result.checkpoint is None:
         raise TrainError("training ended without a checkpoint")
@@ -166,6 +171,8 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
     storage.write_text(storage.join(run_dir, RESULT_FILE), json.dumps(out, indent=2) + "\n")
     MetricsLog(run_dir).append([done_record(spec.training.phase2_steps)])
     write_report(run_dir)
+    report = storage.read_text(storage.join(run_dir, "report.md"))
+    end_run(tracking, run_dir, "FINISHED", {"report.md": report} if report is not None else {})
     print(format_table(table), flush=True)
     print(f"run folder: {run_dir} ({out['wall_time_s']:.0f} s)", flush=True)
     return out

@@ -27,11 +27,14 @@ from hypothesis import strategies as st
 from pydantic.fields import FieldInfo
 
 from api.app import create_app
-from jobs.spec import RUN_NAME_PATTERN, DataSpec, EnsembleSpec, JobSpec, MemberSpec, ResourcesSpec, TrainingSpec
+from jobs.spec import (
+    RUN_NAME_PATTERN, DataSpec, EnsembleSpec, JobSpec, MemberSpec, ResourcesSpec, TrackingSpec, TrainingSpec,
+)
 from tests.test_api_support import API_TOKEN, make_settings, tiny_spec
 
 BASE = tiny_spec("fuzz")
-SECTIONS = {"data": DataSpec, "ensemble": EnsembleSpec, "training": TrainingSpec, "resources": ResourcesSpec}
+SECTIONS = {"data": DataSpec, "ensemble": EnsembleSpec, "training": TrainingSpec, "resources": ResourcesSpec,
+            "tracking": TrackingSpec}
 # Strings pydantic would read as numbers or booleans.
 NUMBER_WORDS = {"nan", "inf", "infinity", "true", "false", "yes", "no", "on", "off", "t", "f", "y", "n"}
 
@@ -139,7 +142,7 @@ def _field_mutations() -> list[st.SearchStrategy]:
     return out
 
 
-object_paths = [(), ("data",), ("ensemble",), ("training",), ("resources",), ("ensemble", "members", 0)]
+object_paths = [(), ("data",), ("ensemble",), ("training",), ("resources",), ("tracking",), ("ensemble", "members", 0)]
 known = {n for _, n, _ in FIELDS} | set(SECTIONS)
 unknown_key = st.tuples(
     st.sampled_from(object_paths), st.text(min_size=1, max_size=12).filter(lambda k: k not in known),

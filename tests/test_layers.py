@@ -22,7 +22,7 @@ FORBIDDEN = {
 
 
 # The model library's modules that import no torch: every layer may use them, the API included.
-TORCH_FREE = {"leviathan", "leviathan.config", "leviathan.records", "leviathan.storage", "leviathan.tables"}
+TORCH_FREE = {"leviathan", "leviathan.config", "leviathan.progress", "leviathan.records", "leviathan.storage", "leviathan.tables"}
 
 
 def imported_modules(path: Path) -> set[str]:

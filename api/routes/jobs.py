@@ -81,6 +81,20 @@ def _check_storage(spec: JobSpec, settings: Settings) -> str | dict:
     return norm
 
 
+def _tracking_errors(spec: JobSpec, settings: Settings) -> list[dict]:
+    """A local MLflow store (`file:`, `sqlite:`) is written by the job: it must lie under
+    the storage root like the run folder."""
+    local = spec.tracking.local_store
+    if local is None:
+        return []
+    root = normalize(settings.storage)
+    norm = os.path.normpath(local)
+    if is_uri(root) or not os.path.isabs(norm) or not (norm + "/").startswith(root.rstrip("/") + "/"):
+        return [_field_error(("tracking", "mlflow_uri"), f"a local store must be an absolute path under {root}",
+                             spec.tracking.mlflow_uri)]
+    return []
+
+
 def _member_size_errors(spec: JobSpec, manifest: dict | None, limit: int) -> list[dict]:
     """`ensemble.members.<i>` over the per-member parameter limit, counted at the data's
     vocabulary (the byte vocabulary while the built-in corpus is not prepared yet)."""
@@ -106,6 +120,7 @@ def validate_for_submission(spec: JobSpec, settings: Settings) -> JobSpec:
     storage = _check_storage(spec, settings)
     if isinstance(storage, dict):
         errors.append(storage)
+    errors.extend(_tracking_errors(spec, settings))
     limits = [
         (("ensemble", "modules"), spec.ensemble.modules, settings.max_modules, "max_modules"),
         (("training", "phase1_steps"), spec.training.phase1_steps, settings.max_steps, "max_steps"),
@@ -173,6 +188,8 @@ def _detail(info: JobDetails, gateway: RayGateway, reader: MetricsReader) -> Job
         f"m{i}.{j}": {"member": f"m{i}.{j}", "module": i}
         for i in range(modules) for j in range(per_module)
     }
+    phase1_steps = _int_or_none(meta.get(ray_jobs.META_PHASE1_STEPS))
+    phase2_steps = _int_or_none(meta.get(ray_jobs.META_PHASE2_STEPS))
     summary = reader.summary(fields["run_dir"])
     if summary is not None:
         for name, m in summary.members.items():
@@ -182,10 +199,13 @@ def _detail(info: JobDetails, gateway: RayGateway, reader: MetricsReader) -> Job
             step=summary.step,
             metrics_records=summary.records,
             metrics_updated_at=summary.updated_at,
+            tokens_per_s=summary.progress.tokens_per_s or None,
         )
+        if phase1_steps is not None and phase2_steps is not None:
+            fields["eta_s"] = summary.progress.eta_s(phase1_steps, phase2_steps)
     fields.update(
-        phase1_steps=_int_or_none(meta.get(ray_jobs.META_PHASE1_STEPS)),
-        phase2_steps=_int_or_none(meta.get(ray_jobs.META_PHASE2_STEPS)),
+        phase1_steps=phase1_steps,
+        phase2_steps=phase2_steps,
         members=[MemberProgress(**m) for m in members.values()],
     )
     return JobDetail(**fields)

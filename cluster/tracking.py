@@ -1,0 +1,239 @@
+"""Experiment tracking: rank 0 logs the run to MLflow and/or TensorBoard.
+
+Ray Train V2 runs no Tune callbacks for a plain `TorchTrainer`, so tracking
+happens inside the training function, on rank 0, beside metrics.jsonl: every
+report's records (each member's losses, the uniform mixture's and the merged
+model's), the job's tokens/s per phase and its ETA (`leviathan.progress`). The
+JobSpec, flattened, is the MLflow run's parameters; the final evaluation table
+and `report.md` are its artifacts.
+
+One tracking run per run folder (the folder of metrics.jsonl): the MLflow run
+carries a tag derived from that folder, so a restarted worker group (or the
+driver, attaching the report) finds and continues the same run. TensorBoard's
+event files live in `<run>/tensorboard`; a restart adds a new event file there.
+No step is logged twice: records are appended to metrics.jsonl first and
+tracked after, and the records a restart runs again carry `"replayed": true`
+(cluster.metrics), which are skipped. A crash between the two loses a point,
+never doubles one.
+
+Steps are global: phase-1 step s is s, phase-2 step s is phase1_steps + s, so
+each curve runs on across both phases. mlflow and tensorboard are an optional
+extra (`pip install leviathan[tracking]`), imported only when a spec asks for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+from cluster.plan import Tracking
+from leviathan import storage
+from leviathan.progress import RunProgress
+
+RUN_KEY_TAG = "leviathan.run_key"
+RUN_DIR_TAG = "leviathan.run_dir"
+TENSORBOARD_DIR = "tensorboard"
+_FIGURES = ("train_loss", "val_loss", "mixed_val_loss", "lr", "tokens_per_s")
+_MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+
+def run_key(run_dir: str) -> str:
+    """The tag value naming a run folder's tracking run (a hash: safe in MLflow's filter syntax)."""
+    return hashlib.sha256(storage.normalize(run_dir).encode()).hexdigest()[:32]
+
+
+def global_step(phase: str, step: int, phase1_steps: int) -> int:
+    return step if phase == "members" else phase1_steps + step
+
+
+def scalars(records: Iterable[dict[str, Any]], phase1_steps: int) -> dict[int, dict[str, float]]:
+    """Global step -> {tag: value} of the records' figures: `m0.1/val_loss`,
+    `merger/mixed_val_loss`, `uniform/mixed_val_loss`; the final evaluation's under `final/`."""
+    out: dict[int, dict[str, float]] = defaultdict(dict)
+    for r in records:
+        prefix = "final/" if r["phase"] == "final" else ""
+        values = out[global_step(r["phase"], r["step"], phase1_steps)]
+        for name in _FIGURES:
+            if r.get(name) is not None:
+                values[f"{prefix}{r['member']}/{name}"] = float(r[name])
+    return dict(out)
+
+
+def progress_scalars(progress: RunProgress, phase1_steps: int, phase2_steps: int) -> dict[str, float]:
+    """The job's tokens/s in the current phase (`progress/tokens_per_s_members` or
+    `_merge`) and its ETA in seconds, at the latest report."""
+    out = {}
+    if progress.current_tokens_per_s is not None:
+        out[f"progress/tokens_per_s_{progress.current_phase}"] = progress.current_tokens_per_s
+    eta = progress.eta_s(phase1_steps, phase2_steps)
+    if eta is not None:
+        out["progress/eta_s"] = eta
+    return out
+
+
+class MlflowRun:
+    """The MLflow run of one run folder, found by its tag or created."""
+
+    def __init__(self, tracking: Tracking, run_dir: str):
+        client = mlflow_client(tracking.mlflow_uri)
+        experiment_id = ensure_experiment(client, tracking)
+        key = run_key(run_dir)
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+        if found:
+            self.run_id = found[0].info.run_id
+            client.update_run(self.run_id, status="RUNNING")
+        else:
+            tags = {RUN_KEY_TAG: key, RUN_DIR_TAG: storage.normalize(run_dir)}
+            self.run_id = client.create_run(experiment_id, tags=tags, run_name=run_dir.rstrip("/").rsplit("/", 1)[-1]).info.run_id
+        self.client = client
+
+    def log_params(self, params: Iterable[tuple[str, str]]) -> None:
+        """The same values again on a restart are accepted by MLflow; parameters never change."""
+        from mlflow.entities import Param
+
+        batch = [Param(k, v) for k, v in params]
+        for i in range(0, len(batch), 100):  # MLflow's limit of params per call
+            self.client.log_batch(self.run_id, params=batch[i : i + 100])
+
+    def log_scalars(self, by_step: dict[int, dict[str, float]], wall_time: float) -> None:
+        from mlflow.entities import Metric
+
+        ms = int(wall_time * 1000)
+        batch = [Metric(k, v, ms, step) for step, values in by_step.items() for k, v in values.items()]
+        for i in range(0, len(batch), _MLFLOW_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + _MLFLOW_BATCH])
+
+    def log_text(self, name: str, text: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def mlflow_client(uri: str):
+    """An `MlflowClient` for `uri`. MLflow 3 refuses its file store unless
+    MLFLOW_ALLOW_FILE_STORE is set; a `file:` URI in a spec is that consent."""
+    if uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(client, tracking: Tracking) -> str:
+    """The experiment's id, created on first use. A sqlite store keeps its artifacts
+    beside the database file (MLflow's default is the process's working folder)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(tracking.experiment)
+    if found is not None:
+        return found.experiment_id
+    artifacts = None
+    if tracking.mlflow_uri.startswith("sqlite:///"):
+        db = Path(tracking.mlflow_uri.removeprefix("sqlite:///"))
+        artifacts = (db.parent / "mlartifacts").resolve().as_uri()
+    try:
+        return client.create_experiment(tracking.experiment, artifact_location=artifacts)
+    except MlflowException:  # another run created it meanwhile
+        return client.get_experiment_by_name(tracking.experiment).experiment_id
+
+
+class TensorBoardRun:
+    """Event files under `<run>/tensorboard`. On an object store the writer fills a
+    local folder whose files are copied up after every flush."""
+
+    def __init__(self, run_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.remote = storage.join(run_dir, TENSORBOARD_DIR)
+        local = storage.local_path(self.remote)
+        self.mirror = None if local is not None else tempfile.mkdtemp(prefix="leviathan-tb-")
+        self.writer = SummaryWriter(log_dir=str(local if local is not None else self.mirror))
+
+    def log_scalars(self, by_step: dict[int, dict[str, float]], wall_time: float) -> None:
+        for step, values in sorted(by_step.items()):
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, global_step=step, walltime=wall_time)
+        self.flush()
+
+    def log_text(self, name: str, text: str) -> None:
+        self.writer.add_text(name, text)
+        self.flush()
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.mirror is not None:
+            for f in Path(self.mirror).iterdir():
+                storage.write_bytes(storage.join(self.remote, f.name), f.read_bytes())
+
+    def finish(self) -> None:
+        self.writer.close()
+        self.flush()
+
+
+class Tracker:
+    """Rank 0's tracking runs (MLflow, TensorBoard or both) of one run folder."""
+
+    def __init__(self, tracking: Tracking, run_dir: str, phase1_steps: int, phase2_steps: int):
+        self.phase1_steps, self.phase2_steps = phase1_steps, phase2_steps
+        self.runs: list[MlflowRun | TensorBoardRun] = []
+        if tracking.mlflow_uri is not None:
+            mlflow_run = MlflowRun(tracking, run_dir)
+            mlflow_run.log_params(tracking.params)
+            self.runs.append(mlflow_run)
+        if tracking.tensorboard:
+            self.runs.append(TensorBoardRun(run_dir))
+
+    def log(self, records: list[dict[str, Any]], progress: RunProgress) -> None:
+        """One report's records; nothing when they are replayed (tracked before the restart)."""
+        fresh = [r for r in records if not r.get("replayed")]
+        if not fresh:
+            return
+        by_step = scalars(fresh, self.phase1_steps)
+        steps = [global_step(r["phase"], r["step"], self.phase1_steps) for r in fresh if r["phase"] != "final"]
+        if steps:
+            by_step[max(steps)].update(progress_scalars(progress, self.phase1_steps, self.phase2_steps))
+        now = time.time()
+        for run in self.runs:
+            run.log_scalars(by_step, now)
+
+    def log_text(self, name: str, text: str) -> None:
+        for run in self.runs:
+            run.log_text(name, text)
+
+    def finish(self) -> None:
+        for run in self.runs:
+            run.finish()
+
+
+def end_run(tracking: Tracking, run_dir: str, status: str, files: dict[str, str]) -> None:
+    """The driver's part once training ended: `files` (artifact name -> text, e.g.
+    report.md) into the run folder's MLflow run, which then ends as `status`
+    (FINISHED, or FAILED when the workers failed past max_failures)."""
+    if tracking.mlflow_uri is None:
+        return
+    run = MlflowRun(tracking, run_dir)
+    for name, text in files.items():
+        run.log_text(name, text)
+    run.finish(status)
+
+
+def check_tracking(tracking: Tracking) -> None:
+    """Reach the MLflow store and its experiment before any worker starts, so a bad
+    URI is a one-line error instead of a failing worker group. Raises ValueError."""
+    try:
+        if tracking.tensorboard:
+            import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+        if tracking.mlflow_uri is None:
+            return
+        ensure_experiment(mlflow_client(tracking.mlflow_uri), tracking)
+    except ImportError as e:
+        raise ValueError(f"tracking: {e.name or 'tensorboard'} is not installed (pip install 'leviathan[tracking]')") from None
+    except Exception as e:  # MLflow's store errors have no common base; the message is what matters
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"tracking.mlflow_uri: cannot use {tracking.mlflow_uri}: {first}") from None
