@@ -1,19 +1,29 @@
-"""Correlation vs attention: forward+backward throughput and peak memory, side by side.
+"""Correlation vs attention: forward+backward time and peak memory, side by side.
 
-    python benchmarks/mixer.py [--device cpu|cuda] [--rounds 5] [--out result.json]
+    python benchmarks/mixer.py [--device cpu|cuda] [--threads 1] [--rounds 3] [--out result.json]
 
-Three sections, every variant interleaved round by round in one process (so
-machine load hits all of them alike), medians and ratios against attention:
+Every variant of a section runs interleaved round by round in one process (so
+machine load hits all of them alike); medians and ratios against attention.
+Variants are named `w{window}_{path}`: each correlation window pinned to each
+CPU path (`MultiHeadedCorrelation.force_path`), "shifted_diagonal" (the
+materialised scores) and "lag_stacked" (SDPA on lag-stacked queries and keys);
+`auto_paths` says which one the mixer picks by itself at that length.
 
-- mixer: one `MultiHeadedCorrelation` at the `small` preset's width, w in
-  --windows, against mixer="attention" at the same shape;
-- formulations: three exact ways to compute the same correlation at w=4 (the
-  library's lag-stacked SDPA with zero-padded values, lag-stacked SDPA with
-  narrow values, explicit shifted-diagonal scores), at two sequence lengths
-  with the same number of tokens; the largest difference between their
-  outputs is reported too;
-- model: `tiny` and `small` components, correlation w in --windows vs the
-  attention twin.
+- mixer: one `MultiHeadedCorrelation` at the `small` preset's width, at every
+  T in --seqs with the same tokens per step (--mixer-tokens); the largest
+  difference between the two paths' outputs is reported too;
+- model: the `small` preset at every T in --seqs (--model-tokens per step),
+  and the issue's 4-block / 4-head / width-128 model at T = 64, batch 12;
+- goal: at w = 4 on the path chosen automatically, the model-level CPU-time
+  ratios against attention of the small preset at T = 256 and of the
+  4x128 model at T = 64 (target <= 1.15);
+- formulations: exact ways to compute the same correlation at w = 4,
+  including lag-stacked SDPA with narrow values (which drops to the math kernel);
+- kernel (--device cuda only): the Triton shifted-diagonal kernel and the
+  lag-stacked SDPA against flash attention, bf16, T in --kernel-seqs.
+
+On a shared CPU, pass --threads 1: idle OpenMP threads spin while they wait
+for a core and bill that as CPU time.
 
 Peak memory is the extra memory one forward+backward step needs, parameter
 gradients included (each step frees its gradients at the end). On CUDA:
@@ -48,9 +58,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from leviathan.config import ComponentConfig  # noqa: E402
-from leviathan.correlation import MultiHeadedCorrelation, lag_stack  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from leviathan.config import PRESETS, ComponentConfig  # noqa: E402
+from leviathan.correlation import MultiHeadedCorrelation, lag_stack, mixer_path, sdpa, triton_kernels  # noqa: E402
+from leviathan.flops import flops  # noqa: E402
 from leviathan.model import LeviathanComponent  # noqa: E402
+
+CPU_PATHS = ("shifted_diagonal", "lag_stacked")
 
 
 def log(msg: str) -> None:
@@ -152,24 +167,53 @@ def random_lags(module: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g).to(p.device))
 
 
+def correlation_variants(windows: list[int]) -> list[tuple[str, int, str]]:
+    """(name, window, path) of every correlation variant: each window on each CPU path."""
+    return [(f"w{w}_{path}", w, path) for w in windows for path in CPU_PATHS]
+
+
+def pin_path(module: torch.nn.Module, path: str | None) -> None:
+    for m in module.modules():
+        if isinstance(m, MultiHeadedCorrelation):
+            m.force_path = path
+
+
 def bench_mixer(args: argparse.Namespace, device: torch.device) -> dict:
-    B, T, C, H = args.batch, args.seq, args.embd, args.heads
-    x = torch.randn(B, T, C, device=device)
-    variants = {"attention": MultiHeadedCorrelation(C, H, 1, mixer="attention")}
-    variants.update({f"correlation_w{w}": MultiHeadedCorrelation(C, H, w) for w in args.windows})
-    steps = {}
-    for name, m in variants.items():
-        m.to(device)
-        random_lags(m)
+    C, H = args.embd, args.heads
+    out = {}
+    for T in args.seqs:
+        B = max(1, args.mixer_tokens // T)
+        x = torch.randn(B, T, C, device=device)
+        variants = {"attention": MultiHeadedCorrelation(C, H, 1, mixer="attention")}
+        for name, w, path in correlation_variants(args.windows):
+            torch.manual_seed(w)  # both paths of a window share their weights
+            variants[name] = MultiHeadedCorrelation(C, H, w)
+            pin_path(variants[name], path)
+        steps = {}
+        for name, m in variants.items():
+            m.to(device)
+            random_lags(m)
 
-        def step(m: MultiHeadedCorrelation = m) -> None:
-            m(x).sum().backward()
-            m.zero_grad(set_to_none=True)
+            def step(m: MultiHeadedCorrelation = m) -> None:
+                m(x).sum().backward()
+                m.zero_grad(set_to_none=True)
 
-        steps[name] = step
-    log(f"mixer: B={B} T={T} C={C} H={H}")
-    res = measure(steps, args.rounds, args.reps, device, args.memory_only)
-    return {"shape": {"batch": B, "seq": T, "embd": C, "heads": H}, "tokens": B * T, "results": res}
+            steps[name] = step
+        with torch.no_grad():
+            diffs = {
+                f"w{w}": float((variants[f"w{w}_shifted_diagonal"](x) - variants[f"w{w}_lag_stacked"](x)).abs().max())
+                for w in args.windows
+            }
+        log(f"mixer: B={B} T={T} C={C} H={H}")
+        res = measure(steps, args.rounds, args.reps, device, args.memory_only)
+        out[f"seq{T}"] = {
+            "shape": {"batch": B, "seq": T, "embd": C, "heads": H},
+            "auto_paths": {f"w{w}": mixer_path(device.type, T, w) for w in args.windows},
+            "max_abs_diff_between_paths": diffs,
+            "tokens": B * T,
+            "results": res,
+        }
+    return out
 
 
 def diagonal_scores(q, k, v, a, scale):
@@ -231,17 +275,31 @@ def bench_formulations(args: argparse.Namespace, device: torch.device) -> dict:
     return out
 
 
+GOAL_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128}
+"""The issue's nanoGPT-style CPU configuration (context 64, batch 12)."""
+
+
+def model_shapes(args: argparse.Namespace) -> dict[str, tuple[dict, int, int]]:
+    """name -> (model sizes, batch, seq) of the model section."""
+    shapes = {f"small_seq{T}": (PRESETS["small"], max(1, args.model_tokens // T), T) for T in args.seqs}
+    shapes["4x128_seq64"] = (GOAL_MODEL, 12, 64)
+    return shapes
+
+
 def bench_model(args: argparse.Namespace, device: torch.device) -> dict:
     out = {}
-    for preset, (B, T) in {"tiny": (args.tiny_batch, args.tiny_seq), "small": (args.small_batch, args.small_seq)}.items():
+    for label, (sizes, B, T) in model_shapes(args).items():
         torch.manual_seed(0)
         idx = torch.randint(0, 260, (B, T + 1), device=device)
         x, y = idx[:, :-1], idx[:, 1:]
-        models = {"attention": ComponentConfig.preset(preset, block_size=T, mixer="attention")}
-        models.update({f"correlation_w{w}": ComponentConfig.preset(preset, block_size=T, window=w) for w in args.windows})
+        configs = {"attention": (ComponentConfig(**sizes, block_size=T, mixer="attention"), None)}
+        for name, w, path in correlation_variants(args.windows):
+            configs[name] = (ComponentConfig(**sizes, block_size=T, window=w), path)
         steps, params = {}, {}
-        for name, cfg in models.items():
+        for name, (cfg, path) in configs.items():
+            torch.manual_seed(0)
             m = LeviathanComponent(cfg).to(device)
+            pin_path(m, path)
             random_lags(m)
             params[name] = m.num_params()
 
@@ -250,12 +308,78 @@ def bench_model(args: argparse.Namespace, device: torch.device) -> dict:
                 m.zero_grad(set_to_none=True)
 
             steps[name] = step
-        log(f"model {preset}: B={B} T={T}")
-        rounds = max(1, args.rounds - 2) if preset == "small" else args.rounds
-        res = measure(steps, rounds, 1, device, args.memory_only)
-        out[preset] = {
-            "shape": {"batch": B, "seq": T, **{k: v for k, v in ComponentConfig.preset(preset).to_dict().items() if k in ("n_layer", "n_head", "n_embd")}},
+        log(f"model {label}: B={B} T={T} {sizes}")
+        res = measure(steps, args.rounds, 1, device, args.memory_only)
+        out[label] = {
+            "shape": {"batch": B, "seq": T, **sizes},
+            "auto_paths": {f"w{w}": mixer_path(device.type, T, w) for w in args.windows},
+            "flops_per_token": {
+                name: flops(cfg, T, device=device.type, path=path) // T
+                for name, (cfg, path) in configs.items()
+            },
             "params": params,
+            "tokens": B * T,
+            "results": res,
+        }
+    return out
+
+
+def goal(report: dict, window: int = 4, target: float = 1.15) -> dict:
+    """Issue 11's goal figures: model-level CPU-time ratio at w = 4 on the automatic path."""
+    out = {"target_cpu_time_ratio": target, "window": window}
+    for label in ("small_seq256", "4x128_seq64"):
+        block = report.get("model", {}).get(label)
+        if block is None or f"w{window}" not in block["auto_paths"]:
+            continue
+        name = f"w{window}_{block['auto_paths'][f'w{window}']}"
+        ratio = block["results"][name]["cpu_time_ratio_vs_attention"]
+        out[label] = {"variant": name, "cpu_time_ratio": ratio, "met": ratio is not None and ratio <= target}
+    return out
+
+
+def bench_kernel(args: argparse.Namespace, device: torch.device) -> dict:
+    """CUDA: the Triton kernel and lag-stacked SDPA against flash attention, bf16, forward+backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = triton_kernels()
+    B, H, d, w = args.kernel_batch, args.kernel_heads, args.kernel_head_dim, 4
+    out = {}
+    for T in args.kernel_seqs:
+        g = torch.Generator(device=device).manual_seed(T)
+        q, k, v = (torch.randn(B, H, T, d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3))
+        a = torch.randn(H, w, device=device, generator=g).to(torch.bfloat16).requires_grad_()
+        scale = 1.0 / math.sqrt(d)
+
+        def flash() -> Tensor:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+        def lag_stacked() -> Tensor:
+            qs = (lag_stack(q, w).view(B, H, T, w, d) * a.view(1, H, 1, w, 1)).view(B, H, T, w * d)
+            return sdpa(qs, lag_stack(k, w), v, is_causal=True, scale=scale)
+
+        fns: dict[str, Callable[[], Tensor]] = {"attention": flash, "lag_stacked": lag_stacked}
+        if kernels is not None:
+            fns["triton"] = lambda: kernels.shifted_diagonal_attention(q, k, v, a, scale)
+        diffs = {}
+        if "triton" in fns:
+            with torch.no_grad():
+                diffs["triton_vs_lag_stacked"] = float((fns["triton"]() - lag_stacked()).float().abs().max())
+        steps = {}
+        for name, fn in fns.items():
+
+            def step(fn: Callable[[], Tensor] = fn) -> None:
+                fn().sum().backward()
+                for t in (q, k, v, a):
+                    t.grad = None
+
+            steps[name] = step
+        log(f"kernel: B={B} H={H} T={T} d={d} w={w} bf16")
+        res = measure(steps, args.rounds, args.reps, device, args.memory_only)
+        out[f"seq{T}"] = {
+            "shape": {"batch": B, "heads": H, "seq": T, "head_dim": d, "window": w, "dtype": "bfloat16"},
+            "triton": "ran" if kernels is not None else "leviathan.kernels or Triton not available",
+            "max_abs_diff": diffs,
             "tokens": B * T,
             "results": res,
         }
@@ -285,41 +409,45 @@ def ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v]
 
 
+SECTIONS = ("mixer", "model", "formulations", "kernel")
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    p.add_argument("--reps", type=int, default=3, help="steps per variant per round, mixer and formulations (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--reps", type=int, default=1, help="steps per variant per round, mixer, formulations and kernel (default 1)")
     p.add_argument("--windows", type=ints, default=[1, 2, 4, 8], help="correlation windows (default 1,2,4,8)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--seqs", type=ints, default=[64, 256, 1024], help="sequence lengths of the mixer and model sections")
+    p.add_argument("--mixer-tokens", type=int, default=2048, help="tokens per mixer step (batch = tokens / T)")
+    p.add_argument("--model-tokens", type=int, default=1024, help="tokens per small-preset step (batch = tokens / T)")
     p.add_argument("--embd", type=int, default=384)
     p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--batch", type=int, default=8, help="formulations: batch at T = --seq")
+    p.add_argument("--seq", type=int, default=256, help="formulations: tokens per step = batch * seq")
     p.add_argument("--formulation-seqs", type=ints, default=[256, 1024], help="sequence lengths for the formulation comparison (same tokens each)")
     p.add_argument("--formulation-reps", type=int, default=1, help="steps per variant per round in the formulation comparison (default 1)")
-    p.add_argument("--tiny-batch", type=int, default=16)
-    p.add_argument("--tiny-seq", type=int, default=128)
-    p.add_argument("--small-batch", type=int, default=4)
-    p.add_argument("--small-seq", type=int, default=256)
-    p.add_argument("--sections", default="mixer,formulations,model", help="comma-separated subset of mixer,formulations,model")
+    p.add_argument("--kernel-seqs", type=ints, default=[1024, 2048, 4096], help="kernel section (cuda): sequence lengths")
+    p.add_argument("--kernel-batch", type=int, default=4)
+    p.add_argument("--kernel-heads", type=int, default=16)
+    p.add_argument("--kernel-head-dim", type=int, default=64)
+    p.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but kernel on cpu, mixer,kernel on cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rounds < 1 or args.reps < 1 or args.formulation_reps < 1 or not args.windows or min(args.windows) < 1:
         p.error("--rounds, --reps and every window must be >= 1")
+    if not args.seqs or min(args.seqs) < 1 or min(args.kernel_seqs, default=1) < 1:
+        p.error("--seqs and --kernel-seqs must be >= 1")
+    if args.sections is None:
+        args.sections = "mixer,kernel" if args.device.startswith("cuda") else "mixer,model,formulations"
     return args
 
 
 def run_sections(args: argparse.Namespace, device: torch.device, sections: list[str]) -> dict:
-    out = {}
-    if "mixer" in sections:
-        out["mixer"] = bench_mixer(args, device)
-    if "formulations" in sections:
-        out["formulations"] = bench_formulations(args, device)
-    if "model" in sections:
-        out["model"] = bench_model(args, device)
-    return out
+    benches = {"mixer": bench_mixer, "model": bench_model, "formulations": bench_formulations, "kernel": bench_kernel}
+    return {name: benches[name](args, device) for name in SECTIONS if name in sections}
 
 
 def cpu_memory(argv: list[str]) -> dict:
@@ -335,13 +463,7 @@ def cpu_memory(argv: list[str]) -> dict:
 
 def section_results(report: dict) -> list[dict]:
     """Every {"results": ...} block of a report, in a fixed order."""
-    blocks = []
-    for name in ("mixer", "formulations", "model"):
-        part = report.get(name)
-        if part is None:
-            continue
-        blocks.extend([part] if "results" in part else [part[k] for k in part])
-    return blocks
+    return [part[k] for name in SECTIONS if (part := report.get(name)) is not None for k in part]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,9 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"--device: {args.device!r} is not cpu or cuda")
         sections = [s for s in args.sections.split(",") if s]
-        unknown = set(sections) - {"mixer", "formulations", "model"}
+        unknown = set(sections) - set(SECTIONS)
         if unknown:
             raise ValueError(f"--sections: unknown {sorted(unknown)}")
+        if "kernel" in sections and device.type != "cuda":
+            raise ValueError("--sections kernel: needs --device cuda")
         if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
             raise ValueError("CPU memory needs Linux /proc (VmHWM, clear_refs)")
     except (ValueError, RuntimeError) as e:
@@ -390,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["peak_bytes"] = mem_block["results"][name]["peak_bytes"]
     for block in section_results(report):
         block["results"] = with_ratios(block["results"], block.pop("tokens"))
+    if "model" in report and device.type == "cpu":
+        report["goal"] = goal(report)
     report["wall_s"] = round(time.time() - t0, 1)
     text = json.dumps(report, indent=2)
     print(text)

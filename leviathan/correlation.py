@@ -15,23 +15,118 @@ The sum over lags factorises (the diagonal case of a key-query convolution):
     Q~[i] = concat_u a[h,u] * q[i-u]        K~[j] = concat_u k[j-u]       (width d*w)
     score[i, j] = dot(Q~[i], K~[j]) / sqrt(d)
 
-so the whole mixer is one `scaled_dot_product_attention` call on lag-stacked
-queries and keys (scale 1/sqrt(d), not 1/sqrt(d*w)) and never builds the L x L
-score matrix. With w = 1 and a = 1 it is exactly causal attention, and
-`mixer="attention"` is that baseline twin: the same projections, no lag weights.
+so the mixer can be one `scaled_dot_product_attention` call on lag-stacked
+queries and keys (scale 1/sqrt(d), not 1/sqrt(d*w)), which never builds the
+L x L score matrix but does d*w multiply-adds per query-key pair. The exact
+score needs only d + w: S = q k^T / sqrt(d) once, then its w diagonal shifts
+
+    score[i, j] = sum_u a[h,u] * S[i-u, j-u]                          (S = 0 before position 0)
+
+With w = 1 and a = 1 it is exactly causal attention, and `mixer="attention"`
+is that baseline twin: the same projections, no lag weights.
+
+Which computation runs is chosen by shape and device (`mixer_path`):
+
+    "sdpa"              w = 1: one SDPA call at width d
+    "shifted_diagonal"  CPU, T <= 512 (w < 4) or 1024: S materialised, shifts added in place
+    "lag_stacked"       CPU above that length, or CUDA without Triton: SDPA on width d*w
+    "triton"            CUDA with Triton: the tiled shifted-diagonal kernel of `leviathan.kernels`
+
+Incremental decoding (a `CorrelationCache`) always keeps lag-stacked keys.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import warnings
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import MIXERS, _check_choice, _check_int
+
+log = logging.getLogger(__name__)
+
+SHIFTED_DIAGONAL_MAX_LEN = 1024
+"""Longest sequence for which the CPU materialises the (T, T) scores at w >= 4
+(SHORT_WINDOW_MAX_LEN at w = 2, 3).
+
+Measured with `benchmarks/mixer.py --threads 1 --sections mixer --seqs
+512,1024,2048 --windows 2,4,8` (C = 384, 6 heads of 64, 2048 tokens, forward +
+backward CPU time against attention). Shifted-diagonal / lag-stacked:
+T = 512: 1.40 / 1.47 (w = 2), 1.45 / 2.61 (w = 4), 1.64 / 5.25 (w = 8);
+T = 1024: 2.00 / 1.55, 2.26 / 2.71, 3.58 / 5.22;
+T = 2048: 3.09 / 1.58, 3.93 / 3.01, 5.02 / 5.63, with twice the lag-stacked
+path's memory at w = 8 (495 against 241 MiB), which is why it stops at 1024.
+The lag-stacked cost grows with w and the shifted-diagonal cost with T^2.
+"""
+
+SHORT_WINDOW_MAX_LEN = 512
+"""The same limit at w = 2 and 3, where the lag-stacked path is cheaper (above)."""
+
+
+def shifted_diagonal_max_len(window: int) -> int:
+    """Longest sequence the CPU runs on the shifted-diagonal path at this window."""
+    return SHIFTED_DIAGONAL_MAX_LEN if window >= 4 else SHORT_WINDOW_MAX_LEN
+
+
+PATHS = ("sdpa", "shifted_diagonal", "lag_stacked", "triton")
+"""How the mixer computes its scores (see the module docstring)."""
+
+FORCEABLE_PATHS = PATHS[1:]
+"""Paths `MultiHeadedCorrelation.force_path` may pin a correlation mixer to."""
+
+CUDA_SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+"""SDPA backends tried on CUDA, in order. Flash needs equal query and value
+widths (w = 1); the memory-efficient kernel takes queries d*w wide and values
+d wide; math always runs. cuDNN is left out: it has failed on unequal widths,
+and PyTorch does not fall back when a chosen backend fails."""
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """`leviathan.kernels` when it imports and Triton can run, else None."""
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels if kernels.triton_available() else None
+
+
+def mixer_path(
+    device_type: str, seq_len: int, window: int, triton: bool | None = None, dropout: bool = False
+) -> str:
+    """The path a full (uncached) forward takes for this shape; one of PATHS.
+
+    triton: whether the Triton kernel can run (looked up when None; only asked on CUDA).
+    dropout: attention dropout is on; the Triton kernel has none, so CUDA then stacks.
+    """
+    if window == 1:
+        return "sdpa"
+    if device_type == "cuda":
+        if dropout:
+            return "lag_stacked"
+        if triton is None:
+            triton = triton_kernels() is not None
+        return "triton" if triton else "lag_stacked"
+    return "shifted_diagonal" if seq_len <= shifted_diagonal_max_len(window) else "lag_stacked"
+
+
+_logged: set[tuple] = set()
+
+
+def log_once(*key: object) -> None:
+    """Log the path a shape runs on, once per distinct key (not once per call)."""
+    if key not in _logged:
+        _logged.add(key)
+        log.info("correlation: %s", " ".join(map(str, key)))
 
 
 def shift_right(x: Tensor, u: int) -> Tensor:
@@ -58,6 +153,112 @@ def lag_stack(x: Tensor, window: int, history: Tensor | None = None) -> Tensor:
     return torch.cat([full[..., w1 - u : w1 - u + T, :] for u in range(window)], dim=-1)
 
 
+class ShiftedDiagonalCorrelation(torch.autograd.Function):
+    """Exact causal correlation from the materialised score matrix (the CPU path).
+
+    q, k, v: (B, H, T, d); a: (H, w) lag weights; returns (B, H, T, d).
+    Forward (every matrix (B, H, T, T)):
+        S  = q k^T * scale                                  one matmul, d per pair
+        S' = a_0 S + mask;  S'[:, :, u:, u:] += a_u S[:, :, :-u, :-u]   w in-place adds
+        P  = softmax(S'),   out = dropout(P) v
+    Backward, from dO (flash's identities, nothing recomputed):
+        dV  = dropout(P)^T dO,  dP = dropout'(dO v^T)
+        dS' = P * (dP - rowsum(dP * P))                     (zero above the diagonal)
+        dS  = a_0 dS' + sum_u a_u dS'[:, :, u:, u:] (placed at [:, :, :-u, :-u])
+        da_u = sum_{b,i,j} dS'[i, j] S[i-u, j-u]
+        dq  = dS k * scale,  dk = dS^T q * scale
+    It keeps S and P (two (B, H, T, T) tensors) for the backward, which is why
+    it runs only up to `shifted_diagonal_max_len`.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, a: Tensor, scale: float, dropout_p: float) -> Tensor:
+        T, w = q.size(-2), a.size(1)
+        s = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, T, T)
+        lag = [a[:, u].view(1, -1, 1, 1) for u in range(w)]  # (1, H, 1, 1) each
+        mask = torch.full((T, T), float("-inf"), dtype=s.dtype, device=s.device).triu_(1)
+        scores = torch.addcmul(mask, s, lag[0])  # a_0 S, -inf above the diagonal
+        for u in range(1, min(w, T)):
+            scores[..., u:, u:].addcmul_(s[..., :-u, :-u], lag[u])
+        p = torch.softmax(scores, dim=-1)
+        del scores
+        keep = None
+        if dropout_p > 0:
+            keep = torch.empty_like(p, dtype=torch.bool).bernoulli_(1 - dropout_p)
+            out = torch.matmul(p * keep / (1 - dropout_p), v)
+        else:
+            out = torch.matmul(p, v)
+        ctx.save_for_backward(q, k, v, a, s, p, keep)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, a, s, p, keep = ctx.saved_tensors
+        scale, dropout_p = ctx.scale, ctx.dropout_p
+        T, w = q.size(-2), a.size(1)
+        if keep is None:
+            dv = torch.matmul(p.transpose(-2, -1), dout)
+            dp = torch.matmul(dout, v.transpose(-2, -1))
+        else:
+            dv = torch.matmul((p * keep / (1 - dropout_p)).transpose(-2, -1), dout)
+            dp = torch.matmul(dout, v.transpose(-2, -1)) * keep / (1 - dropout_p)
+        dscores = torch._softmax_backward_data(dp, p, -1, p.dtype)  # dS'
+        del dp
+        da = torch.zeros_like(a)
+        ds = dscores * a[:, 0].view(1, -1, 1, 1)
+        da[:, 0] = (dscores * s).sum((0, 2, 3))
+        for u in range(1, min(w, T)):
+            shifted = dscores[..., u:, u:]
+            ds[..., :-u, :-u].addcmul_(shifted, a[:, u].view(1, -1, 1, 1))
+            da[:, u] = (shifted * s[..., :-u, :-u]).sum((0, 2, 3))
+        dq = torch.matmul(ds, k) * scale
+        dk = torch.matmul(ds.transpose(-2, -1), q) * scale
+        return dq, dk, dv, da, None, None
+
+
+def shifted_diagonal(q: Tensor, k: Tensor, v: Tensor, a: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
+    """Causal correlation through the materialised scores: (B, H, T, d) x3, a (H, w) -> (B, H, T, d)."""
+    return ShiftedDiagonalCorrelation.apply(q, k, v, a.to(q.dtype), scale, dropout_p)
+
+
+_cuda_backend: dict[tuple, SDPBackend] = {}
+
+
+def sdpa_on_backends(q: Tensor, k: Tensor, v: Tensor, backends: tuple[SDPBackend, ...], **kwargs) -> Tensor:
+    """SDPA on the first of `backends` that accepts these inputs, chosen explicitly.
+
+    Each backend is tried alone, in order; the first that runs is remembered
+    for this list and kind of input (device, dtype, widths, mask, dropout) and logged,
+    so later calls go straight to it.
+    """
+    key = (backends, q.device, q.dtype, q.size(-1), v.size(-1), kwargs.get("attn_mask") is not None, bool(kwargs.get("dropout_p")))
+    known = _cuda_backend.get(key)
+    if known is not None:
+        with sdpa_kernel(known):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    failures = []
+    for backend in backends:
+        # PyTorch gives the reason a backend cannot run as warnings, then raises.
+        with warnings.catch_warnings(record=True) as reasons:
+            warnings.simplefilter("always")
+            try:
+                with sdpa_kernel(backend):
+                    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+            except RuntimeError as e:
+                why = [str(r.message).split(" (Triggered")[0] for r in reasons] or [str(e).splitlines()[0]]
+                failures.append(f"{backend.name}: {' '.join(why)}")
+                continue
+        _cuda_backend[key] = backend
+        log.info(
+            "correlation: SDPA backend %s for %s q width %d, v width %d%s",
+            backend.name, q.dtype, q.size(-1), v.size(-1),
+            "" if not failures else " (after " + "; ".join(failures) + ")",
+        )
+        return out
+    raise RuntimeError("no SDPA backend ran: " + "; ".join(failures))
+
+
 def sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     """`scaled_dot_product_attention` for query/key width d*w and value width d.
 
@@ -65,11 +266,13 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     (flash) kernel needs equal widths and otherwise PyTorch falls back to the
     math kernel, which builds the L x L score matrix; zero-padding v to d*w and
     dropping the padded output columns is exact and keeps the fused kernel
-    (measured in benchmarks/mixer.py). CUDA's memory-efficient kernel takes a
-    narrower v as it is.
+    (measured in benchmarks/mixer.py). On CUDA values stay d wide and the
+    backend is picked from CUDA_SDPA_BACKENDS.
     """
     dv = v.size(-1)
-    if q.device.type == "cpu" and q.size(-1) != dv:
+    if q.device.type == "cuda":
+        return sdpa_on_backends(q, k, v, CUDA_SDPA_BACKENDS, **kwargs)
+    if q.size(-1) != dv:
         v = F.pad(v, (0, q.size(-1) - dv))
         return F.scaled_dot_product_attention(q, k, v, **kwargs)[..., :dv]
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
@@ -138,6 +341,10 @@ class MultiHeadedCorrelation(nn.Module):
             self.lag_weight = nn.Parameter(lag)  # (H, w)
         else:
             self.register_parameter("lag_weight", None)
+        # None: the path follows `mixer_path` (shape and device); a name from
+        # PATHS forces it (benchmarks compare the paths this way).
+        self.force_path: str | None = None
+        self.last_path: str | None = None  # the path of the latest full forward, shown in the repr
 
     def _stacked_queries(self, q: Tensor, history: Tensor | None) -> Tensor:
         """Q~ = concat_u a[h,u] * q[t-u]: (B, H, T, d) -> (B, H, T, d*w)."""
@@ -145,7 +352,8 @@ class MultiHeadedCorrelation(nn.Module):
             return q
         B, H, T, d = q.shape
         stacked = lag_stack(q, self.window, history).view(B, H, T, self.window, d)
-        stacked = stacked * self.lag_weight.view(1, H, 1, self.window, 1)
+        # In q's dtype: under autocast q is bf16 while the weights stay fp32.
+        stacked = stacked * self.lag_weight.to(q.dtype).view(1, H, 1, self.window, 1)
         return stacked.view(B, H, T, self.window * d)
 
     def forward(self, x: Tensor, cache: CorrelationCache | None = None) -> Tensor:
@@ -159,9 +367,7 @@ class MultiHeadedCorrelation(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
 
         if cache is None:
-            qs = self._stacked_queries(q, None)  # (B, H, T, d*w)
-            ks = lag_stack(k, w)  # (B, H, T, d*w)
-            y = sdpa(qs, ks, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+            y = self._full(q, k, v, scale, dropout_p)
         else:
             P = cache.length
             q_hist = k_hist = None
@@ -193,5 +399,34 @@ class MultiHeadedCorrelation(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def path_for(self, device_type: str, seq_len: int) -> str:
+        """The path a full forward over seq_len positions takes on this device."""
+        if self.force_path is not None and self.lag_weight is not None:
+            _check_choice("force_path", self.force_path, FORCEABLE_PATHS)
+            return self.force_path
+        return mixer_path(device_type, seq_len, self.window, dropout=self.dropout > 0 and self.training)
+
+    def _full(self, q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float) -> Tensor:
+        """Causal mixing of a whole sequence: (B, H, T, d) x3 -> (B, H, T, d), on the chosen path."""
+        B, H, T, d = q.shape
+        path = self.path_for(q.device.type, T)
+        self.last_path = f"{path} (T={T}, {q.device.type})"
+        log_once(path, q.device.type, f"T={T}", f"H={H}", f"d={d}", f"w={self.window}", q.dtype)
+        if path == "shifted_diagonal":
+            return shifted_diagonal(q, k, v, self.lag_weight, scale, dropout_p)
+        if path == "triton":
+            kernels = triton_kernels()
+            if kernels is None:
+                raise RuntimeError("force_path='triton': leviathan.kernels or Triton is not available")
+            return kernels.shifted_diagonal_attention(q, k, v, self.lag_weight.to(q.dtype), scale)
+        qs = self._stacked_queries(q, None)  # (B, H, T, d*w)
+        ks = lag_stack(k, self.window)  # (B, H, T, d*w)
+        return sdpa(qs, ks, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+
     def extra_repr(self) -> str:
-        return f"mixer={self.mixer!r}, n_head={self.n_head}, head_dim={self.head_dim}, window={self.window}"
+        rule = f"cpu: shifted_diagonal up to T={shifted_diagonal_max_len(self.window)}, lag_stacked above; cuda: triton or lag_stacked"
+        path = "sdpa" if self.window == 1 else self.force_path or f"auto ({rule})"
+        return (
+            f"mixer={self.mixer!r}, n_head={self.n_head}, head_dim={self.head_dim}, window={self.window}, "
+            f"path={path}, last_path={self.last_path}"
+        )

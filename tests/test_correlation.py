@@ -10,15 +10,20 @@ from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
+import leviathan.correlation as correlation
 from leviathan.correlation import CorrelationCache, MultiHeadedCorrelation
 
 C, H = 16, 2
 D = C // H
+CPU_PATHS = ["shifted_diagonal", "lag_stacked"]
 
 
-def make(window: int, mixer: str = "correlation", seed: int = 0, random_lags: bool = True) -> MultiHeadedCorrelation:
+def make(
+    window: int, mixer: str = "correlation", seed: int = 0, random_lags: bool = True, path: str | None = None
+) -> MultiHeadedCorrelation:
     torch.manual_seed(seed)
     m = MultiHeadedCorrelation(C, H, window, mixer=mixer).double()
+    m.force_path = path
     if random_lags and m.lag_weight is not None:
         with torch.no_grad():
             m.lag_weight.copy_(torch.randn(H, window, dtype=torch.float64))
@@ -81,9 +86,10 @@ def test_fresh_correlation_equals_attention_twin() -> None:
     assert sum(p.numel() for p in corr.parameters()) - sum(p.numel() for p in att.parameters()) == H * 4
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("window", [2, 3, 5])
-def test_outputs_and_gradients_match_naive_formula(window: int) -> None:
-    m = make(window, seed=window)
+def test_outputs_and_gradients_match_naive_formula(window: int, path: str) -> None:
+    m = make(window, seed=window, path=path)
     x = torch.randn(2, 9, C, dtype=torch.float64, requires_grad=True)
     target = torch.randn(2, 9, C, dtype=torch.float64)
 
@@ -96,11 +102,13 @@ def test_outputs_and_gradients_match_naive_formula(window: int) -> None:
     names = ["x"] + [n for n, _ in m.named_parameters()]
     for name, a, b in zip(names, g_fast, g_slow):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=f"gradient of {name} differs")
+    assert m.last_path.startswith(path)
 
 
-def test_lags_change_the_output() -> None:
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_lags_change_the_output(path: str) -> None:
     """Non-zero lag weights must matter (guards against a mixer that ignores them)."""
-    m = make(3)
+    m = make(3, path=path)
     x = torch.randn(1, 8, C, dtype=torch.float64)
     y = m(x)
     with torch.no_grad():
@@ -108,9 +116,10 @@ def test_lags_change_the_output() -> None:
     assert (m(x) - y).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("window", [1, 3, 5])
-def test_causal_future_inputs_change_nothing_before(window: int) -> None:
-    m = make(window)
+def test_causal_future_inputs_change_nothing_before(window: int, path: str) -> None:
+    m = make(window, path=path)
     T = 12
     x = torch.randn(2, T, C, dtype=torch.float64)
     y = m(x)
@@ -122,10 +131,11 @@ def test_causal_future_inputs_change_nothing_before(window: int) -> None:
         assert (y2[:, p + 1 :] - y[:, p + 1 :]).abs().max() > 1e-6, "later positions must depend on later inputs"
 
 
-def test_sequence_start_is_zero_padded() -> None:
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_sequence_start_is_zero_padded(path: str) -> None:
     """Lags reaching before position 0 contribute nothing (q, k = 0 there), not a wrap-around."""
     w = 3
-    m = make(w)
+    m = make(w, path=path)
     x = torch.randn(1, 6, C, dtype=torch.float64)
     q, k, v = heads(m, x)
     a = m.lag_weight
@@ -167,18 +177,130 @@ def test_constructor_rejects_bad_shapes() -> None:
         MultiHeadedCorrelation(8, 2, 2, mixer="conv")
 
 
-@pytest.mark.parametrize("window", [1, 4])
-def test_training_path_uses_the_fused_kernel(window: int) -> None:
-    """No L x L score matrix on CPU: SDPA must take its fused (flash) kernel, not the math fallback."""
+def profiled_ops(m: MultiHeadedCorrelation, x: torch.Tensor) -> set[str]:
     from torch.profiler import ProfilerActivity, profile
 
-    m = MultiHeadedCorrelation(C, H, window)
-    x = torch.randn(2, 32, C)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         m(x).sum().backward()
-    ops = {e.key for e in prof.key_averages()}
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_no_score_matrix_above_the_measured_length(window: int) -> None:
+    """Above the measured length (and always at w = 1) SDPA takes its fused kernel, no L x L scores."""
+    m = MultiHeadedCorrelation(C, H, window)
+    x = torch.randn(1, correlation.shifted_diagonal_max_len(window) + 1, C)
+    ops = profiled_ops(m, x)
     assert any("flash_attention" in op for op in ops), sorted(ops)
     assert "aten::_softmax" not in ops and "aten::bmm" not in ops, "math kernel (L x L scores) was used"
+    assert m.last_path.startswith("lag_stacked" if window > 1 else "sdpa")
+
+
+def test_scores_materialised_up_to_the_measured_length() -> None:
+    m = MultiHeadedCorrelation(C, H, 4)
+    ops = profiled_ops(m, torch.randn(2, 32, C))
+    assert "ShiftedDiagonalCorrelation" in ops and not any("flash_attention" in op for op in ops), sorted(ops)
+
+
+@pytest.mark.parametrize(
+    "device,seq_len,window,triton,dropout,expected",
+    [
+        ("cpu", 64, 1, None, False, "sdpa"),
+        ("cpu", 64, 4, None, False, "shifted_diagonal"),
+        ("cpu", correlation.SHIFTED_DIAGONAL_MAX_LEN, 4, None, False, "shifted_diagonal"),
+        ("cpu", correlation.SHIFTED_DIAGONAL_MAX_LEN + 1, 8, None, False, "lag_stacked"),
+        ("cpu", correlation.SHORT_WINDOW_MAX_LEN, 3, None, False, "shifted_diagonal"),
+        ("cpu", correlation.SHORT_WINDOW_MAX_LEN + 1, 2, None, False, "lag_stacked"),
+        ("cuda", 4096, 1, True, False, "sdpa"),
+        ("cuda", 4096, 4, True, False, "triton"),
+        ("cuda", 64, 4, False, False, "lag_stacked"),
+        ("cuda", 64, 4, True, True, "lag_stacked"),
+    ],
+)
+def test_path_is_chosen_by_shape_and_device(device, seq_len, window, triton, dropout, expected) -> None:
+    assert correlation.mixer_path(device, seq_len, window, triton=triton, dropout=dropout) == expected
+
+
+def test_path_shows_in_repr_and_is_logged_once_per_shape(caplog: pytest.LogCaptureFixture) -> None:
+    m = MultiHeadedCorrelation(C, H, 3)
+    assert "path=auto" in repr(m) and f"T={correlation.SHORT_WINDOW_MAX_LEN}," in repr(m)
+    with caplog.at_level("INFO", logger="leviathan.correlation"):
+        for T in (13, 13, 13, 14):
+            m(torch.randn(1, T, C))
+    records = [r.getMessage() for r in caplog.records]
+    assert records == [
+        "correlation: shifted_diagonal cpu T=13 H=2 d=8 w=3 torch.float32",
+        "correlation: shifted_diagonal cpu T=14 H=2 d=8 w=3 torch.float32",
+    ], records
+    assert "last_path=shifted_diagonal (T=14, cpu)" in repr(m)
+    m.force_path = "lag_stacked"
+    m(torch.randn(1, 13, C))
+    assert "path=lag_stacked" in repr(m) and "last_path=lag_stacked" in repr(m)
+    m.force_path = "flash"
+    with pytest.raises(ValueError, match="force_path"):
+        m(torch.randn(1, 13, C))
+
+
+def reference_probabilities(q: torch.Tensor, k: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """softmax of sum_u a_u S[i-u, j-u] (S = q k^T / sqrt(d)), by zero-padded shifts: (B, H, T, T)."""
+    T, d = q.shape[-2:]
+    s = q @ k.transpose(-2, -1) / math.sqrt(d)
+    score = sum(a[:, u].view(1, -1, 1, 1) * F.pad(s, (u, 0, u, 0))[..., :T, :T] for u in range(a.size(1)))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return torch.softmax(score.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def test_shifted_diagonal_dropout_matches_reference() -> None:
+    """Attention dropout on the probabilities: same mask, same outputs and gradients as autograd."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, H, 10, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    a = torch.randn(H, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    p_drop = 0.3
+    torch.manual_seed(11)
+    out = correlation.shifted_diagonal(q, k, v, a, 1 / math.sqrt(D), p_drop)
+    torch.manual_seed(11)
+    keep = torch.empty(2, H, 10, 10, dtype=torch.bool).bernoulli_(1 - p_drop)
+    ref = (reference_probabilities(q, k, a) * keep / (1 - p_drop)) @ v
+    torch.testing.assert_close(out, ref)
+    dout = torch.randn_like(out)
+    for name, x, y in zip("qkva", torch.autograd.grad(out, (q, k, v, a), dout), torch.autograd.grad(ref, (q, k, v, a), dout)):
+        torch.testing.assert_close(x, y, msg=f"gradient of {name} differs")
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_autocast_keeps_the_activations_dtype(path: str) -> None:
+    """Under bf16 autocast the lag weights follow q: no fp32 copy of the stacked queries or scores."""
+    m = MultiHeadedCorrelation(C, H, 3)
+    m.force_path = path
+    x = torch.randn(2, 9, C)
+    q = torch.randn(2, H, 9, D).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m._stacked_queries(q, None).dtype == torch.bfloat16
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert m.lag_weight.grad.dtype == torch.float32 and m.lag_weight.grad.abs().sum() > 0
+    torch.testing.assert_close(y.float(), m(x), atol=0.05, rtol=0.05)
+
+
+def test_sdpa_backend_fallback_is_explicit_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """The CUDA backend chooser, run on CPU: the memory-efficient kernel is not there, so MATH runs."""
+    from torch.nn.attention import SDPBackend
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, H, 7, 3 * D, generator=g) for _ in range(2))
+    v = torch.randn(2, H, 7, D, generator=g)
+    backends = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+    ref = correlation.sdpa(q, k, v, is_causal=True, scale=0.3)  # CPU: zero-padded values, fused kernel
+    with caplog.at_level("INFO", logger="leviathan.correlation"):
+        out = correlation.sdpa_on_backends(q, k, v, backends, is_causal=True, scale=0.3)
+        again = correlation.sdpa_on_backends(q, k, v, backends, is_causal=True, scale=0.3)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(again, ref)
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 1 and "SDPA backend MATH" in logged[0] and "EFFICIENT_ATTENTION" in logged[0], logged
+    with pytest.raises(RuntimeError, match="no SDPA backend ran"):
+        correlation.sdpa_on_backends(q, k, v, (SDPBackend.FLASH_ATTENTION,), is_causal=True)
 
 
 @settings(max_examples=12, deadline=None)
@@ -189,11 +311,13 @@ def test_training_path_uses_the_fused_kernel(window: int) -> None:
     window=st.integers(1, 6),
     seed=st.integers(0, 1000),
 )
-def test_random_shapes_match_naive_formula(T: int, heads: int, head_dim: int, window: int, seed: int) -> None:
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_random_shapes_match_naive_formula(T: int, heads: int, head_dim: int, window: int, seed: int, path: str) -> None:
     """Windows longer than the sequence, single positions, one head: still the formula."""
     torch.manual_seed(seed)
     n_embd = heads * head_dim
     m = MultiHeadedCorrelation(n_embd, heads, window).double()
+    m.force_path = path
     with torch.no_grad():
         m.lag_weight.normal_()
     x = torch.randn(2, T, n_embd, dtype=torch.float64)
