@@ -27,9 +27,8 @@ elementwise work (norms, activations, softmax, loss) and the lag weights.
 
 from __future__ import annotations
 
-from .config import ComponentConfig
+from .config import MLP_WIDTH, ComponentConfig
 from .correlation import PATHS, mixer_path
-from .model import FLAVOUR_MLP
 
 
 def score_multiply_adds(path: str, head_dim: int, window: int) -> int:
@@ -63,7 +62,7 @@ def flops(
     window = config.window if config.mixer == "correlation" else 1
     if path is None:
         path = mixer_path(device, T, window, dropout=config.dropout > 0)
-    mlp_mult = FLAVOUR_MLP[config.flavour][0]
+    mlp_mult = MLP_WIDTH[config.flavour]
     weights = L * (4 * C * C + 2 * mlp_mult * C * C) + config.vocab_size * C
     pairs = T * (T + 1) // 2
     mixer = L * H * pairs * (score_multiply_adds(path, d, window) + d)
