@@ -237,7 +237,7 @@ def plot_budgets(runs: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"time": ("training CPU time, all workers (s)", 1.0), "flops": ("training FLOPs (PFLOP)", 1e15)}
+    labels = {"time": ("training CPU time, all workers (s)", 1.0), "flops": ("training FLOPs (TFLOP)", 1e12)}
     paths = []
     for budget, (xlabel, scale) in labels.items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
