@@ -224,12 +224,6 @@ def equal_budget(runs: dict[str, dict[str, Any]], budget: str) -> dict[str, Any]
     }
 
 
-def _load_ensemble(run_dir: str):
-    from jobs.evaluate import load_final
-
-    return load_final(run_dir)[0]
-
-
 def plot_budgets(runs: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
     """loss-vs-time.png and loss-vs-flops.png: the members' curve of every run against the budget."""
     import matplotlib
@@ -254,6 +248,12 @@ def plot_budgets(runs: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _load_ensemble(run_dir: str):
+    from jobs.evaluate import load_final
+
+    return load_final(run_dir)[0]
 
 
 def _params(ensemble) -> dict[str, Any]:
@@ -365,7 +365,8 @@ def format_compare(result: dict[str, Any]) -> str:
         "tok/s: the median of the training's own figures, batch x seq_len tokens per step over the step time "
         "(a phase-1 step trains every member of a worker on its own batch; a phase-2 step is one merged batch)."
     )
-    lines += ["", *format_budgets(result), "", "Loss curves: " + ", ".join(f"`{Path(f).name}`" for f in result["figures"])]
+    figures = ", ".join(f"`{Path(f).name}`" for f in result["figures"])
+    lines += ["", *format_budgets(result), "", f"Loss curves: {figures}"]
     return "\n".join(lines) + "\n"
 
 
@@ -382,9 +383,10 @@ def format_budgets(result: dict[str, Any]) -> list[str]:
         body.append([b + (" (chosen)" if b == chosen else ""), f"{e['at'] / scale:.{digits}f} {unit}",
                      *(f"{_fmt(e['loss'][m])} ({e['spent'][m] / scale:.{digits}f})" for m in runs)])
     head = ["equal budget", "read at", *(f"{m} loss (its total)" for m in runs)]
+    steps = result["training"]["phase1_steps"]
     per_step = "; ".join(
         f"{m} {run['phase1_flops_per_step'] / 1e9:.2f} GFLOP/step, "
-        f"{_fmt(run['phase1_cpu_s'] / result['training']['phase1_steps'] if run['phase1_cpu_s'] else None, 3)} CPU s/step"
+        f"{_fmt(run['phase1_cpu_s'] / steps if run['phase1_cpu_s'] else None, 3)} CPU s/step"
         for m, run in runs.items()
     )
     return [
