@@ -152,6 +152,7 @@ class EnsembleWorker:
         )
         self.losses: dict[str, list[float]] = {}
         self.interval_start = time.perf_counter()
+        self.interval_cpu_start = time.process_time()
         self.interval_steps = 0
         self.final_table: dict[str, Any] | None = None  # rank 0, after the last eval
         # Benchmarks: time phase-2 steps and the collectives inside them.
@@ -248,6 +249,7 @@ class EnsembleWorker:
         self.losses = {}
         self.interval_steps = 0
         self.interval_start = time.perf_counter()
+        self.interval_cpu_start = time.process_time()
 
     def after_step(self, phase: str, step: int, total: int, lr: float | None) -> None:
         """Evaluate / checkpoint / report when this step calls for it (same decision on every rank)."""
@@ -258,8 +260,9 @@ class EnsembleWorker:
         # Every report carries a fresh evaluation (Ray Tune schedules on its figures),
         # so checkpoint steps are evaluated too.
         elapsed = time.perf_counter() - self.interval_start
+        cpu = time.process_time() - self.interval_cpu_start
         metrics: dict[str, Any] = {"phase": phase, "step": step}
-        metrics.update(self.evaluate_and_log(phase, step, lr, elapsed, final=last and phase == "merge"))
+        metrics.update(self.evaluate_and_log(phase, step, lr, elapsed, cpu, final=last and phase == "merge"))
         if self.profile and last and phase == "merge" and self.step_times:
             metrics["profile"] = profile_summary(self.step_times, self.comm_times)
         if do_ckpt:
@@ -268,7 +271,9 @@ class EnsembleWorker:
             ray.train.report(metrics)
         self.reset_interval()
 
-    def evaluate_and_log(self, phase: str, step: int, lr: float | None, elapsed: float, final: bool) -> dict[str, Any]:
+    def evaluate_and_log(
+        self, phase: str, step: int, lr: float | None, elapsed: float, cpu: float, final: bool
+    ) -> dict[str, Any]:
         merger = self.merger if phase == "merge" else None
         result = evaluate(
             self.members, self.config.member_names, merger, self.val_sets, self.prefix_tokens,
@@ -295,17 +300,19 @@ class EnsembleWorker:
             self.log(format_line(r))
         everyone = [None] * self.world_size
         if self.world_size > 1:
-            dist.all_gather_object(everyone, mine)
+            dist.all_gather_object(everyone, (mine, cpu))
         else:
-            everyone = [mine]
-        records = [dict(r, replayed=replayed) for part in everyone for r in part]
+            everyone = [(mine, cpu)]
+        # The interval's training CPU time of every worker, on each of the step's lines.
+        cpu_s = sum(c for _, c in everyone) if self.interval_steps else None
+        records = [dict(r, replayed=replayed, cpu_s=cpu_s) for part, _ in everyone for r in part]
         records.append(record(step=step, phase=phase, member="uniform", mixed_val_loss=result.mixed("uniform"),
-                              replayed=replayed, val_by_domain=result.by_domain("uniform")))
+                              cpu_s=cpu_s, replayed=replayed, val_by_domain=result.by_domain("uniform")))
         if merger is not None:
             train = self.losses.get("merger")
             records.append(record(
                 step=step, phase=phase, member="merger", train_loss=mean(train) if train else None,
-                mixed_val_loss=result.mixed("merged"), lr=lr, tokens_per_s=tps,
+                mixed_val_loss=result.mixed("merged"), lr=lr, tokens_per_s=tps, cpu_s=cpu_s,
                 replayed=replayed, val_by_domain=result.by_domain("merged"),
             ))
         summary = summarise(records)
@@ -316,7 +323,8 @@ class EnsembleWorker:
             self.log(format_line(r))
         lines = records
         if final:
-            lines = records + [dict(r, phase="final", lr=None, tokens_per_s=None, train_loss=None) for r in records]
+            lines = records + [dict(r, phase="final", lr=None, tokens_per_s=None, cpu_s=None, train_loss=None)
+                               for r in records]
             posterior = record(step=step, phase="final", member="posterior", mixed_val_loss=result.mixed("posterior"),
                                val_by_domain=result.by_domain("posterior"))
             self.final_table = final_table(records + [posterior], self.plan)

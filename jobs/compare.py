@@ -1,4 +1,4 @@
-"""Correlation vs attention: `leviathan compare --spec FILE [--mixers correlation,attention]`.
+"""Correlation vs attention: `leviathan compare --spec FILE [--mixers ...] [--budget steps|time|flops]`.
 
 Trains the same spec once per mixer and reports the runs side by side. The
 runs differ in `ensemble.mixer` only (members' token mixers and the merger's
@@ -12,8 +12,31 @@ counts.
 Each run is a normal training run (`jobs.train.run`) named `<name>-<mixer>`
 in the spec's storage, evaluated with `jobs.evaluate.evaluate_run` on the same
 windows (the report the training wrote is reused when its settings match);
-each run's report.md then gains the other run's merged model as its twin row. Into `<storage>/<name>-compare/` go `compare.json`, `compare.md` and
-the loss curves: `loss-<mixer>.png` per run and `loss-together.png`.
+each run's report.md then gains the other run's merged model as its twin row.
+Into `<storage>/<name>-compare/` go `compare.json`, `compare.md` and the loss
+curves: `loss-<mixer>.png` per run, `loss-together.png` (against steps), and
+`loss-vs-time.png` and `loss-vs-flops.png` (the members' curve against the
+compute budgets below).
+
+Budgets. Both mixers train the same number of steps; `--budget` says at what
+cost their losses are compared, on the members' curve of phase 1 (the mean
+over members of their own-domain val loss, evaluated every eval_interval):
+
+    steps   the step count (the runs' final members loss);
+    time    the training steps' process CPU time, summed over the workers
+            (metrics.jsonl `cpu_s`, evaluation excluded): on shared CPUs,
+            wall-clock time would count waiting for the other tenants;
+    flops   step * sum over members of `leviathan.flops.flops(member, seq_len,
+            batch_size, device)`, the FLOPs of each run's own mixer path.
+
+The equal-budget loss of each run is read at the largest budget both runs
+reached (the cheaper run's total), interpolating linearly between evaluation
+points. At that budget the cheaper run has finished its learning-rate decay
+while the dearer one is read mid-schedule, before its decay ends: the reading
+favours the cheaper mixer, so a win for the dearer one is a conservative
+result, a loss for it an upper bound on the gap. Phase 2 is left out of the
+budgets (`flops()` counts component models, not the merger); with
+`--seed N` the spec's seed is N and the runs are named `<name>-seed<N>-<mixer>`.
 """
 
 from __future__ import annotations
@@ -30,6 +53,9 @@ from jobs.evaluate import add_twin, evaluate_run, write_reports
 from jobs.spec import JobSpec, SpecError, load_spec, with_values
 from leviathan.config import MIXERS
 from leviathan.storage import is_uri
+
+
+BUDGETS = ("steps", "time", "flops")
 
 
 class CompareError(ValueError):
@@ -52,6 +78,14 @@ def spec_for_mixer(spec: JobSpec, mixer: str) -> JobSpec:
         return with_values(spec, {"ensemble.mixer": mixer, "name": f"{spec.name}-{mixer}"})
     except SpecError as e:
         raise CompareError(f"spec for mixer {mixer}: {e}") from None
+
+
+def with_seed(spec: JobSpec, seed: int) -> JobSpec:
+    """The spec with another seed, named `<name>-seed<N>` so each seed's runs have their own folders."""
+    try:
+        return with_values(spec, {"seed": seed, "name": f"{spec.name}-seed{seed}"})
+    except SpecError as e:
+        raise CompareError(f"--seed: {e}") from None
 
 
 def _read_metrics(run_dir: str) -> list[dict[str, Any]]:
@@ -141,16 +175,103 @@ def plot_curves(runs: dict[str, dict[str, Any]], folder: Path, phase1_steps: int
     return [*paths, path]
 
 
-def _params(run_dir: str) -> dict[str, Any]:
+def budget_curves(
+    records: list[dict[str, Any]], flops_per_step: int
+) -> dict[str, list[tuple[float, float]]]:
+    """The members' curve of phase 1 against each budget: {budget: [(spent, mean val loss)]}.
+
+    Time is the running sum of the phase-1 reports' `cpu_s` (each report covers
+    the steps since the previous one), FLOPs are step * flops_per_step.
+    """
+    members = dict(curves(records, 0)["members"])
+    cpu_by_step: dict[int, float] = {}
+    for r in records:
+        if r.get("phase") == "members" and r.get("member") == "uniform" and r.get("cpu_s") is not None:
+            cpu_by_step[r["step"]] = r["cpu_s"]
+    out: dict[str, list[tuple[float, float]]] = {"steps": [], "time": [], "flops": []}
+    spent = 0.0
+    for step in sorted(members):
+        loss = members[step]
+        out["steps"].append((float(step), loss))
+        out["flops"].append((float(step * flops_per_step), loss))
+        if step in cpu_by_step:
+            spent += cpu_by_step[step]
+            out["time"].append((spent, loss))
+    return out
+
+
+def loss_at(curve: list[tuple[float, float]], spent: float) -> float:
+    """The loss at budget `spent`, linearly interpolated between the curve's evaluation points."""
+    if not curve or not curve[0][0] <= spent <= curve[-1][0]:
+        span = f"{curve[0][0]:.4g}..{curve[-1][0]:.4g}" if curve else "no points"
+        raise CompareError(f"budget {spent:.4g} is outside the evaluated range ({span}): evaluate more often")
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= spent <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (spent - x0) / (x1 - x0)
+    return curve[-1][1]  # a single point, spent == its budget
+
+
+def equal_budget(runs: dict[str, dict[str, Any]], budget: str) -> dict[str, Any]:
+    """Each run's members loss at the largest `budget` every run reached."""
+    ends = {m: run["budget_curves"][budget][-1][0] if run["budget_curves"][budget] else 0.0
+            for m, run in runs.items()}
+    spent = min(ends.values())
+    return {
+        "budget": budget,
+        "at": spent,
+        "spent": ends,
+        "loss": {m: loss_at(run["budget_curves"][budget], spent) for m, run in runs.items()},
+    }
+
+
+def plot_budgets(runs: dict[str, dict[str, Any]], folder: Path) -> list[Path]:
+    """loss-vs-time.png and loss-vs-flops.png: the members' curve of every run against the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"time": ("training CPU time, all workers (s)", 1.0), "flops": ("training FLOPs (TFLOP)", 1e12)}
+    paths = []
+    for budget, (xlabel, scale) in labels.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for mixer, run in runs.items():
+            pts = run["budget_curves"][budget]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot([x / scale for x in xs], ys, marker="o", ms=3, lw=2, label=mixer)
+        ax.set(xlabel=xlabel, ylabel="members' val loss (mean, own domain)", title=f"phase 1: loss against {budget}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / f"loss-vs-{budget}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _load_ensemble(run_dir: str):
     from jobs.evaluate import load_final
 
-    ensemble, _ = load_final(run_dir)
+    return load_final(run_dir)[0]
+
+
+def _params(ensemble) -> dict[str, Any]:
     lag = sum(p.numel() for n, p in ensemble.named_parameters() if "lag" in n)
     return {
         "total": ensemble.num_params(),
         "members": {n: m.num_params() for n, m in zip(ensemble.member_names, ensemble.members)},
         "lag_weights": lag,
     }
+
+
+def phase1_flops_per_step(ensemble, spec: JobSpec) -> int:
+    """FLOPs of one phase-1 step: every member trains on its own batch, on its own mixer path."""
+    from leviathan.flops import flops
+
+    device = "cuda" if spec.resources.use_gpu else "cpu"
+    t = spec.training
+    return sum(flops(m, t.seq_len, t.batch_size, device) for m in ensemble.config.members)
 
 
 def _report_for(run_dir: str, max_batches: int | None) -> dict[str, Any]:
@@ -169,11 +290,18 @@ def summarise_run(spec: JobSpec, wall_s: float, report: dict[str, Any]) -> dict[
     records = _read_metrics(spec.run_dir)
     times = [r["time"] for r in records if r.get("time") is not None]
     merged = next(r for r in report["rows"] if r["name"] == "merged")
+    ensemble = _load_ensemble(spec.run_dir)
+    flops_per_step = phase1_flops_per_step(ensemble, spec)
+    phase1_cpu = [r["cpu_s"] for r in records
+                  if r.get("phase") == "members" and r.get("member") == "uniform" and r.get("cpu_s") is not None]
     return {
         "name": spec.name,
         "run_dir": spec.run_dir,
         "mixer": spec.ensemble.mixer,
-        "params": _params(spec.run_dir),
+        "params": _params(ensemble),
+        "phase1_flops_per_step": flops_per_step,
+        "phase1_cpu_s": sum(phase1_cpu) if phase1_cpu else None,
+        "budget_curves": budget_curves(records, flops_per_step),
         "wall_s": wall_s,
         "train_span_s": (max(times) - min(times)) if len(times) > 1 else None,
         "tokens_per_s": {
@@ -237,8 +365,38 @@ def format_compare(result: dict[str, Any]) -> str:
         "tok/s: the median of the training's own figures, batch x seq_len tokens per step over the step time "
         "(a phase-1 step trains every member of a worker on its own batch; a phase-2 step is one merged batch)."
     )
-    lines += ["", "Loss curves: " + ", ".join(f"`{Path(f).name}`" for f in result["figures"])]
+    figures = ", ".join(f"`{Path(f).name}`" for f in result["figures"])
+    lines += ["", *format_budgets(result), "", f"Loss curves: {figures}"]
     return "\n".join(lines) + "\n"
+
+
+def format_budgets(result: dict[str, Any]) -> list[str]:
+    """The members' val loss of every run at each equal budget, the chosen budget first."""
+    runs = result["runs"]
+    chosen = result["budget"]
+    order = [chosen] + [b for b in BUDGETS if b != chosen]
+    units = {"steps": ("steps", 1.0, 0), "time": ("CPU s", 1.0, 1), "flops": ("TFLOP", 1e12, 2)}
+    body = []
+    for b in order:
+        e = result["equal"][b]
+        unit, scale, digits = units[b]
+        body.append([b + (" (chosen)" if b == chosen else ""), f"{e['at'] / scale:.{digits}f} {unit}",
+                     *(f"{_fmt(e['loss'][m])} ({e['spent'][m] / scale:.{digits}f})" for m in runs)])
+    head = ["equal budget", "read at", *(f"{m} loss (its total)" for m in runs)]
+    steps = result["training"]["phase1_steps"]
+    per_step = "; ".join(
+        f"{m} {run['phase1_flops_per_step'] / 1e9:.2f} GFLOP/step, "
+        f"{_fmt(run['phase1_cpu_s'] / steps if run['phase1_cpu_s'] else None, 3)} CPU s/step"
+        for m, run in runs.items()
+    )
+    return [
+        f"## Members at equal budgets (phase 1, {chosen} chosen)",
+        "",
+        _table(head, body),
+        "",
+        f"Members' val loss: the mean over members of their own-domain val loss, read at the largest budget "
+        f"both runs reached, interpolated between evaluation points. Cost: {per_step}.",
+    ]
 
 
 def _table(header: list[str], body: list[list[str]]) -> str:
@@ -253,8 +411,11 @@ def compare(
     *,
     max_batches: int | None = None,
     progress: bool | None = None,
+    budget: str = "steps",
 ) -> dict[str, Any]:
     """Train `spec` once per mixer, evaluate each run, write the comparison; returns compare.json's dict."""
+    if budget not in BUDGETS:
+        raise CompareError(f"--budget: {budget!r} is not one of {', '.join(BUDGETS)}")
     import jobs.train
 
     from cluster.session import init_ray
@@ -277,12 +438,14 @@ def compare(
             write_reports(Path(runs[mixer]["run_dir"]), add_twin(reports[mixer], reports[other]))
     folder = Path(spec.storage).expanduser() / f"{spec.name}-compare"
     folder.mkdir(parents=True, exist_ok=True)
-    figures = plot_curves(runs, folder, spec.training.phase1_steps)
+    figures = plot_curves(runs, folder, spec.training.phase1_steps) + plot_budgets(runs, folder)
     first = next(iter(runs.values()))
     result = {
         "name": spec.name,
         "seed": spec.seed,
         "mixers": list(mixers),
+        "budget": budget,
+        "equal": {b: equal_budget(runs, b) for b in BUDGETS},
         "columns": list(first["merged"]["loss"]),
         "training": spec.training.model_dump(),
         "eval": {"max_batches": next(iter(reports.values()))["settings"]["max_batches"]},
@@ -302,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--spec", required=True, help="job spec (TOML or JSON)")
     p.add_argument("--mixers", default=",".join(MIXERS), help="comma-separated mixers (default: correlation,attention)")
+    p.add_argument("--budget", choices=BUDGETS, default="steps",
+                   help="compare the losses at equal steps, training CPU time or FLOPs (default: steps)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="train with this seed instead of the spec's; the runs are named <name>-seed<N>-<mixer>")
     p.add_argument("--max-batches", type=int, default=None,
                    help="eval batches per domain (default: the spec's training.eval_batches)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
@@ -314,8 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_batches is not None and args.max_batches < 1:
             raise CompareError(f"--max-batches: must be >= 1, got {args.max_batches}")
         spec = load_spec(args.spec)
+        if args.seed is not None:
+            spec = with_seed(spec, args.seed)
         result = compare(spec, parse_mixers(args.mixers), max_batches=args.max_batches,
-                         progress=False if args.no_progress else None)
+                         progress=False if args.no_progress else None, budget=args.budget)
     except ValueError as e:  # SpecError, CompareError, RunError, PlacementError: a run could not start
         print(f"leviathan compare: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -7,7 +7,12 @@ this module is torch-free and importable by every layer (DESIGN section 1).
      "module": int | null, "member": "m0.1" | "merger" | "uniform",
      "domain": str | null, "train_loss": float | null, "val_loss": float | null,
      "mixed_val_loss": float | null, "lr": float | null,
-     "tokens_per_s": float | null, "replayed": bool}
+     "tokens_per_s": float | null, "cpu_s": float | null, "replayed": bool}
+
+`tokens_per_s` and `cpu_s` cover the training steps since the previous report
+(evaluation excluded); `cpu_s` is the process CPU time those steps took,
+summed over the workers: the compute a step costs on shared CPUs, where
+wall-clock time also counts waiting for the other tenants.
 
 and a last `{"phase": "done", ...}` line when the job finishes.
 """
@@ -35,6 +40,7 @@ RECORD_TYPES: dict[str, type] = {
     "mixed_val_loss": float,
     "lr": float,
     "tokens_per_s": float,
+    "cpu_s": float,
     "replayed": bool,
 }
 RECORD_FIELDS = tuple(RECORD_TYPES)
@@ -59,6 +65,7 @@ def record(
     mixed_val_loss: float | None = None,
     lr: float | None = None,
     tokens_per_s: float | None = None,
+    cpu_s: float | None = None,
     replayed: bool = False,
     val_by_domain: dict[str, float] | None = None,
 ) -> dict[str, Any]:
@@ -81,6 +88,7 @@ def record(
         "mixed_val_loss": _num(mixed_val_loss),
         "lr": _num(lr),
         "tokens_per_s": _num(tokens_per_s),
+        "cpu_s": _num(cpu_s),
         "replayed": bool(replayed),
         **({"val_by_domain": val_by_domain} if val_by_domain is not None else {}),
     }
