@@ -11,7 +11,6 @@ records are skipped.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -60,6 +59,24 @@ def _read_from(run_dir: str, offset: int) -> tuple[bytes, int] | None:
         return None
 
 
+def read_run_spec(run_dir: str) -> dict[str, Any] | None:
+    """`<run_dir>/spec.json` (the job writes it when it starts) as a dict; None if absent or unreadable."""
+    path = f"{run_dir}/spec.json"
+    try:
+        if "://" in run_dir:
+            import pyarrow.fs as pafs
+
+            fs, p = pafs.FileSystem.from_uri(path)
+            with fs.open_input_stream(p) as f:
+                data = f.read()
+        else:
+            data = Path(path).read_bytes()
+        spec = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) else None
+
+
 def _finite_float(text: str) -> float | None:
     x = float(text)
     return x if math.isfinite(x) else None
@@ -87,6 +104,11 @@ class MetricsSummary:
     step: int | None = None
     updated_at: float | None = None
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def snapshot(self) -> "MetricsSummary":
+        """A copy callers may keep while the reader folds more lines into the original."""
+        return MetricsSummary(self.offset, self.records, self.phase, self.step, self.updated_at,
+                              {name: dict(m) for name, m in self.members.items()})
 
     def fold(self, rec: dict[str, Any]) -> None:
         self.records += 1
@@ -147,7 +169,7 @@ class MetricsReader:
             self._runs.move_to_end(run_dir)
             while len(self._runs) > self._max_runs:
                 self._runs.popitem(last=False)
-            return copy.deepcopy(state)
+            return state.snapshot()
 
 
 def read_records(run_dir: str, since_step: int | None = None) -> list[dict[str, Any]]:
