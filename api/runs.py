@@ -88,18 +88,26 @@ def _int_or_none(text: str | None) -> int | None:
         return None
 
 
+_PYTHON = re.compile(r"^python[0-9.]*$")
+
+
 def train_arguments(entrypoint: str) -> list[str] | None:
-    """The arguments after `-m jobs.train` / `leviathan train` in an entrypoint, or
-    None when the entrypoint does not run Leviathan's training."""
+    """The arguments after `python [flags] -m jobs.train` / `leviathan train` in an
+    entrypoint, or None when the entrypoint does not run Leviathan's training."""
     try:
         argv = shlex.split(entrypoint)
     except ValueError:
         return None
-    for i, word in enumerate(argv[:-1]):
-        if (word == "-m" and argv[i + 1] == "jobs.train") or (
-            os.path.basename(word) == "leviathan" and argv[i + 1] == "train"
-        ):
+    for i, word in enumerate(argv):
+        name = os.path.basename(word)
+        if name == "leviathan" and argv[i + 1 : i + 2] == ["train"]:
             return argv[i + 2 :]
+        if _PYTHON.match(name):
+            k = i + 1
+            while k < len(argv) and argv[k].startswith("-") and argv[k] != "-m":
+                k += 1
+            if argv[k : k + 2] == ["-m", "jobs.train"]:
+                return argv[k + 2 :]
     return None
 
 
