@@ -117,6 +117,7 @@ class RayGateway:
         self.settings = settings
         self.token = RayTokenSource(settings)
         self._http: httpx.AsyncClient | None = None
+        self._in_flight: dict[str, asyncio.Future[RayJob]] = {}
         self._sdk_lock = threading.Lock()
         self._sdk: JobSubmissionClient | None = None
         self._sdk_token: str | None = None
@@ -162,15 +163,38 @@ class RayGateway:
     async def version(self) -> dict[str, Any]:
         return await self._call("GET", "/api/version")
 
-    async def job(self, job_id: str) -> RayJob:
-        """A submitted job's record, 404 for anything else (drivers started with
-        `ray.init()` are not jobs this API manages)."""
+    async def fresh_job(self, job_id: str) -> RayJob:
+        """A submitted job's record, asked of Ray now; 404 for anything else (drivers
+        started with `ray.init()` are not jobs this API manages)."""
         if not _JOB_ID.match(job_id):
             raise HTTPException(404, f"no job {shorten(job_id)!r}")
         job = RayJob.from_json(await self._call("GET", f"/api/jobs/{job_id}", job_id))
         if not job.is_submission:
             raise HTTPException(404, f"no job {shorten(job_id)!r}")
         return job
+
+    async def job(self, job_id: str) -> RayJob:
+        """`fresh_job`, with concurrent calls for one job sharing one Ray request.
+
+        A status poll that arrives while Ray is already answering the same question
+        takes that answer: it is at most one Ray round trip old, and nothing is kept
+        once the request completes (the next call asks Ray again), so Ray stays the
+        only source of truth. Under many pollers of one job this turns N identical
+        Ray requests into one.
+        """
+        pending = self._in_flight.get(job_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self.fresh_job(job_id))
+            self._in_flight[job_id] = pending
+            pending.add_done_callback(lambda done: self._forget(job_id, done))
+        # shield: a caller that disconnects must not cancel the others' request.
+        return await asyncio.shield(pending)
+
+    def _forget(self, job_id: str, done: asyncio.Future) -> None:
+        if self._in_flight.get(job_id) is done:
+            del self._in_flight[job_id]
+        if not done.cancelled():
+            done.exception()  # retrieved, even when every caller has gone
 
     async def jobs(self) -> list[RayJob]:
         """All submitted jobs, newest first."""

@@ -563,3 +563,42 @@ def test_serve_insecure_binds_openly_and_says_so():
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "--insecure" in err and "without an API token" in err, err
+
+
+# ----------------------------------------------------------------------------- the Ray gateway
+
+
+def test_concurrent_status_calls_share_one_ray_request_and_nothing_is_kept(ray_cluster, storage):
+    import asyncio
+
+    from ray.job_submission import JobSubmissionClient
+
+    from api.ray_jobs import RayGateway
+
+    sid = f"share-{uuid.uuid4().hex[:8]}"
+    JobSubmissionClient(ray_cluster.dashboard_url, headers=ray_cluster.auth_headers()).submit_job(
+        entrypoint="true", submission_id=sid)
+
+    async def scenario() -> tuple[int, int, int]:
+        gateway = RayGateway(make_settings(ray_cluster, storage))
+        await gateway.start()
+        asked: list[str] = []
+
+        async def count(request: httpx.Request) -> None:
+            asked.append(request.url.path)
+
+        gateway._http.event_hooks["request"].append(count)
+        try:
+            jobs = await asyncio.gather(*(gateway.job(sid) for _ in range(20)))
+            assert {j.submission_id for j in jobs} == {sid}
+            together = asked.count(f"/api/jobs/{sid}")
+            for _ in range(3):  # one after another: each asks Ray again
+                await gateway.job(sid)
+            one_by_one = asked.count(f"/api/jobs/{sid}") - together
+            await gateway.fresh_job(sid)
+            fresh = asked.count(f"/api/jobs/{sid}") - together - one_by_one
+        finally:
+            await gateway.aclose()
+        return together, one_by_one, fresh
+
+    assert asyncio.run(scenario()) == (1, 3, 1)

@@ -381,5 +381,5 @@ async def get_logs(
 async def stop_job(job_id: str, gateway: GatewayDep) -> StopResult:
     await gateway.job(job_id)
     stopped = await gateway.stop(job_id)
-    job = await gateway.job(job_id)
+    job = await gateway.fresh_job(job_id)  # the status after the stop, not a shared earlier answer
     return StopResult(job_id=job_id, stopped=stopped, status=job.status)
