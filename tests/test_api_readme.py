@@ -84,7 +84,8 @@ def test_readme_cluster_commands_run_as_written(ray_cluster, tmp_path):
             body = _wait_for_progress(api, storage, job, timeout=600)
             assert body["leviathan"] and body["run_name"] == "cluster-demo", body
             assert body["run_dir"] == str(storage / "cluster-demo"), body
-            assert body["phase1_steps"] == 300 and len(body["members"]) == 8, body
+            members = {m["member"] for m in body["members"]}
+            assert body["phase1_steps"] == 300 and {f"m{i}.{j}" for i in range(4) for j in range(2)} <= members, body
             assert any(m.get("step") is not None for m in body["members"]), body
             r = api.post(f"/v1/jobs/{body['job_id']}/stop")
             assert r.status_code == 200, r.text
