@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
+    load_at_start = os.getloadavg()  # the machine is shared: note what else ran
     own_ray = args.ray_address is None
     head = ray_temp = None
     if own_ray:
@@ -328,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             "job_detail": detail.json(),
             "clients": args.clients,
             "single_client_requests_per_block": args.single_requests,
+            "load_average_at_start": load_at_start,
             "load_average_at_end": os.getloadavg(),
             "max_requests_per_block": args.requests,
             "max_seconds_per_block": args.seconds,
