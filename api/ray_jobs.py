@@ -1,8 +1,11 @@
 """Everything the API says to Ray, through Ray's Jobs API.
 
 Status, lists, logs and stops go to the Jobs REST API (`/api/jobs/...`) through
-one long-lived `httpx.AsyncClient`: its connections stay open, so a status call
-costs Ray one request on a warm connection and the API no thread. Ray's
+one long-lived async HTTP client (an `aiohttp.ClientSession`, the client Ray's own
+tools use): its connections stay open, so a status call costs Ray one request on
+a warm connection and the API no thread. aiohttp rather than httpx because on these
+machines httpx spent about 1.3 ms of CPU per request against aiohttp's 0.3 ms, and a
+proxied status call pays that on top of FastAPI's own work and Ray's. Ray's
 `JobSubmissionClient` is kept for what REST alone cannot do: submitting a job
 (it uploads the `working_dir` package first) and following a log (a websocket).
 
@@ -19,6 +22,7 @@ working_dir, minus `.git`, virtual environments and data (Ray caps uploads at
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 import shlex
@@ -29,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
+import aiohttp
 import requests
 from fastapi import HTTPException
 from ray.exceptions import AuthenticationError
@@ -116,7 +120,7 @@ class RayGateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.token = RayTokenSource(settings)
-        self._http: httpx.AsyncClient | None = None
+        self._http: aiohttp.ClientSession | None = None
         self._in_flight: dict[str, asyncio.Future[RayJob]] = {}
         self._sdk_lock = threading.Lock()
         self._sdk: JobSubmissionClient | None = None
@@ -126,15 +130,14 @@ class RayGateway:
         self.submit_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=self.settings.ray_address,
-            timeout=httpx.Timeout(30.0, connect=5.0),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30, connect=5),
+            connector=aiohttp.TCPConnector(limit=64),
         )
 
     async def aclose(self) -> None:
         if self._http is not None:
-            await self._http.aclose()
+            await self._http.close()
             self._http = None
 
     def _headers(self) -> dict[str, str]:
@@ -146,19 +149,26 @@ class RayGateway:
         if self._http is None:
             raise HTTPException(503, "the API is not started (no Ray client)")
         try:
-            r = await self._http.request(method, path, headers=self._headers())
-        except httpx.HTTPError as e:
+            async with self._http.request(
+                method, self.settings.ray_address + path, headers=self._headers()
+            ) as r:
+                status, body = r.status, await r.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise HTTPException(503, f"Ray Jobs server unreachable: {type(e).__name__}") from None
-        if r.status_code == 200:
-            return r.json()
-        if r.status_code in (401, 403):
-            raise RayRefusedToken(r.status_code)
-        if r.status_code == 404 and job_id is not None:
+        if status == 200:
+            try:
+                return json.loads(body)
+            except ValueError:
+                raise HTTPException(502, "Ray Jobs server error: an answer that is not JSON") from None
+        if status in (401, 403):
+            raise RayRefusedToken(status)
+        if status == 404 and job_id is not None:
             raise HTTPException(404, f"no job {shorten(job_id)!r}")
-        if "try again later" in r.text:  # e.g. the head's job agent is still starting
-            raise HTTPException(503, f"Ray Jobs server not ready: {shorten(r.text, 200)}",
+        text = body.decode("utf-8", errors="replace")
+        if "try again later" in text:  # e.g. the head's job agent is still starting
+            raise HTTPException(503, f"Ray Jobs server not ready: {shorten(text, 200)}",
                                 headers={"Retry-After": "5"})
-        raise HTTPException(502, f"Ray Jobs server error: HTTP {r.status_code}: {shorten(r.text, 200)}")
+        raise HTTPException(502, f"Ray Jobs server error: HTTP {status}: {shorten(text, 200)}")
 
     async def version(self) -> dict[str, Any]:
         return await self._call("GET", "/api/version")
