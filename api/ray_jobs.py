@@ -154,7 +154,8 @@ class RayGateway:
             ) as r:
                 status, body = r.status, await r.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise HTTPException(503, f"Ray Jobs server unreachable: {type(e).__name__}") from None
+            raise HTTPException(503, f"Ray Jobs server unreachable: {type(e).__name__} {shorten(str(e), 160)}",
+                                headers={"Retry-After": "5"}) from None
         if status == 200:
             try:
                 return json.loads(body)
