@@ -2,21 +2,54 @@
 the environment (`uvicorn api.app:app`, `leviathan serve`).
 
 OpenAPI docs are at /docs. This module (and everything it imports) stays free of
-torch and Ray Train: it needs only the JobSpec schema and Ray's Jobs client.
+torch and Ray Train: it needs only the JobSpec schema and Ray's Jobs API.
+
+No input may cost a 5xx or a large answer: bodies over `max_body_bytes` get 413
+before they are read (FastAPI's body limit), JSON bodies are parsed strictly
+(`api.strict_json`), and every error answer quotes at most a short prefix of what
+was sent.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from api.metrics import MetricsReader
 from api.ray_jobs import RayGateway
 from api.routes import health, jobs
 from api.settings import Settings
+from api.strict_json import MAX_MESSAGE_CHARS, safe_errors, shorten
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"detail": safe_errors(exc.errors())}, status_code=422)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if isinstance(exc.detail, str):
+        exc.detail = shorten(exc.detail, MAX_MESSAGE_CHARS)
+    return await http_exception_handler(request, exc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
+    gateway = RayGateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.aclose()
+
     app = FastAPI(
         title="Leviathan",
         version="0.1.0",
@@ -25,10 +58,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Every job is a Ray job (it shows in `ray job list` and the dashboard); "
             "Ray is the only source of truth."
         ),
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
-    app.state.ray = RayGateway(settings)
+    app.state.ray = gateway
     app.state.metrics = MetricsReader()
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.include_router(health.router)
     app.include_router(jobs.router)
     return app

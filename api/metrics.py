@@ -12,7 +12,6 @@ records are skipped.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ from pydantic import ValidationError
 from api.schemas import MetricRecord
 from leviathan.progress import RunProgress
 from leviathan.records import METRICS_FILE
-from leviathan.storage import AppendLog, LogCursor, join
+from leviathan.storage import AppendLog, LogCursor, join, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,15 @@ _LATEST_FIELDS = ("train_loss", "val_loss", "mixed_val_loss", "lr", "tokens_per_
 
 def _log(run_dir: str) -> AppendLog:
     return AppendLog(join(run_dir, METRICS_FILE))
+
+
+def read_run_spec(run_dir: str) -> dict[str, Any] | None:
+    """`<run_dir>/spec.json` (the job writes it when it starts) as a dict; None if absent or unreadable."""
+    try:
+        spec = json.loads(read_bytes(join(run_dir, "spec.json")))
+    except (OSError, ValueError):
+        return None
+    return spec if isinstance(spec, dict) else None
 
 
 def _finite_float(text: str) -> float | None:
@@ -65,6 +73,11 @@ class MetricsSummary:
     updated_at: float | None = None
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: RunProgress = field(default_factory=RunProgress)  # tokens/s per phase, ETA
+
+    def snapshot(self) -> "MetricsSummary":
+        """A copy callers may keep while the reader folds more lines into the original."""
+        return MetricsSummary(self.offset, self.records, self.phase, self.step, self.updated_at,
+                              {name: dict(m) for name, m in self.members.items()})
 
     def fold(self, rec: dict[str, Any]) -> None:
         self.records += 1
@@ -124,7 +137,7 @@ class MetricsReader:
             self._runs.move_to_end(run_dir)
             while len(self._runs) > self._max_runs:
                 self._runs.popitem(last=False)
-            return copy.deepcopy(state)
+            return state.snapshot()
 
 
 def read_records(run_dir: str, since_step: int | None = None) -> list[dict[str, Any]]:

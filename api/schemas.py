@@ -32,7 +32,12 @@ class JobSummary(BaseModel):
     job_id: str = Field(description="Ray submission id.")
     status: JobStatusName
     message: str | None = None
-    leviathan: bool = Field(description="Submitted through this API (carries Leviathan metadata).")
+    leviathan: bool = Field(
+        description=(
+            "A Leviathan training job: submitted through this API, or a `ray job submit` of "
+            "`python -m jobs.train` (progress needs its run folder under the API's storage root)."
+        )
+    )
     spec_name: str | None = None
     run_name: str | None = None
     run_dir: str | None = None
@@ -97,7 +102,7 @@ MetricRecord = create_model(
 
 class MetricsPage(BaseModel):
     job_id: str
-    run_dir: str | None = Field(None, description="Null for jobs not submitted through this API.")
+    run_dir: str | None = Field(None, description="Null when the job has no run folder the API may read.")
     since_step: int | None = None
     records: list[MetricRecord]
     last_step: int | None = Field(None, description="Pass as since_step to get only newer records.")

@@ -5,18 +5,21 @@ Two tokens live here and must not be confused:
   `Authorization: Bearer <token>`.
 - `ray_auth_token` (`LEVIATHAN_RAY_AUTH_TOKEN` or `RAY_AUTH_TOKEN`, else the file at
   `ray_auth_token_path`, default `~/.ray/auth_token`) is the Ray cluster's own token
-  (Ray 2.60 token auth); the API passes it on to the Ray Jobs server. The file is read
-  on every use, so a rotated cluster token needs no API restart.
+  (Ray 2.60 token auth); the API passes it on to the Ray Jobs server. The file is
+  read again whenever its modification time changes (`RayTokenSource`), so a rotated
+  cluster token needs no API restart and an unchanged one costs a `stat` per call.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.spec import default_storage
+from jobs.spec import default_home, default_storage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +57,13 @@ class Settings(BaseSettings):
         default_factory=default_storage,
         description="Where run folders go (<storage>/<run-name>); jobs may not choose another root.",
     )
+    data_root: str = Field(
+        default_factory=lambda: str(default_home() / "data"),
+        description=(
+            "Folder every API-submitted data.manifest must lie under (besides 'builtin', the "
+            "built-in corpus); default: the prepared-data folder under LEVIATHAN_HOME."
+        ),
+    )
     working_dir: str = Field(
         default_factory=default_working_dir,
         description="Folder uploaded as each job's runtime_env working_dir; empty: the package is installed on the nodes.",
@@ -73,7 +83,10 @@ class Settings(BaseSettings):
         ),
     )
 
-    # Limits on what one user may ask of the cluster (422 / 429 beyond them).
+    # Limits on what one user may ask of the cluster (413 / 422 / 429 beyond them).
+    max_body_bytes: int = Field(
+        2**20, ge=1, description="Request bodies larger than this get 413 before they are read."
+    )
     max_modules: int = Field(16, ge=1)
     max_steps: int = Field(1_000_000, ge=0, description="Per phase: phase1_steps and phase2_steps each.")
     max_seq_len: int = Field(4096, ge=2)
@@ -94,17 +107,35 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, v: object) -> object:
         return None if v == "" else v
 
-    def ray_token(self) -> str | None:
-        """The Ray cluster token, read now: explicit setting first, then the token file."""
-        if self.ray_auth_token is not None:
-            return self.ray_auth_token.get_secret_value()
-        path = self.ray_auth_token_path.expanduser()
-        try:
-            token = path.read_text().strip()
-        except OSError:
-            return None
-        return token or None
-
     @property
     def public_dashboard_url(self) -> str:
         return self.dashboard_url or self.ray_address
+
+
+class RayTokenSource:
+    """The Ray cluster token: the explicit setting, else the token file, re-read only
+    when the file's modification time (or size, or inode) changes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._explicit = settings.ray_auth_token
+        self._path = settings.ray_auth_token_path.expanduser()
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._token: str | None = None
+
+    def get(self) -> str | None:
+        if self._explicit is not None:
+            return self._explicit.get_secret_value()
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._lock:
+            if stamp != self._stamp:
+                try:
+                    self._token = self._path.read_text().strip() or None
+                except OSError:
+                    return None
+                self._stamp = stamp
+            return self._token

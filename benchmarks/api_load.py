@@ -1,7 +1,8 @@
 """Load on `GET /v1/jobs/{id}`: latency percentiles and requests/s under concurrent clients.
 
     python benchmarks/api_load.py [--ray-address http://127.0.0.1:8265] [--job-id ID]
-        [--clients 50] [--requests 5000] [--seconds 30] [--rounds 2] [--out result.json]
+        [--clients 50] [--requests 5000] [--seconds 30] [--rounds 2]
+        [--single-requests 500] [--out result.json]
 
 Loopback only, bounded: each measured block stops after --requests requests or
 --seconds seconds, whichever comes first. Without --ray-address the script starts
@@ -17,6 +18,17 @@ Three targets, interleaved round by round under the same client load:
 - `api_floor`: GET /openapi.json (cached by FastAPI): uvicorn + FastAPI with no Ray.
 Medians over rounds of p50/p90/p99 (ms) and requests/s, and ratios of api_job to
 the other two. JSON to stdout (and --out); progress to stderr.
+
+On one machine a proxied call costs both the API's own work and Ray's, so the
+most the API can serve is `ceiling = 1 / (1/floor + 1/ray)` requests/s (floor and
+ray: the api_floor and ray_job rates measured in the same run); the figure to
+watch is `api_job_rps_over_ceiling` (goal: >= 0.9). Under many closed-loop clients
+latency only follows throughput (p50 ~ clients / rate), so each round also runs a
+single client against api_job and ray_job: `single_client_api_p50_over_ray_p50`
+(goal: <= 1.5) is the latency the API adds to one call. Concurrent status calls
+for one job share one Ray request in the API (single flight), so under 50 clients
+the API asks Ray less often than it answers and can pass the ceiling; the
+single-client round has no sharing.
 """
 
 from __future__ import annotations
@@ -248,16 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=5000, help="per measured block")
     p.add_argument("--seconds", type=float, default=30.0, help="per measured block")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--single-requests", type=int, default=500, help="per single-client block")
     p.add_argument("--job-timeout", type=float, default=300.0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.ray_address and urlparse(args.ray_address).hostname not in LOOPBACK:
         print("api_load: --ray-address must be on loopback (127.0.0.1)", file=sys.stderr)
         return 2
-    if min(args.clients, args.requests, args.rounds) < 1 or args.seconds <= 0:
-        print("api_load: --clients, --requests, --rounds and --seconds must be positive", file=sys.stderr)
+    if min(args.clients, args.requests, args.rounds, args.single_requests) < 1 or args.seconds <= 0:
+        print("api_load: --clients, --requests, --rounds, --single-requests and --seconds must be positive",
+              file=sys.stderr)
         return 2
 
+    load_at_start = os.getloadavg()  # the machine is shared: note what else ran
     own_ray = args.ray_address is None
     head = ray_temp = None
     if own_ray:
@@ -284,10 +299,13 @@ def main(argv: list[str] | None = None) -> int:
                 "ray_job": (f"{ray_address}/api/jobs/{job_id}", ray_headers()),
                 "api_floor": (f"{base}/openapi.json", auth),
             }
-            rounds: dict[str, list[dict]] = {k: [] for k in targets}
+            blocks = [(name, args.clients, args.requests) for name in targets]
+            blocks += [(f"{name}_single", 1, args.single_requests) for name in ("api_job", "ray_job")]
+            rounds: dict[str, list[dict]] = {name: [] for name, _, _ in blocks}
             for i in range(args.rounds):
-                for name, (url, headers) in targets.items():
-                    res = asyncio.run(load(url, headers, args.clients, args.requests, args.seconds))
+                for name, clients, requests in blocks:
+                    url, headers = targets[name.removesuffix("_single")]
+                    res = asyncio.run(load(url, headers, clients, requests, args.seconds))
                     rounds[name].append(res)
                     log(f"round {i} {name}: {res['rps']:.0f} req/s, p50 {res['p50_ms']:.1f} ms, "
                         f"p99 {res['p99_ms']:.1f} ms, statuses {res['statuses']}, errors {res['errors']}")
@@ -302,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {
         name: {key: med(name, key) for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "max_ms")}
-        for name in targets
+        for name in rounds
     }
+    ceiling = 1 / (1 / summary["api_floor"]["rps"] + 1 / summary["ray_job"]["rps"])
     result = {
         "benchmark": "api_load",
         "machine": machine(),
@@ -312,13 +331,21 @@ def main(argv: list[str] | None = None) -> int:
             "job_id": job_id,
             "job_detail": detail.json(),
             "clients": args.clients,
+            "single_client_requests_per_block": args.single_requests,
+            "load_average_at_start": load_at_start,
+            "load_average_at_end": os.getloadavg(),
             "max_requests_per_block": args.requests,
             "max_seconds_per_block": args.seconds,
             "rounds": args.rounds,
             "own_ray": own_ray,
         },
         "median_over_rounds": summary,
+        "ceiling_rps": ceiling,
         "ratios": {
+            "api_job_rps_over_ceiling": summary["api_job"]["rps"] / ceiling,
+            "single_client_api_p50_over_ray_p50": (
+                summary["api_job_single"]["p50_ms"] / summary["ray_job_single"]["p50_ms"]
+            ),
             "api_job_p50_over_ray_job_p50": summary["api_job"]["p50_ms"] / summary["ray_job"]["p50_ms"],
             "api_job_rps_over_ray_job_rps": summary["api_job"]["rps"] / summary["ray_job"]["rps"],
             "api_job_rps_over_api_floor_rps": summary["api_job"]["rps"] / summary["api_floor"]["rps"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -20,11 +21,12 @@ import httpx
 import pytest
 
 from api.metrics import MetricsReader, read_records
-from api.settings import Settings
-from tests.conftest import REPO_ROOT
+from api.settings import RayTokenSource, Settings
+from tests.conftest import REPO_ROOT, free_port
 from tests.test_api_support import (
     API_TOKEN,
     LiveServer,
+    data_root_for,
     make_settings,
     submit,
     tiny_spec,
@@ -165,10 +167,30 @@ def test_storage_outside_the_api_root_is_422(api, storage, tmp_path):
         assert errors[0]["loc"] == ["body", "storage"], (bad, errors)
 
 
-def test_missing_manifest_is_422_on_data_manifest(api, tmp_path):
-    body = {**tiny_spec("m"), "data": {"manifest": str(tmp_path / "nowhere")}}
-    errors = _post_422(api, body)
-    assert errors[0]["loc"] == ["body", "data", "manifest"], errors
+def test_manifest_outside_the_data_root_is_422_whether_or_not_it_exists(api, storage, tmp_path):
+    real = tmp_path / "prepared"
+    real.mkdir()
+    (real / "manifest.json").write_text(json.dumps({"domains": [{"name": "d0"}]}))
+    answers = []
+    for outside in [str(real), str(tmp_path / "nowhere"), "/etc/passwd", "relative/data", "s3://bucket/data"]:
+        errors = _post_422(api, {**tiny_spec("m"), "data": {"manifest": outside}})
+        assert errors[0]["loc"] == ["body", "data", "manifest"], (outside, errors)
+        answers.append(errors[0]["msg"])
+    assert len(set(answers)) == 1 and "data root" in answers[0], answers
+
+
+def test_manifest_under_the_data_root_is_checked(api, storage, tmp_path):
+    root = data_root_for(storage)
+    root.mkdir(exist_ok=True)
+    errors = _post_422(api, {**tiny_spec("m"), "data": {"manifest": str(root / "nowhere")}})
+    assert errors[0]["loc"] == ["body", "data", "manifest"] and "no manifest" in errors[0]["msg"], errors
+    # A link inside the root to a folder outside it is outside.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "manifest.json").write_text(json.dumps({"domains": [{"name": "d0"}]}))
+    (root / "link").symlink_to(outside)
+    errors = _post_422(api, {**tiny_spec("m"), "data": {"manifest": str(root / "link")}})
+    assert "data root" in errors[0]["msg"], errors
 
 
 def test_concurrency_limit_is_429_and_submits_nothing(ray_cluster, storage, tmp_path):
@@ -216,15 +238,19 @@ def test_job_from_ray_job_submit_shows_with_ray_fields(api, ray_cluster):
     assert tail == "".join(full.splitlines(keepends=True)[-2:])
 
 
-def test_list_paginates_newest_first(api):
+def test_list_paginates_newest_first(api, ray_cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    ray = JobSubmissionClient(ray_cluster.dashboard_url, headers=ray_cluster.auth_headers())
+    for _ in range(2):  # at least two jobs, whatever else the session ran
+        ray.submit_job(entrypoint="true", submission_id=f"page-{uuid.uuid4().hex[:8]}")
     everything = api.get("/v1/jobs", params={"limit": 500}).json()
     jobs = everything["jobs"]
-    assert everything["total"] == len(jobs)
+    assert everything["total"] == len(jobs) >= 2
     starts = [j["start_time"] for j in jobs]
     assert starts == sorted(starts, reverse=True)
-    if len(jobs) >= 2:
-        page = api.get("/v1/jobs", params={"limit": 1, "offset": 1}).json()
-        assert [j["job_id"] for j in page["jobs"]] == [jobs[1]["job_id"]]
+    page = api.get("/v1/jobs", params={"limit": 1, "offset": 1}).json()
+    assert [j["job_id"] for j in page["jobs"]] == [jobs[1]["job_id"]]
 
 
 def test_wrong_ray_token_is_a_502_not_a_leak(ray_cluster, storage):
@@ -238,15 +264,23 @@ def test_wrong_ray_token_is_a_502_not_a_leak(ray_cluster, storage):
         assert c.get("/healthz").json()["ray"] == "unauthorized"
 
 
-def test_ray_token_file_is_read_at_call_time(tmp_path):
+def test_ray_token_is_reread_only_when_the_file_changes(tmp_path):
     token_file = tmp_path / "auth_token"
-    s = Settings(ray_auth_token=None, ray_auth_token_path=token_file)
-    assert s.ray_token() is None
+    source = RayTokenSource(Settings(ray_auth_token=None, ray_auth_token_path=token_file))
+    assert source.get() is None
     token_file.write_text("first\n")
-    assert s.ray_token() == "first"
+    assert source.get() == "first"
+    stamp = token_file.stat()
+    # Same size and modification time: the cached token stands (no read per call).
+    token_file.write_text("furst\n")
+    os.utime(token_file, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert source.get() == "first"
+    # A rotated token (a new modification time) is picked up without a restart.
     token_file.write_text("second")
-    assert s.ray_token() == "second"
-    assert Settings(ray_auth_token="explicit", ray_auth_token_path=token_file).ray_token() == "explicit"
+    os.utime(token_file, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))
+    assert source.get() == "second"
+    explicit = RayTokenSource(Settings(ray_auth_token="explicit", ray_auth_token_path=token_file))
+    assert explicit.get() == "explicit"
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
@@ -392,14 +426,17 @@ def test_running_job_stops_and_its_log_stream_ends(api):
     assert any(m["step"] is not None for m in body["members"]), body
 
     streamed: list[str] = []
+    streaming = threading.Event()
 
     def follow() -> None:
         with api.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": True}, timeout=120) as s:
-            streamed.extend(s.iter_text())
+            for chunk in s.iter_text():
+                streamed.append(chunk)
+                streaming.set()
 
     reader = threading.Thread(target=follow)
     reader.start()
-    time.sleep(1.0)
+    assert streaming.wait(timeout=60), "the log stream sent nothing"
     r = api.post(f"/v1/jobs/{job_id}/stop")
     assert r.status_code == 200 and r.json()["stopped"] is True, r.text
     body = wait_for_status(api, job_id, {"STOPPED"}, timeout=60)
@@ -423,3 +460,167 @@ def test_job_upload_holds_the_code_and_stays_small():
     assert {"jobs/spec.py", "api/app.py", "leviathan/__init__.py", "pyproject.toml"} <= names, names
     assert not any(n.startswith((".git/", ".venv/", ".hypothesis/")) for n in names)
     assert sum((REPO_ROOT / n).stat().st_size for n in names) < 100 * 2**20  # Ray's upload cap
+
+
+# ----------------------------------------------------------------------------- jobs from `ray job submit`
+
+
+def _ray_job_submit(ray_cluster, sid: str, *args: str) -> None:
+    subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
+         "--submission-id", sid, "--no-wait", *args],
+        env=ray_cluster.cli_env(), check=True, capture_output=True, timeout=60,
+    )
+
+
+def _fake_run_folder(storage: Path, name: str) -> Path:
+    """A run folder as jobs.train leaves it mid-run: its spec.json and a metrics line."""
+    run_dir = storage / name
+    run_dir.mkdir()
+    (run_dir / "spec.json").write_text(json.dumps({**tiny_spec(name, steps=7, modules=2), "storage": str(storage)}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps(_record(3, "m1.0", module=1, train_loss=2.0)) + "\n")
+    return run_dir
+
+
+@pytest.mark.parametrize("channel", ["entrypoint", "metadata"])
+def test_training_job_from_ray_job_submit_shows_its_progress(api, ray_cluster, storage, channel):
+    name = f"cli-{channel}-{uuid.uuid4().hex[:6]}"
+    run_dir = _fake_run_folder(storage, name)
+    sid = f"{name}-job"
+    if channel == "entrypoint":  # a real jobs.train entrypoint (it stops at the missing spec file)
+        _ray_job_submit(ray_cluster, sid, "--", "python", "-m", "jobs.train", "--spec", "/nonexistent.toml",
+                        "--name", name, "--storage", str(storage))
+    else:
+        _ray_job_submit(ray_cluster, sid, "--metadata-json", json.dumps({"leviathan_run_name": name}),
+                        "--", "echo", "wrapped")
+    body = wait_for_status(api, sid, {"SUCCEEDED", "FAILED"}, timeout=120)
+    assert body["leviathan"] is True and body["run_name"] == name and body["run_dir"] == str(run_dir), body
+    assert (body["phase"], body["step"], body["phase1_steps"], body["metrics_records"]) == ("members", 3, 7, 1)
+    members = {m["member"]: m for m in body["members"]}
+    assert set(members) == {"m0.0", "m1.0"} and members["m1.0"]["train_loss"] == 2.0, members
+    metrics = api.get(f"/v1/jobs/{sid}/metrics").json()
+    assert metrics["run_dir"] == str(run_dir) and [r["step"] for r in metrics["records"]] == [3]
+
+
+@pytest.mark.parametrize(
+    "metadata,entrypoint,run_dir",
+    [
+        ({}, "python -m jobs.train --spec s.toml --name a1", "{root}/a1"),
+        ({}, "leviathan train --name=a1 --storage {root}/team", "{root}/team/a1"),
+        ({}, "/venv/bin/leviathan train --spec s.toml --name a1", "{root}/a1"),
+        ({}, "env A=1 /venv/bin/python3.11 -u -m jobs.train --name a1", "{root}/a1"),
+        ({"leviathan_run_name": "a1"}, "bash wrapper.sh", "{root}/a1"),
+        ({"leviathan_run_dir": "{root}/a1-0f0f0f"}, "python -m jobs.train --spec x", "{root}/a1-0f0f0f"),
+        # Outside the storage root, or no usable name: a Leviathan job whose folder is not read.
+        ({}, "python -m jobs.train --spec s.toml", None),
+        ({}, "python -m jobs.train --name a1 --storage /etc", None),
+        ({}, "python -m jobs.train --name a1 --storage {root}/../x", None),
+        ({}, "python -m jobs.train --name a1 --storage relative", None),
+        ({}, "python -m jobs.train --name ../../etc", None),
+        ({"leviathan_run_dir": "/etc"}, "python -m jobs.train", None),
+        ({"leviathan_run_name": "../etc"}, "echo", None),
+    ],
+)
+def test_run_folder_of_a_job_stays_under_the_storage_root(metadata, entrypoint, run_dir):
+    from api.ray_jobs import RayJob
+    from api.runs import run_of
+
+    root = "/srv/runs"
+    job = RayJob(submission_id="s", type="SUBMISSION", status="RUNNING",
+                 entrypoint=entrypoint.format(root=root),
+                 metadata={k: v.format(root=root) for k, v in metadata.items()})
+    run = run_of(job, root)
+    assert run is not None
+    assert run.run_dir == (run_dir.format(root=root) if run_dir else None), run
+
+
+@pytest.mark.parametrize("entrypoint", ["python train.py --name a1", "echo -m jobs.train", "python -m jobs.evaluate --run x"])
+def test_other_jobs_are_not_leviathan_jobs(entrypoint):
+    from api.ray_jobs import RayJob
+    from api.runs import run_of
+
+    job = RayJob(submission_id="s", type="SUBMISSION", status="RUNNING", entrypoint=entrypoint)
+    assert run_of(job, "/srv/runs") is None
+
+
+# ----------------------------------------------------------------------------- leviathan serve
+
+
+def _serve_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "LEVIATHAN_API_TOKEN"}
+    env["LEVIATHAN_RAY_ADDRESS"] = "http://127.0.0.1:9"  # no Ray needed to bind
+    return env
+
+
+def test_serve_refuses_an_open_bind_without_a_token():
+    r = subprocess.run(
+        [sys.executable, "-m", "api.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        cwd=REPO_ROOT, env=_serve_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "LEVIATHAN_API_TOKEN" in r.stderr and "--insecure" in r.stderr
+
+
+def test_serve_insecure_binds_openly_and_says_so():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--host", "0.0.0.0", "--port", str(port), "--insecure"],
+        cwd=REPO_ROOT, env=_serve_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        # Open: the job routes need no token.
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/jobs", timeout=10).status_code == 503  # no Ray there
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "--insecure" in err and "without an API token" in err, err
+
+
+# ----------------------------------------------------------------------------- the Ray gateway
+
+
+def test_concurrent_status_calls_share_one_ray_request_and_nothing_is_kept(ray_cluster, storage):
+    import asyncio
+
+    from ray.job_submission import JobSubmissionClient
+
+    from api.ray_jobs import RayGateway
+
+    sid = f"share-{uuid.uuid4().hex[:8]}"
+    JobSubmissionClient(ray_cluster.dashboard_url, headers=ray_cluster.auth_headers()).submit_job(
+        entrypoint="true", submission_id=sid)
+
+    async def scenario() -> tuple[int, int, int]:
+        gateway = RayGateway(make_settings(ray_cluster, storage))
+        await gateway.start()
+        asked: list[str] = []
+        ask_ray = gateway._call
+
+        async def counted(method: str, path: str, job_id: str | None = None):  # still asks the real Ray
+            asked.append(path)
+            return await ask_ray(method, path, job_id)
+
+        gateway._call = counted
+        try:
+            jobs = await asyncio.gather(*(gateway.job(sid) for _ in range(20)))
+            assert {j.submission_id for j in jobs} == {sid}
+            together = asked.count(f"/api/jobs/{sid}")
+            for _ in range(3):  # one after another: each asks Ray again
+                await gateway.job(sid)
+            one_by_one = asked.count(f"/api/jobs/{sid}") - together
+            await gateway.fresh_job(sid)
+            fresh = asked.count(f"/api/jobs/{sid}") - together - one_by_one
+        finally:
+            await gateway.aclose()
+        return together, one_by_one, fresh
+
+    assert asyncio.run(scenario()) == (1, 3, 1)

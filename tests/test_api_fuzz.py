@@ -3,6 +3,10 @@
 Each example takes the valid tiny spec and breaks it one way: an unknown key, a
 wrong type, an out-of-range number, a null, a section that is not an object, a
 body that is not an object, inconsistent shapes, or bytes that are not JSON.
+A second test writes JSON text that Python's json module would accept but a spec
+must not: non-finite numbers and huge exponents or numerals, deep nesting,
+non-UTF-8 bytes inside a string, and duplicate keys (422 naming the field, not
+last-one-wins).
 The field list and bounds are read from the JobSpec models themselves, so new
 fields are fuzzed too. Requests go to the in-process app (ASGI, no sockets) so
 300 examples take seconds; the app talks to the session's real Ray and has
@@ -200,3 +204,80 @@ def test_malformed_specs_are_rejected_with_4xx_never_5xx(app_client, body):
         r = client.post("/v1/jobs", content=payload, headers={"Content-Type": "application/json"})
         assert 400 <= r.status_code < 500, (payload, r.status_code, r.text)
     assert not any(storage.iterdir()), "a rejected spec left a run folder"
+
+
+# ----------------------------------------------------------------------------- JSON text json.loads lets through
+
+RAW = "__raw_value__"
+
+
+def _text_with(path: tuple, raw: bytes) -> bytes:
+    """The tiny spec as JSON text with the value at `path` replaced by `raw` verbatim."""
+    return json.dumps(_set(BASE, path, RAW)).encode().replace(json.dumps(RAW).encode(), raw)
+
+
+def _node(spec: dict, path: tuple) -> Any:
+    for key in path:
+        spec = spec[key]
+    return spec
+
+
+def _text_with_duplicate(path: tuple, key: str, value: Any) -> bytes:
+    """The tiny spec as JSON text whose object at `path` holds `key` twice, with equal values."""
+    text = json.dumps(_set(_set(BASE, path + (key,), value), path + (RAW,), value))
+    return text.replace(json.dumps(RAW), json.dumps(key)).encode()
+
+
+def _not_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
+
+
+value_paths = [path + (name,) for path, name, _ in FIELDS]
+numeral = st.one_of(
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1E309"]),
+    st.integers(309, 100_000).map(lambda e: f"1e{e}"),
+    st.integers(309, 100_000).map(lambda e: f"-9.5e+{e}"),
+    st.integers(65, 6000).map(lambda n: "1" * n),  # no setting needs it; past 4300 digits int() fails
+)
+non_finite = st.tuples(st.sampled_from(value_paths), numeral).map(
+    lambda t: (t[0], _text_with(t[0], t[1].encode()))
+)
+nesting = st.tuples(st.integers(33, 5000), st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")])).map(
+    lambda t: t[1][0] * t[0] + b"0" + t[1][1] * t[0]
+)
+deep = st.tuples(st.sampled_from(value_paths), nesting).map(lambda t: (None, _text_with(t[0], t[1])))
+not_utf8 = st.tuples(
+    st.sampled_from([("name",), ("data", "manifest"), ("storage",), ("data", "domains", 0)]),
+    st.binary(min_size=1, max_size=8).filter(_not_utf8),
+).map(lambda t: (None, _text_with(t[0], b'"' + t[1] + b'"')))
+DUPLICATES = [(p, k, v) for p in object_paths if p != ("data",) for k, v in _node(BASE, p).items()]
+DUPLICATES.append((("data",), "manifest", "builtin"))
+duplicate = st.sampled_from(DUPLICATES).map(lambda t: (t[0] + (t[1],), _text_with_duplicate(*t)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.one_of(non_finite, deep, not_utf8, duplicate))
+def test_json_the_stdlib_would_accept_is_422_naming_the_field(app_client, case):
+    client, storage = app_client
+    loc, raw = case
+    r = client.post("/v1/jobs", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, (raw[:200], r.status_code, r.text[:500])
+    errors = r.json()["detail"]
+    assert len(r.content) < 4096, len(r.content)
+    if loc is not None:
+        assert ["body", *loc] in [e["loc"] for e in errors], (raw[:200], errors)
+    assert not any(storage.iterdir()), "a rejected spec left a run folder"
+
+
+@pytest.mark.parametrize("path", value_paths, ids=lambda p: ".".join(map(str, p)))
+def test_every_field_refuses_non_finite_numbers(app_client, path):
+    # Fields without an upper bound (grad_clip, say) would take +inf if it got through.
+    client, _ = app_client
+    for raw in (b"1e400", b"Infinity", b"-Infinity", b"NaN"):
+        r = client.post("/v1/jobs", content=_text_with(path, raw), headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (path, raw, r.status_code, r.text[:300])
+        assert ["body", *path] in [e["loc"] for e in r.json()["detail"]], (path, raw, r.text)

@@ -20,18 +20,24 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def make_settings(ray_cluster: RayCluster, storage: Path, **overrides: Any) -> Settings:
-    """Test settings: the session's Ray, storage in tmp, this checkout uploaded, and
-    the default job entrypoint (`python` is the venv's on the cluster's PATH)."""
+    """Test settings: the session's Ray, storage in tmp (the data root beside it), this
+    checkout uploaded, and the default job entrypoint (`python` is the venv's on the
+    cluster's PATH)."""
     values: dict[str, Any] = dict(
         ray_address=ray_cluster.dashboard_url,
         api_token=API_TOKEN,
         storage=str(storage),
+        data_root=str(data_root_for(storage)),
         working_dir=str(REPO_ROOT),
         job_python="python",
         ray_auth_token=ray_cluster.auth_token,
     )
     values.update(overrides)
     return Settings(**values)
+
+
+def data_root_for(storage: Path) -> Path:
+    return storage.with_name(storage.name + "-data")
 
 
 class LiveServer:

@@ -15,12 +15,13 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from ray.job_submission import JobDetails, JobSubmissionClient
+from ray.job_submission import JobSubmissionClient
 
 from api import ray_jobs
-from api.deps import get_gateway, get_metrics_reader, get_ray_client, get_settings, require_api_token
-from api.metrics import MetricsReader, read_records
-from api.ray_jobs import RayGateway, ray_errors
+from api.deps import GatewayDep, MetricsDep, SettingsDep, require_api_token
+from api.metrics import MetricsReader, MetricsSummary, read_records, read_run_spec
+from api.ray_jobs import RayGateway, RayJob, ray_errors
+from api.runs import RunRef, data_root, manifest_allowed, run_of, storage_root, under_root
 from api.schemas import (
     ErrorBody,
     JobDetail,
@@ -33,6 +34,7 @@ from api.schemas import (
     StopResult,
 )
 from api.settings import Settings
+from api.strict_json import StrictJSONRoute
 from jobs.spec import JobSpec, SpecError, check_manifest
 from leviathan.config import BYTE_VOCAB_SIZE
 from leviathan.storage import is_uri, normalize, remove_dir
@@ -43,6 +45,7 @@ router = APIRouter(
     prefix="/v1/jobs",
     tags=["jobs"],
     dependencies=[Depends(require_api_token)],
+    route_class=StrictJSONRoute,
     responses={
         401: {"model": ErrorBody, "description": "Missing or wrong API token."},
         502: {"model": ErrorBody, "description": "The Ray Jobs server answered with an error."},
@@ -66,18 +69,12 @@ def _check_storage(spec: JobSpec, settings: Settings) -> str | dict:
     Runs may not write outside the operator's storage root (the API writes
     spec.json there and the job writes everything else).
     """
-    root = normalize(settings.storage)
+    root = storage_root(settings)
     if "storage" not in spec.model_fields_set:
         return root
-    given = spec.storage
-    if is_uri(given):
-        norm = given.rstrip("/")
-        ok = (norm == root or norm.startswith(root + "/")) and "/../" not in norm + "/"
-    else:
-        norm = os.path.normpath(os.path.expanduser(given))
-        ok = os.path.isabs(norm) and (norm == root or norm.startswith(root.rstrip("/") + "/"))
-    if not ok:
-        return _field_error(("storage",), f"must be {root} or an absolute path under it", given)
+    norm = under_root(spec.storage, root)
+    if norm is None:
+        return _field_error(("storage",), f"must be {root} or an absolute path under it", spec.storage)
     return norm
 
 
@@ -111,16 +108,23 @@ def _member_size_errors(spec: JobSpec, manifest: dict | None, limit: int) -> lis
 
 
 def validate_for_submission(spec: JobSpec, settings: Settings) -> JobSpec:
-    """Everything short of Ray: storage root, the API's limits, the data manifest.
+    """Everything short of Ray: storage root, data root, the API's limits, the data manifest.
 
     Raises RequestValidationError (422, FastAPI's shape, `loc` naming the field).
-    Returns the spec with its storage resolved to an absolute root.
+    Returns the spec with its storage resolved to an absolute root. Reads at most
+    the manifest, and only one under the data root.
     """
     errors: list[dict] = []
     storage = _check_storage(spec, settings)
     if isinstance(storage, dict):
         errors.append(storage)
     errors.extend(_tracking_errors(spec, settings))
+    if not manifest_allowed(spec.data.manifest, settings):
+        errors.append(_field_error(
+            ("data", "manifest"),
+            f"must be 'builtin' or an absolute path under the data root {data_root(settings)}",
+            spec.data.manifest,
+        ))
     limits = [
         (("ensemble", "modules"), spec.ensemble.modules, settings.max_modules, "max_modules"),
         (("training", "phase1_steps"), spec.training.phase1_steps, settings.max_steps, "max_steps"),
@@ -150,47 +154,58 @@ def validate_for_submission(spec: JobSpec, settings: Settings) -> JobSpec:
 # ----------------------------------------------------------------------------- views
 
 
-def _summary_fields(info: JobDetails, gateway: RayGateway) -> dict[str, Any]:
-    meta = info.metadata or {}
-    lev = ray_jobs.is_leviathan(info)
+async def _off_loop(run_dir: str, fn, *args):
+    """Run a run-folder read: inline for a local file (a stat and a short read),
+    in a worker thread for a remote URI, whose round trips would stall the loop."""
+    if is_uri(run_dir):
+        return await run_in_threadpool(fn, *args)
+    return fn(*args)
+
+
+def _summary_fields(job: RayJob, run: RunRef | None, gateway: RayGateway) -> dict[str, Any]:
     return {
-        "job_id": info.submission_id,
-        "status": info.status.value,
-        "message": info.message,
-        "leviathan": lev,
-        "spec_name": meta.get(ray_jobs.META_SPEC_NAME) if lev else None,
-        "run_name": meta.get(ray_jobs.META_RUN_NAME) if lev else None,
-        "run_dir": meta.get(ray_jobs.META_RUN_DIR) if lev else None,
-        "entrypoint": info.entrypoint,
-        "start_time": ray_jobs.ms_to_datetime(info.start_time),
-        "end_time": ray_jobs.ms_to_datetime(info.end_time),
-        "dashboard_url": gateway.dashboard_link(info.submission_id),
+        "job_id": job.submission_id,
+        "status": job.status,
+        "message": job.message,
+        "leviathan": run is not None,
+        "spec_name": run.spec_name if run else None,
+        "run_name": run.run_name if run else None,
+        "run_dir": run.run_dir if run else None,
+        "entrypoint": job.entrypoint,
+        "start_time": ray_jobs.ms_to_datetime(job.start_time),
+        "end_time": ray_jobs.ms_to_datetime(job.end_time),
+        "dashboard_url": gateway.dashboard_link(job.submission_id),
     }
 
 
-def _int_or_none(text: str | None) -> int | None:
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return None
+def _with_spec_shape(run: RunRef, spec: dict[str, Any] | None) -> RunRef:
+    """Fill what a `ray job submit` run's metadata lacks from the spec.json it wrote."""
+    if run.modules is not None or spec is None:
+        return run
+    ensemble, training = spec.get("ensemble") or {}, spec.get("training") or {}
+    numbers = {k: v if isinstance(v, int) else None for k, v in (
+        ("modules", ensemble.get("modules")), ("members_per_module", ensemble.get("members_per_module")),
+        ("phase1_steps", training.get("phase1_steps")), ("phase2_steps", training.get("phase2_steps")))}
+    return RunRef(**{**run.__dict__, **numbers})
 
 
-def _detail(info: JobDetails, gateway: RayGateway, reader: MetricsReader) -> JobDetail:
-    fields = _summary_fields(info, gateway)
-    fields.update(error_type=info.error_type, driver_exit_code=info.driver_exit_code)
-    if not fields["leviathan"]:
+async def _detail(job: RayJob, gateway: RayGateway, reader: MetricsReader, root: str) -> JobDetail:
+    run = run_of(job, root)
+    fields = _summary_fields(job, run, gateway)
+    fields.update(error_type=job.error_type, driver_exit_code=job.driver_exit_code)
+    if run is None:
         return JobDetail(**fields)
-    meta = info.metadata or {}
-    modules = _int_or_none(meta.get(ray_jobs.META_MODULES)) or 0
-    per_module = _int_or_none(meta.get(ray_jobs.META_MEMBERS_PER_MODULE)) or 0
+    summary: MetricsSummary | None = None
+    if run.run_dir is not None:
+        if run.modules is None:
+            run = _with_spec_shape(run, await _off_loop(run.run_dir, read_run_spec, run.run_dir))
+        summary = await _off_loop(run.run_dir, reader.summary, run.run_dir)
     # Every member is listed from the start; figures appear as metrics arrive.
     members: dict[str, dict] = {
         f"m{i}.{j}": {"member": f"m{i}.{j}", "module": i}
-        for i in range(modules) for j in range(per_module)
+        for i in range(run.modules or 0) for j in range(run.members_per_module or 0)
     }
-    phase1_steps = _int_or_none(meta.get(ray_jobs.META_PHASE1_STEPS))
-    phase2_steps = _int_or_none(meta.get(ray_jobs.META_PHASE2_STEPS))
-    summary = reader.summary(fields["run_dir"])
+    phase1_steps, phase2_steps = run.phase1_steps, run.phase2_steps
     if summary is not None:
         for name, m in summary.members.items():
             members[name] = {**members.get(name, {}), **{k: v for k, v in m.items() if v is not None}}
@@ -204,8 +219,8 @@ def _detail(info: JobDetails, gateway: RayGateway, reader: MetricsReader) -> Job
         if phase1_steps is not None and phase2_steps is not None:
             fields["eta_s"] = summary.progress.eta_s(phase1_steps, phase2_steps)
     fields.update(
-        phase1_steps=phase1_steps,
-        phase2_steps=phase2_steps,
+        phase1_steps=run.phase1_steps,
+        phase2_steps=run.phase2_steps,
         members=[MemberProgress(**m) for m in members.values()],
     )
     return JobDetail(**fields)
@@ -214,59 +229,68 @@ def _detail(info: JobDetails, gateway: RayGateway, reader: MetricsReader) -> Job
 # ----------------------------------------------------------------------------- routes
 
 
+def _new_run_folder(spec: JobSpec) -> tuple[JobSpec, str]:
+    """A fresh `<name>-<6 hex>` run folder holding spec.json: (run spec, spec.json path)."""
+    for _ in range(5):
+        run_spec = spec.model_copy(update={"name": ray_jobs.new_run_name(spec.name)})
+        try:
+            return run_spec, ray_jobs.write_spec(run_spec)
+        except FileExistsError:
+            continue
+        except (OSError, ValueError) as e:
+            raise HTTPException(500, f"cannot write {run_spec.run_dir}/spec.json: {e}") from None
+    raise HTTPException(500, f"no free run folder name under {spec.storage} after 5 tries")
+
+
+def _submit_to_ray(gateway: RayGateway, settings: Settings, run_spec: JobSpec, spec_name: str,
+                   spec_path: str) -> str:
+    """Submit through Ray's client (it uploads the working_dir package first)."""
+    submission_id = ray_jobs.SUBMISSION_PREFIX + run_spec.name
+    with ray_errors():
+        gateway.sdk().submit_job(
+            entrypoint=ray_jobs.entrypoint(settings, spec_path),
+            submission_id=submission_id,
+            runtime_env=ray_jobs.runtime_env(settings),
+            metadata=ray_jobs.job_metadata(run_spec, spec_name),
+        )
+    return submission_id
+
+
 @router.post(
     "",
     status_code=201,
     response_model=JobSubmitted,
     summary="Submit a training job (a JobSpec) to Ray",
     responses={
-        400: {"model": ErrorBody, "description": "The body cannot be read (not UTF-8 text)."},
+        413: {"description": "The body is larger than LEVIATHAN_MAX_BODY_BYTES (not read)."},
         500: {"model": ErrorBody, "description": "The API cannot write to its storage."},
         429: {"model": ErrorBody, "description": "max_concurrent_jobs reached."},
     },
 )
-def submit_job(
-    spec: JobSpec,
-    settings: Settings = Depends(get_settings),
-    gateway: RayGateway = Depends(get_gateway),
-    client: JobSubmissionClient = Depends(get_ray_client),
-) -> JobSubmitted:
+async def submit_job(spec: JobSpec, settings: SettingsDep, gateway: GatewayDep) -> JobSubmitted:
     chose_storage = "storage" in spec.model_fields_set
-    spec = validate_for_submission(spec, settings)
+    spec = await run_in_threadpool(validate_for_submission, spec, settings)
     try:
-        ray_jobs.ensure_storage(spec.storage)
+        await run_in_threadpool(ray_jobs.ensure_storage, spec.storage)
     except (OSError, ValueError) as e:
         if chose_storage:
             raise RequestValidationError([_field_error(("storage",), f"cannot create it: {e}", spec.storage)])
         raise HTTPException(500, f"the API cannot write to its storage {spec.storage}: {e}") from None
-    with gateway.submit_lock:
-        active = ray_jobs.count_active_leviathan_jobs(client)
+    root = storage_root(settings)
+    async with gateway.submit_lock:
+        jobs = await gateway.jobs()
+        active = sum(1 for j in jobs if j.status not in ray_jobs.TERMINAL and run_of(j, root) is not None)
         if active >= settings.max_concurrent_jobs:
             raise HTTPException(
                 429,
                 f"{active} Leviathan jobs are pending or running; this API allows "
                 f"{settings.max_concurrent_jobs} at once (max_concurrent_jobs)",
             )
-        for _ in range(5):
-            run_spec = spec.model_copy(update={"name": ray_jobs.new_run_name(spec.name)})
-            try:
-                spec_path = ray_jobs.write_spec(run_spec)
-                break
-            except FileExistsError:
-                continue
-            except (OSError, ValueError) as e:
-                raise HTTPException(500, f"cannot write {run_spec.run_dir}/spec.json: {e}") from None
-        else:
-            raise HTTPException(500, f"no free run folder name under {spec.storage} after 5 tries")
-        submission_id = ray_jobs.SUBMISSION_PREFIX + run_spec.name
+        run_spec, spec_path = await run_in_threadpool(_new_run_folder, spec)
         try:
-            with ray_errors():
-                client.submit_job(
-                    entrypoint=ray_jobs.entrypoint(settings, spec_path),
-                    submission_id=submission_id,
-                    runtime_env=ray_jobs.runtime_env(settings),
-                    metadata=ray_jobs.job_metadata(run_spec, spec.name),
-                )
+            submission_id = await run_in_threadpool(
+                _submit_to_ray, gateway, settings, run_spec, spec.name, spec_path
+            )
         except HTTPException:
             with contextlib.suppress(OSError):  # nothing ran: leave no empty run behind
                 remove_dir(run_spec.run_dir)
@@ -282,19 +306,20 @@ def submit_job(
 
 
 @router.get("", response_model=JobList, summary="List jobs (newest first)")
-def list_jobs(
+async def list_jobs(
+    settings: SettingsDep,
+    gateway: GatewayDep,
     status: JobStatusName | None = Query(None, description="Only jobs in this Ray status."),
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0),
-    gateway: RayGateway = Depends(get_gateway),
-    client: JobSubmissionClient = Depends(get_ray_client),
 ) -> JobList:
-    jobs = ray_jobs.list_submission_jobs(client)
+    jobs = await gateway.jobs()
     if status is not None:
-        jobs = [j for j in jobs if j.status.value == status]
+        jobs = [j for j in jobs if j.status == status]
     page = jobs[offset : offset + limit]
+    root = storage_root(settings)
     return JobList(
-        jobs=[JobSummary(**_summary_fields(j, gateway)) for j in page],
+        jobs=[JobSummary(**_summary_fields(j, run_of(j, root), gateway)) for j in page],
         total=len(jobs),
         limit=limit,
         offset=offset,
@@ -303,36 +328,32 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobDetail, responses=_NOT_FOUND,
             summary="Ray status, phase and per-member progress")
-def get_job(
-    job_id: str,
-    gateway: RayGateway = Depends(get_gateway),
-    client: JobSubmissionClient = Depends(get_ray_client),
-    reader: MetricsReader = Depends(get_metrics_reader),
-) -> JobDetail:
-    info = ray_jobs.get_submission_job(client, job_id)
-    return _detail(info, gateway, reader)
+async def get_job(job_id: str, settings: SettingsDep, gateway: GatewayDep, reader: MetricsDep) -> JobDetail:
+    job = await gateway.job(job_id)
+    return await _detail(job, gateway, reader, storage_root(settings))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPage,
             responses={**_NOT_FOUND, 500: {"model": ErrorBody, "description": "The run folder cannot be read."}},
             summary="Records of the run's metrics.jsonl")
-def get_metrics(
+async def get_metrics(
     job_id: str,
+    settings: SettingsDep,
+    gateway: GatewayDep,
     since_step: int | None = Query(None, description="Only records with step > since_step."),
-    client: JobSubmissionClient = Depends(get_ray_client),
 ) -> MetricsPage:
-    info = ray_jobs.get_submission_job(client, job_id)
-    if not ray_jobs.is_leviathan(info):
+    job = await gateway.job(job_id)
+    run = run_of(job, storage_root(settings))
+    if run is None or run.run_dir is None:
         return MetricsPage(job_id=job_id, since_step=since_step, records=[])
-    run_dir = info.metadata[ray_jobs.META_RUN_DIR]
     try:
-        records = read_records(run_dir, since_step)
+        records = await run_in_threadpool(read_records, run.run_dir, since_step)
     except (OSError, ValueError) as e:
-        raise HTTPException(500, f"cannot read {run_dir}/metrics.jsonl: {e}") from None
+        raise HTTPException(500, f"cannot read {run.run_dir}/metrics.jsonl: {e}") from None
     steps = [r["step"] for r in records if r.get("step") is not None]
     return MetricsPage(
         job_id=job_id,
-        run_dir=run_dir,
+        run_dir=run.run_dir,
         since_step=since_step,
         records=records,
         last_step=max(steps) if steps else since_step,
@@ -374,23 +395,20 @@ async def _follow(client: JobSubmissionClient, job_id: str, skip: int) -> AsyncI
 )
 async def get_logs(
     job_id: str,
+    gateway: GatewayDep,
     tail: int | None = Query(None, ge=0, le=1_000_000, description="Only the last N lines."),
     follow: bool = Query(False, description="Stream the log as text/plain until the job ends."),
-    client: JobSubmissionClient = Depends(get_ray_client),
 ):
-    await run_in_threadpool(ray_jobs.get_submission_job, client, job_id)
-
-    def fetch() -> str:
-        with ray_errors(job_id):
-            return client.get_job_logs(job_id)
-
+    await gateway.job(job_id)
     if follow:
-        # The stream starts at the log's first line: skip all but the last `tail`.
+        # Following is a websocket: Ray's client does it. The stream starts at the
+        # log's first line: skip all but the last `tail`.
         skip = 0
         if tail is not None:
-            skip = max(0, (await run_in_threadpool(fetch)).count("\n") - tail)
+            skip = max(0, (await gateway.logs(job_id)).count("\n") - tail)
+        client = await run_in_threadpool(gateway.sdk)
         return StreamingResponse(_follow(client, job_id, skip), media_type="text/plain")
-    text = await run_in_threadpool(fetch)
+    text = await gateway.logs(job_id)
     if tail is not None:
         lines = text.splitlines(keepends=True)
         text = "".join(lines[max(0, len(lines) - tail) :])
@@ -399,9 +417,8 @@ async def get_logs(
 
 @router.post("/{job_id}/stop", response_model=StopResult, responses=_NOT_FOUND,
              summary="Ask Ray to stop the job (it ends as STOPPED)")
-def stop_job(job_id: str, client: JobSubmissionClient = Depends(get_ray_client)) -> StopResult:
-    ray_jobs.get_submission_job(client, job_id)
-    with ray_errors(job_id):
-        stopped = client.stop_job(job_id)
-        status = client.get_job_status(job_id)
-    return StopResult(job_id=job_id, stopped=stopped, status=status.value)
+async def stop_job(job_id: str, gateway: GatewayDep) -> StopResult:
+    await gateway.job(job_id)
+    stopped = await gateway.stop(job_id)
+    job = await gateway.fresh_job(job_id)  # the status after the stop, not a shared earlier answer
+    return StopResult(job_id=job_id, stopped=stopped, status=job.status)
