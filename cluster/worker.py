@@ -319,7 +319,7 @@ class EnsembleWorker:
             d = Path(tmp)
             for module in self.modules:
                 checkpointing.save_module(d, module)
-            checkpointing.save_rank(d, self.rank)
+            checkpointing.save_rank(d, self.rank, self.device)
             if self.rank == 0 and self.final_table is not None:
                 (d / FINAL_TABLE_FILE).write_text(json.dumps(self.final_table, indent=2) + "\n")
             if self.rank == 0:
@@ -338,7 +338,7 @@ class EnsembleWorker:
         for module in self.modules:
             checkpointing.load_module(d, module)
         checkpointing.load_coordinator(d, self.merger, self.merger_optimizer, self.mixed_sampler)
-        checkpointing.load_rank(d, self.rank)
+        checkpointing.load_rank(d, self.rank, self.device)
         return phase, step
 
     def log(self, message: str) -> None:

@@ -189,3 +189,28 @@ def test_progress_bar_follows_the_metrics_log(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "14/14" in err and "merger=1.250" in err, err[-500:]
     assert "merger=9.000" not in err, "records of an earlier run are skipped"
+
+
+def test_rng_checkpoint_holds_only_the_ranks_own_gpu(tmp_path, monkeypatch):
+    """A rank saves its own GPU's generator, and restores it on whatever device it gets after a
+    restart, even on a node with fewer GPUs (no `*_all` calls over the visible devices).
+
+    No GPU here: torch.cuda's generator accessors are simulated for an 8-GPU node, then a 1-GPU one."""
+    generators = {i: torch.tensor([i], dtype=torch.uint8) for i in range(8)}
+    restored = {}
+
+    def refuse_all(*args, **kwargs):
+        raise AssertionError("the checkpoint must not touch every visible GPU")
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", refuse_all)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse_all)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: generators[device.index].clone())
+    checkpointing.save_rank(tmp_path, 5, torch.device("cuda", 6))
+
+    generators = {0: torch.tensor([0], dtype=torch.uint8)}  # the restart lands on a 1-GPU node
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update({device.index: state}))
+    checkpointing.load_rank(tmp_path, 5, torch.device("cuda", 0))
+    assert list(restored) == [0] and restored[0].tolist() == [6], restored
+
+    checkpointing.save_rank(tmp_path, 1)  # a CPU rank saves no CUDA state
+    assert torch.load(tmp_path / checkpointing.rng_file(1), weights_only=False)["cuda"] is None
