@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec, with_values
+from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec_dict, with_values
 from leviathan import storage
 
 DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "demo.toml"
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", default=str(DEMO_SPEC), help="JobSpec file (.toml or .json); default: the built-in demo")
     p.add_argument("--storage", default=None, help="override the spec's storage (runs go to <storage>/<name>)")
     p.add_argument("--name", default=None, help="override the spec's run name")
+    p.add_argument("--manifest", default=None, help="override the spec's data.manifest (a prepared corpus)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="also show Ray Train's per-report and checkpoint log lines")
     return p
@@ -202,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        overrides = {"name": args.name, "storage": args.storage}
-        spec = with_values(load_spec(args.spec), {k: v for k, v in overrides.items() if v is not None})
+        overrides = {"name": args.name, "storage": args.storage, "data.manifest": args.manifest}
+        # Overrides apply before validation, so they can replace a spec file's placeholders.
+        spec = with_values(load_spec_dict(args.spec), {k: v for k, v in overrides.items() if v is not None})
         run(spec, progress=False if args.no_progress else None, verbose=args.verbose)
     except ValueError as e:  # SpecError, PlacementError, data errors: the job cannot start
         print(f"leviathan train: error: {e}", file=sys.stderr)

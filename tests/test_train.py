@@ -126,3 +126,29 @@ def test_bad_spec_file_is_a_one_line_error(tmp_path, capsys):
     assert train.main(["--spec", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "training.phase1_steps" in err and "training.bogus" in err and len(err.splitlines()) == 1
+
+
+GIANT = Path(__file__).resolve().parents[1] / "jobs" / "specs" / "giant.toml"
+
+
+def test_giant_spec_refuses_its_placeholders_until_storage_and_data_are_named(tmp_path, capsys):
+    assert train.main(["--spec", str(GIANT)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "storage: " in err and "data.manifest: " in err and "still the placeholder" in err
+    assert "--storage" in err and "--manifest" in err
+
+    # Named on the command line: the placeholders are gone, and missing data is the next one-line error.
+    code = train.main(["--spec", str(GIANT), "--storage", str(tmp_path / "runs"), "--manifest", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "data.manifest: no manifest at" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_overrides_add_fields_a_spec_file_leaves_out(tmp_path, capsys):
+    """--storage / --manifest apply to a spec file without those fields (the demo's shape)."""
+    spec_file = tmp_path / "plain.toml"
+    spec_file.write_text('name = "plain"\n')
+    code = train.main(["--spec", str(spec_file), "--storage", str(tmp_path / "runs"), "--manifest", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "data.manifest: no manifest at" in err and str(tmp_path / "none") in err, err
