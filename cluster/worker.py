@@ -36,16 +36,16 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from cluster import checkpointing
-from cluster.evaluation import evaluate, mean
+from cluster.evaluation import evaluate, gather_objects, mean
 from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed
 from cluster.merge import CommTimer, Exchange, local_parameters, merged_loss, reduce_and_clip
 from cluster.metrics import Gauges, MetricsLog, format_line
 from leviathan.records import record
 from cluster.placement import modules_for_rank
 from cluster.plan import RunPlan
+from cluster.preflight import check_collectives
 from cluster.schedule import lr_at, set_lr
 from cluster.verbosity import quiet_report_lines
 from leviathan.data import BatchSampler, MixedBatchSampler, eval_batches, load_manifest
@@ -155,6 +155,7 @@ class EnsembleWorker:
     # ------------------------------------------------------------------ driver of the phases
 
     def run(self) -> None:
+        self.check_collectives()
         checkpoint = ray.train.get_checkpoint()
         phase, step = "members", 0
         if checkpoint is not None:
@@ -167,6 +168,17 @@ class EnsembleWorker:
         elif step < self.t.phase2_steps:
             self.train_merger(start=step)
         # else: the checkpoint is the finished job's last one; nothing is left to run.
+
+    def check_collectives(self) -> dict[str, float]:
+        """Push a tiny batch through every collective of phase 2 and validation now
+        (cluster.preflight), so a broken one fails the job in its first minute.
+        Returns each check step's seconds."""
+        seconds = check_collectives(
+            self.members, self.config.member_names, self.merger, self.exchange, self.device, self.autocast,
+            joint=self.t.joint, vocab_size=self.config.vocab_size,
+        )
+        self.log("collectives checked: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
+        return seconds
 
     def train_members(self, start: int) -> None:
         """Phase 1: steps start+1 .. phase1_steps of every hosted member, no communication."""
@@ -284,11 +296,7 @@ class EnsembleWorker:
         for r in mine:
             self.gauges.update(r)
             self.log(format_line(r))
-        everyone = [None] * self.world_size
-        if self.world_size > 1:
-            dist.all_gather_object(everyone, mine)
-        else:
-            everyone = [mine]
+        everyone = gather_objects(mine, self.world_size)
         records = [dict(r, replayed=replayed) for part in everyone for r in part]
         records.append(record(step=step, phase=phase, member="uniform", mixed_val_loss=result.mixed("uniform"),
                               replayed=replayed, val_by_domain=result.by_domain("uniform")))

@@ -119,6 +119,18 @@ def format_table(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def failure_line(error: Exception) -> str:
+    """One line for a failed fit(): a worker's collective check failure when there is one
+    (it names the rank, device, backend and step), else the error's first line."""
+    from cluster.preflight import CHECK_FAILED
+
+    lines = str(error).splitlines()
+    for line in lines:
+        if CHECK_FAILED in line:
+            return line[line.index(CHECK_FAILED):]
+    return lines[0] if lines else type(error).__name__
+
+
 def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run a whole job (prepare, fit, final/, evaluation table) and return the result dict.
 
@@ -150,7 +162,7 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
         else:
             result = trainer.fit()
     except TrainingFailedError as e:
-        raise TrainError(f"training failed: {e}") from e
+        raise TrainError(f"training failed: {failure_line(e)}") from e
     if result.checkpoint is None:
         raise TrainError("training ended without a checkpoint")
     table = assemble_final(result.checkpoint, spec, manifest, f"{run_dir}/final")
