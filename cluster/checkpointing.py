@@ -31,6 +31,7 @@ import torch
 
 from cluster.members import Module
 from leviathan.config import EnsembleConfig
+from leviathan.checkpoint import assign_state
 from leviathan.ensemble import LeviathanEnsemble
 
 FORMAT_VERSION = 1
@@ -168,21 +169,29 @@ def load_coordinator(
 
 
 def assemble(directory: str | Path) -> LeviathanEnsemble:
-    """Rebuild the whole ensemble from a training checkpoint (no Ray needed)."""
+    """Rebuild the whole ensemble from a training checkpoint (no Ray needed).
+
+    The ensemble is built on the meta device and takes the checkpoint's tensors
+    as they are: no parameter is allocated or randomly initialised only to be
+    overwritten (1.2B of them for the giant spec)."""
     directory = Path(directory)
     path = directory / ENSEMBLE_FILE
     if not path.is_file():
         raise CheckpointLayoutError(f"{path}: missing from the checkpoint")
     config = EnsembleConfig.from_dict(json.loads(path.read_text()))
-    ensemble = LeviathanEnsemble(config)
+    with torch.device("meta"):
+        ensemble = LeviathanEnsemble(config)
     names = config.member_names
+    state: dict[str, torch.Tensor] = {}
     for module in range(config.modules):
-        state = _load(directory / module_file(module))
-        for member_state in state["members"]:
+        for member_state in _load(directory / module_file(module))["members"]:
             i = member_state["index"]
             if names[i] != member_state["name"]:
                 raise CheckpointLayoutError(f"{directory / module_file(module)}: member {i} is not {names[i]}")
-            ensemble.members[i].load_state_dict(member_state["model"])
-            ensemble.projections[i].load_state_dict(member_state["projection"])
-    ensemble.merger.load_state_dict(_load(directory / MERGER_FILE)["merger"])
-    return ensemble
+            state.update({f"members.{i}.{k}": v for k, v in member_state["model"].items()})
+            state.update({f"projections.{i}.{k}": v for k, v in member_state["projection"].items()})
+    state.update({f"merger.{k}": v for k, v in _load(directory / MERGER_FILE)["merger"].items()})
+    try:
+        return assign_state(ensemble, state)
+    except RuntimeError as e:  # missing or unexpected keys, wrong shapes
+        raise CheckpointLayoutError(f"{directory}: the checkpoint does not fit {ENSEMBLE_FILE}: {e}") from None

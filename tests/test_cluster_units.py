@@ -159,11 +159,19 @@ def test_assemble_rebuilds_the_ensemble_from_a_checkpoint(tmp_path, shard):
         config=config, phase="merge", step=3,
     )
     assert checkpointing.read_state(tmp_path)["step"] == 3
+    rng = torch.get_rng_state()
     ensemble = checkpointing.assemble(tmp_path)
+    assert torch.equal(rng, torch.get_rng_state()), "assembled on the meta device: no random initialisation"
+    assert not any(t.is_meta for t in (*ensemble.parameters(), *ensemble.buffers()))
     for module in modules:
         for m in module.members:
-            assert torch.equal(ensemble.members[m.index].wte.weight, m.model.wte.weight)
+            assembled = ensemble.members[m.index]
+            assert assembled.lm_head.weight is assembled.wte.weight, "the LM head stays tied to the embedding"
+            for (name, p), q in zip(assembled.named_parameters(), m.model.parameters()):
+                assert torch.equal(p, q), name
             assert torch.equal(ensemble.projections[m.index].weight, m.projection.weight)
+    for p, q in zip(ensemble.merger.parameters(), merger.parameters()):
+        assert torch.equal(p, q)
     ensemble.save(tmp_path / "final")
     loaded = LeviathanEnsemble.load(tmp_path / "final")
     x = torch.randint(0, 260, (2, 8))
