@@ -13,7 +13,8 @@ One job = one Ray Train run (jobs.plan.build_job_trainer). This entry point:
    folder plus the tokenizer and spec.json, loadable without Ray), writes
    `<run>/train_result.json` and prints the final table: every member's val
    loss on its own domain and on the mixed val set, the uniform mixture's and
-   the merged model's; then `jobs.evaluate` writes `<run>/report.md`.
+   the merged model's; then `jobs.evaluate`, run as a Ray task with one
+   worker's resources (a GPU when the job uses them), writes `<run>/report.md`.
 
 Without `--spec` it runs the built-in demo (jobs/specs/demo.toml).
 """
@@ -28,11 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.plan import Resources
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec_dict, with_values
 from leviathan import storage
 
 DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "demo.toml"
 RESULT_FILE = "train_result.json"
+EVALUATION_TASK = "leviathan-final-evaluation"
 SPEC_FILE = "spec.json"
 
 
@@ -177,23 +180,39 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
     }
     storage.write_text(storage.join(run_dir, RESULT_FILE), json.dumps(out, indent=2) + "\n")
     MetricsLog(run_dir).append([done_record(spec.training.phase2_steps)])
-    write_report(run_dir)
+    write_report(run_dir, resources_of(spec))
     print(format_table(table), flush=True)
     print(f"run folder: {run_dir} ({out['wall_time_s']:.0f} s)", flush=True)
     return out
 
 
-def write_report(run_dir: str) -> None:
+def write_report(run_dir: str, resources: Resources) -> None:
     """`report.md` / `report.json` by jobs.evaluate (every baseline, bits per byte); the
-    training result stands even when this fails, so a failure is a warning."""
+    training result stands even when this fails, so a failure is a warning.
+
+    The evaluation runs where the job's GPUs are, not on the driver (which may have
+    none): a Ray task asking for one worker's CPUs and, when the job uses GPUs,
+    one GPU, evaluating on it. It reads `final/` from the run folder and writes the
+    reports back there, so on a multi-node cluster the run folder is shared storage."""
+    import ray
+    from ray.exceptions import RayTaskError
+
     from jobs.evaluate import evaluate_run
 
+    task = ray.remote(evaluate_run).options(
+        name=EVALUATION_TASK,
+        num_cpus=resources.cpus_per_worker,
+        num_gpus=1 if resources.use_gpu else 0,
+        max_retries=0,
+    )
     try:
-        evaluate_run(run_dir)
-    except ValueError as e:
-        print(f"leviathan train: warning: evaluation report not written: {e}", file=sys.stderr)
+        report = ray.get(task.remote(run_dir))
+    except RayTaskError as e:
+        if not isinstance(e.cause, ValueError):  # RunError: one line naming the problem
+            raise
+        print(f"leviathan train: warning: evaluation report not written: {e.cause}", file=sys.stderr)
         return
-    print(f"evaluation report: {run_dir}/report.md", flush=True)
+    print(f"evaluation report: {run_dir}/report.md (evaluated on {report['run']['device']})", flush=True)
 
 
 class _Parser(argparse.ArgumentParser):

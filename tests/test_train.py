@@ -47,6 +47,13 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     assert json.loads((run / "final" / "spec.json").read_text())["name"] == "e2e"
     assert (run / "report.md").is_file(), "jobs.evaluate wrote the evaluation report"
 
+    # The report was evaluated in a Ray task asking for one worker's resources (a GPU with use_gpu).
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(filters=[("name", "=", train.EVALUATION_TASK)], detail=True)
+    assert [t.required_resources for t in tasks] == [{"CPU": 1.0}], tasks  # its state may lag behind
+    assert json.loads((run / "report.json").read_text())["run"]["device"] == "cpu"
+
     # One evaluator: the final table (scored on the workers) and report.json (one process) agree.
     report = {r["name"]: r["loss"] for r in json.loads((run / "report.json").read_text())["rows"]}
     for r in result["rows"]:
