@@ -201,6 +201,7 @@ class EnsembleWorker:
         self.merger_optimizer = adamw(self.merger, self.t.merge_lr, wd)
         for m in self.members:
             m.optimizer = None  # phase 1 is over: drop its optimiser state
+            m.model.zero_grad(set_to_none=True)  # and its last gradients (4 bytes per member parameter)
             m.projection_optimizer = adamw(m.projection, self.t.merge_lr, wd)
             if self.t.joint:
                 m.joint_optimizer = adamw(m.model, self.t.lr * self.t.joint_lr_scale, wd)
