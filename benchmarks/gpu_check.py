@@ -10,10 +10,11 @@ failing section does not stop the others):
   values d wide, scale 1/sqrt(d)) through every SDPA backend and the Triton
   kernel, in bf16, forward and backward, against a float64 reference of the
   float32 inputs, at the base preset's widths (head dim 40, w = 4) and at
-  head dim 64 (w = 4);
+  head dim 64 (w = 4); each in three cases (CASES): the causal training
+  forward, a masked prefill after cached positions, a one-token decode;
 - prefill_decode: a base member under bf16 autocast, cached: a plain prefill,
-  a masked prefill after it (P cached positions, T new ones) and a one-token
-  decode, each against the uncached forward's logits;
+  a masked prefill after it (P cached positions, K new ones) and a one-token
+  decode, each against the uncached float32 forward's logits;
 - member_gelu4, member_relu3: a base member of each flavour, B = 32, T = 512,
   bf16 autocast, AdamW steps: tokens/s, peak memory, a finite loss;
 - mfu: flops() of each member step (`leviathan.flops`, following the mixer
@@ -36,6 +37,7 @@ Exit status 0 when every section is ok.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import socket
@@ -158,9 +160,16 @@ def correlation_inputs(B: int, H: int, T: int, d: int, w: int, device: torch.dev
     return [q, k, v, lag]
 
 
-def lag_stacked_correlation(q, k, v, lag, backend=None) -> torch.Tensor:
+CASES = ("causal", "masked_prefill", "decode")
+"""Query shapes of the backend rows: a training forward; a prefill of the last quarter of
+the positions after the rest were cached (an explicit mask, since SDPA's is_causal aligns
+top-left); a one-token decode (no mask)."""
+
+
+def lag_stacked_correlation(q, k, v, lag, backend=None, case: str = "causal") -> torch.Tensor:
     """Correlation as one SDPA call: Q~[i] = concat_u a[u] q[i-u], K~[j] = concat_u k[j-u]
-    (B, H, T, d*w), values (B, H, T, d), scale 1/sqrt(d). backend: an SDPBackend to force."""
+    (B, H, T, d*w), values (B, H, T, d), scale 1/sqrt(d), for the queries of `case`.
+    backend: an SDPBackend to force (else PyTorch's own dispatch)."""
     from torch.nn.attention import sdpa_kernel
 
     from leviathan.correlation import lag_stack
@@ -169,13 +178,20 @@ def lag_stacked_correlation(q, k, v, lag, backend=None) -> torch.Tensor:
     w = lag.shape[1]
     qs = (lag_stack(q, w).view(B, H, T, w, d) * lag.view(1, H, 1, w, 1).to(q.dtype)).view(B, H, T, w * d)
     ks = lag_stack(k, w)
-    if backend is None:
-        return F.scaled_dot_product_attention(qs, ks, v, is_causal=True, scale=d**-0.5)
-    with sdpa_kernel([backend]):
-        return F.scaled_dot_product_attention(qs, ks, v, is_causal=True, scale=d**-0.5)
+    kwargs: dict[str, Any] = {}
+    if case == "causal":
+        kwargs["is_causal"] = True
+    elif case == "masked_prefill":
+        P = T - T // 4  # cached positions
+        qs = qs[:, :, P:]
+        kwargs["attn_mask"] = torch.ones(T - P, T, dtype=torch.bool, device=q.device).tril(diagonal=P)
+    else:  # decode: the last position's query against every key
+        qs = qs[:, :, -1:]
+    with contextlib.nullcontext() if backend is None else sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(qs, ks, v, scale=d**-0.5, **kwargs)
 
 
-def relative_errors(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], dtype: torch.dtype) -> dict[str, float]:
+def relative_errors(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], dtype: torch.dtype, case: str) -> dict[str, float]:
     """Max |fn(dtype) - reference| / max |reference| of the output and every input gradient.
 
     The reference is SDPA's math backend on the float32 inputs computed in float64, so
@@ -183,7 +199,7 @@ def relative_errors(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
     from torch.nn.attention import SDPBackend
 
     ref_in = [x.double().requires_grad_() for x in inputs]
-    ref = lag_stacked_correlation(*ref_in, backend=SDPBackend.MATH)
+    ref = lag_stacked_correlation(*ref_in, backend=SDPBackend.MATH, case=case)
     grad_out = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, ref_in, grad_out)
     ref, ref_grads = ref.float(), [g.float() for g in ref_grads]
@@ -198,33 +214,33 @@ def relative_errors(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
 
 
 def sdpa_backends(device: torch.device, sizes: Sizes, dtype: torch.dtype) -> dict[str, Any]:
-    """Every SDPA backend (and the Triton kernel on CUDA) on the correlation's shapes."""
+    """Every SDPA backend (and the Triton kernel on CUDA, causal only) on the correlation's shapes."""
     from torch.nn.attention import SDPBackend
 
     B, H, T = sizes.backend_bht
-    candidates: dict[str, Callable] = {
-        b.name.lower(): (lambda q, k, v, a, b=b: lag_stacked_correlation(q, k, v, a, backend=b))
-        for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
-    }
-    if device.type == "cuda":
-        candidates["triton"] = _triton_correlation
+    backends = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
     rows = []
     for d, w in sizes.backend_shapes:
         inputs = correlation_inputs(B, H, T, d, w, device)
-        for name, fn in candidates.items():
-            row: dict[str, Any] = {"backend": name, "head_dim": d, "window": w, "B": B, "H": H, "T": T}
-            try:
-                errors = relative_errors(fn, inputs, dtype)
-                row.update(errors, ok=max(errors.values()) <= BF16_TOLERANCE)
-            except Exception as e:  # noqa: BLE001 - a backend that cannot run this shape is a finding
-                row.update(ok=False, error=one_line(e))
-            rows.append(row)
-    # The mixer needs one backend that runs every shape; the rest are findings.
-    usable = sorted({r["backend"] for r in rows if r["ok"]} - {
-        r["backend"] for r in rows if not r["ok"]
-    })
+        for case in CASES:
+            candidates: dict[str, Callable] = {
+                b.name.lower(): (lambda q, k, v, a, b=b, case=case: lag_stacked_correlation(q, k, v, a, backend=b, case=case))
+                for b in backends
+            }
+            if device.type == "cuda" and case == "causal":
+                candidates["triton"] = _triton_correlation
+            for name, fn in candidates.items():
+                row: dict[str, Any] = {"backend": name, "case": case, "head_dim": d, "window": w, "B": B, "H": H, "T": T}
+                try:
+                    errors = relative_errors(fn, inputs, dtype, case)
+                    row.update(errors, ok=max(errors.values()) <= BF16_TOLERANCE)
+                except Exception as e:  # noqa: BLE001 - a backend that cannot run this shape is a finding
+                    row.update(ok=False, error=one_line(e))
+                rows.append(row)
+    # The mixer needs one backend that runs every shape and case; the rest are findings.
+    usable = sorted({r["backend"] for r in rows if r["ok"]} - {r["backend"] for r in rows if not r["ok"]})
     out: dict[str, Any] = {"ok": bool(usable), "dtype": str(dtype).removeprefix("torch."),
-                           "tolerance": BF16_TOLERANCE, "usable_for_every_shape": usable, "rows": rows}
+                           "tolerance": BF16_TOLERANCE, "usable_for_every_case": usable, "rows": rows}
     try:
         from leviathan.correlation import CUDA_SDPA_BACKENDS
 
@@ -254,7 +270,8 @@ def tokens(B: int, T: int, vocab_size: int, device: torch.device) -> torch.Tenso
 
 
 def prefill_decode(device, sizes: Sizes, autocast, vocab_size: int) -> dict[str, Any]:
-    """Cached forwards against the uncached one: prefill, masked prefill, one-token decode."""
+    """A base member's cached forwards under bf16 autocast (the model's own SDPA choice)
+    against its uncached float32 forward: prefill, masked prefill, one-token decode."""
     from leviathan.model import build_component
 
     torch.manual_seed(0)
@@ -262,14 +279,15 @@ def prefill_decode(device, sizes: Sizes, autocast, vocab_size: int) -> dict[str,
     P, K, D = sizes.prefill, sizes.masked, sizes.decode_len
     x = tokens(1, P + K + D, vocab_size, device)[:, : P + K + D]
     out: dict[str, Any] = {}
-    with torch.no_grad(), autocast():
+    with torch.no_grad():
         full = model(x)[0].float()
-        cache = model.new_cache()
-        parts = {
-            "prefill": (model(x[:, :P], cache=cache)[0], slice(0, P)),
-            "masked_prefill": (model(x[:, P : P + K], cache=cache)[0], slice(P, P + K)),
-            "decode": (model(x[:, P + K :], cache=cache)[0], slice(P + K, P + K + D)),
-        }
+        with autocast():
+            cache = model.new_cache()
+            parts = {
+                "prefill": (model(x[:, :P], cache=cache)[0], slice(0, P)),
+                "masked_prefill": (model(x[:, P : P + K], cache=cache)[0], slice(P, P + K)),
+                "decode": (model(x[:, P + K :], cache=cache)[0], slice(P + K, P + K + D)),
+            }
     scale = full.abs().max().item()
     for name, (logits, where) in parts.items():
         out[f"{name}_rel_error"] = (logits.float() - full[:, where]).abs().max().item() / scale

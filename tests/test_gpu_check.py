@@ -35,7 +35,8 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     assert report["params"]["ensemble"] > 1_000_000_000, "the giant spec's ~1.2B parameters, counted on meta"
     backends = {r["backend"] for r in report["sdpa_backends"]["rows"]}
     assert backends == {"flash_attention", "efficient_attention", "cudnn_attention", "math"}
-    assert "math" in report["sdpa_backends"]["usable_for_every_shape"]
+    assert "math" in report["sdpa_backends"]["usable_for_every_case"]
+    assert {r["case"] for r in report["sdpa_backends"]["rows"]} == {"causal", "masked_prefill", "decode"}
     for name in ("prefill", "masked_prefill", "decode"):
         assert report["prefill_decode"][f"{name}_rel_error"] <= 5e-2
     for flavour in ("gelu4", "relu3"):

@@ -106,7 +106,8 @@ def _all_reduce_wrong_on_rank_1(config):
     "loop,rank,step,detail",
     [
         (_all_reduce_raises_on_rank_1, 1, "merge step", "injected: all_reduce unavailable"),
-        (_all_reduce_wrong_on_rank_1, 0, "object gather", "the all-reduced loss differs between ranks"),
+        pytest.param(_all_reduce_wrong_on_rank_1, 0, "object gather", "the all-reduced loss differs between ranks",
+                     marks=pytest.mark.slow),
     ],
     ids=["raises", "wrong-result"],
 )
@@ -120,5 +121,7 @@ def test_broken_collective_fails_the_job_at_once_with_one_line(ray_cluster, plan
     line = train.failure_line(e.value)
     assert line.startswith(f"collective check failed on rank {rank} of 2 (cpu, backend gloo): {step}"), line
     assert detail in line and "\n" not in line, line
-    assert elapsed < 90, f"the job took {elapsed:.0f} s to fail"
+    # The other rank waits in a collective whose timeout is 30 minutes (TorchConfig's default):
+    # the job must end long before, when Ray Train sees the failed rank, not when that times out.
+    assert elapsed < 300, f"the job took {elapsed:.0f} s to fail"
     assert not (tmp_path / "metrics.jsonl").exists(), "no training step ran"
