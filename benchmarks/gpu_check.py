@@ -102,7 +102,7 @@ class Sizes:
 # --------------------------------------------------------------------------- sections
 
 
-def versions(device: torch.device) -> dict[str, Any]:
+def versions(device: torch.device, peak_override: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0]}
     try:
         import triton
@@ -114,6 +114,8 @@ def versions(device: torch.device) -> dict[str, Any]:
         name = torch.cuda.get_device_name(device)
         major, minor = torch.cuda.get_device_capability(device)
         model, peak = peak_for(name)
+        if peak_override is not None:
+            model, peak = f"--peak-tflops {peak_override:g}", peak_override
         out.update(
             cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
             nccl=_version_text(torch.cuda.nccl.version()), device=name,
@@ -122,7 +124,7 @@ def versions(device: torch.device) -> dict[str, Any]:
         )
         out["ok"] = peak is not None
         if peak is None:
-            out["error"] = f"no dense bf16 peak known for {name!r}: MFU is not computed"
+            out["error"] = f"no dense bf16 peak known for {name!r}: pass --peak-tflops for MFU"
     else:
         out.update(device="cpu", ok=True)
     return out
@@ -519,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="smoke-test the code paths on CPU at tiny sizes")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the members (BPE default 4096)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of a device not in the table")
     p.add_argument("--quick-kernel", action="store_true", help="fewer kernel timing shapes")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
@@ -540,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report: dict[str, Any] = {"benchmark": "gpu_check", "mode": "cpu smoke test" if args.cpu else "gpu",
                               "note": MULTI_RANK_NOTE}
-    run_section(report, "versions", lambda: versions(device))
+    run_section(report, "versions", lambda: versions(device, args.peak_tflops))
     peak = report["versions"].get("peak_dense_bf16_tflops")
     run_section(report, "params", lambda: params_on_meta(args.vocab_size))
     run_section(report, "sdpa_backends", lambda: sdpa_backends(device, sizes, dtype))

@@ -45,3 +45,25 @@ def test_gpu_check_smoke_mode_runs_every_section(tmp_path):
     assert report["collectives"]["differentiable_all_gather_backward"] is True
     assert "needs 2 GPUs" in report["collectives"]["multi_rank"] and "needs 2 GPUs" in report["note"]
     assert report["checkpoint"] == {**report["checkpoint"], "weights": True, "optimizer_state": True, "rng": True}
+
+
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "name,model,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.0),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", "H100 NVL", 835.0),
+        ("NVIDIA H200", "H200 SXM", 989.0),
+        ("NVIDIA H200 NVL", "H200 NVL", 835.0),
+        ("NVIDIA A100-SXM4-80GB", None, None),
+    ],
+)
+def test_peak_is_the_exact_device_models(name, model, peak):
+    assert _gpu_check_module().peak_for(name) == (model, peak)
