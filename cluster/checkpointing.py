@@ -6,7 +6,7 @@ directory (Ray merges the ranks' files):
     module_{i}.pt     by the rank hosting module i: every member's weights,
                       projection and optimiser states, the module's train
                       sampler state (its position in the domain's shard)
-    rng_rank_{r}.pt   by rank r: its torch / CUDA / numpy / python RNG states
+    rng_rank_{r}.pt   by rank r: its torch / own-GPU / numpy / python RNG states
     merger.pt         by rank 0: the merger (identical on every rank), its
                       optimiser, and the phase-2 mixed-batch sampler state
     ensemble.json     by rank 0: the EnsembleConfig (to rebuild without the spec)
@@ -31,6 +31,7 @@ import torch
 
 from cluster.members import Module
 from leviathan.config import EnsembleConfig
+from leviathan.checkpoint import assign_state
 from leviathan.ensemble import LeviathanEnsemble
 
 FORMAT_VERSION = 1
@@ -58,19 +59,31 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG states; on a CUDA `device`, that one device's generator only.
+
+    Ray shares `CUDA_VISIBLE_DEVICES` among a node's workers, so "every visible GPU"
+    differs between nodes: a state list saved on an 8-GPU node cannot be restored on
+    a 4-GPU one. Each rank owns exactly its own device's generator, so that is
+    what it saves and restores (into whichever device it runs on after a restart).
+    """
+    cuda = None
+    if device is not None and device.type == "cuda":
+        cuda = torch.cuda.get_rng_state(device)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": cuda,
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore `rng_state`'s output; the CUDA state goes to this rank's own `device`."""
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
 
@@ -100,15 +113,15 @@ def load_module(directory: Path, module: Module) -> None:
     module.sampler.load_state_dict(state["sampler"])
 
 
-def save_rank(directory: Path, rank: int) -> None:
-    torch.save(rng_state(), directory / rng_file(rank))
+def save_rank(directory: Path, rank: int, device: torch.device | None = None) -> None:
+    torch.save(rng_state(device), directory / rng_file(rank))
 
 
-def load_rank(directory: Path, rank: int) -> None:
+def load_rank(directory: Path, rank: int, device: torch.device | None = None) -> None:
     """Restore this rank's RNG (absent when the worker count changed: then keep the fresh seed)."""
     path = directory / rng_file(rank)
     if path.is_file():
-        set_rng_state(_load(path))
+        set_rng_state(_load(path), device)
 
 
 def save_coordinator(
@@ -156,21 +169,29 @@ def load_coordinator(
 
 
 def assemble(directory: str | Path) -> LeviathanEnsemble:
-    """Rebuild the whole ensemble from a training checkpoint (no Ray needed)."""
+    """Rebuild the whole ensemble from a training checkpoint (no Ray needed).
+
+    The ensemble is built on the meta device and takes the checkpoint's tensors
+    as they are: no parameter is allocated or randomly initialised only to be
+    overwritten (1.2B of them for the giant spec)."""
     directory = Path(directory)
     path = directory / ENSEMBLE_FILE
     if not path.is_file():
         raise CheckpointLayoutError(f"{path}: missing from the checkpoint")
     config = EnsembleConfig.from_dict(json.loads(path.read_text()))
-    ensemble = LeviathanEnsemble(config)
+    with torch.device("meta"):
+        ensemble = LeviathanEnsemble(config)
     names = config.member_names
+    state: dict[str, torch.Tensor] = {}
     for module in range(config.modules):
-        state = _load(directory / module_file(module))
-        for member_state in state["members"]:
+        for member_state in _load(directory / module_file(module))["members"]:
             i = member_state["index"]
             if names[i] != member_state["name"]:
                 raise CheckpointLayoutError(f"{directory / module_file(module)}: member {i} is not {names[i]}")
-            ensemble.members[i].load_state_dict(member_state["model"])
-            ensemble.projections[i].load_state_dict(member_state["projection"])
-    ensemble.merger.load_state_dict(_load(directory / MERGER_FILE)["merger"])
-    return ensemble
+            state.update({f"members.{i}.{k}": v for k, v in member_state["model"].items()})
+            state.update({f"projections.{i}.{k}": v for k, v in member_state["projection"].items()})
+    state.update({f"merger.{k}": v for k, v in _load(directory / MERGER_FILE)["merger"].items()})
+    try:
+        return assign_state(ensemble, state)
+    except RuntimeError as e:  # missing or unexpected keys, wrong shapes
+        raise CheckpointLayoutError(f"{directory}: the checkpoint does not fit {ENSEMBLE_FILE}: {e}") from None

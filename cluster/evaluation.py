@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from cluster.members import Member
@@ -48,6 +49,15 @@ class EvalResult:
 
     def mixed(self, row: str) -> float:
         return self.losses[MIXED][self.rows.index(row)]
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (`all_gather_object`; no call at world size 1)."""
+    if world_size == 1:
+        return [obj]
+    everyone: list[Any] = [None] * world_size
+    dist.all_gather_object(everyone, obj)
+    return everyone
 
 
 def mean(values: Sequence[float]) -> float:

@@ -36,10 +36,9 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from cluster import checkpointing
-from cluster.evaluation import evaluate, mean
+from cluster.evaluation import evaluate, gather_objects, mean
 from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed
 from cluster.merge import CommTimer, Exchange, local_parameters, merged_loss, reduce_and_clip
 from cluster.metrics import Gauges, MetricsLog, format_line, format_progress
@@ -47,6 +46,7 @@ from leviathan.progress import RunProgress
 from leviathan.records import record
 from cluster.placement import modules_for_rank
 from cluster.plan import RunPlan
+from cluster.preflight import check_collectives
 from cluster.schedule import lr_at, set_lr
 from cluster.tracking import Tracker
 from cluster.verbosity import quiet_report_lines
@@ -102,6 +102,8 @@ class EnsembleWorker:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         if plan.resources.use_gpu:
             self.device = ray.train.torch.get_device()
+            # TF32 tensor cores for the fp32 matmuls autocast leaves (norms' neighbours, the merger).
+            torch.set_float32_matmul_precision("high")
         else:
             self.device = torch.device("cpu")
             torch.set_num_threads(max(1, int(plan.resources.cpus_per_worker)))
@@ -163,6 +165,7 @@ class EnsembleWorker:
     # ------------------------------------------------------------------ driver of the phases
 
     def run(self) -> None:
+        self.check_collectives()
         checkpoint = ray.train.get_checkpoint()
         phase, step = "members", 0
         if checkpoint is not None:
@@ -177,6 +180,17 @@ class EnsembleWorker:
         # else: the checkpoint is the finished job's last one; nothing is left to run.
         if self.tracker is not None:
             self.tracker.finish()
+
+    def check_collectives(self) -> dict[str, float]:
+        """Push a tiny batch through every collective of phase 2 and validation now
+        (cluster.preflight), so a broken one fails the job in its first minute.
+        Returns each check step's seconds."""
+        seconds = check_collectives(
+            self.members, self.config.member_names, self.merger, self.exchange, self.device, self.autocast,
+            joint=self.t.joint, vocab_size=self.config.vocab_size,
+        )
+        self.log("collectives checked: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items()))
+        return seconds
 
     def train_members(self, start: int) -> None:
         """Phase 1: steps start+1 .. phase1_steps of every hosted member, no communication."""
@@ -199,6 +213,7 @@ class EnsembleWorker:
         self.merger_optimizer = adamw(self.merger, self.t.merge_lr, wd)
         for m in self.members:
             m.optimizer = None  # phase 1 is over: drop its optimiser state
+            m.model.zero_grad(set_to_none=True)  # and its last gradients (4 bytes per member parameter)
             m.projection_optimizer = adamw(m.projection, self.t.merge_lr, wd)
             if self.t.joint:
                 m.joint_optimizer = adamw(m.model, self.t.lr * self.t.joint_lr_scale, wd)
@@ -298,11 +313,7 @@ class EnsembleWorker:
         for r in mine:
             self.gauges.update(r)
             self.log(format_line(r))
-        everyone = [None] * self.world_size
-        if self.world_size > 1:
-            dist.all_gather_object(everyone, (mine, cpu))
-        else:
-            everyone = [(mine, cpu)]
+        everyone = gather_objects((mine, cpu), self.world_size)
         # The interval's training CPU time of every worker, on each of the step's lines.
         cpu_s = sum(c for _, c in everyone) if self.interval_steps else None
         records = [dict(r, replayed=replayed, cpu_s=cpu_s) for part, _ in everyone for r in part]
@@ -350,7 +361,7 @@ class EnsembleWorker:
             d = Path(tmp)
             for module in self.modules:
                 checkpointing.save_module(d, module)
-            checkpointing.save_rank(d, self.rank)
+            checkpointing.save_rank(d, self.rank, self.device)
             if self.rank == 0 and self.final_table is not None:
                 (d / FINAL_TABLE_FILE).write_text(json.dumps(self.final_table, indent=2) + "\n")
             if self.rank == 0:
@@ -369,7 +380,7 @@ class EnsembleWorker:
         for module in self.modules:
             checkpointing.load_module(d, module)
         checkpointing.load_coordinator(d, self.merger, self.merger_optimizer, self.mixed_sampler)
-        checkpointing.load_rank(d, self.rank)
+        checkpointing.load_rank(d, self.rank, self.device)
         return phase, step
 
     def log(self, message: str) -> None:

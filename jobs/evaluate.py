@@ -114,7 +114,9 @@ def _evaluate_local(
     )
     try:
         report = evaluate_ensemble(ensemble, m, domains, **settings)
-        report["run"] = {"name": spec.name, "dir": str(run), "manifest": m.location, "time": time.time()}
+        report["run"] = {
+            "name": spec.name, "dir": str(run), "manifest": m.location, "time": time.time(), "device": settings["device"],
+        }
         if twin is not None:
             twin_ensemble, _ = load_final(twin)
             if twin_ensemble.config.vocab_size != ensemble.config.vocab_size:

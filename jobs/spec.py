@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from leviathan.config import BYTE_VOCAB_SIZE, FLAVOURS, MERGE_MODES, MIXERS, PRESETS, SIZE_FIELDS, ComponentConfig, EnsembleConfig
 
@@ -32,6 +32,14 @@ BUILTIN_MANIFEST = "builtin"
 
 RUN_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 DEFAULT_BLOCK_SIZE = 256
+
+
+def refuse_placeholder(value: str, what: str) -> str:
+    """A value written `<...>` is a spec file's placeholder for a site-specific setting
+    (jobs/specs/giant.toml): refuse it, saying what to put there."""
+    if value.startswith("<") and value.endswith(">"):
+        raise ValueError(f"still the placeholder {value}: set it to {what}")
+    return value
 
 
 def default_home() -> Path:
@@ -59,6 +67,13 @@ class DataSpec(StrictModel):
         None,
         description="Domains in module order (module i trains on domains[i]); default: the manifest's first `modules` domains.",
     )
+
+    @field_validator("manifest")
+    @classmethod
+    def _check_manifest(cls, value: str) -> str:
+        return refuse_placeholder(
+            value, "a prepared manifest every worker can read (`leviathan prepare --out URI`), or pass --manifest"
+        )
 
 
 class MemberSpec(StrictModel):
@@ -218,6 +233,11 @@ class JobSpec(StrictModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
+    @field_validator("storage")
+    @classmethod
+    def _check_storage(cls, value: str) -> str:
+        return refuse_placeholder(value, "a URI every node can write (s3://, gs://, ...), or pass --storage")
+
     @model_validator(mode="after")
     def _check_workers(self) -> "JobSpec":
         if self.resources.workers is not None and self.resources.workers > self.ensemble.modules:
@@ -295,16 +315,22 @@ def format_validation_error(err: ValidationError) -> str:
 
 def with_values(spec: JobSpec | dict[str, Any], values: dict[str, Any]) -> JobSpec:
     """A spec (or a spec dict) with dotted fields set, e.g. {"training.lr": 1e-3, "name": "x"},
-    validated like a spec file. Raises SpecError naming the field."""
+    validated like a spec file. Raises SpecError naming the field.
+
+    A spec dict (a file's fields, not yet validated) may leave sections and fields out;
+    setting one adds it, and validation then refuses names the schema does not have."""
     data = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else copy.deepcopy(spec)
+    partial = not isinstance(spec, JobSpec)
     for name, value in values.items():
         *path, leaf = name.split(".")
         node = data
         for i, key in enumerate(path):
+            if partial:
+                node.setdefault(key, {})
             if not isinstance(node.get(key), dict):
                 raise SpecError(f"{name}: the spec has no section {'.'.join(path[: i + 1])!r}")
             node = node[key]
-        if leaf not in node:
+        if leaf not in node and not partial:
             raise SpecError(f"{name}: the spec has no field {name!r}")
         node[leaf] = value
     try:

@@ -13,8 +13,9 @@ One job = one Ray Train run (jobs.plan.build_job_trainer). This entry point:
    folder plus the tokenizer and spec.json, loadable without Ray), writes
    `<run>/train_result.json` and prints the final table: every member's val
    loss on its own domain and on the mixed val set, the uniform mixture's and
-   the merged model's; then `jobs.evaluate` writes `<run>/report.md`, which
-   also goes to the run's MLflow run when the spec tracks one (cluster.tracking).
+   the merged model's; then `jobs.evaluate`, run as a Ray task with one
+   worker's resources (a GPU when the job uses them), writes `<run>/report.md`,
+   which also goes to the run's MLflow run when the spec tracks one (cluster.tracking).
 
 Without `--spec` it runs the built-in demo (jobs/specs/demo.toml).
 """
@@ -29,11 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec, with_values
+from cluster.plan import Resources
+from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec_dict, with_values
 from leviathan import storage
 
 DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "demo.toml"
 RESULT_FILE = "train_result.json"
+EVALUATION_TASK = "leviathan-final-evaluation"
 SPEC_FILE = "spec.json"
 
 
@@ -120,6 +123,18 @@ def format_table(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def failure_line(error: Exception) -> str:
+    """One line for a failed fit(): a worker's collective check failure when there is one
+    (it names the rank, device, backend and step), else the error's first line."""
+    from cluster.preflight import CHECK_FAILED
+
+    lines = str(error).splitlines()
+    for line in lines:
+        if CHECK_FAILED in line:
+            return line[line.index(CHECK_FAILED):]
+    return lines[0] if lines else type(error).__name__
+
+
 def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run a whole job (prepare, fit, final/, evaluation table) and return the result dict.
 
@@ -155,7 +170,7 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
             result = trainer.fit()
     except TrainingFailedError as e:
         end_run(tracking, run_dir, "FAILED", {})
-        raise TrainError(f"training failed: {e}") from e
+        raise TrainError(f"training failed: {failure_line(e)}") from e
     if result.checkpoint is None:
         raise TrainError("training ended without a checkpoint")
     table = assemble_final(result.checkpoint, spec, manifest, f"{run_dir}/final")
@@ -170,7 +185,7 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
     }
     storage.write_text(storage.join(run_dir, RESULT_FILE), json.dumps(out, indent=2) + "\n")
     MetricsLog(run_dir).append([done_record(spec.training.phase2_steps)])
-    write_report(run_dir)
+    write_report(run_dir, resources_of(spec))
     report = storage.read_text(storage.join(run_dir, "report.md"))
     end_run(tracking, run_dir, "FINISHED", {"report.md": report} if report is not None else {})
     print(format_table(table), flush=True)
@@ -178,17 +193,33 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
     return out
 
 
-def write_report(run_dir: str) -> None:
+def write_report(run_dir: str, resources: Resources) -> None:
     """`report.md` / `report.json` by jobs.evaluate (every baseline, bits per byte); the
-    training result stands even when this fails, so a failure is a warning."""
+    training result stands even when this fails, so a failure is a warning.
+
+    The evaluation runs where the job's GPUs are, not on the driver (which may have
+    none): a Ray task asking for one worker's CPUs and, when the job uses GPUs,
+    one GPU, evaluating on it. It reads `final/` from the run folder and writes the
+    reports back there, so on a multi-node cluster the run folder is shared storage."""
+    import ray
+    from ray.exceptions import RayTaskError
+
     from jobs.evaluate import evaluate_run
 
+    task = ray.remote(evaluate_run).options(
+        name=EVALUATION_TASK,
+        num_cpus=resources.cpus_per_worker,
+        num_gpus=1 if resources.use_gpu else 0,
+        max_retries=0,
+    )
     try:
-        evaluate_run(run_dir)
-    except ValueError as e:
-        print(f"leviathan train: warning: evaluation report not written: {e}", file=sys.stderr)
+        report = ray.get(task.remote(run_dir))
+    except RayTaskError as e:
+        if not isinstance(e.cause, ValueError):  # RunError: one line naming the problem
+            raise
+        print(f"leviathan train: warning: evaluation report not written: {e.cause}", file=sys.stderr)
         return
-    print(f"evaluation report: {run_dir}/report.md", flush=True)
+    print(f"evaluation report: {run_dir}/report.md (evaluated on {report['run']['device']})", flush=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -201,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", default=str(DEMO_SPEC), help="JobSpec file (.toml or .json); default: the built-in demo")
     p.add_argument("--storage", default=None, help="override the spec's storage (runs go to <storage>/<name>)")
     p.add_argument("--name", default=None, help="override the spec's run name")
+    p.add_argument("--manifest", default=None, help="override the spec's data.manifest (a prepared corpus)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="also show Ray Train's per-report and checkpoint log lines")
     return p
@@ -209,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        overrides = {"name": args.name, "storage": args.storage}
-        spec = with_values(load_spec(args.spec), {k: v for k, v in overrides.items() if v is not None})
+        overrides = {"name": args.name, "storage": args.storage, "data.manifest": args.manifest}
+        # Overrides apply before validation, so they can replace a spec file's placeholders.
+        spec = with_values(load_spec_dict(args.spec), {k: v for k, v in overrides.items() if v is not None})
         run(spec, progress=False if args.no_progress else None, verbose=args.verbose)
     except ValueError as e:  # SpecError, PlacementError, data errors: the job cannot start
         print(f"leviathan train: error: {e}", file=sys.stderr)

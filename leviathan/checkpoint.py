@@ -101,3 +101,25 @@ def load_folder(
             f"{weights}: does not match {config_path.name}: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
         )
     return module.to(map_location)
+
+
+def assign_state(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Fill a module built on the meta device (`with torch.device("meta"): build()`)
+    with the tensors of `state`, without allocating or randomly initialising weights first.
+
+    `load_state_dict(assign=True)` gives every registration of a shared parameter
+    (the LM head tied to the token embedding) its own Parameter; the registrations
+    that shared one before are tied again here. Every parameter and buffer must
+    come from `state` (strict), so nothing is left on the meta device.
+    """
+    shared: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    module.load_state_dict(state, strict=True, assign=True)
+    for first, *others in shared.values():
+        param = module.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, param)
+    return module
+

@@ -159,11 +159,19 @@ def test_assemble_rebuilds_the_ensemble_from_a_checkpoint(tmp_path, shard):
         config=config, phase="merge", step=3,
     )
     assert checkpointing.read_state(tmp_path)["step"] == 3
+    rng = torch.get_rng_state()
     ensemble = checkpointing.assemble(tmp_path)
+    assert torch.equal(rng, torch.get_rng_state()), "assembled on the meta device: no random initialisation"
+    assert not any(t.is_meta for t in (*ensemble.parameters(), *ensemble.buffers()))
     for module in modules:
         for m in module.members:
-            assert torch.equal(ensemble.members[m.index].wte.weight, m.model.wte.weight)
+            assembled = ensemble.members[m.index]
+            assert assembled.lm_head.weight is assembled.wte.weight, "the LM head stays tied to the embedding"
+            for (name, p), q in zip(assembled.named_parameters(), m.model.parameters()):
+                assert torch.equal(p, q), name
             assert torch.equal(ensemble.projections[m.index].weight, m.projection.weight)
+    for p, q in zip(ensemble.merger.parameters(), merger.parameters()):
+        assert torch.equal(p, q)
     ensemble.save(tmp_path / "final")
     loaded = LeviathanEnsemble.load(tmp_path / "final")
     x = torch.randint(0, 260, (2, 8))
@@ -189,3 +197,28 @@ def test_progress_bar_follows_the_metrics_log(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "14/14" in err and "merger=1.250" in err, err[-500:]
     assert "merger=9.000" not in err, "records of an earlier run are skipped"
+
+
+def test_rng_checkpoint_holds_only_the_ranks_own_gpu(tmp_path, monkeypatch):
+    """A rank saves its own GPU's generator, and restores it on whatever device it gets after a
+    restart, even on a node with fewer GPUs (no `*_all` calls over the visible devices).
+
+    No GPU here: torch.cuda's generator accessors are simulated for an 8-GPU node, then a 1-GPU one."""
+    generators = {i: torch.tensor([i], dtype=torch.uint8) for i in range(8)}
+    restored = {}
+
+    def refuse_all(*args, **kwargs):
+        raise AssertionError("the checkpoint must not touch every visible GPU")
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", refuse_all)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse_all)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: generators[device.index].clone())
+    checkpointing.save_rank(tmp_path, 5, torch.device("cuda", 6))
+
+    generators = {0: torch.tensor([0], dtype=torch.uint8)}  # the restart lands on a 1-GPU node
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.update({device.index: state}))
+    checkpointing.load_rank(tmp_path, 5, torch.device("cuda", 0))
+    assert list(restored) == [0] and restored[0].tolist() == [6], restored
+
+    checkpointing.save_rank(tmp_path, 1)  # a CPU rank saves no CUDA state
+    assert torch.load(tmp_path / checkpointing.rng_file(1), weights_only=False)["cuda"] is None

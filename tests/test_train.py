@@ -47,6 +47,13 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     assert json.loads((run / "final" / "spec.json").read_text())["name"] == "e2e"
     assert (run / "report.md").is_file(), "jobs.evaluate wrote the evaluation report"
 
+    # The report was evaluated in a Ray task asking for one worker's resources (a GPU with use_gpu).
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(filters=[("name", "=", train.EVALUATION_TASK)], detail=True)
+    assert [t.required_resources for t in tasks] == [{"CPU": 1.0}], tasks  # its state may lag behind
+    assert json.loads((run / "report.json").read_text())["run"]["device"] == "cpu"
+
     # One evaluator: the final table (scored on the workers) and report.json (one process) agree.
     report = {r["name"]: r["loss"] for r in json.loads((run / "report.json").read_text())["rows"]}
     for r in result["rows"]:
@@ -126,3 +133,29 @@ def test_bad_spec_file_is_a_one_line_error(tmp_path, capsys):
     assert train.main(["--spec", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "training.phase1_steps" in err and "training.bogus" in err and len(err.splitlines()) == 1
+
+
+GIANT = Path(__file__).resolve().parents[1] / "jobs" / "specs" / "giant.toml"
+
+
+def test_giant_spec_refuses_its_placeholders_until_storage_and_data_are_named(tmp_path, capsys):
+    assert train.main(["--spec", str(GIANT)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "storage: " in err and "data.manifest: " in err and "still the placeholder" in err
+    assert "--storage" in err and "--manifest" in err
+
+    # Named on the command line: the placeholders are gone, and missing data is the next one-line error.
+    code = train.main(["--spec", str(GIANT), "--storage", str(tmp_path / "runs"), "--manifest", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "data.manifest: no manifest at" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_overrides_add_fields_a_spec_file_leaves_out(tmp_path, capsys):
+    """--storage / --manifest apply to a spec file without those fields (the demo's shape)."""
+    spec_file = tmp_path / "plain.toml"
+    spec_file.write_text('name = "plain"\n')
+    code = train.main(["--spec", str(spec_file), "--storage", str(tmp_path / "runs"), "--manifest", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "data.manifest: no manifest at" in err and str(tmp_path / "none") in err, err
