@@ -12,6 +12,7 @@ records are skipped.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -76,8 +77,8 @@ class MetricsSummary:
 
     def snapshot(self) -> "MetricsSummary":
         """A copy callers may keep while the reader folds more lines into the original."""
-        return MetricsSummary(self.offset, self.records, self.phase, self.step, self.updated_at,
-                              {name: dict(m) for name, m in self.members.items()})
+        return MetricsSummary(self.cursor, self.records, self.phase, self.step, self.updated_at,
+                              {name: dict(m) for name, m in self.members.items()}, copy.deepcopy(self.progress))
 
     def fold(self, rec: dict[str, Any]) -> None:
         self.records += 1
