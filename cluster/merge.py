@@ -63,7 +63,8 @@ class CommTimer:
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seconds: dict[str, float] = field(default_factory=dict)
-    bytes_sent: dict[str, int] = field(default_factory=dict)  # bytes this rank passed to each kind of collective
+    bytes_sent: dict[str, int] = field(default_factory=dict)  # bytes this rank passed into each kind of collective
+    bytes_received: dict[str, int] = field(default_factory=dict)  # bytes of the buffers it got back
 
     def sync(self) -> float:
         if self.device.type == "cuda":
@@ -73,8 +74,10 @@ class CommTimer:
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
-    def add_bytes(self, name: str, tensor: torch.Tensor) -> None:
-        self.bytes_sent[name] = self.bytes_sent.get(name, 0) + tensor.numel() * tensor.element_size()
+    def add_bytes(self, name: str, sent: torch.Tensor, received: Sequence[torch.Tensor]) -> None:
+        """Count the tensors passed to a collective: its input and its output buffers."""
+        self.bytes_sent[name] = self.bytes_sent.get(name, 0) + _nbytes(sent)
+        self.bytes_received[name] = self.bytes_received.get(name, 0) + sum(_nbytes(t) for t in received)
 
     @property
     def total(self) -> float:
@@ -113,8 +116,6 @@ class Exchange:
         if pad:
             local = torch.cat([local, local.new_zeros(pad, *local.shape[1:])])
         t0 = timer.sync() if timer else 0.0
-        if timer:
-            timer.add_bytes("gather", local)
         if local.requires_grad:
             parts = dist_nn.all_gather(local)
             if timer:
@@ -124,6 +125,7 @@ class Exchange:
             dist.all_gather(parts, local.contiguous())
         if timer:
             timer.add("gather", timer.sync() - t0)
+            timer.add_bytes("gather", local, parts)
         return torch.cat([p[:c] for p, c in zip(parts, self.counts)])
 
     def row_sizes(self, batch: int) -> list[int]:
@@ -148,8 +150,6 @@ class Exchange:
         mine = sizes[self.rank]
         received = send.new_empty(self.world_size * mine, *send.shape[1:])  # (W * |R_r|, M_max, ...)
         t0 = timer.sync() if timer else 0.0
-        if timer:
-            timer.add_bytes("exchange_rows", send)
         if send.requires_grad:
             received = dist_nn.all_to_all_single(received, send, [mine] * self.world_size, sizes)
             if timer:
@@ -158,6 +158,7 @@ class Exchange:
             dist.all_to_all_single(received, send, [mine] * self.world_size, sizes)
         if timer:
             timer.add("exchange_rows", timer.sync() - t0)
+            timer.add_bytes("exchange_rows", send, [received])
         blocks = received.view(self.world_size, mine, width, *send.shape[2:]).transpose(1, 2)  # (W, M_max, |R_r|, ...)
         return torch.cat([blocks[r, :c] for r, c in enumerate(self.counts)])  # (M, |R_r|, ...)
 
@@ -172,6 +173,10 @@ class Exchange:
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local.contiguous())
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _time_backward(local: torch.Tensor, parts: Sequence[torch.Tensor], timer: CommTimer) -> None:

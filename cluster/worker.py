@@ -235,7 +235,7 @@ class EnsembleWorker:
             if timer:
                 self.step_times.append(timer.sync() - t0)
                 self.comm_times.append(timer.total)
-                self.step_bytes.append(sum(timer.bytes_sent.values()))
+                self.step_bytes.append(sum(timer.bytes_received.values()))
             self.losses.setdefault("merger", []).append(loss)
             self.interval_steps += 1
             self.after_step("merge", step, total, lr=self.t.merge_lr * factor)
@@ -359,7 +359,7 @@ class EnsembleWorker:
 
 def profile_summary(step_times: list[float], comm_times: list[float], step_bytes: list[int]) -> dict[str, float]:
     """Median phase-2 step time, time in collectives (the row exchange, its backward, the
-    all_reduce) and bytes this rank passed to the row exchange per step.
+    all_reduce) and bytes this rank received from the row exchange per step.
 
     The first steps are skipped as warmup when there are enough of them.
     Collective time includes waiting for the slowest rank.
@@ -374,7 +374,7 @@ def profile_summary(step_times: list[float], comm_times: list[float], step_bytes
         "phase2_step_s_median": statistics.median(steps),
         "phase2_comm_s_median": statistics.median(comms),
         "phase2_comm_share_median": statistics.median(shares) if shares else 0.0,
-        "phase2_exchange_bytes_per_step": statistics.median(step_bytes) if step_bytes else 0,
+        "phase2_exchange_bytes_received_per_step": statistics.median(step_bytes) if step_bytes else 0,
     }
 
 
