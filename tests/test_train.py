@@ -78,7 +78,12 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     assert read_state(ckpt)["phase"] == "merge" and read_state(ckpt)["step"] == 4
     for i in range(2):
         assert torch.load(ckpt / module_file(i), weights_only=False)["sampler"]["batches_drawn"] == 6
-    assert torch.load(ckpt / MERGER_FILE, weights_only=False)["mixed_sampler"]["batches_drawn"] == 4
+    merger_state = torch.load(ckpt / MERGER_FILE, weights_only=False)
+    assert merger_state["mixed_sampler"]["batches_drawn"] == 4
+    assert merger_state["mixed_sampler"]["switch_fraction"] == 0.25
+    # The evidence weights are checkpointed with the merger and have moved from (1, 1).
+    assert {"beta", "gamma_raw"} <= set(merger_state["merger"])
+    assert not torch.equal(merger_state["merger"]["beta"], torch.ones(2))
 
     # The finished run is not silently trained again.
     with pytest.raises(SpecError, match="already finished"):
