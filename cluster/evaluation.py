@@ -1,7 +1,8 @@
 """Validation during training: every row of the evaluation table, on the workers.
 
 Every domain's val set is `eval_batches(val shard, batch_size, seq_len,
-eval_batches)`, identical on every rank and the same windows `jobs.evaluate`
+eval_batches)` and the switch set `switch_batches(val shards, batch_size,
+seq_len)`, identical on every rank and the same windows `jobs.evaluate`
 scores with the same settings. For each batch every rank runs its members once
 (`leviathan.ensemble.run_members`) and gathers:
 
@@ -30,25 +31,28 @@ import torch.nn as nn
 from cluster.members import Member
 from cluster.merge import Exchange, gather_outputs, rank_outputs
 from leviathan.ensemble import merge_members
-from leviathan.evaluation import MIXED, column_losses, score_windows
+from leviathan.evaluation import MIXED, RUNNING_POSTERIOR, SWITCH, column_losses, score_windows
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class EvalResult:
-    """Loss (nats per scored token) of every row on every column (each domain, then MIXED)."""
+    """Loss (nats per scored token) of every row on every column (each domain, MIXED, SWITCH)."""
 
-    rows: list[str]  # merged (with a merger), the members in module-major order, uniform, posterior
+    rows: list[str]  # merged (with a merger), the members in module-major order, uniform, the posteriors
     losses: dict[str, list[float]]  # column -> loss of each row
 
     def by_domain(self, row: str) -> dict[str, float]:
-        """Row `row`'s loss per domain (the MIXED column left out)."""
+        """Row `row`'s loss per domain (the MIXED and SWITCH columns left out)."""
         r = self.rows.index(row)
-        return {c: v[r] for c, v in self.losses.items() if c != MIXED}
+        return {c: v[r] for c, v in self.losses.items() if c not in (MIXED, SWITCH)}
 
     def mixed(self, row: str) -> float:
         return self.losses[MIXED][self.rows.index(row)]
+
+    def switch(self, row: str) -> float | None:
+        return self.losses[SWITCH][self.rows.index(row)] if SWITCH in self.losses else None
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -74,34 +78,49 @@ def evaluate(
     exchange: Exchange,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    switch_set: list[Batch] | None = None,
 ) -> EvalResult:
-    """Every row's loss on every domain and the mixed set (member_names: all members, module-major)."""
+    """Every row's loss on every domain, the mixed set and (given switch_set) the switch
+    set (member_names: all members, module-major)."""
     was_training = [m.model.training for m in members]
     for m in members:
         m.model.eval()
     if merger is not None:
         merger.eval()
     try:
-        nll = {}
-        for domain, batches in val_sets.items():
-            parts = []
-            for x, y in batches:
-                x, y = x.to(device), y.to(device)
-                with autocast():
-                    outputs = gather_outputs(rank_outputs(members, x, y, members_grad=False), exchange)
-                    merged_lp = None
-                    if merger is not None:
-                        rows = exchange.rows(x.shape[0])
-                        mine = merge_members(merger, outputs, y[rows], rows).target_logprobs  # (b, T)
-                        merged_lp = exchange.gather_rows(mine, x.shape[0])  # (B, T)
-                member_lp = outputs.target_logprobs.permute(1, 2, 0)  # (B, T, M)
-                parts.append(score_windows(member_lp, merged_lp, prefix_tokens))  # (R, B)
-            nll[domain] = torch.cat(parts, dim=1)
+        score = lambda batches: _score(members, merger, batches, prefix_tokens, exchange, device, autocast)  # noqa: E731
+        nll = {domain: score(batches) for domain, batches in val_sets.items()}
+        switch_nll = score(switch_set) if switch_set else None
     finally:
         for m, t in zip(members, was_training):
             m.model.train(t)
         if merger is not None:
             merger.train()
     seq_len = next(iter(val_sets.values()))[0][1].shape[1]
-    rows = (["merged"] if merger is not None else []) + [*member_names, "uniform", "posterior"]
-    return EvalResult(rows, column_losses(nll, seq_len - prefix_tokens))
+    rows = (["merged"] if merger is not None else []) + [*member_names, "uniform", "posterior", RUNNING_POSTERIOR]
+    return EvalResult(rows, column_losses(nll, seq_len - prefix_tokens, switch_nll))
+
+
+def _score(
+    members: Sequence[Member],
+    merger: nn.Module | None,
+    batches: list[Batch],
+    prefix_tokens: int,
+    exchange: Exchange,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> torch.Tensor:
+    """Every row's summed NLL (R, N) on the N windows of `batches`."""
+    parts = []
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            outputs = gather_outputs(rank_outputs(members, x, y, members_grad=False), exchange)
+            merged_lp = None
+            if merger is not None:
+                rows = exchange.rows(x.shape[0])
+                mine = merge_members(merger, outputs, y[rows], rows).target_logprobs  # (b, T)
+                merged_lp = exchange.gather_rows(mine, x.shape[0])  # (B, T)
+        member_lp = outputs.target_logprobs.float().permute(1, 2, 0)  # (B, T, M)
+        parts.append(score_windows(member_lp, merged_lp, prefix_tokens))  # (R, B)
+    return torch.cat(parts, dim=1)

@@ -57,6 +57,24 @@ def adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam
     return opt
 
 
+EVIDENCE_PARAMETERS = ("beta", "gamma_raw")
+
+
+def merger_adamw(merger: CorrelationMerger, lr: float, weight_decay: float, evidence_lr_scale: float) -> torch.optim.AdamW:
+    """`adamw` for the merger, its evidence weights (beta, gamma) in their own group at
+    lr * evidence_lr_scale without decay: at the merger's lr they barely leave (1, 1)
+    in a short phase 2 (benchmarks/MERGE_RESEARCH.md)."""
+    opt = adamw(merger, lr, weight_decay)
+    if not merger.evidence:
+        return opt
+    evidence = [getattr(merger, n) for n in EVIDENCE_PARAMETERS]
+    for group in opt.param_groups:
+        group["params"] = [p for p in group["params"] if all(p is not q for q in evidence)]
+    scaled = lr * evidence_lr_scale
+    opt.add_param_group({"params": evidence, "weight_decay": 0.0, "lr": scaled, "base_lr": scaled})
+    return opt
+
+
 @dataclass
 class Member:
     """One member as a rank trains it."""

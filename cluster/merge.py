@@ -5,16 +5,22 @@ One step on a mixed-domain batch (x, y) (B, T), the same on every rank:
 
 1. Each rank runs its members on all B rows and projects their final hidden
    states to the merge width: s_m = P_m h_m (B, T, D) for its members m
-   (`leviathan.ensemble.run_members`). Mixture mode also keeps each member's
-   log-prob of the target tokens, log p_m(y_t) (B, T): the mixture loss
-   -mean log sum_m pi[t, m] p_m(y_t) needs nothing more, so no (B, T, V)
-   tensor travels. With `joint = false` the members run under no_grad; the
+   (`leviathan.ensemble.run_members`). Mixture mode and the evidence also keep
+   each member's log-prob of the target tokens, log p_m(y_t) (B, T): the
+   mixture loss -mean log sum_m pi[t, m] p_m(y_t) and the evidence (the same
+   tensor shifted by one position) need nothing more, so no (B, T, V) tensor
+   travels. With `joint = false` the members run under no_grad; the
    projections stay differentiable.
-2. The states (and target log-probs) are exchanged with `torch.distributed.nn.functional.all_gather`
-   (differentiable: its backward sums every rank's gradient for a rank's
-   states, so gradients reach the projections, and with `joint` the members).
-   Ranks hosting fewer members pad with zeros; the padding is dropped again.
-3. Rank r merges its own rows R_r (`leviathan.ensemble.merge_members`) (a contiguous 1/W of the batch) and takes
+2. Rank r merges only its rows R_r (a contiguous 1/W of the batch), so it
+   only needs those rows of every member: `Exchange.exchange_rows` sends each
+   rank its row block of the states, with the target log-probs as one more
+   channel (M_r, B, T, D + 1), in one `torch.distributed.nn.functional.all_to_all_single`
+   (differentiable: its backward is the reverse all-to-all, so gradients reach
+   the projections, and with `joint` the members). A rank receives
+   M x |R_r| x T x (D + 1) values instead of the M x B x T x D(+1) an
+   all-gather of every row would bring. Ranks hosting fewer members pad with
+   zeros; the padding is dropped again. Both travel in the states' (autocast) dtype.
+3. Rank r merges its own rows R_r (`leviathan.ensemble.merge_members`) and takes
    loss_r = CE(merged logits on R_r) * |R_r| / B, so sum_r loss_r is the mean
    loss over the whole batch, exactly what `LeviathanEnsemble.forward` gives
    on one process. Backpropagating loss_r on every rank gives each projection
@@ -45,9 +51,10 @@ from cluster.members import Member
 from cluster.placement import members_for_rank, row_slice
 from leviathan.ensemble import MemberOutputs, merge_members, run_members
 
-# torch 2.13 marks torch.distributed.nn's differentiable all_gather deprecated in
-# favour of a private API; it is still the public differentiable collective.
+# torch 2.13 marks torch.distributed.nn's differentiable all_gather and all_to_all_single
+# deprecated in favour of a private API; they are still the public differentiable collectives.
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_to_all_single is deprecated")
 
 
 @dataclass
@@ -56,6 +63,8 @@ class CommTimer:
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seconds: dict[str, float] = field(default_factory=dict)
+    bytes_sent: dict[str, int] = field(default_factory=dict)  # bytes this rank passed into each kind of collective
+    bytes_received: dict[str, int] = field(default_factory=dict)  # bytes of the buffers it got back
 
     def sync(self) -> float:
         if self.device.type == "cuda":
@@ -64,6 +73,11 @@ class CommTimer:
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def add_bytes(self, name: str, sent: torch.Tensor, received: Sequence[torch.Tensor]) -> None:
+        """Count the tensors passed to a collective: its input and its output buffers."""
+        self.bytes_sent[name] = self.bytes_sent.get(name, 0) + _nbytes(sent)
+        self.bytes_received[name] = self.bytes_received.get(name, 0) + sum(_nbytes(t) for t in received)
 
     @property
     def total(self) -> float:
@@ -111,19 +125,58 @@ class Exchange:
             dist.all_gather(parts, local.contiguous())
         if timer:
             timer.add("gather", timer.sync() - t0)
+            timer.add_bytes("gather", local, parts)
         return torch.cat([p[:c] for p, c in zip(parts, self.counts)])
+
+    def row_sizes(self, batch: int) -> list[int]:
+        """|R_r| for every rank r: how many of the batch's rows each rank merges."""
+        return [len(range(batch)[row_slice(r, self.world_size, batch)]) for r in range(self.world_size)]
+
+    def exchange_rows(self, local: torch.Tensor, timer: CommTimer | None = None) -> torch.Tensor:
+        """This rank's rows of every rank's member tensors: (M_r, B, ...) in, (M, |R_r|, ...) out, module-major.
+
+        One all-to-all: rank j receives the row block R_j of every rank's
+        members. Differentiable (its backward sends the gradients back the same way).
+        """
+        batch = local.shape[1]
+        if self.world_size == 1:
+            return local
+        sizes = self.row_sizes(batch)
+        width = max(self.counts)
+        pad = width - local.shape[0]
+        if pad:
+            local = torch.cat([local, local.new_zeros(pad, *local.shape[1:])])
+        send = local.transpose(0, 1).contiguous()  # (B, M_max, ...): row blocks R_0, R_1, ... in rank order
+        mine = sizes[self.rank]
+        received = send.new_empty(self.world_size * mine, *send.shape[1:])  # (W * |R_r|, M_max, ...)
+        t0 = timer.sync() if timer else 0.0
+        if send.requires_grad:
+            received = dist_nn.all_to_all_single(received, send, [mine] * self.world_size, sizes)
+            if timer:
+                _time_backward(send, [received], timer)
+        else:
+            dist.all_to_all_single(received, send, [mine] * self.world_size, sizes)
+        if timer:
+            timer.add("exchange_rows", timer.sync() - t0)
+            timer.add_bytes("exchange_rows", send, [received])
+        blocks = received.view(self.world_size, mine, width, *send.shape[2:]).transpose(1, 2)  # (W, M_max, |R_r|, ...)
+        return torch.cat([blocks[r, :c] for r, c in enumerate(self.counts)])  # (M, |R_r|, ...)
 
     def gather_rows(self, local: torch.Tensor, batch: int) -> torch.Tensor:
         """Stack every rank's rows R_r (|R_r|, ...) back into the whole batch (B, ...) (no gradient)."""
         if self.world_size == 1:
             return local
-        sizes = [len(range(batch)[row_slice(r, self.world_size, batch)]) for r in range(self.world_size)]
+        sizes = self.row_sizes(batch)
         pad = max(sizes) - local.shape[0]
         if pad:
             local = torch.cat([local, local.new_zeros(pad, *local.shape[1:])])
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local.contiguous())
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _time_backward(local: torch.Tensor, parts: Sequence[torch.Tensor], timer: CommTimer) -> None:
@@ -152,9 +205,20 @@ def rank_outputs(
 
 
 def gather_outputs(local: MemberOutputs, exchange: Exchange, timer: CommTimer | None = None) -> MemberOutputs:
-    """Every member's outputs (M, B, ...) on every rank: the states and the target log-probs travel."""
+    """Every member's outputs (M, B, ...) on every rank (evaluation scores every member on
+    every row): the states and the target log-probs travel."""
     target_lp = None if local.target_logprobs is None else exchange.gather(local.target_logprobs, timer)
     return MemberOutputs(states=exchange.gather(local.states, timer), target_logprobs=target_lp)
+
+
+def exchange_outputs(local: MemberOutputs, exchange: Exchange, timer: CommTimer | None = None) -> MemberOutputs:
+    """Every member's outputs on this rank's rows R_r only, (M, |R_r|, ...): one all-to-all
+    of the states with the target log-probs as an extra channel, in the states' dtype."""
+    if local.target_logprobs is None:
+        return MemberOutputs(states=exchange.exchange_rows(local.states, timer), target_logprobs=None)
+    packed = torch.cat([local.states, local.target_logprobs.to(local.states.dtype).unsqueeze(-1)], dim=-1)
+    mine = exchange.exchange_rows(packed, timer)  # (M, |R_r|, T, D + 1)
+    return MemberOutputs(states=mine[..., :-1], target_logprobs=mine[..., -1])
 
 
 def merged_loss(
@@ -168,10 +232,10 @@ def merged_loss(
     timer: CommTimer | None = None,
 ) -> torch.Tensor:
     """This rank's share loss_r = CE(merge on rows R_r) * |R_r| / B (sum over ranks = batch mean)."""
-    mixture = merger.merge_mode == "mixture"
-    local = rank_outputs(members, x, y if mixture else None, members_grad=joint)
+    needs_target_lp = merger.merge_mode == "mixture" or merger.evidence
+    local = rank_outputs(members, x, y if needs_target_lp else None, members_grad=joint)
     rows = exchange.rows(x.shape[0])
-    out = merge_members(merger, gather_outputs(local, exchange, timer), y[rows], rows)
+    out = merge_members(merger, exchange_outputs(local, exchange, timer), y[rows])
     return out.loss * (y[rows].shape[0] / x.shape[0])
 
 

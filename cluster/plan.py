@@ -34,6 +34,8 @@ class Training:
     joint: bool
     joint_lr_scale: float
     dtype: str
+    evidence_lr_scale: float
+    switch_fraction: float
 
 
 @dataclass(frozen=True)

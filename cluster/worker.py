@@ -39,7 +39,7 @@ import torch
 
 from cluster import checkpointing
 from cluster.evaluation import evaluate, gather_objects, mean
-from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed
+from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed, merger_adamw
 from cluster.merge import CommTimer, Exchange, local_parameters, merged_loss, reduce_and_clip
 from cluster.metrics import Gauges, MetricsLog, format_line, format_progress
 from leviathan.progress import RunProgress
@@ -50,8 +50,8 @@ from cluster.preflight import check_collectives
 from cluster.schedule import lr_at, set_lr
 from cluster.tracking import Tracker
 from cluster.verbosity import quiet_report_lines
-from leviathan.data import BatchSampler, MixedBatchSampler, eval_batches, load_manifest
-from leviathan.evaluation import default_prefix_tokens
+from leviathan.data import BatchSampler, MixedBatchSampler, eval_batches, load_manifest, switch_batches
+from leviathan.evaluation import RUNNING_POSTERIOR, default_prefix_tokens, evidence_settings
 
 # Ray Train configures the workers' root logger (INFO, to the job's logs); a
 # print() there is teed to stdout and the logger, so each line would show twice.
@@ -134,15 +134,20 @@ class EnsembleWorker:
         # The merger and the mixed sampler are replicated: same seed, same draws on every rank.
         self.merger = build_merger(self.config, plan.seed).to(self.device)
         self.merger_optimizer = None
+        # Domain-switch rows need two domains; a one-module job has none.
+        switch_fraction = self.t.switch_fraction if len(self.domains) > 1 else 0.0
         self.mixed_sampler = MixedBatchSampler(
             [manifest.shard(d, "train") for d in self.domains],
-            B, T, seed=derived_seed(plan.seed, "mixed"),
+            B, T, seed=derived_seed(plan.seed, "mixed"), switch_fraction=switch_fraction,
         )
         # The same windows and dev prefix `jobs.evaluate` scores by default.
         self.val_sets = {
             d: eval_batches(manifest.shard(d, "val"), B, T, self.t.eval_batches)
             for d in self.domains
         }
+        self.switch_set = (
+            switch_batches([manifest.shard(d, "val") for d in self.domains], B, T) if len(self.domains) > 1 else None
+        )
         self.prefix_tokens = default_prefix_tokens(T)
         self.metrics = MetricsLog(metrics_dir) if self.rank == 0 else None
         self.logged = self.metrics.logged_steps() if self.metrics else {}
@@ -157,10 +162,11 @@ class EnsembleWorker:
         self.interval_cpu_start = time.process_time()
         self.interval_steps = 0
         self.final_table: dict[str, Any] | None = None  # rank 0, after the last eval
-        # Benchmarks: time phase-2 steps and the collectives inside them.
+        # Benchmarks: time phase-2 steps and the collectives inside them, count the bytes sent.
         self.profile = profile
         self.step_times: list[float] = []
         self.comm_times: list[float] = []
+        self.step_bytes: list[int] = []
 
     # ------------------------------------------------------------------ driver of the phases
 
@@ -210,7 +216,7 @@ class EnsembleWorker:
     def setup_phase2(self) -> None:
         """Phase-2 optimisers: the merger (replicated), each projection, and each member with joint."""
         wd = self.t.weight_decay
-        self.merger_optimizer = adamw(self.merger, self.t.merge_lr, wd)
+        self.merger_optimizer = merger_adamw(self.merger, self.t.merge_lr, wd, self.t.evidence_lr_scale)
         for m in self.members:
             m.optimizer = None  # phase 1 is over: drop its optimiser state
             m.model.zero_grad(set_to_none=True)  # and its last gradients (4 bytes per member parameter)
@@ -254,6 +260,7 @@ class EnsembleWorker:
             if timer:
                 self.step_times.append(timer.sync() - t0)
                 self.comm_times.append(timer.total)
+                self.step_bytes.append(sum(timer.bytes_received.values()))
             self.losses.setdefault("merger", []).append(loss)
             self.interval_steps += 1
             self.after_step("merge", step, total, lr=self.t.merge_lr * factor)
@@ -279,7 +286,7 @@ class EnsembleWorker:
         metrics: dict[str, Any] = {"phase": phase, "step": step}
         metrics.update(self.evaluate_and_log(phase, step, lr, elapsed, cpu, final=last and phase == "merge"))
         if self.profile and last and phase == "merge" and self.step_times:
-            metrics["profile"] = profile_summary(self.step_times, self.comm_times)
+            metrics["profile"] = profile_summary(self.step_times, self.comm_times, self.step_bytes)
         if do_ckpt:
             self.report_checkpoint(phase, step, metrics)
         else:
@@ -292,7 +299,7 @@ class EnsembleWorker:
         merger = self.merger if phase == "merge" else None
         result = evaluate(
             self.members, self.config.member_names, merger, self.val_sets, self.prefix_tokens,
-            self.exchange, self.device, self.autocast,
+            self.exchange, self.device, self.autocast, self.switch_set,
         )
         tokens = self.interval_steps * self.t.batch_size * self.t.seq_len
         tps = tokens / elapsed if elapsed > 0 and self.interval_steps else None
@@ -336,9 +343,14 @@ class EnsembleWorker:
         if final:
             lines = records + [dict(r, phase="final", lr=None, tokens_per_s=None, cpu_s=None, train_loss=None)
                                for r in records]
-            posterior = record(step=step, phase="final", member="posterior", mixed_val_loss=result.mixed("posterior"),
-                               val_by_domain=result.by_domain("posterior"))
-            self.final_table = final_table(records + [posterior], self.plan)
+            posteriors = [
+                record(step=step, phase="final", member=name, mixed_val_loss=result.mixed(name),
+                       val_by_domain=result.by_domain(name))
+                for name in ("posterior", RUNNING_POSTERIOR)
+            ]
+            switch = {r: result.switch(r) for r in result.rows}
+            switch["merger"] = switch.pop("merged", None)
+            self.final_table = final_table(records + posteriors, self.plan, switch, evidence_settings(self.merger))
         lines = [{k: v for k, v in r.items() if k != "val_by_domain"} for r in lines]
         self.metrics.append(lines)
         self.track(lines, final)
@@ -387,8 +399,9 @@ class EnsembleWorker:
         logger.info("[leviathan %s rank %d] %s", self.plan.name, self.rank, message)
 
 
-def profile_summary(step_times: list[float], comm_times: list[float]) -> dict[str, float]:
-    """Median phase-2 step time and time in collectives (gathers, their backward, the all_reduce).
+def profile_summary(step_times: list[float], comm_times: list[float], step_bytes: list[int]) -> dict[str, float]:
+    """Median phase-2 step time, time in collectives (the row exchange, its backward, the
+    all_reduce) and bytes this rank received from the row exchange per step.
 
     The first steps are skipped as warmup when there are enough of them.
     Collective time includes waiting for the slowest rank.
@@ -403,6 +416,7 @@ def profile_summary(step_times: list[float], comm_times: list[float]) -> dict[st
         "phase2_step_s_median": statistics.median(steps),
         "phase2_comm_s_median": statistics.median(comms),
         "phase2_comm_share_median": statistics.median(shares) if shares else 0.0,
+        "phase2_exchange_bytes_received_per_step": statistics.median(step_bytes) if step_bytes else 0,
     }
 
 
@@ -424,29 +438,38 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def final_table(records: list[dict[str, Any]], plan: RunPlan) -> dict[str, Any]:
-    """The job's closing evaluation: every member on its own domain and on the mixed
-    val set, the uniform mixture, the BTM prefix posterior and the merged model
-    (per domain and mixed). The figures are the report's (`leviathan.evaluation`):
-    loss per scored token, the dev prefix excluded, k windows per domain."""
+def final_table(
+    records: list[dict[str, Any]],
+    plan: RunPlan,
+    switch: dict[str, float | None] | None = None,
+    evidence: dict[str, list[float]] | None = None,
+) -> dict[str, Any]:
+    """The job's closing evaluation: every member on its own domain, on the mixed val
+    set and on the domain-switch set, the uniform mixture, the BTM prefix posterior,
+    the running posterior and the merged model (per domain, mixed and switch). The
+    figures are the report's (`leviathan.evaluation`): loss per scored token, the
+    dev prefix excluded, k windows per domain. evidence: the merger's beta and gamma."""
+    switch = switch or {}
     rows = []
     for r in records:
         rows.append({
             "name": r["member"],
-            "kind": r["member"] if r["member"] in ("uniform", "posterior", "merger") else "member",
+            "kind": r["member"] if r["member"] in ("uniform", "posterior", RUNNING_POSTERIOR, "merger") else "member",
             "module": r["module"],
             "domain": r["domain"],
             "own_val_loss": r["val_loss"],
             "mixed_val_loss": r["mixed_val_loss"],
+            "switch_val_loss": switch.get(r["member"]),
             "val_by_domain": r.get("val_by_domain"),
         })
-    order = ("member", "uniform", "posterior", "merger")  # the members, the baselines, the merged model
+    order = ("member", "uniform", "posterior", RUNNING_POSTERIOR, "merger")  # members, baselines, the merged model
     rows.sort(key=lambda r: order.index(r["kind"]))
     members = [r for r in rows if r["kind"] == "member"]
     merged = next((r for r in rows if r["kind"] == "merger"), None)
     uniform = next(r for r in rows if r["kind"] == "uniform")
     out = {
         "merge": plan.ensemble.merge,
+        "evidence": evidence,
         "joint": plan.training.joint,
         "domains": list(plan.domains),
         "steps": {"members": plan.training.phase1_steps, "merge": plan.training.phase2_steps},
@@ -455,4 +478,10 @@ def final_table(records: list[dict[str, Any]], plan: RunPlan) -> dict[str, Any]:
     if merged is not None and members:
         out["merged_beats_every_member"] = all(merged["mixed_val_loss"] < m["mixed_val_loss"] for m in members)
         out["merged_beats_uniform"] = merged["mixed_val_loss"] < uniform["mixed_val_loss"]
+        posteriors = [r for r in rows if r["kind"] in ("posterior", RUNNING_POSTERIOR)]
+        out["merged_beats_both_posteriors"] = all(merged["mixed_val_loss"] < r["mixed_val_loss"] for r in posteriors)
+        if merged["switch_val_loss"] is not None:
+            out["merged_beats_both_posteriors_on_switch"] = all(
+                merged["switch_val_loss"] < r["switch_val_loss"] for r in posteriors
+            )
     return out

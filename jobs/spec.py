@@ -114,7 +114,14 @@ class EnsembleSpec(StrictModel):
     )
     mixer: Mixer = "correlation"
     window: int = Field(4, ge=1, le=64, description="Lag window w of every member's correlation mixer.")
-    merge: MergeMode = "fusion"
+    merge: MergeMode = Field(
+        "mixture",
+        description="mixture: mix the members' predictions (the default: it beats fusion on the demo); fusion: the merger's own head over the fused states.",
+    )
+    evidence: bool = Field(
+        True,
+        description="Merge scores also see each member's decayed log-likelihood of the text so far (a fresh mixture merger is the running Bayes posterior); false: states only.",
+    )
     merge_width: int = Field(128, ge=8, le=4096)
     merge_heads: int = Field(4, ge=1, le=64)
     merge_window: int | None = Field(None, ge=1, le=64, description="Lag window of the merger; default: window.")
@@ -139,6 +146,7 @@ class EnsembleSpec(StrictModel):
             merge_heads=self.merge_heads,
             merge_window=self.effective_merge_window,
             mixer=self.mixer,
+            evidence=self.evidence,
         )
 
     def member_params(self, vocab_size: int, block_size: int) -> list[int]:
@@ -174,6 +182,13 @@ class TrainingSpec(StrictModel):
     joint: bool = Field(False, description="Phase 2 also updates the members through the merger.")
     joint_lr_scale: float = Field(0.1, gt=0, le=1, description="Member lr during joint phase 2, as a fraction of lr.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autocast dtype on GPU.")
+    evidence_lr_scale: float = Field(
+        10.0, gt=0, le=1000, description="The merger's evidence weights (beta, gamma) learn at merge_lr times this, undecayed."
+    )
+    switch_fraction: float = Field(
+        0.25, ge=0, lt=1,
+        description="Share of each phase-2 batch's rows that are domain-switch windows (one domain, then another) from the train split.",
+    )
 
 
 class ResourcesSpec(StrictModel):

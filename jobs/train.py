@@ -105,21 +105,30 @@ def assemble_final(checkpoint, spec: JobSpec, manifest: str, final_dir: str) -> 
 
 def format_table(table: dict[str, Any]) -> str:
     """The final table as text: one row per member, then the uniform mixture, the BTM prefix
-    posterior and the merged model. Losses per scored token, as in report.md."""
-    head = f"{'model':<16} {'module':>6} {'domain':<12} {'own-domain val':>14} {'mixed val':>10}"
+    posterior, the running posterior and the merged model, on the own domain, the mixed
+    set and the domain-switch set. Losses per scored token, as in report.md."""
+    head = f"{'model':<18} {'module':>6} {'domain':<12} {'own-domain val':>14} {'mixed val':>10} {'switch':>8}"
     lines = [head, "-" * len(head)]
     for r in table["rows"]:
-        name = {"merger": f"merged ({table['merge']})", "uniform": "uniform", "posterior": "posterior"}.get(
-            r["kind"], r["name"]
-        )
+        name = {"merger": f"merged ({table['merge']})", "posterior": "posterior (BTM)"}.get(r["kind"], r["name"])
         own = "" if r["own_val_loss"] is None else f"{r['own_val_loss']:.4f}"
         module = "" if r["module"] is None else str(r["module"])
-        lines.append(f"{name:<16} {module:>6} {r['domain'] or '':<12} {own:>14} {r['mixed_val_loss']:>10.4f}")
+        switch = "" if r.get("switch_val_loss") is None else f"{r['switch_val_loss']:.4f}"
+        lines.append(
+            f"{name:<18} {module:>6} {r['domain'] or '':<12} {own:>14} {r['mixed_val_loss']:>10.4f} {switch:>8}"
+        )
     if "merged_beats_every_member" in table:
         lines.append(
             f"merged model beats every member on the mixed val set: {table['merged_beats_every_member']}; "
-            f"beats the uniform mixture: {table['merged_beats_uniform']}"
+            f"beats the uniform mixture: {table['merged_beats_uniform']}; "
+            f"beats both posteriors: {table['merged_beats_both_posteriors']}"
+            + (f" (on the switch set: {table['merged_beats_both_posteriors_on_switch']})"
+               if "merged_beats_both_posteriors_on_switch" in table else "")
         )
+    if table.get("evidence"):
+        ev = table["evidence"]
+        lines.append("merger evidence per head: beta " + " ".join(f"{v:.3f}" for v in ev["beta"])
+                     + ", gamma " + " ".join(f"{v:.3f}" for v in ev["gamma"]))
     return "\n".join(lines)
 
 

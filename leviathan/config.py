@@ -140,7 +140,10 @@ class EnsembleConfig:
     accepted too and repeated for every module. `mixer` is the merger's own
     scoring: "correlation" sums lagged query-key products over `merge_window`
     time steps, "attention" scores with the zero-lag product only (the merger
-    of the attention twin).
+    of the attention twin). `evidence` adds each member's decayed log-likelihood
+    of the text so far to the merge scores (`leviathan.ensemble`), so a fresh
+    mixture merger is the running Bayes posterior over members; false keeps
+    the state-only merger.
     """
 
     members: list[ComponentConfig]
@@ -151,6 +154,7 @@ class EnsembleConfig:
     merge_heads: int = 4
     merge_window: int = 4
     mixer: str = "correlation"
+    evidence: bool = True
 
     def __post_init__(self) -> None:
         _check_int("modules", self.modules, 1)
@@ -160,6 +164,8 @@ class EnsembleConfig:
         _check_int("merge_window", self.merge_window, 1)
         _check_choice("merge", self.merge, MERGE_MODES)
         _check_choice("mixer", self.mixer, MIXERS)
+        if not isinstance(self.evidence, bool):
+            raise ValueError(f"evidence: must be true or false, got {self.evidence!r}")
         if self.merge_width % self.merge_heads:
             raise ValueError(
                 f"merge_width: {self.merge_width} is not divisible by merge_heads={self.merge_heads}"
@@ -214,5 +220,6 @@ class EnsembleConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EnsembleConfig":
+        """A saved config; one written before `evidence` existed holds a state-only merger."""
         _check_keys(cls, d)
-        return cls(**d)
+        return cls(**{"evidence": False, **d})

@@ -295,13 +295,25 @@ class MixedBatchSampler:
     consecutive batches therefore hold exactly B rows of every domain, whether
     or not D divides B. Each row is a window of T + 1 consecutive tokens at a
     start drawn uniformly from [0, n_d - T - 1]; x = window[:T], y = window[1:].
+
+    With `switch_fraction` f > 0, the first round(f * B) rows of every batch are
+    domain-switch windows instead (`switch_window`: a random ordered pair of
+    domains a != b, the switch point uniform in [T/4, 3T/4)), so a merger learns
+    to follow a change of domain mid-context. They are drawn from the same
+    generator, so `state_dict` covers them.
     """
 
-    def __init__(self, shards: list[TokenShard], batch_size: int, seq_len: int, seed: int = 0) -> None:
+    def __init__(
+        self, shards: list[TokenShard], batch_size: int, seq_len: int, seed: int = 0, switch_fraction: float = 0.0
+    ) -> None:
         if not shards:
             raise DataError("MixedBatchSampler needs at least one shard")
         if batch_size < 1 or seq_len < 1:
             raise DataError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+        if not 0.0 <= switch_fraction < 1.0:
+            raise DataError(f"switch_fraction: must be in [0, 1), got {switch_fraction}")
+        if switch_fraction > 0 and len(shards) < 2:
+            raise DataError("switch_fraction: domain-switch windows need at least two domains")
         for s in shards:
             if len(s) < seq_len + 1:
                 raise DataError(f"{s.path}: {len(s)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
@@ -309,6 +321,8 @@ class MixedBatchSampler:
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.seed = seed
+        self.switch_fraction = float(switch_fraction)
+        self.switch_rows = int(round(switch_fraction * batch_size))
         self.batches_drawn = 0
         self._rng = np.random.Generator(np.random.PCG64(seed))
         self._highs = np.array([len(s) - seq_len for s in self.shards], dtype=np.int64)  # exclusive bound on starts
@@ -327,6 +341,12 @@ class MixedBatchSampler:
             rows = np.nonzero(domains == d)[0]
             if len(rows):
                 windows[rows] = shard.tokens[starts[rows, None] + self._offsets]  # (rows, T+1)
+        D = len(self.shards)
+        for row in range(self.switch_rows):
+            a, b = divmod(int(self._rng.integers(0, D * (D - 1))), D - 1)  # ordered pair, b != a
+            b += b >= a
+            cut = int(self._rng.integers(T // 4, max(T // 4 + 1, 3 * T // 4)))
+            windows[row] = switch_window(self.shards[a], self.shards[b], T, cut, self._rng)
         self.batches_drawn += 1
         x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)
         y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T)
@@ -344,6 +364,7 @@ class MixedBatchSampler:
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "seed": self.seed,
+            "switch_fraction": self.switch_fraction,
             "shard_tokens": [len(s) for s in self.shards],
             "batches_drawn": self.batches_drawn,
             "rng": self._rng.bit_generator.state,
@@ -352,6 +373,10 @@ class MixedBatchSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = {"kind": type(self).__name__, "batch_size": self.batch_size, "seq_len": self.seq_len,
                 "shard_tokens": [len(s) for s in self.shards]}
+        if state.get("switch_fraction", 0.0) != self.switch_fraction:
+            raise DataError(
+                f"sampler state: switch_fraction is {state.get('switch_fraction', 0.0)!r}, this sampler has {self.switch_fraction!r}"
+            )
         for key, value in mine.items():
             if state.get(key) != value:
                 raise DataError(f"sampler state: {key} is {state.get(key)!r}, this sampler has {value!r}")
@@ -366,6 +391,41 @@ class BatchSampler(MixedBatchSampler):
     def __init__(self, shard: TokenShard, batch_size: int, seq_len: int, seed: int = 0) -> None:
         super().__init__([shard], batch_size, seq_len, seed)
         self.shard = shard
+
+
+def switch_window(first: TokenShard, second: TokenShard, seq_len: int, cut: int, rng: np.random.Generator) -> np.ndarray:
+    """One domain-switch window (T + 1,) int64: `cut` tokens from `first`, then T + 1 - cut from
+    `second`, each at a uniform random start."""
+    rest = seq_len + 1 - cut
+    for shard, n in ((first, cut), (second, rest)):
+        if len(shard) < n + 1:
+            raise DataError(f"{shard.path}: {len(shard)} tokens, too few for a switch window part of {n}")
+    sa = int(rng.integers(0, len(first) - cut))
+    sb = int(rng.integers(0, len(second) - rest))
+    return np.concatenate([first.tokens[sa : sa + cut], second.tokens[sb : sb + rest]]).astype(np.int64)
+
+
+SWITCH_WINDOWS_PER_PAIR = 8
+SWITCH_SEED = 1234
+
+
+def switch_batches(
+    shards: list[TokenShard], batch_size: int, seq_len: int, per_pair: int = SWITCH_WINDOWS_PER_PAIR, seed: int = SWITCH_SEED
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The domain-switch evaluation set: `per_pair` windows for every ordered pair of domains
+    (a, b), a != b, the first T // 2 tokens from a and the rest from b, random starts from a
+    fixed seed (the same windows for every caller), in batches of at most `batch_size`."""
+    if len(shards) < 2:
+        raise DataError("switch windows need at least two domains")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    windows = np.stack([
+        switch_window(shards[a], shards[b], seq_len, seq_len // 2, rng)
+        for a in range(len(shards)) for b in range(len(shards)) if a != b for _ in range(per_pair)
+    ])  # (pairs * per_pair, T + 1)
+    return [
+        (torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:])))
+        for w in (windows[i : i + batch_size] for i in range(0, len(windows), batch_size))
+    ]
 
 
 def eval_batches(shard: TokenShard, batch_size: int, seq_len: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

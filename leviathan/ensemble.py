@@ -13,6 +13,19 @@ position, how much each member counts:
     fusion:  x[t] = c[t] + W_o concat_h sum_m w[t,m,h] v_m[t,h];  logits = head(LayerNorm(x))
     mixture: pi[t, m] = mean_h w[t,m,h];  logits[t] = log sum_m pi[t,m] * p_m(. | <= t)
 
+With `evidence` (EnsembleConfig) the score also sees how well each member has
+predicted the text so far, its decayed log-likelihood (a[s] = log p_m(x_s | x_<s),
+a[0] = 0, the target log-probs shifted right by one, so it is causal):
+
+    e_m[t, h]       = sum_{s<=t} gamma_h^(t-s) a_m[s]                  (B, T, M, H)
+    score[t, m, h] += beta_h * e_m[t, h]
+
+gamma_h = exp(-max(r_h, 0)) lies in (0, 1], beta_h and r_h are learned, and at
+init beta = 1, r = 0 (gamma exactly 1) and W_k = 0 (the state term is 0): a
+fresh mixture merger is then the running Bayes posterior over members with a
+uniform prior, w[t, m] = softmax_m sum_{s<t} log p_m(y_s), and training moves
+it from there.
+
 It is the token mixer's correlation turned onto the member axis: the lag
 window runs over time (positions t-u <= t, so the merge is causal) and the
 softmax runs over members. The merger only sees stacked states (B, T, M, D),
@@ -108,16 +121,25 @@ def merge_members(
     rows: slice = slice(None),
     weights: Tensor | None = None,
     cache: MergeCache | None = None,
+    tokens: Tensor | None = None,
 ) -> MergeOutput:
     """The one merge call: batch rows `rows` of the members' outputs through the merger.
 
     outputs hold every member (M, B, ...); targets are the selected rows' (b, T).
     The member axis moves to dim 2, the merger's layout (b, T, M, ...).
+    tokens: the input tokens (B, T) when there are no target log-probs
+    (generation): the evidence reads each member's log-prob of them from the
+    full log-probs (and, when decoding, the cached ones before them).
     """
     states = outputs.states[:, rows].permute(1, 2, 0, 3)  # (b, T, M, D)
     target_lp = None if outputs.target_logprobs is None else outputs.target_logprobs[:, rows].permute(1, 2, 0)
     logprobs = None if outputs.logprobs is None else outputs.logprobs[:, rows].permute(1, 2, 0, 3)
-    return merger(states, target_lp, logprobs, targets, weights, cache)
+    input_lp = None
+    if merger.evidence and target_lp is None and tokens is not None and logprobs is not None:
+        input_lp = tokens_input_logprobs(tokens[rows], logprobs, None if cache is None else cache.last_logprobs)
+        if cache is not None:
+            cache.last_logprobs = logprobs[:, -1]
+    return merger(states, target_lp, logprobs, targets, weights, cache, input_lp)
 
 
 @dataclass
@@ -138,9 +160,42 @@ class EnsembleOutput:
 
 @dataclass
 class MergeCache:
-    """The merger's state for incremental decoding: the last w-1 zero-lag scores (B, w-1, M, H)."""
+    """The merger's state for incremental decoding.
+
+    scores:        the last w-1 zero-lag scores (B, w-1, M, H)
+    evidence:      e at the last position seen (B, M, H), with evidence
+    last_logprobs: the members' log-probs at the last position seen (B, M, V):
+                   the next token's a[s] = log p_m(x_s | x_<s) is read from them
+    """
 
     scores: Tensor | None = None
+    evidence: Tensor | None = None
+    last_logprobs: Tensor | None = None
+
+
+def _at_least_float(x: Tensor) -> Tensor:
+    """float32, or float64 when x already is (the exactness tests run the merger in float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def input_logprobs(target_logprobs: Tensor) -> Tensor:
+    """a[t] = log p_m(x_t | x_<t) from the target log-probs (B, T, M): shifted right, a[0] = 0."""
+    return F.pad(target_logprobs, (0, 0, 1, 0))[:, :-1]
+
+
+def tokens_input_logprobs(tokens: Tensor, logprobs: Tensor, last_logprobs: Tensor | None = None) -> Tensor:
+    """a[t] = log p_m(x_t | x_<t) (B, T, M) of input tokens (B, T) without targets
+    (generation), from the members' full log-probs at those positions (B, T, M, V)
+    and, after cached positions, the log-probs at the position before them
+    last_logprobs (B, M, V); a[0] = 0 at the sequence start."""
+    B, T, M, _ = logprobs.shape
+    if last_logprobs is None:
+        first = logprobs.new_zeros(B, 1, M)
+    else:
+        first = last_logprobs.gather(-1, tokens[:, :1, None].expand(B, M, 1)).view(B, 1, M)
+    # logprobs[:, t] predicts tokens[:, t + 1]
+    rest = logprobs[:, :-1].gather(-1, tokens[:, 1:, None, None].expand(B, T - 1, M, 1)).squeeze(-1)
+    return torch.cat([first, rest], dim=1)  # (B, T, M)
 
 
 class CorrelationMerger(nn.Module):
@@ -167,6 +222,11 @@ class CorrelationMerger(nn.Module):
             self.lag_weight = nn.Parameter(lag)  # (H, w)
         else:
             self.register_parameter("lag_weight", None)
+        self.evidence = config.evidence
+        if config.evidence:
+            nn.init.zeros_(self.key.weight)  # the state term starts at exactly 0
+            self.beta = nn.Parameter(torch.ones(H))  # (H,)
+            self.gamma_raw = nn.Parameter(torch.zeros(H))  # (H,) r: gamma = exp(-max(r, 0)), 1 at init
         if config.merge == "fusion":
             self.value = nn.Linear(D, D, bias=False)
             self.out_proj = nn.Linear(D, D, bias=False)
@@ -192,6 +252,41 @@ class CorrelationMerger(nn.Module):
             cache.scores = full[:, full.size(1) - (w - 1) :]
         return score
 
+    def log_gamma(self) -> Tensor:
+        """log gamma (H,) = -max(r, 0), with a straight-through gradient d/dr = -1.
+
+        gamma is exactly 1 at r = 0 and stays in (0, 1]; a plain clamp would stop
+        r's gradient once r < 0, and any smooth map whose maximum is 1 has zero
+        gradient there, so neither could leave gamma = 1.
+        """
+        r = self.gamma_raw
+        return -(r + (r.clamp(min=0) - r).detach())
+
+    def gamma(self) -> Tensor:
+        return self.log_gamma().exp()
+
+    def evidence_term(self, input_lp: Tensor, cache: MergeCache | None = None) -> Tensor:
+        """beta_h * e_m[t, h] (B, T, M, H) from a[t] = log p_m(x_t | x_<t) (B, T, M).
+
+        e[t] = sum_{s<=t} gamma^(t-s) a[s] (+ gamma^(t+1) e[-1] after cached
+        positions) as one product with G[h, t, s] = gamma_h^(t-s) (s <= t, else
+        0): exp(0 * lag) is exactly 1, so at gamma = 1 it is the plain running sum.
+        """
+        B, T, M = input_lp.shape
+        log_gamma = self.log_gamma()  # (H,)
+        pos = torch.arange(T, device=input_lp.device)
+        lag = (pos[:, None] - pos[None, :]).clamp(min=0).float()  # (T, T)
+        causal = (pos[None, :] <= pos[:, None]).float()  # (T, T)
+        dtype = torch.promote_types(input_lp.dtype, torch.float32)
+        G = torch.exp(log_gamma[:, None, None].to(dtype) * lag.to(dtype)) * causal.to(dtype)  # (H, T, T)
+        e = torch.einsum("hts,bsm->btmh", G, input_lp.to(dtype))  # (B, T, M, H)
+        if cache is not None:
+            if cache.evidence is not None:
+                carry = torch.exp(log_gamma[None, :] * (pos[:, None] + 1).float())  # (T, H): gamma^(t+1)
+                e = e + carry[None, :, None, :] * cache.evidence[:, None]
+            cache.evidence = e[:, -1]
+        return self.beta * e
+
     def forward(
         self,
         states: Tensor,
@@ -200,6 +295,7 @@ class CorrelationMerger(nn.Module):
         targets: Tensor | None = None,
         weights: Tensor | None = None,
         cache: MergeCache | None = None,
+        input_lp: Tensor | None = None,
     ) -> MergeOutput:
         """Merge stacked member states (B, T, M, D).
 
@@ -208,6 +304,8 @@ class CorrelationMerger(nn.Module):
         log-probs, for mixture logits. targets (B, T): gives the loss. weights
         (B, T, M, H): use these merge weights instead of the learned ones (e.g.
         the uniform mixture baseline, or forcing one member); each must sum to 1 over M.
+        input_lp (B, T, M): a[t] = log p_m(x_t | x_<t) for the evidence when
+        decoding; otherwise it is target_logprobs shifted right by one.
         """
         B, T, M, D = states.shape
         if M != self.config.num_members or D != self.config.merge_width:
@@ -215,7 +313,15 @@ class CorrelationMerger(nn.Module):
                 f"states: expected (B, T, {self.config.num_members}, {self.config.merge_width}), got {tuple(states.shape)}"
             )
         if weights is None:
-            log_w = F.log_softmax(self.scores(states, cache).float(), dim=2)  # (B, T, M, H)
+            score = _at_least_float(self.scores(states, cache))  # (B, T, M, H)
+            if self.evidence:
+                if input_lp is None:
+                    if target_logprobs is None or target_logprobs.shape != (B, T, M):
+                        got = None if target_logprobs is None else tuple(target_logprobs.shape)
+                        raise ValueError(f"target_logprobs: the evidence needs (B, T, M) = ({B}, {T}, {M}), got {got}")
+                    input_lp = input_logprobs(target_logprobs)
+                score = score + self.evidence_term(input_lp, cache)
+            log_w = F.log_softmax(score, dim=2)  # (B, T, M, H)
             weights = log_w.exp()
         else:
             if weights.shape != (B, T, M, self.n_head):
@@ -235,13 +341,13 @@ class CorrelationMerger(nn.Module):
             if logprobs is not None:
                 if logprobs.shape[:3] != (B, T, M):
                     raise ValueError(f"logprobs: mixture needs (B, T, M, V) = ({B}, {T}, {M}, V), got {tuple(logprobs.shape)}")
-                logits = torch.logsumexp(log_pi.unsqueeze(-1) + logprobs.float(), dim=2)  # (B, T, V)
+                logits = torch.logsumexp(log_pi.unsqueeze(-1) + _at_least_float(logprobs), dim=2)  # (B, T, V)
             if targets is not None:
                 if target_logprobs is None or target_logprobs.shape != (B, T, M):
                     got = None if target_logprobs is None else tuple(target_logprobs.shape)
                     raise ValueError(f"target_logprobs: the mixture loss needs (B, T, M) = ({B}, {T}, {M}), got {got}")
                 # log p(y_t) = log sum_m pi[t, m] p_m(y_t)
-                target_lp = torch.logsumexp(log_pi + target_logprobs.float(), dim=2)  # (B, T)
+                target_lp = torch.logsumexp(log_pi + _at_least_float(target_logprobs), dim=2)  # (B, T)
             elif logprobs is None:
                 raise ValueError("logprobs: mixture needs the members' log-probs (full, or of the targets)")
         loss = None if target_lp is None else -target_lp.mean()
@@ -290,8 +396,11 @@ class LeviathanEnsemble(nn.Module):
         """(B, T) -> (merged logits (B, T, V), loss), or an `EnsembleOutput` with return_details."""
         mixture = self.config.merge == "mixture"
         want_member_losses = return_details and targets is not None
-        outputs = self.member_outputs(idx, targets if mixture or want_member_losses else None, full_logprobs=mixture)
-        out = merge_members(self.merger, outputs, targets)
+        evidence = self.config.evidence
+        needs_targets = mixture or evidence or want_member_losses
+        full = mixture or (evidence and targets is None)  # without targets the evidence reads idx's log-probs
+        outputs = self.member_outputs(idx, targets if needs_targets else None, full_logprobs=full)
+        out = merge_members(self.merger, outputs, targets, tokens=idx)
         if not return_details:
             return out.logits, out.loss
         member_losses = dict(zip(self.member_names, outputs.losses())) if want_member_losses else None
@@ -302,9 +411,9 @@ class LeviathanEnsemble(nn.Module):
         cache = cache if cache is not None else EnsembleCache(self.members)
         outputs = run_members(
             self.members, self.projections, tokens,
-            full_logprobs=self.config.merge == "mixture", caches=cache.members,
+            full_logprobs=self.config.merge == "mixture" or self.config.evidence, caches=cache.members,
         )
-        out = merge_members(self.merger, outputs, cache=cache.merge)
+        out = merge_members(self.merger, outputs, cache=cache.merge, tokens=tokens)
         return out.logits[:, -1, :], cache
 
     @torch.no_grad()

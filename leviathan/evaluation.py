@@ -11,10 +11,17 @@ Rows of the table (what the merged model is compared with, DESIGN section 4):
   weights for that window are the Bayes posterior over members given the prefix
   with a uniform prior, ``w_m = softmax_m(sum_{t < P} log p_m(y_t | y_<t))``,
   and the rest of the window is scored with ``p(y_t) = sum_m w_m p_m(y_t)``.
+- ``running posterior``: the causal per-token Bayes posterior over members with
+  a uniform prior, ``w_m[t] = softmax_m(sum_{s < t} log p_m(y_s | y_<s))``,
+  ``p(y_t) = sum_m w_m[t] p_m(y_t)``: no dev prefix, it updates at every token.
 
-Columns: each domain's val split, and the mixed val set. Every domain is
-scored on the same fixed number of windows k and the mixed set is all of
-them, so the mixed loss is the mean of the domains' losses.
+Columns: each domain's val split, the mixed val set, and the domain-switch
+set. Every domain is scored on the same fixed number of windows k and the
+mixed set is all of them, so the mixed loss is the mean of the domains'
+losses. The switch set (`leviathan.data.switch_batches`) holds windows whose
+first half comes from one domain and second half from another, for every
+ordered pair of domains (fixed seed): per-token routing matters most where
+the domain changes mid-context.
 
 One scoring function, `score_windows`, turns per-token log-probabilities into
 every row's figures. It runs here in one process and, on the same windows,
@@ -49,11 +56,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from leviathan.data import Manifest, eval_batches
+from leviathan.data import Manifest, eval_batches, switch_batches
 from leviathan.ensemble import LeviathanEnsemble, merge_members, run_members
 
 LN2 = math.log(2.0)
 MIXED = "mixed"
+SWITCH = "switch"
+RUNNING_POSTERIOR = "running posterior"
 REPORT_FORMAT_VERSION = 1
 
 
@@ -71,12 +80,13 @@ class _Scores:
     nll: torch.Tensor
     tokens_per_window: int
     posterior_weights: torch.Tensor  # (N, M): each window's posterior over members
+    running_weights: torch.Tensor  # (M,): the running posterior's mean weight per member
     merger_weights: torch.Tensor  # (M,): the merger's mean routing weight per member
 
 
 def row_names(ensemble: LeviathanEnsemble) -> list[str]:
-    """Row order of every table: merged, the members (module-major), uniform, posterior."""
-    return ["merged", *ensemble.member_names, "uniform", "posterior"]
+    """Row order of every table: merged, the members (module-major), uniform, the two posteriors."""
+    return ["merged", *ensemble.member_names, "uniform", "posterior", RUNNING_POSTERIOR]
 
 
 def mix_members(member_lp: torch.Tensor, prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,6 +106,18 @@ def mix_members(member_lp: torch.Tensor, prefix_tokens: int) -> tuple[torch.Tens
     return uniform_lp, posterior_lp, log_w
 
 
+def running_posterior(member_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal per-token Bayes posterior mixture, uniform prior, from member_lp (B, T, M).
+
+    log w_m[t] = log_softmax_m sum_{s < t} log p_m(y_s)        (B, T, M), uniform at t = 0
+    log p(y_t) = logsumexp_m (log w_m[t] + log p_m(y_t))        (B, T)
+    Returns (log p (B, T), log w (B, T, M)).
+    """
+    seen = F.pad(member_lp, (0, 0, 1, 0))[:, :-1].cumsum(dim=1)  # (B, T, M): sum_{s<t}
+    log_w = F.log_softmax(seen, dim=-1)
+    return torch.logsumexp(log_w + member_lp, dim=-1), log_w
+
+
 def default_prefix_tokens(seq_len: int) -> int:
     """The dev prefix P every evaluation excludes unless told otherwise: a quarter of the window."""
     return seq_len // 4
@@ -113,34 +135,42 @@ def score_windows(member_lp: torch.Tensor, merged_lp: torch.Tensor | None, prefi
     excluded from every row, so all rows are scored on the same tokens).
     """
     uniform_lp, posterior_lp, _ = mix_members(member_lp, prefix_tokens)
-    rows = [member_lp, uniform_lp.unsqueeze(-1), posterior_lp.unsqueeze(-1)]
+    running_lp, _ = running_posterior(member_lp)
+    rows = [member_lp, uniform_lp.unsqueeze(-1), posterior_lp.unsqueeze(-1), running_lp.unsqueeze(-1)]
     if merged_lp is not None:
         rows.insert(0, merged_lp.unsqueeze(-1))
     per_token = torch.cat(rows, dim=-1)  # (N, T, R)
     return -per_token[:, prefix_tokens:].double().sum(dim=1).T  # (R, N)
 
 
-def column_nll(nll_by_domain: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-    """Summed NLL per row (R,) of every column: each domain, then the mixed set.
+def column_nll(
+    nll_by_domain: dict[str, torch.Tensor], switch_nll: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Summed NLL per row (R,) of every column: each domain, the mixed set, then the switch set.
 
     Every domain is scored on the same fixed number of windows k (the fewest
     any domain gave: its first k), and the mixed set is all of them, so a
-    mixed-set loss is exactly the mean of the domains' losses.
+    mixed-set loss is exactly the mean of the domains' losses. switch_nll
+    (R, N_switch): every switch window (the column is left out when None).
     Returns ({column: (R,) summed NLL}, k).
     """
     k = min(n.shape[1] for n in nll_by_domain.values())
     sums = {d: n[:, :k].sum(dim=1) for d, n in nll_by_domain.items()}
     sums[MIXED] = sum(sums.values())
+    if switch_nll is not None:
+        sums[SWITCH] = switch_nll.sum(dim=1)
     return sums, k
 
 
 def column_losses(
-    nll_by_domain: dict[str, torch.Tensor], scored_tokens_per_window: int
+    nll_by_domain: dict[str, torch.Tensor], scored_tokens_per_window: int, switch_nll: torch.Tensor | None = None
 ) -> dict[str, list[float]]:
     """Loss (nats per scored token) per column and row: {column: [loss of row r]}."""
-    sums, k = column_nll(nll_by_domain)
-    tokens = {c: k * scored_tokens_per_window * (len(nll_by_domain) if c == MIXED else 1) for c in sums}
-    return {c: (s / tokens[c]).tolist() for c, s in sums.items()}
+    sums, k = column_nll(nll_by_domain, switch_nll)
+    windows = {c: k for c in nll_by_domain} | {MIXED: k * len(nll_by_domain)}
+    if switch_nll is not None:
+        windows[SWITCH] = switch_nll.shape[1]
+    return {c: (s / (windows[c] * scored_tokens_per_window)).tolist() for c, s in sums.items()}
 
 
 @torch.no_grad()
@@ -154,41 +184,46 @@ def score_batch(
     its projection) the merger.
 
     Returns (nll (R, B) summed over the scored positions P..T-1 of each window,
-    posterior weights (B, M), merger weights (M,) averaged over batch, time and heads).
+    posterior weights (B, M), running posterior and merger weights (M,) each
+    averaged over batch, time (and heads)).
     """
     outputs = run_members(ensemble.members, ensemble.projections, x, y)
     merged = merge_members(ensemble.merger, outputs, y)
     member_lp = outputs.target_logprobs.permute(1, 2, 0)  # (B, T, M)
     nll = score_windows(member_lp, merged.target_logprobs, prefix_tokens)
     _, _, log_w = mix_members(member_lp, prefix_tokens)
+    running_w = running_posterior(member_lp)[1].exp().mean(dim=(0, 1))  # (M,)
     merger_w = merged.weights.float().mean(dim=(0, 1, 3))  # (M,)
-    return nll.cpu(), log_w.exp().cpu(), merger_w.cpu()
+    return nll.cpu(), log_w.exp().cpu(), running_w.cpu(), merger_w.cpu()
 
 
-def _score_domain(
-    ensemble: LeviathanEnsemble,
-    shard: Any,
-    batch_size: int,
-    seq_len: int,
-    max_batches: int,
-    prefix_tokens: int,
-    device: torch.device,
+def _score_batches(
+    ensemble: LeviathanEnsemble, batches: list[tuple[torch.Tensor, torch.Tensor]], prefix_tokens: int, device: torch.device
 ) -> _Scores:
-    nlls, post, merger = [], [], []
-    for x, y in eval_batches(shard, batch_size, seq_len, max_batches):
+    nlls, post, running, merger = [], [], [], []
+    for x, y in batches:
         x = torch.as_tensor(x, dtype=torch.long, device=device)  # (B, T)
         y = torch.as_tensor(y, dtype=torch.long, device=device)  # (B, T)
-        nll, w, mw = score_batch(ensemble, x, y, prefix_tokens)
+        nll, w, rw, mw = score_batch(ensemble, x, y, prefix_tokens)
         nlls.append(nll)
         post.append(w)
+        running.append(rw * x.shape[0])
         merger.append(mw * x.shape[0])
     n_windows = sum(n.shape[1] for n in nlls)
     return _Scores(
         nll=torch.cat(nlls, dim=1),
-        tokens_per_window=seq_len - prefix_tokens,
+        tokens_per_window=batches[0][0].shape[1] - prefix_tokens,
         posterior_weights=torch.cat(post, dim=0),
+        running_weights=torch.stack(running).sum(dim=0) / n_windows,
         merger_weights=torch.stack(merger).sum(dim=0) / n_windows,
     )
+
+
+def switch_scored_tokens(seq_len: int, prefix_tokens: int) -> tuple[int, int]:
+    """How many scored targets (P..T-1) of a switch window come from its first and second
+    domain: target t is token t + 1 of the window, from the first domain when t + 1 < T // 2."""
+    first = max(0, seq_len // 2 - 1 - prefix_tokens)
+    return first, seq_len - prefix_tokens - first
 
 
 def _metrics(nll: float, tokens: int, bytes_: float) -> dict[str, float]:
@@ -215,7 +250,9 @@ def evaluate_ensemble(
     `batch_size` windows of `seq_len` targets). prefix_tokens (default
     seq_len // 4) is the posterior's dev prefix P, excluded from every row's
     scored tokens. Every column uses the first k windows of every domain,
-    k = the smallest number of windows any domain gave (`column_nll`).
+    k = the smallest number of windows any domain gave (`column_nll`); with
+    two or more domains the switch column scores `switch_batches` of the val
+    splits, on the same positions.
 
     Returns a JSON-safe dict (the content of report.json): `columns`, `rows`
     (name, kind, domain, and loss/ppl/bpb per column), scored `tokens` and
@@ -251,13 +288,15 @@ def evaluate_ensemble(
     device = torch.device(device)
     was_training = ensemble.training
     ensemble.to(device).eval()
+    shards = [manifest.shard(d, "val") for d in domains]
     try:
         scores = {
-            d: _score_domain(
-                ensemble, manifest.shard(d, "val"), batch_size, seq_len, max_batches, prefix_tokens, device
-            )
-            for d in domains
+            d: _score_batches(ensemble, eval_batches(shard, batch_size, seq_len, max_batches), prefix_tokens, device)
+            for d, shard in zip(domains, shards)
         }
+        switch = None
+        if len(domains) > 1:
+            switch = _score_batches(ensemble, switch_batches(shards, batch_size, seq_len), prefix_tokens, device)
     finally:
         ensemble.train(was_training)
 
@@ -265,12 +304,18 @@ def evaluate_ensemble(
     member_domain = {n: domains[cfg.module_of(i)] for i, n in enumerate(ensemble.member_names)}
     bpt = {d: manifest.bytes_per_token(d, "val") for d in domains}
 
-    sums, k = column_nll({d: s.nll for d, s in scores.items()})
-    columns = [*domains, MIXED]
+    sums, k = column_nll({d: s.nll for d, s in scores.items()}, None if switch is None else switch.nll)
+    columns = [*domains, MIXED] + ([] if switch is None else [SWITCH])
     tokens = {d: k * (seq_len - prefix_tokens) for d in domains}
     nbytes = {d: tokens[d] * bpt[d] for d in domains}
     tokens[MIXED] = sum(tokens[d] for d in domains)
     nbytes[MIXED] = sum(nbytes[d] for d in domains)
+    if switch is not None:
+        # Every ordered pair has the same number of windows: each domain is first (and second) in D - 1 pairs.
+        first, second = switch_scored_tokens(seq_len, prefix_tokens)
+        per_domain = switch.nll.shape[1] // len(domains)
+        tokens[SWITCH] = switch.nll.shape[1] * (seq_len - prefix_tokens)
+        nbytes[SWITCH] = sum(per_domain * (first + second) * bpt[d] for d in domains)
 
     rows = []
     for r, name in enumerate(names):
@@ -296,7 +341,9 @@ def evaluate_ensemble(
         "posterior_weights": {
             d: dict(zip(members, s.posterior_weights.mean(dim=0).tolist())) for d, s in scores.items()
         },
+        "running_posterior_weights": {d: dict(zip(members, s.running_weights.tolist())) for d, s in scores.items()},
         "merger_weights": {d: dict(zip(members, s.merger_weights.tolist())) for d, s in scores.items()},
+        "evidence": evidence_settings(ensemble.merger),
         "settings": {
             "batch_size": batch_size,
             "seq_len": seq_len,
@@ -307,8 +354,16 @@ def evaluate_ensemble(
             "windows": {d: k for d in domains},
             "merge": cfg.merge,
             "mixer": cfg.mixer,
+            "switch_windows": 0 if switch is None else switch.nll.shape[1],
         },
     }
+
+
+def evidence_settings(merger: Any) -> dict[str, list[float]] | None:
+    """The merger's learned evidence weights per head, {"beta": [...], "gamma": [...]} (None without evidence)."""
+    if not merger.evidence:
+        return None
+    return {"beta": merger.beta.detach().cpu().tolist(), "gamma": merger.gamma().detach().cpu().tolist()}
 
 
 def row(report: dict[str, Any], name: str) -> dict[str, Any]:
@@ -348,6 +403,20 @@ def format_report(report: dict[str, Any], title: str | None = None) -> str:
         f"{s['scored_tokens_per_window']} tokens per window); every domain is scored on "
         f"{s['windows_per_domain']} windows and the mixed set is all of them."
     )
+    if s.get("switch_windows"):
+        out[-1] += (
+            f" The switch set is {s['switch_windows']} windows whose first half comes from one domain "
+            "and second half from another (every ordered pair, fixed seed), scored on the same positions."
+        )
+    if report.get("evidence"):
+        ev = report["evidence"]
+        out.append(
+            "\nMerger evidence per head: beta "
+            + ", ".join(f"{v:.3f}" for v in ev["beta"])
+            + "; gamma "
+            + ", ".join(f"{v:.3f}" for v in ev["gamma"])
+            + "."
+        )
     for metric, heading, digits in (
         ("loss", "Loss (nats per token)", 4),
         ("bpb", "Bits per byte", 4),
@@ -364,7 +433,10 @@ def format_report(report: dict[str, Any], title: str | None = None) -> str:
     for key, heading in (
         ("merger_weights", "Merger weight per member (mean over tokens and heads)"),
         ("posterior_weights", "Posterior weight per member (mean over windows)"),
+        ("running_posterior_weights", "Running posterior weight per member (mean over tokens)"),
     ):
+        if key not in report:
+            continue
         body = [[d] + [f"{report[key][d][m]:.3f}" for m in members] for d in report["domains"]]
         out += ["", f"## {heading}", "", _markdown_table(["domain", *members], body)]
     return "\n".join(out) + "\n"

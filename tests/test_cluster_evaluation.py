@@ -1,6 +1,7 @@
 """The workers' evaluation (cluster.evaluation, what the trainer calls) on 2 Ray
 workers gives the same figures as `leviathan.evaluation.evaluate_ensemble` in one
-process: every row, every domain and the mixed set, with and without a merger.
+process: every row, every domain, the mixed set and the domain-switch set, with
+and without a merger, with and without the merger's evidence.
 
 2 modules x 2 members on 2 workers and batches of 3 windows (rank 0 merges 2
 rows, rank 1 one), so both the member gather and the row gather are exercised.
@@ -14,17 +15,23 @@ import torch
 from leviathan.config import ComponentConfig, EnsembleConfig
 from leviathan.data import load_manifest
 from leviathan.ensemble import LeviathanEnsemble
-from leviathan.evaluation import MIXED, evaluate_ensemble
+from leviathan.evaluation import MIXED, SWITCH, evaluate_ensemble
 from tests.test_evaluation import prepare_corpus
 
 SETTINGS = dict(batch_size=3, seq_len=16, max_batches=2, prefix_tokens=4)
 
 
-def _ensemble(merge: str) -> LeviathanEnsemble:
+def _ensemble(merge: str, evidence: bool) -> LeviathanEnsemble:
     torch.manual_seed(3)
     member = ComponentConfig.preset("tiny", vocab_size=260, block_size=32, n_layer=1)
-    config = EnsembleConfig(members=[member] * 2, modules=2, members_per_module=2, merge=merge, merge_width=32)
-    return LeviathanEnsemble(config)
+    config = EnsembleConfig(members=[member] * 2, modules=2, members_per_module=2, merge=merge, merge_width=32,
+                            evidence=evidence)
+    ens = LeviathanEnsemble(config)
+    if evidence:  # evidence weights away from their init, so the state term and gamma matter
+        with torch.no_grad():
+            ens.merger.key.weight.normal_(std=0.2)
+            ens.merger.gamma_raw.copy_(torch.tensor([0.0, 0.1, 0.5, 1.0]))
+    return ens
 
 
 def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, tmp_path):
@@ -33,9 +40,10 @@ def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, tm
 
     manifest = prepare_corpus(tmp_path / "corpus")
     domains = load_manifest(manifest).domains[:2]
-    cases = {"fusion": "fusion", "mixture": "mixture", "members-only": "mixture"}
-    for name, merge in cases.items():
-        _ensemble(merge).save(tmp_path / name)
+    cases = {"fusion": ("fusion", True), "mixture": ("mixture", True), "mixture-states-only": ("mixture", False),
+             "members-only": ("mixture", True)}
+    for name, (merge, evidence) in cases.items():
+        _ensemble(merge, evidence).save(tmp_path / name)
 
     def loop(config):
         import ray.train
@@ -45,7 +53,7 @@ def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, tm
         from cluster.members import Member
         from cluster.merge import Exchange
         from cluster.placement import members_for_rank
-        from leviathan.data import eval_batches, load_manifest
+        from leviathan.data import eval_batches, load_manifest, switch_batches
         from leviathan.ensemble import LeviathanEnsemble
 
         ctx = ray.train.get_context()
@@ -54,6 +62,7 @@ def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, tm
         s = config["settings"]
         val_sets = {d: eval_batches(m.shard(d, "val"), s["batch_size"], s["seq_len"], s["max_batches"])
                     for d in config["domains"]}
+        switch_set = switch_batches([m.shard(d, "val") for d in config["domains"]], s["batch_size"], s["seq_len"])
         out = {}
         for name in config["cases"]:
             ens = LeviathanEnsemble.load(f"{config['dir']}/{name}")
@@ -63,7 +72,7 @@ def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, tm
             exchange = Exchange.for_placement(rank, world, c.modules, c.members_per_module)
             merger = None if name == "members-only" else ens.merger
             result = evaluate(members, c.member_names, merger, val_sets, s["prefix_tokens"], exchange,
-                              torch.device("cpu"))
+                              torch.device("cpu"), switch_set=switch_set)
             out[name] = {"rows": result.rows, "losses": result.losses}
         torch.save(out, f"{config['dir']}/rank{rank}.pt")
 
@@ -84,7 +93,8 @@ def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, tm
             del expected["merged"]
         for r, got in enumerate(ranks):
             assert got[name]["rows"] == list(expected), f"{name}: rank {r} rows"
-            for column in [*domains, MIXED]:
+            assert list(got[name]["losses"]) == [*domains, MIXED, SWITCH]
+            for column in [*domains, MIXED, SWITCH]:
                 for i, row_name in enumerate(got[name]["rows"]):
                     assert got[name]["losses"][column][i] == pytest.approx(expected[row_name][column], rel=1e-5, abs=1e-6), (
                         f"{name}: rank {r}, {row_name} on {column}"

@@ -2,8 +2,11 @@
 
 3 modules x 2 members on 2 workers (rank 0 hosts 4 members, rank 1 hosts 2, so
 the gather pads) and a batch of 5 rows (rank 0 merges 3 rows, rank 1 merges 2):
-the global loss and the gradients of every projection, the merger and (with
-joint training) the members match the single-process ensemble's.
+the global loss and the gradients of every projection, the merger (beta and
+gamma of the evidence included) and (with joint training) the members match the
+single-process ensemble's. The batch travels as row blocks (an all-to-all of the
+states with the target log-probs as one more channel), in both merge modes,
+with and without the evidence.
 """
 
 from __future__ import annotations
@@ -13,18 +16,29 @@ import torch
 from leviathan.config import ComponentConfig, EnsembleConfig
 from leviathan.ensemble import LeviathanEnsemble
 
-CASES = {"fusion": dict(merge="fusion", joint=False), "mixture-joint": dict(merge="mixture", joint=True)}
+CASES = {
+    "fusion-evidence": dict(merge="fusion", evidence=True, joint=False),
+    "mixture-evidence-joint": dict(merge="mixture", evidence=True, joint=True),
+    "mixture-evidence": dict(merge="mixture", evidence=True, joint=False),
+    "fusion-states-joint": dict(merge="fusion", evidence=False, joint=True),
+}
 
 
-def _ensemble(merge: str) -> LeviathanEnsemble:
+def _ensemble(merge: str, evidence: bool, **_) -> LeviathanEnsemble:
     torch.manual_seed(0)
     members = [
         ComponentConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16, flavour=f, window=2)
         for f in ("gelu4", "relu3")
     ]
     config = EnsembleConfig(members=members, modules=3, members_per_module=2, merge=merge,
-                            merge_width=8, merge_heads=2, merge_window=2)
-    return LeviathanEnsemble(config)
+                            merge_width=8, merge_heads=2, merge_window=2, evidence=evidence)
+    ens = LeviathanEnsemble(config)
+    if evidence:  # away from the init, where W_k = 0 would zero W_q's and the lags' gradients
+        with torch.no_grad():
+            ens.merger.key.weight.normal_(std=0.5)
+            ens.merger.gamma_raw.copy_(torch.tensor([0.0, 0.4]))
+            ens.merger.beta.copy_(torch.tensor([1.3, 0.7]))
+    return ens
 
 
 def test_phase2_step_on_two_workers_equals_single_process_step(ray_cluster, tmp_path):
@@ -36,7 +50,7 @@ def test_phase2_step_on_two_workers_equals_single_process_step(ray_cluster, tmp_
     y = torch.randint(0, 40, (5, 12))
     torch.save((x, y), tmp_path / "batch.pt")
     for name, case in CASES.items():
-        _ensemble(case["merge"]).save(tmp_path / name)
+        _ensemble(**case).save(tmp_path / name)
 
     def loop(config):
         import ray.train
@@ -75,7 +89,7 @@ def test_phase2_step_on_two_workers_equals_single_process_step(ray_cluster, tmp_
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, case in CASES.items():
-        ens = _ensemble(case["merge"])
+        ens = _ensemble(**case)
         ens.load_state_dict(LeviathanEnsemble.load(tmp_path / name).state_dict())
         _, loss = ens(x, y)
         loss.backward()

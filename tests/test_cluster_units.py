@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cluster import checkpointing
-from cluster.members import Member, Module, adamw, build_member, build_merger
+from cluster.members import Member, Module, adamw, build_member, build_merger, merger_adamw
+from cluster.merge import Exchange, local_parameters, merged_loss, reduce_and_clip
 from cluster.metrics import MetricsLog
 from leviathan.records import RECORD_FIELDS, record
 from cluster.placement import (
@@ -24,7 +25,7 @@ from cluster.trainer import PlacementError, check_placement
 from cluster.worker import train_module_step
 from jobs.plan import ensemble_config, resources_of
 from jobs.spec import JobSpec
-from leviathan.data import BatchSampler, TokenShard, write_shard
+from leviathan.data import BatchSampler, MixedBatchSampler, TokenShard, write_shard
 from leviathan.ensemble import LeviathanEnsemble
 
 
@@ -132,6 +133,61 @@ def test_module_checkpoint_round_trip_resumes_exactly(tmp_path, shard):
     checkpointing.load_rank(tmp_path, 0)
     got = [train_module_step(restored, 0.5) for _ in range(2)]
     assert got == expected, f"resumed losses differ: {got} vs {expected}"
+
+
+def _phase2(spec: JobSpec, shards: list[TokenShard]):
+    """Two modules' members with phase-2 optimisers, the evidence merger with its
+    evidence lr group, and the mixed sampler with switch rows."""
+    config = ensemble_config(spec, vocab_size=260)
+    members = []
+    for j in range(config.num_members):
+        model, projection = build_member(config, j, spec.seed)
+        members.append(Member(j, config.member_names[j], model, projection,
+                              projection_optimizer=adamw(projection, 1e-2, 0.1)))
+    modules = [Module(i, "ab"[i], members[2 * i : 2 * i + 2], BatchSampler(shards[i], 4, 16, seed=i)) for i in range(2)]
+    merger = build_merger(config, spec.seed)
+    optimizer = merger_adamw(merger, 1e-2, 0.1, evidence_lr_scale=10.0)
+    sampler = MixedBatchSampler(shards, 4, 16, seed=3, switch_fraction=0.5)
+    return modules, members, merger, optimizer, sampler
+
+
+def _merge_step(members, merger, optimizer, sampler) -> float:
+    x, y = sampler.next()
+    optimizers = [optimizer] + [m.projection_optimizer for m in members]
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    exchange = Exchange(0, 1, (len(members),))
+    share = merged_loss(members, merger, x, y, exchange, joint=False)
+    share.backward()
+    loss, _ = reduce_and_clip(merger, local_parameters(members, joint=False), share, 1, grad_clip=1.0)
+    for opt in optimizers:
+        opt.step()
+    return loss
+
+
+def test_phase2_checkpoint_round_trip_resumes_the_evidence_merger_exactly(tmp_path, shard):
+    """beta, gamma, their faster AdamW group and the switch rows' sampler state are all
+    checkpointed: the next merge steps after a restore match bit for bit."""
+    shards = [shard, TokenShard(write_shard(tmp_path / "b.train.arrow", (np.arange(5000) % 200).astype(np.uint16)))]
+    spec = _tiny_spec()
+    modules, members, merger, optimizer, sampler = _phase2(spec, shards)
+    evidence_group = optimizer.param_groups[-1]
+    assert evidence_group["lr"] == 1e-1 and evidence_group["weight_decay"] == 0.0
+    assert [p is q for p, q in zip(evidence_group["params"], (merger.beta, merger.gamma_raw))] == [True, True]
+    for _ in range(3):
+        _merge_step(members, merger, optimizer, sampler)
+    assert not torch.equal(merger.gamma_raw, torch.zeros(2)), "gamma learned"
+    for module in modules:
+        checkpointing.save_module(tmp_path, module)
+    checkpointing.save_coordinator(tmp_path, merger=merger, merger_optimizer=optimizer, mixed_sampler=sampler,
+                                   config=merger.config, phase="merge", step=3)
+    expected = [_merge_step(members, merger, optimizer, sampler) for _ in range(2)]
+
+    modules, members, merger, optimizer, sampler = _phase2(spec, shards)
+    for module in modules:
+        checkpointing.load_module(tmp_path, module)
+    checkpointing.load_coordinator(tmp_path, merger, optimizer, sampler)
+    assert [_merge_step(members, merger, optimizer, sampler) for _ in range(2)] == expected
 
 
 def test_members_are_built_from_the_seed_not_the_placement():

@@ -164,7 +164,7 @@ def test_compare_correlation_and_attention(ray_cluster, tmp_path, capsys):
     for run in (corr, att):
         assert (tmp_path / "runs" / run["name"] / "final").is_dir()
         assert (tmp_path / "runs" / run["name"] / "report.json").is_file()
-        assert set(run["merged"]["loss"]) == {*manifest_domains(manifest), "mixed"}
+        assert set(run["merged"]["loss"]) == {*manifest_domains(manifest), "mixed", "switch"}
         assert run["wall_s"] > 0 and run["tokens_per_s"]["members"] > 0
         assert run["curves"]["members"] and run["curves"]["merged"]
     # Both runs are scored on the same windows of the same data.

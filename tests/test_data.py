@@ -14,6 +14,7 @@ from leviathan.data import (
     BatchSampler,
     DataError,
     MixedBatchSampler,
+    switch_batches,
     TokenShard,
     eval_batches,
     load_manifest,
@@ -167,6 +168,48 @@ def test_restored_sampler_yields_the_same_batches(tmp_path, through_json):
     for i, (x, y) in enumerate(expected):
         rx, ry = restored.next()
         assert torch.equal(rx, x) and torch.equal(ry, y), f"batch {i} after restore differs"
+
+
+def test_switch_rows_change_domain_once_and_resume_bit_identically(tmp_path):
+    D, B, T = 3, 8, 16
+    shards = [make_shard(tmp_path, np.arange(3000, dtype=np.uint16) + 3000 * d, f"d{d}.arrow") for d in range(D)]
+    sampler = MixedBatchSampler(shards, batch_size=B, seq_len=T, seed=5, switch_fraction=0.25)
+    pairs = set()
+    for _ in range(40):
+        x, y = sampler.next()
+        window = torch.cat([x, y[:, -1:]], dim=1) // 3000  # (B, T + 1) domain of every token
+        for row in range(2):  # round(0.25 * 8) switch rows
+            a, b = int(window[row, 0]), int(window[row, -1])
+            cut = int((window[row] == a).sum())
+            assert a != b and T // 4 <= cut < 3 * T // 4 and (window[row, cut:] == b).all()
+            pairs.add((a, b))
+        assert (window[2:] == window[2:, :1]).all(), "mixed rows stay within one domain"
+    assert len(pairs) == D * (D - 1)
+    state = json.loads(json.dumps(sampler.state_dict()))
+    expected = [sampler.next() for _ in range(5)]
+    restored = MixedBatchSampler(shards, batch_size=B, seq_len=T, seed=0, switch_fraction=0.25)
+    restored.load_state_dict(state)
+    for x, y in expected:
+        rx, ry = restored.next()
+        assert torch.equal(rx, x) and torch.equal(ry, y)
+    with pytest.raises(DataError, match="switch_fraction"):
+        MixedBatchSampler(shards, batch_size=B, seq_len=T).load_state_dict(state)
+
+
+def test_switch_batches_cover_every_ordered_pair_half_and_half(tmp_path):
+    D, T = 3, 16
+    shards = [make_shard(tmp_path, np.arange(3000, dtype=np.uint16) + 3000 * d, f"d{d}.arrow") for d in range(D)]
+    batches = switch_batches(shards, batch_size=5, seq_len=T, per_pair=2)
+    again = switch_batches(shards, batch_size=5, seq_len=T, per_pair=2)
+    assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(batches, again))
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert x.shape == (D * (D - 1) * 2, T) and [b[0].shape[0] for b in batches] == [5, 5, 2]
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    first, second = x[:, : T // 2] // 3000, y[:, T // 2 :] // 3000
+    assert (first == first[:, :1]).all() and (second == second[:, :1]).all()
+    pairs = [(int(a), int(b)) for a, b in zip(first[:, 0], second[:, 0])]
+    assert sorted(set(pairs)) == [(a, b) for a in range(D) for b in range(D) if a != b]
 
 
 def test_load_state_dict_rejects_other_shapes(tmp_path):

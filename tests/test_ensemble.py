@@ -112,12 +112,83 @@ def naive_merge_scores(model: LeviathanEnsemble, states: torch.Tensor) -> torch.
 
 
 def test_merge_weights_follow_the_lagged_formula() -> None:
-    model = ensemble("fusion")
+    model = ensemble("fusion", evidence=False)
     idx = tokens(T=9)
     states = model.member_outputs(idx).states.permute(1, 2, 0, 3)  # (B, T, M, D)
     out = model.merger(states)
     expected = torch.softmax(naive_merge_scores(model, states), dim=2)
     torch.testing.assert_close(out.weights, expected, atol=1e-6, rtol=1e-5)
+
+
+def naive_running_posterior(target_lp: torch.Tensor) -> torch.Tensor:
+    """log sum_m w_m[t] p_m(y_t), w_m[t] = Bayes posterior given y_<t (uniform prior), loop by loop (float64)."""
+    B, T, M = target_lp.shape
+    out = torch.empty(B, T, dtype=torch.float64)
+    for b in range(B):
+        seen = [0.0] * M  # log p_m(y_0 .. y_{t-1})
+        for t in range(T):
+            top = max(seen)
+            norm = sum(math.exp(x - top) for x in seen)
+            out[b, t] = math.log(sum(math.exp(seen[m] - top) / norm * math.exp(float(target_lp[b, t, m])) for m in range(M)))
+            for m in range(M):
+                seen[m] += float(target_lp[b, t, m])
+    return out
+
+
+def test_fresh_mixture_merger_is_the_running_bayes_posterior() -> None:
+    """beta = gamma = 1 and a zero key at init: the merged log-prob is the running posterior's."""
+    model = ensemble("mixture", seed=4).double()
+    B, T, M = 3, 40, 4
+    g = torch.Generator().manual_seed(5)
+    # Sharp, member-dependent log-probs, so the posterior moves far from uniform.
+    target_lp = F.log_softmax(3 * torch.randn(B, T, M, 8, generator=g, dtype=torch.float64), dim=-1)[..., 0]
+    states = torch.randn(B, T, M, 32, generator=g, dtype=torch.float64)
+    out = model.merger(states, target_lp, targets=torch.zeros(B, T, dtype=torch.long))
+    assert model.merger.gamma().tolist() == [1.0] * 4 and model.merger.beta.tolist() == [1.0] * 4
+    torch.testing.assert_close(out.target_logprobs, naive_running_posterior(target_lp), atol=1e-5, rtol=0)
+
+
+def test_evidence_follows_the_decayed_sum() -> None:
+    """score = beta_h * sum_{s<=t} gamma_h^(t-s) a_m[s] + state term, a = target log-probs shifted by one."""
+    model = ensemble("mixture")
+    mg = model.merger
+    with torch.no_grad():
+        mg.gamma_raw.copy_(torch.tensor([0.0, 0.1, 0.7, 2.0]))
+        mg.beta.copy_(torch.tensor([1.0, 0.5, 2.0, -1.0]))
+        mg.key.weight.normal_()
+    B, T, M = 2, 7, 4
+    target_lp = -torch.rand(B, T, M, generator=torch.Generator().manual_seed(2)) * 3
+    states = model.member_outputs(tokens(T=T)).states.permute(1, 2, 0, 3)
+    gamma = torch.exp(-mg.gamma_raw.detach())
+    expected = torch.zeros(B, T, M, 4)
+    for t in range(T):
+        for s in range(1, t + 1):  # a[s] = log p(y_{s-1}); a[0] = 0
+            expected[:, t] += gamma ** (t - s) * target_lp[:, s - 1, :, None]
+    expected = mg.beta.detach() * expected + naive_merge_scores(model, states)
+    out = mg(states, target_lp, targets=torch.zeros(B, T, dtype=torch.long))
+    torch.testing.assert_close(out.weights, torch.softmax(expected, dim=2), atol=1e-6, rtol=1e-5)
+
+
+def test_gamma_starts_at_one_stays_in_range_and_learns_both_ways() -> None:
+    mg = ensemble("mixture").merger
+    for r in (-3.0, 0.0, 0.5, 50.0):
+        with torch.no_grad():
+            mg.gamma_raw.fill_(r)
+        gamma = mg.gamma()
+        assert ((gamma > 0) & (gamma <= 1)).all(), r
+        mg.zero_grad()
+        gamma.sum().backward()
+        assert (mg.gamma_raw.grad != 0).all(), f"no gradient at r = {r}"
+
+
+def test_evidence_off_is_the_state_only_merger_and_old_configs_load_without_it() -> None:
+    off = ensemble("mixture", evidence=False)
+    assert not hasattr(off.merger, "beta") and off.merger.key.weight.abs().sum() > 0
+    on = ensemble("mixture")
+    assert on.merger.key.weight.abs().sum() == 0
+    old = on.config.to_dict()
+    del old["evidence"]
+    assert EnsembleConfig.from_dict(old).evidence is False
 
 
 @pytest.mark.parametrize("merge", ["fusion", "mixture"])
@@ -155,8 +226,12 @@ def test_member_losses_are_each_members_own_loss() -> None:
 
 
 @pytest.mark.parametrize("merge", ["fusion", "mixture"])
-def test_4x2_forward_backward_reaches_every_parameter(merge: str) -> None:
-    model = ensemble(merge, modules=4)
+@pytest.mark.parametrize("evidence", [True, False])
+def test_4x2_forward_backward_reaches_every_parameter(merge: str, evidence: bool) -> None:
+    model = ensemble(merge, modules=4, evidence=evidence)
+    if evidence:  # the zero key of a fresh evidence merger stops W_q's and the lags' gradient until W_k moves
+        with torch.no_grad():
+            model.merger.key.weight.normal_()
     assert len(model.members) == 8 and model.member_names[-1] == "m3.1"
     _, loss = model(tokens(), tokens(seed=2))
     loss.backward()
@@ -171,8 +246,14 @@ def test_attention_twin_merger_has_no_lags() -> None:
 
 
 @pytest.mark.parametrize("merge", ["fusion", "mixture"])
-def test_generate_cached_equals_full_forward_sampling(merge: str) -> None:
-    model = ensemble(merge).eval()
+@pytest.mark.parametrize("evidence", [True, False])
+def test_generate_cached_equals_full_forward_sampling(merge: str, evidence: bool) -> None:
+    model = ensemble(merge, evidence=evidence).eval()
+    if evidence:  # a learned evidence path, so the cached recurrence is really exercised
+        with torch.no_grad():
+            model.merger.gamma_raw.copy_(torch.tensor([0.0, 0.2, 0.5, 1.0]))
+            model.merger.beta.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
+            model.merger.key.weight.normal_()
     prompt = tokens(T=5)
     out = model.generate(prompt, 30, temperature=1.0, generator=torch.Generator().manual_seed(3))
     assert out.shape == (2, 35)  # crosses block_size 32

@@ -15,14 +15,18 @@ from leviathan.data import load_manifest
 from leviathan.ensemble import LeviathanEnsemble
 from leviathan.evaluation import (
     MIXED,
+    RUNNING_POSTERIOR,
+    SWITCH,
     EvaluationError,
     evaluate_ensemble,
     format_report,
     mix_members,
     row,
     row_names,
+    running_posterior,
     score_batch,
 )
+from tests.test_ensemble import naive_running_posterior
 
 WORDS = {
     "prose": "the a river stone light morning quiet walked over under said again long".split(),
@@ -77,7 +81,7 @@ def test_rows_match_the_models_own_losses(merge):
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 260, (3, 16), generator=g)
     y = torch.randint(0, 260, (3, 16), generator=g)
-    nll, _, _ = score_batch(ens, x, y, prefix_tokens=0)  # (R, B)
+    nll, *_ = score_batch(ens, x, y, prefix_tokens=0)  # (R, B)
     assert nll.shape == (len(row_names(ens)), 3)
     with torch.no_grad():
         _, loss = ens(x, y)
@@ -93,15 +97,16 @@ def test_prefix_tokens_are_excluded_from_every_row():
     x = torch.randint(0, 260, (2, 16), generator=g)
     y = torch.randint(0, 260, (2, 16), generator=g)
     P = 5
-    nll, _, _ = score_batch(ens, x, y, prefix_tokens=P)
+    nll, *_ = score_batch(ens, x, y, prefix_tokens=P)
     with torch.no_grad():
         logits, _ = ens.members[0](x)
     per_token = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
     assert torch.allclose(nll[1], per_token[:, P:].sum(dim=1).double(), rtol=1e-5)
     y2 = y.clone()
     y2[:, :P] = (y2[:, :P] + 7) % 260  # other prefix targets change the posterior weights only
-    nll2, _, _ = score_batch(ens, x, y2, prefix_tokens=P)
-    assert torch.equal(nll[:-1], nll2[:-1]), "rows other than posterior must not depend on the prefix targets"
+    nll2, *_ = score_batch(ens, x, y2, prefix_tokens=P)
+    # Members and uniform: no; both posteriors and the evidence merger read the earlier targets.
+    assert torch.equal(nll[1:-2], nll2[1:-2]), "member and uniform rows must not depend on the prefix targets"
 
 
 def test_posterior_follows_the_member_that_explains_the_prefix():
@@ -120,15 +125,25 @@ def test_posterior_follows_the_member_that_explains_the_prefix():
     assert torch.allclose(flat, uniform) and torch.allclose(log_w0.exp(), torch.full((B, M), 1 / M))
 
 
+def test_running_posterior_is_the_per_token_bayes_posterior():
+    g = torch.Generator().manual_seed(3)
+    member_lp = F.log_softmax(3 * torch.randn(2, 30, 3, 5, generator=g, dtype=torch.float64), dim=-1)[..., 0]
+    lp, log_w = running_posterior(member_lp)
+    torch.testing.assert_close(lp, naive_running_posterior(member_lp), atol=1e-10, rtol=0)
+    assert torch.allclose(log_w[:, 0].exp(), torch.full((2, 3), 1 / 3, dtype=torch.float64))
+
+
 def test_report_on_a_prepared_corpus(manifest):
     ens = tiny_ensemble()
     rep = evaluate_ensemble(ens, manifest, batch_size=2, seq_len=32, max_batches=2, prefix_tokens=8)
     domains = manifest.domains[:2]
-    assert rep["columns"] == [*domains, MIXED]
-    assert [r["name"] for r in rep["rows"]] == ["merged", "m0.0", "m0.1", "m1.0", "m1.1", "uniform", "posterior"]
-    assert [r["domain"] for r in rep["rows"]] == [None, domains[0], domains[0], domains[1], domains[1], None, None]
+    assert rep["columns"] == [*domains, MIXED, SWITCH]
+    names = ["merged", "m0.0", "m0.1", "m1.0", "m1.1", "uniform", "posterior", RUNNING_POSTERIOR]
+    assert [r["name"] for r in rep["rows"]] == names
+    assert [r["domain"] for r in rep["rows"]] == [None, domains[0], domains[0], domains[1], domains[1], None, None, None]
     k = rep["settings"]["windows_per_domain"]
     assert rep["tokens"][MIXED] == 2 * k * 24 and rep["tokens"][domains[0]] == k * 24
+    assert rep["settings"]["switch_windows"] == 2 * 8 and rep["tokens"][SWITCH] == 16 * 24
     for r in rep["rows"]:
         for c in rep["columns"]:
             loss = r["loss"][c]
@@ -136,7 +151,7 @@ def test_report_on_a_prepared_corpus(manifest):
             assert 4.0 < loss < 7.0, (r["name"], c, loss)
             assert r["ppl"][c] == pytest.approx(math.exp(loss))
             # Byte tokenizer: one token per byte plus one end-of-text token per document.
-            bpt = manifest.bytes_per_token(c, "val") if c != MIXED else sum(
+            bpt = manifest.bytes_per_token(c, "val") if c in domains else sum(
                 manifest.bytes_per_token(d, "val") for d in domains
             ) / 2
             assert 0.9 < bpt <= 1.0
@@ -150,10 +165,12 @@ def test_report_on_a_prepared_corpus(manifest):
     for d in domains:
         assert sum(rep["posterior_weights"][d].values()) == pytest.approx(1.0)
         assert sum(rep["merger_weights"][d].values()) == pytest.approx(1.0)
+        assert sum(rep["running_posterior_weights"][d].values()) == pytest.approx(1.0)
+    assert rep["evidence"] == {"beta": [1.0] * 4, "gamma": [1.0] * 4}
     again = evaluate_ensemble(ens, manifest, batch_size=2, seq_len=32, max_batches=2, prefix_tokens=8)
     assert again["rows"] == rep["rows"], "evaluation must be deterministic"
     md = format_report(rep, title="t")
-    for name in ["merged", "m1.1", "uniform", "posterior", "Bits per byte", *domains, MIXED]:
+    for name in ["merged", "m1.1", "uniform", "posterior", RUNNING_POSTERIOR, "Bits per byte", *domains, MIXED, SWITCH]:
         assert name in md
 
 

@@ -34,9 +34,9 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     result = train.run(spec, progress=False)
     run = Path(spec.run_dir)
 
-    # The table: 4 members, the uniform mixture, the BTM prefix posterior, the merged model.
+    # The table: 4 members, the uniform mixture, the two posteriors, the merged model.
     kinds = [r["kind"] for r in result["rows"]]
-    assert kinds == ["member"] * 4 + ["uniform", "posterior", "merger"], kinds
+    assert kinds == ["member"] * 4 + ["uniform", "posterior", "running posterior", "merger"], kinds
     assert [r["name"] for r in result["rows"][:4]] == ["m0.0", "m0.1", "m1.0", "m1.1"]
     assert json.loads((run / "train_result.json").read_text())["rows"] == result["rows"]
 
@@ -59,8 +59,10 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     for r in result["rows"]:
         figures = report["merged" if r["kind"] == "merger" else r["name"]]
         assert r["mixed_val_loss"] == pytest.approx(figures["mixed"], rel=1e-5), r["name"]
+        assert r["switch_val_loss"] == pytest.approx(figures["switch"], rel=1e-5), r["name"]
         for domain, loss in r["val_by_domain"].items():
             assert loss == pytest.approx(figures[domain], rel=1e-5), (r["name"], domain)
+    assert result["evidence"] == json.loads((run / "report.json").read_text())["evidence"]
     logits, loss = ensemble(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
     assert logits.shape == (1, 8, ensemble.config.vocab_size) and torch.isfinite(loss)
 
@@ -83,7 +85,12 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     assert read_state(ckpt)["phase"] == "merge" and read_state(ckpt)["step"] == 4
     for i in range(2):
         assert torch.load(ckpt / module_file(i), weights_only=False)["sampler"]["batches_drawn"] == 6
-    assert torch.load(ckpt / MERGER_FILE, weights_only=False)["mixed_sampler"]["batches_drawn"] == 4
+    merger_state = torch.load(ckpt / MERGER_FILE, weights_only=False)
+    assert merger_state["mixed_sampler"]["batches_drawn"] == 4
+    assert merger_state["mixed_sampler"]["switch_fraction"] == 0.25
+    # The evidence weights are checkpointed with the merger and have moved from (1, 1).
+    assert {"beta", "gamma_raw"} <= set(merger_state["merger"])
+    assert not torch.equal(merger_state["merger"]["beta"], torch.ones(2))
 
     # The finished run is not silently trained again.
     with pytest.raises(SpecError, match="already finished"):

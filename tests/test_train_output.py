@@ -44,4 +44,4 @@ def test_ray_train_report_lines_show_only_when_verbose(ray_cluster, manifest, tm
     for line in RAY_REPORT_LINES:
         assert (line in output) == verbose, (line, output[-4000:])
     last = stdout.strip().splitlines()[-4:]
-    assert last[-1].startswith("run folder:") and any(line.startswith("merged (fusion)") for line in last), last
+    assert last[-1].startswith("run folder:") and any(line.startswith("merged (mixture)") for line in last), last

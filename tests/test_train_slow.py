@@ -157,9 +157,9 @@ def test_ray_job_submit_runs_the_training_entrypoint(ray_cluster, manifest, tmp_
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert "succeeded" in output and "merged (fusion)" in output, output[-4000:]
+    assert "succeeded" in output and "merged (mixture)" in output, output[-4000:]
     result = json.loads((Path(spec.run_dir) / "train_result.json").read_text())
-    assert [r["kind"] for r in result["rows"]][-3:] == ["uniform", "posterior", "merger"]
+    assert [r["kind"] for r in result["rows"]][-4:] == ["uniform", "posterior", "running posterior", "merger"]
     assert (Path(spec.run_dir) / "final" / "model.safetensors").is_file()
 
 
