@@ -44,7 +44,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from leviathan.config import PRESETS, ComponentConfig  # noqa: E402
 from leviathan.correlation import MultiHeadedCorrelation, lag_stack, mixer_path, sdpa, triton_kernels  # noqa: E402
 from leviathan.flops import flops  # noqa: E402
 from leviathan.model import LeviathanComponent  # noqa: E402
+from benchmarks.common import emit_report, machine_info  # noqa: E402
 
 CPU_PATHS = ("shifted_diagonal", "lag_stacked")
 
@@ -387,14 +387,7 @@ def bench_kernel(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def machine(device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
+    info = machine_info(torch=torch.__version__, device=str(device), torch_threads=torch.get_num_threads())
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
@@ -517,11 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     if "model" in report and device.type == "cpu":
         report["goal"] = goal(report)
     report["wall_s"] = round(time.time() - t0, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return emit_report(report, args.out)
 
 
 if __name__ == "__main__":
