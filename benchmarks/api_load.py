@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -53,6 +51,10 @@ from urllib.parse import urlparse
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.common import emit_report, machine_info  # noqa: E402
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -241,15 +243,9 @@ def machine() -> dict:
     import ray
     import uvicorn
 
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "ray": ray.__version__,
-        "fastapi": fastapi.__version__,
-        "uvicorn": uvicorn.__version__,
-        "httpx": httpx.__version__,
-    }
+    return machine_info(
+        ray=ray.__version__, fastapi=fastapi.__version__, uvicorn=uvicorn.__version__, httpx=httpx.__version__
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,11 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rounds": rounds,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return emit_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ member at B = 32, T = 512 to compare with.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import tomllib
@@ -42,6 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+
+from benchmarks.common import emit_report  # noqa: E402
 
 GIANT_SPEC = REPO_ROOT / "jobs" / "specs" / "giant.toml"
 POINTS = ((1, 64), (2, 64), (1, 128), (2, 128))  # (B, T) measured
@@ -181,11 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "not_included": "transient buffers of the backward pass, evaluation batches, the CUDA context (~0.5 GiB), allocator fragmentation",
         "cpu_s": round(time.process_time() - started, 1),
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit_report(report, args.out, indent=1)
 
 
 if __name__ == "__main__":

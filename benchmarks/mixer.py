@@ -44,7 +44,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from leviathan.config import PRESETS, ComponentConfig  # noqa: E402
 from leviathan.correlation import MultiHeadedCorrelation, lag_stack, mixer_path, sdpa, triton_kernels  # noqa: E402
 from leviathan.flops import flops  # noqa: E402
 from leviathan.model import LeviathanComponent  # noqa: E402
+from benchmarks.common import emit_report, machine_info  # noqa: E402
 
 CPU_PATHS = ("shifted_diagonal", "lag_stacked")
 
@@ -225,11 +225,31 @@ def diagonal_scores(q, k, v, a, scale):
     return torch.softmax(score.masked_fill(~mask, float("-inf")), dim=-1) @ v
 
 
-def stacked(q, k, v, a, scale, pad_values: bool):
-    """Lag-stacked SDPA; pad_values zero-pads v to the query width (what `leviathan.correlation.sdpa` does on CPU)."""
+def weighted_lag_stack(q: Tensor, a: Tensor) -> Tensor:
+    """(B, H, T, w*d) queries: q's w lags side by side, lag j scaled by a[h, j], so one SDPA sums the w diagonals."""
     B, H, T, d = q.shape
     w = a.size(1)
-    qs = (lag_stack(q, w).view(B, H, T, w, d) * a.view(1, H, 1, w, 1)).view(B, H, T, w * d)
+    return (lag_stack(q, w).view(B, H, T, w, d) * a.view(1, H, 1, w, 1)).view(B, H, T, w * d)
+
+
+def backward_steps(fns: dict[str, Callable[[], Tensor]], leaves: tuple[Tensor, ...]) -> dict[str, Callable[[], None]]:
+    """name -> one forward+backward step of fns[name]; clearing the leaves' grads keeps every step the same work."""
+
+    def step_of(fn: Callable[[], Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            fn().sum().backward()
+            for t in leaves:
+                t.grad = None
+
+        return step
+
+    return {name: step_of(fn) for name, fn in fns.items()}
+
+
+def stacked(q, k, v, a, scale, pad_values: bool):
+    """Lag-stacked SDPA; pad_values zero-pads v to the query width (what `leviathan.correlation.sdpa` does on CPU)."""
+    d, w = q.size(-1), a.size(1)
+    qs = weighted_lag_stack(q, a)
     ks = lag_stack(k, w)
     if pad_values:
         return F.scaled_dot_product_attention(qs, ks, F.pad(v, (0, w * d - d)), is_causal=True, scale=scale)[..., :d]
@@ -255,15 +275,7 @@ def bench_formulations(args: argparse.Namespace, device: torch.device) -> dict:
         with torch.no_grad():
             ref = kernels["diagonal_scores"]()
             diffs = {n: float((kernels[n]() - ref).abs().max()) for n in kernels if n != "attention"}
-        steps = {}
-        for name, fn in kernels.items():
-
-            def step(fn: Callable = fn) -> None:
-                fn().sum().backward()
-                for t in (q, k, v, a):
-                    t.grad = None
-
-            steps[name] = step
+        steps = backward_steps(kernels, (q, k, v, a))
         log(f"formulations (w={w}): B={B} T={T} H={H} d={d}")
         res = measure(steps, args.rounds, args.formulation_reps, device, args.memory_only)
         out[f"seq{T}"] = {
@@ -355,8 +367,7 @@ def bench_kernel(args: argparse.Namespace, device: torch.device) -> dict:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
         def lag_stacked() -> Tensor:
-            qs = (lag_stack(q, w).view(B, H, T, w, d) * a.view(1, H, 1, w, 1)).view(B, H, T, w * d)
-            return sdpa(qs, lag_stack(k, w), v, is_causal=True, scale=scale)
+            return sdpa(weighted_lag_stack(q, a), lag_stack(k, w), v, is_causal=True, scale=scale)
 
         fns: dict[str, Callable[[], Tensor]] = {"attention": flash, "lag_stacked": lag_stacked}
         if kernels is not None:
@@ -365,15 +376,7 @@ def bench_kernel(args: argparse.Namespace, device: torch.device) -> dict:
         if "triton" in fns:
             with torch.no_grad():
                 diffs["triton_vs_lag_stacked"] = float((fns["triton"]() - lag_stacked()).float().abs().max())
-        steps = {}
-        for name, fn in fns.items():
-
-            def step(fn: Callable[[], Tensor] = fn) -> None:
-                fn().sum().backward()
-                for t in (q, k, v, a):
-                    t.grad = None
-
-            steps[name] = step
+        steps = backward_steps(fns, (q, k, v, a))
         log(f"kernel: B={B} H={H} T={T} d={d} w={w} bf16")
         res = measure(steps, args.rounds, args.reps, device, args.memory_only)
         out[f"seq{T}"] = {
@@ -387,14 +390,7 @@ def bench_kernel(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def machine(device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
+    info = machine_info(torch=torch.__version__, device=str(device), torch_threads=torch.get_num_threads())
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
@@ -517,11 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if "model" in report and device.type == "cpu":
         report["goal"] = goal(report)
     report["wall_s"] = round(time.time() - t0, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return emit_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ JSON goes to stdout (and --out); progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import pickle
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.prepare import BPE_CHUNK, _text_pieces, builtin_sources, prepare_sources, split_documents, _val_cut  # noqa: E402
 from leviathan.corpus import corpus_version  # noqa: E402
+from benchmarks.common import emit_report, machine_info  # noqa: E402
 from leviathan.tokenizer import BPETokenizer  # noqa: E402
 
 BYTE_GOAL_MB_S = 20.0
@@ -49,17 +49,14 @@ def machine() -> dict:
     import pyarrow
     import tokenizers
 
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_avg_1m": os.getloadavg()[0],
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "pyarrow": pyarrow.__version__,
-        "tokenizers": tokenizers.__version__,
-        "corpus": corpus_version(),
-    }
+    return machine_info(
+        processor=platform.processor() or platform.machine(),
+        load_avg_1m=os.getloadavg()[0],
+        numpy=numpy.__version__,
+        pyarrow=pyarrow.__version__,
+        tokenizers=tokenizers.__version__,
+        corpus=corpus_version(),
+    )
 
 
 def timed_prepare(tokenizer: str, vocab_size: int, sources: list | None = None) -> float:
@@ -156,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "bpe_encode_goal_mb_per_cpu_s": BPE_ENCODE_GOAL_MB_PER_CPU_S,
         "bpe_encode_goal_met": mb_s["bpe_encode_cpu"] >= BPE_ENCODE_GOAL_MB_PER_CPU_S,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return emit_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ Two jobs, side by side in one run, through the real TorchTrainer path:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,6 +28,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.common import emit_report, machine_info  # noqa: E402
 
 
 def job_spec(args: argparse.Namespace, workers: int, storage: str, manifest: str):
@@ -129,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     one, two = summary(runs[1]), summary(runs[2])
     report = {
         "benchmark": "scaling",
-        "machine": {
-            "platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
-            "load_avg_1m": os.getloadavg()[0],
-        },
+        "machine": machine_info(torch=torch.__version__, ray=ray.__version__, load_avg_1m=os.getloadavg()[0]),
         "shapes": {
             "preset": args.preset, "members_per_worker": args.members, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "phase1_steps": args.steps, "phase2_steps": args.merge_steps,
@@ -144,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "phase1_speedup_2_vs_1": two["phase1_tokens_per_s_median"] / one["phase1_tokens_per_s_median"],
         "phase2_comm_share_2_workers": two["phase2_comm_share_median"],
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit_report(report, args.out)
 
 
 if __name__ == "__main__":

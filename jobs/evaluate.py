@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.cli import run_cli
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec
 from leviathan import storage
 
@@ -252,22 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = evaluate_run(
-            args.run,
-            args.max_batches,
-            args.batch_size,
-            seq_len=args.seq_len,
-            prefix_tokens=args.prefix_tokens,
-            manifest=args.manifest,
-            device=args.device,
-            twin=args.twin,
-        )
-    except (RunError, SpecError) as e:
-        print(f"leviathan evaluate: error: {e}", file=sys.stderr)
-        return 2
+def _evaluate_and_print(args: argparse.Namespace) -> None:
+    """Evaluate `args.run` and print its report (JSON or the table)."""
+    report = evaluate_run(
+        args.run,
+        args.max_batches,
+        args.batch_size,
+        seq_len=args.seq_len,
+        prefix_tokens=args.prefix_tokens,
+        manifest=args.manifest,
+        device=args.device,
+        twin=args.twin,
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -275,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(format_report(report, title=f"Evaluation of run {report['run']['name']}"), end="")
         print(f"wrote {args.run.rstrip('/')}/report.md and report.json")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("leviathan evaluate", lambda: _evaluate_and_print(args), (RunError, SpecError))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from jobs.cli import run_cli
 from jobs.evaluate import RunError, load_final
 
 
@@ -39,12 +40,14 @@ def generate_text(
     """
     import torch
 
-    if max_new_tokens < 1:
+    from leviathan.model import check_sampling
+
+    if max_new_tokens < 1:  # the model allows 0 new tokens; a CLI asking for none is a mistake
         raise GenerateError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise GenerateError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise GenerateError(f"top_k: must be >= 1, got {top_k}")
+    try:  # checked before loading the run, with the models' own rules
+        check_sampling(max_new_tokens, temperature, top_k)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
 
     ensemble, tokenizer = load_final(run_dir, device=device)
     model = ensemble
@@ -76,24 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _generate_and_print(args: argparse.Namespace) -> None:
+    """Sample from `args.run` and print the prompt with its continuation."""
+    text = generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, seed=args.seed, member=args.member, device=args.device)
+    sys.stdout.write(args.prompt + text + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        text = generate_text(
-            args.run,
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            seed=args.seed,
-            member=args.member,
-            device=args.device,
-        )
-    except (RunError, GenerateError) as e:
-        print(f"leviathan generate: error: {e}", file=sys.stderr)
-        return 2
-    sys.stdout.write(args.prompt + text + "\n")
-    return 0
+    return run_cli("leviathan generate", lambda: _generate_and_print(args), (RunError, GenerateError))
 
 
 if __name__ == "__main__":

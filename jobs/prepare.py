@@ -599,44 +599,57 @@ def _already_prepared(out: Path, tokenizer: str, vocab_size: int) -> bool:
     return m.tokenizer_spec.get("kind") == tokenizer and (tokenizer == "byte" or m.vocab_size == vocab_size)
 
 
+def run_prepare_cli(prepare: Callable[[], Path | str]) -> int:
+    """Exit code of a prepare CLI (`prepare`, `prepare --ray`, `corpora.make_custom`), all ending alike.
+
+    Logs progress with timestamps; a PrepareError is one `error:` line on stderr
+    and exit code 2; else the manifest path `prepare()` returns goes to stdout,
+    where scripts read it.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        manifest = prepare()
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(manifest)
+    return 0
+
+
+def _prepare_from_args(argv: list[str]) -> Path | str:
+    """The manifest path `prepare` writes (or finds already prepared) for command-line `argv`."""
+    args = _parser().parse_args(argv)
+    pairs = _parse_domains(args.domain)
+    names = [n for n, _ in pairs]
+    use_builtin = args.builtin or not pairs
+    if use_builtin:
+        names += [d.name for d in BUILTIN_DOMAINS]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PrepareError(f"duplicate domain name {dupes[0]!r}")
+    if args.out is None and pairs:
+        raise PrepareError("--out is required with --domain")
+    builtin_out = builtin_data_dir(args.tokenizer)
+    if args.out is None and not args.force and _already_prepared(builtin_out, args.tokenizer, args.vocab_size):
+        log.info("the built-in corpus is already prepared at %s (--force prepares it again)", builtin_out)
+        return builtin_out / MANIFEST_FILE
+    sources = [file_source(n, p, args.glob, args.text_column) for n, p in pairs]
+    if use_builtin:
+        sources += builtin_sources()
+    options = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                   seq_len=args.seq_len, force=args.force, bpe_sample_bytes=args.bpe_sample_bytes)
+    if args.out is not None and storage.is_uri(args.out):
+        return prepare_sources_to_uri(sources, args.out, **options)
+    return prepare_sources(sources, args.out or builtin_out, **options)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--ray" in argv:
         from jobs.prepare_ray import main as main_ray
 
         return main_ray(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        args = _parser().parse_args(argv)
-        pairs = _parse_domains(args.domain)
-        names = [n for n, _ in pairs]
-        use_builtin = args.builtin or not pairs
-        if use_builtin:
-            names += [d.name for d in BUILTIN_DOMAINS]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise PrepareError(f"duplicate domain name {dupes[0]!r}")
-        if args.out is None and pairs:
-            raise PrepareError("--out is required with --domain")
-        builtin_out = builtin_data_dir(args.tokenizer)
-        if args.out is None and not args.force and _already_prepared(builtin_out, args.tokenizer, args.vocab_size):
-            log.info("the built-in corpus is already prepared at %s (--force prepares it again)", builtin_out)
-            print(builtin_out / MANIFEST_FILE)
-            return 0
-        sources = [file_source(n, p, args.glob, args.text_column) for n, p in pairs]
-        if use_builtin:
-            sources += builtin_sources()
-        options = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                       seq_len=args.seq_len, force=args.force, bpe_sample_bytes=args.bpe_sample_bytes)
-        if args.out is not None and storage.is_uri(args.out):
-            manifest = prepare_sources_to_uri(sources, args.out, **options)
-        else:
-            manifest = prepare_sources(sources, args.out or builtin_out, **options)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(manifest)
-    return 0
+    return run_prepare_cli(lambda: _prepare_from_args(argv))
 
 
 if __name__ == "__main__":

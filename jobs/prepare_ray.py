@@ -56,6 +56,7 @@ from jobs.prepare import (
     builtin_sources,
     file_source,
     prepare_sources,
+    run_prepare_cli,
     split_documents,
 )
 from leviathan.corpus import BUILTIN_DOMAINS
@@ -297,31 +298,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _prepare_from_args(argv: list[str] | None) -> Path:
+    """The manifest path `prepare --ray` writes for command-line `argv`."""
+    args = build_parser().parse_args(argv)
+    pairs = _parse_domains(args.domain)
+    use_builtin = args.builtin or not pairs
+    if args.out is None and pairs:
+        raise PrepareError("--out is required with --domain")
+    names = [n for n, _ in pairs] + ([d.name for d in BUILTIN_DOMAINS] if use_builtin else [])
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PrepareError(f"duplicate domain name {dupes[0]!r}")
+    sources = [ray_source(n, p, args.glob, args.text_column) for n, p in pairs]
+    if use_builtin:
+        sources += builtin_ray_sources()
+    out = Path(args.out) if args.out else builtin_data_dir(args.tokenizer)
+    return prepare_ray(
+        sources, out, args.tokenizer, args.vocab_size, args.val_fraction, args.seq_len, args.force,
+        tokenizer_file=args.tokenizer_file, bpe_sample_bytes=args.bpe_sample_bytes, actors=args.actors,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        args = build_parser().parse_args(argv)
-        pairs = _parse_domains(args.domain)
-        use_builtin = args.builtin or not pairs
-        if args.out is None and pairs:
-            raise PrepareError("--out is required with --domain")
-        names = [n for n, _ in pairs] + ([d.name for d in BUILTIN_DOMAINS] if use_builtin else [])
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise PrepareError(f"duplicate domain name {dupes[0]!r}")
-        sources = [ray_source(n, p, args.glob, args.text_column) for n, p in pairs]
-        if use_builtin:
-            sources += builtin_ray_sources()
-        out = Path(args.out) if args.out else builtin_data_dir(args.tokenizer)
-        manifest = prepare_ray(
-            sources, out, args.tokenizer, args.vocab_size, args.val_fraction, args.seq_len, args.force,
-            tokenizer_file=args.tokenizer_file, bpe_sample_bytes=args.bpe_sample_bytes, actors=args.actors,
-        )
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(manifest)
-    return 0
+    return run_prepare_cli(lambda: _prepare_from_args(argv))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ def sample_next(
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    """Raise ValueError naming the first sampling setting `generate` cannot use."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
     if temperature < 0:

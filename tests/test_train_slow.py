@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from jobs import train
-from tests.scripts.common import builtin_manifest, tiny_spec, write_spec
+from tests.scripts.common import builtin_manifest, read_metric_records, tiny_spec, train_killing_one_worker, write_spec
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,37 +22,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
     return builtin_manifest(tmp_path_factory.getbasetemp() / "leviathan-builtin")
-
-
-def _records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return out
-
-
-def _wait(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(poll_s)
-
-
-def _latest_checkpoint_step(run: Path) -> int:
-    steps = [-1]
-    for state in (run / "checkpoints").glob("checkpoint_*/state.json"):
-        try:
-            steps.append(json.loads(state.read_text())["step"])
-        except (json.JSONDecodeError, KeyError):
-            pass
-    return max(steps)
 
 
 def test_merged_model_beats_every_member_and_the_uniform_mixture(ray_cluster, manifest, tmp_path):
@@ -76,8 +42,6 @@ def test_merged_model_beats_every_member_and_the_uniform_mixture(ray_cluster, ma
 
 
 def test_killed_worker_resumes_from_its_checkpoint_and_finishes_the_exact_steps(ray_cluster, manifest, tmp_path):
-    from ray.util.state import list_actors
-
     from cluster.checkpointing import MERGER_FILE, module_file
 
     P1, P2 = 150, 6
@@ -88,38 +52,9 @@ def test_killed_worker_resumes_from_its_checkpoint_and_finishes_the_exact_steps(
         resources={"max_failures": 3},
     )
     run = Path(spec.run_dir)
+    result = train_killing_one_worker(spec, ray_cluster.dashboard_url)
 
-    def live_workers() -> set[int]:  # this session's cluster only: the machine may run others
-        actors = list_actors(
-            address=ray_cluster.dashboard_url,
-            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-        )
-        return {a.pid for a in actors}
-
-    earlier = live_workers()  # workers of earlier runs still shutting down are not ours to kill
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(result=train.run(spec, progress=False)), daemon=True)
-    thread.start()
-
-    # Kill once a checkpoint is registered and phase-1 lines past it are logged (they will be replayed).
-    _wait(lambda: (run / "checkpoints" / "checkpoint_manager_snapshot.json").is_file(), 240, "a registered checkpoint")
-
-    def logged_past_checkpoint() -> bool:
-        steps = [r["step"] for r in _records(run) if r["phase"] == "members"]
-        return bool(steps) and max(steps) > _latest_checkpoint_step(run)
-
-    _wait(logged_past_checkpoint, 120, "phase-1 metrics past the checkpoint")
-    workers = sorted(live_workers() - earlier)
-    assert workers, "no live Ray Train worker of this run to kill"
-    killed_at = max(r["step"] for r in _records(run) if r["phase"] == "members")
-    assert killed_at < P1, "the run left phase 1 before the kill; make phase 1 longer"
-    os.kill(workers[-1], signal.SIGKILL)
-
-    thread.join(timeout=300)
-    assert not thread.is_alive(), "the run did not finish after the worker was killed"
-    result = out["result"]
-
-    records = _records(run)
+    records = read_metric_records(run)
     replayed = [r for r in records if r["replayed"]]
     assert replayed and {r["phase"] for r in replayed} == {"members"}, "the replayed steps are marked"
     fresh = {(r["member"], r["step"]) for r in records if r["phase"] == "members" and not r["replayed"]}

@@ -23,13 +23,12 @@ licenses 0.3 MB, perl 1.7 MB, shell 0.36 MB, cheaders 0.9 MB (3.3 MB).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
-from jobs.prepare import DomainSource, PrepareError, prepare_sources
+from jobs.prepare import DomainSource, PrepareError, prepare_sources, run_prepare_cli
 from leviathan.corpus import capped
 
 MAINTAINER_SCRIPTS = ("preinst", "postinst", "prerm", "postrm")
@@ -75,19 +74,14 @@ def custom_sources() -> list[DomainSource]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     p = argparse.ArgumentParser(prog="python -m jobs.corpora.make_custom", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder for the manifest and shards")
     p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
-    try:
-        manifest = prepare_sources(custom_sources(), args.out, tokenizer=args.tokenizer, force=args.force)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(manifest)
-    return 0
+    return run_prepare_cli(
+        lambda: prepare_sources(custom_sources(), args.out, tokenizer=args.tokenizer, force=args.force)
+    )
 
 
 if __name__ == "__main__":

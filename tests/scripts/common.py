@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +50,84 @@ def tiny_spec(manifest: Path | str, storage: Path | str, name: str, **sections: 
 def write_spec(spec: JobSpec, path: Path) -> Path:
     path.write_text(spec.to_json())
     return path
+
+
+def read_metric_records(run: Path) -> list[dict]:
+    """The run's metrics.jsonl lines so far, skipping a line still being written."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return out
+
+
+def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> None:
+    """Poll `condition()` until true; an AssertionError naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def latest_checkpoint_step(run: Path) -> int:
+    """Step of the newest checkpoint written under `<run>/checkpoints` (-1: none yet)."""
+    steps = [-1]
+    for state in (run / "checkpoints").glob("checkpoint_*/state.json"):
+        try:
+            steps.append(json.loads(state.read_text())["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return max(steps)
+
+
+def train_killing_one_worker(spec: JobSpec, dashboard_url: str) -> dict:
+    """`jobs.train.run(spec)`'s result after one of its Ray Train workers is SIGKILLed mid phase 1.
+
+    The kill waits for a registered checkpoint and for phase-1 metrics past it,
+    so the restarted run must replay logged steps; it asserts the kill happened
+    in phase 1 (else phase 1 is too short to test recovery) and that the run
+    still finished.
+    """
+    from ray.util.state import list_actors
+
+    from jobs import train
+
+    run = Path(spec.run_dir)
+
+    def live_workers() -> set[int]:  # this session's cluster only: the machine may run others
+        actors = list_actors(
+            address=dashboard_url,
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        )
+        return {a.pid for a in actors}
+
+    earlier = live_workers()  # workers of earlier runs still shutting down are not ours to kill
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=train.run(spec, progress=False)), daemon=True)
+    thread.start()
+
+    # Kill once a checkpoint is registered and phase-1 lines past it are logged (they will be replayed).
+    wait_for(lambda: (run / "checkpoints" / "checkpoint_manager_snapshot.json").is_file(), 300,
+             "a registered checkpoint")
+
+    def logged_past_checkpoint() -> bool:
+        steps = [r["step"] for r in read_metric_records(run) if r["phase"] == "members"]
+        return bool(steps) and max(steps) > latest_checkpoint_step(run)
+
+    wait_for(logged_past_checkpoint, 120, "phase-1 metrics past the checkpoint")
+    workers = sorted(live_workers() - earlier)
+    assert workers, "no live Ray Train worker of this run to kill"
+    killed_at = max(r["step"] for r in read_metric_records(run) if r["phase"] == "members")
+    assert killed_at < spec.training.phase1_steps, "the run left phase 1 before the kill; make phase 1 longer"
+    os.kill(workers[-1], signal.SIGKILL)
+
+    thread.join(timeout=400)
+    assert not thread.is_alive(), "the run did not finish after the worker was killed"
+    assert "result" in out, "the run failed"
+    return out["result"]
