@@ -67,6 +67,24 @@ def test_killed_worker_resumes_from_its_checkpoint_and_finishes_the_exact_steps(
     assert torch.load(ckpt / MERGER_FILE, weights_only=False)["mixed_sampler"]["batches_drawn"] == P2
 
 
+def test_worker_killed_in_phase_2_resumes_to_the_uninterrupted_runs_final_loss(ray_cluster, manifest, tmp_path):
+    """The evidence merger's phase 2 (beta, gamma, switch rows, all-to-all) resumes exactly: a run whose
+    worker dies mid phase 2 ends with the same merged figures as the same spec run without a failure."""
+    training = {"phase1_steps": 10, "phase2_steps": 60, "batch_size": 8, "seq_len": 64,
+                "eval_interval": 5, "checkpoint_interval": 10}
+    clean = train.run(tiny_spec(manifest, tmp_path, "p2-clean", training=training), progress=False)
+    spec = tiny_spec(manifest, tmp_path, "p2-fault", training=training, resources={"max_failures": 3})
+    faulted = train_killing_one_worker(spec, ray_cluster.dashboard_url, phase="merge")
+
+    replayed = [r for r in read_metric_records(Path(spec.run_dir)) if r["replayed"]]
+    assert replayed and {r["phase"] for r in replayed} == {"merge"}, "the kill landed in phase 2"
+
+    def merged(result: dict) -> dict:
+        return next(r for r in result["rows"] if r["kind"] == "merger")
+    assert merged(faulted)["mixed_val_loss"] == merged(clean)["mixed_val_loss"], (merged(faulted), merged(clean))
+    assert merged(faulted)["val_by_domain"] == merged(clean)["val_by_domain"]
+
+
 def test_lost_node_is_replaced_and_the_run_finishes(tmp_path, manifest):
     """Its own 3-node `ray.cluster_utils.Cluster` (head + 2 worker nodes) in a subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

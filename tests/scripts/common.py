@@ -75,23 +75,26 @@ def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> No
         time.sleep(poll_s)
 
 
-def latest_checkpoint_step(run: Path) -> int:
-    """Step of the newest checkpoint written under `<run>/checkpoints` (-1: none yet)."""
+def latest_checkpoint_step(run: Path, phase: str | None = None) -> int:
+    """Step of the newest checkpoint written under `<run>/checkpoints` (-1: none yet), of `phase` when given."""
     steps = [-1]
     for state in (run / "checkpoints").glob("checkpoint_*/state.json"):
         try:
-            steps.append(json.loads(state.read_text())["step"])
+            data = json.loads(state.read_text())
+            if phase is None or data["phase"] == phase:
+                steps.append(data["step"])
         except (json.JSONDecodeError, KeyError):
             pass
     return max(steps)
 
 
-def train_killing_one_worker(spec: JobSpec, dashboard_url: str) -> dict:
-    """`jobs.train.run(spec)`'s result after one of its Ray Train workers is SIGKILLed mid phase 1.
+def train_killing_one_worker(spec: JobSpec, dashboard_url: str, phase: str = "members") -> dict:
+    """`jobs.train.run(spec)`'s result after one of its Ray Train workers is SIGKILLed mid `phase`
+    ("members": phase 1, "merge": phase 2).
 
-    The kill waits for a registered checkpoint and for phase-1 metrics past it,
+    The kill waits for a registered checkpoint of that phase and for its metrics past it,
     so the restarted run must replay logged steps; it asserts the kill happened
-    in phase 1 (else phase 1 is too short to test recovery) and that the run
+    inside the phase (else the phase is too short to test recovery) and that the run
     still finished.
     """
     from ray.util.state import list_actors
@@ -112,19 +115,21 @@ def train_killing_one_worker(spec: JobSpec, dashboard_url: str) -> dict:
     thread = threading.Thread(target=lambda: out.update(result=train.run(spec, progress=False)), daemon=True)
     thread.start()
 
-    # Kill once a checkpoint is registered and phase-1 lines past it are logged (they will be replayed).
-    wait_for(lambda: (run / "checkpoints" / "checkpoint_manager_snapshot.json").is_file(), 300,
-             "a registered checkpoint")
+    # Kill once a checkpoint of the phase is registered and the phase's lines past it are logged
+    # (they will be replayed).
+    wait_for(lambda: (run / "checkpoints" / "checkpoint_manager_snapshot.json").is_file()
+             and latest_checkpoint_step(run, phase) > 0, 300, f"a registered {phase} checkpoint")
 
     def logged_past_checkpoint() -> bool:
-        steps = [r["step"] for r in read_metric_records(run) if r["phase"] == "members"]
-        return bool(steps) and max(steps) > latest_checkpoint_step(run)
+        steps = [r["step"] for r in read_metric_records(run) if r["phase"] == phase]
+        return bool(steps) and max(steps) > latest_checkpoint_step(run, phase)
 
-    wait_for(logged_past_checkpoint, 120, "phase-1 metrics past the checkpoint")
+    wait_for(logged_past_checkpoint, 120, f"{phase} metrics past the checkpoint")
     workers = sorted(live_workers() - earlier)
     assert workers, "no live Ray Train worker of this run to kill"
-    killed_at = max(r["step"] for r in read_metric_records(run) if r["phase"] == "members")
-    assert killed_at < spec.training.phase1_steps, "the run left phase 1 before the kill; make phase 1 longer"
+    killed_at = max(r["step"] for r in read_metric_records(run) if r["phase"] == phase)
+    last = spec.training.phase1_steps if phase == "members" else spec.training.phase2_steps
+    assert killed_at < last, f"the run left the {phase} phase before the kill; make it longer"
     os.kill(workers[-1], signal.SIGKILL)
 
     thread.join(timeout=400)
