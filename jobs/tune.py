@@ -132,8 +132,9 @@ def parse_param(text: str) -> Param:
     return Param(name, kind, args)
 
 
-def trial_spec(base: dict[str, Any], values: dict[str, Any]) -> JobSpec:
-    """The base spec (a JobSpec dict) with the trial's values set, validated."""
+def trial_spec(base: JobSpec | dict[str, Any], values: dict[str, Any]) -> JobSpec:
+    """The base spec (a JobSpec, or its dict inside a trial) with the trial's values set, validated.
+    Given a JobSpec, a name the schema lacks is refused by name before validation."""
     try:
         return with_values(base, values)
     except SpecError as e:
@@ -146,13 +147,12 @@ def check_params(spec: JobSpec, params: list[Param]) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise TuneError(f"--param {dupes[0]}: given twice")
-    base = spec.model_dump(mode="json")
     for p in params:
         if p.name in FIXED or p.name.split(".")[0] in FIXED:
             raise TuneError(f"--param {p.name}: cannot be swept (every trial shares the run's {p.name})")
         for value in p.bounds():
             try:
-                trial_spec(base, {p.name: value})
+                trial_spec(spec, {p.name: value})
             except TuneError as e:
                 raise TuneError(f"--param {p}: {e}") from None
 

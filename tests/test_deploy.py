@@ -164,7 +164,7 @@ def test_rayjob_entrypoint_and_runtime_env_run_a_tiny_job_on_local_ray(ray_clust
         time.sleep(1)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "merged (fusion)" in logs
+    assert "merged (mixture)" in logs, "the job printed its final table"
     result = json.loads((shared / "kuberay-tiny" / "train_result.json").read_text())
     kinds = [r["kind"] for r in result["rows"]]
     assert kinds[-1] == "merger" and "uniform" in kinds, kinds
