@@ -105,8 +105,9 @@ def test_dense_reference_is_the_naive_formula() -> None:
 
 # ---- the kernel (interpreter) ---------------------------------------------------------
 
-# (dtype, w, d, T): T is never a multiple of the 64-row tile and spans 1-2 tiles;
-# d = 40 and 24 pad to 64 and 32 inside the kernel; w = 3 pads the lag axis to 4.
+# (dtype, w, d, T): T is never a multiple of the 64-row tile and spans 1-4 tiles, so the
+# scratch rings wrap around; d = 40 and 24 pad to 64 and 32 inside the kernel; d = 72 pads
+# to 128, where key tiles (32) are half the query tiles (64); w = 3 pads the lag axis to 4.
 CASES = [
     (torch.float32, 1, 16, 37),
     (torch.float32, 2, 40, 80),
@@ -114,6 +115,9 @@ CASES = [
     (torch.float16, 2, 24, 70),
     (torch.float16, 4, 40, 80),
     (torch.float32, 3, 16, 100),
+    (torch.float32, 8, 16, 230),
+    (torch.float32, 5, 72, 150),
+    (torch.float16, 8, 72, 99),
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}  # relative to the largest reference entry
 

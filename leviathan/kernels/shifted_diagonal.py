@@ -6,32 +6,42 @@ q, k = 0 before position 0:
     score[i, j] = sum_{u<w} a[h,u] * S[i-u, j-u]                  (causal: j <= i)
     out[i]      = sum_{j<=i} softmax_j(score[i, :]) v[j]
 
-The causal mask never cuts a shift: j <= i implies j-u <= i-u. Each score tile
-(rows i, columns j) is the sum of w shifted tile products: the u-th multiplies
-q rows i-u by k rows j-u, the same tile offset by u on both axes, so a tile
-reads a (w-1)-row halo of q and k above it. The online softmax and the value
-product run at width d, and nothing of size T x T reaches memory.
+The causal mask never cuts a shift: j <= i implies j-u <= i-u. So a score tile
+(rows i, columns j) is w diagonal shifts of one S tile with a (w-1)-row and
+-column halo above and to the left of it. The kernel computes that S tile
+once, with q and k at width d, and sums its shifts: d + w multiply-adds per
+query-key pair, where lag stacking pays d*w.
 
-Backward, FlashAttention-2 style: the forward saves lse[i] = logsumexp_j score[i, j];
-one program per key tile walks the query tiles at and below the diagonal and recomputes
+The halo is HALO = 16 rows and columns (>= w - 1 for w <= 8, and tl.dot's
+smallest side). Triton cannot shift a register tile along its diagonal, so
+each program writes its S tile into a private fp32 scratch tile (a few tens
+of KB, read back at once, so it stays in L1/L2) and reads the w shifted views
+back from it; a barrier orders the writes before the reads. The scratch is a
+ring over the walked axis: a tile's left halo (forward) or upper halo
+(backward) is the previous tile's edge, already in the ring, so only the
+other halo costs a product of its own.
 
-    P   = exp(score - lse)                 dV[j]       += sum_i P[i, j] dO[i]
-    dP  = dO V^T                           dS'[i, j]    = P[i, j] (dP[i, j] - delta[i]),  delta[i] = dO[i] . O[i]
+Forward, one program per query tile (BLOCK_M rows), walking key tiles left to
+right: per key tile it multiplies q rows [i0-HALO, i0+BLOCK_M) by one k tile
+(the HALO extra rows are the halo's cost, HALO/BLOCK_M of the score work),
+sums the shifts, and runs the online softmax with v at width d. It saves
+lse[i] = logsumexp_j score[i, j].
 
-then, per lag u, with G_u[i] = sum_j dS'[i, j] k[j-u]:
+Backward, FlashAttention-2 style, one program per key tile C (BLOCK_N columns),
+walking query tiles down from the diagonal. With P = exp(score - lse),
+dP = dO V^T and dS' = P (dP - delta), delta[i] = dO[i] . O[i]:
 
-    dQ[i-u] += a_u scale G_u[i]            dK[j-u] += a_u scale sum_i dS'[i, j] q[i-u]
-    da[h, u] += sum_{i,j} dS'[i, j] S[i-u, j-u] = scale sum_i q[i-u] . G_u[i]
+    dS[i, j]  = sum_u a_u dS'[i+u, j+u]              (the adjoint shift, a halo below and right)
+    dQ = dS K scale,   dK = dS^T Q scale,   dV = P^T dO,   da_u = sum_ij dS'[i, j] S[i-u, j-u]
 
-A shifted row i-u or j-u may belong to a neighbouring tile, so dQ and dK
-accumulate with fp32 atomic adds; dV rows belong to the program alone.
-
-Cost per tile: w score products + 1 value product forward, 3w + 2 backward
-(w = 1 is FlashAttention's 2 and 5). The shifts are reloads of the same q and
-k rows, so memory traffic stays attention's and no (T, d*w) lag-stacked tensor
-is built, but the score work is d*w multiply-adds per pair, as with lag
-stacking; the d + w form (one halo tile, its shifts summed on chip) is not
-what this kernel does.
+Per query tile the program extends two rings by BLOCK_M rows: S (columns
+C +- HALO) and dS' (columns C and HALO to the right). The rows lead the tile
+by HALO, so the rings already hold the lower halo that dS needs. dK and dV
+rows belong to the program; dQ rows are shared by key tiles and accumulate
+with fp32 atomic adds. Score-sized products per tile: forward 1 + HALO/BLOCK_M
+and the value product (FlashAttention: 1 and 1); backward S over BLOCK_N + 2 HALO
+columns, dP over BLOCK_N + HALO, then dV, dK and dQ (FlashAttention: 5 of BLOCK_N);
+plus w scratch reads per pair for each shift sum. At w = 1 no scratch is used.
 
 Inputs may be fp32, fp16 or bf16; every product accumulates in fp32. fp32
 products run on tensor cores as three TF32 products (tf32x3, near fp32 accuracy):
@@ -49,6 +59,7 @@ from torch import Tensor
 MAX_WINDOW = 8
 MAX_HEAD_DIM = 128
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALO = 16  # >= MAX_WINDOW - 1, and tl.dot's smallest side
 
 
 @triton.jit
@@ -59,33 +70,27 @@ def _load_rows(base, rows, dims, T, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _scores(q_base, k_base, a_base, rows, cols, dims, T, scale,
-            HEAD_DIM: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """score[rows, cols] = sum_u a_u S[rows-u, cols-u]: (BLOCK_M, BLOCK_N) fp32.
-
-    The u-th term multiplies the q tile and the k tile both moved up by u rows.
-    """
-    score = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for u in tl.static_range(W):
-        q_u = _load_rows(q_base, rows - u, dims, T, HEAD_DIM)
-        k_u = _load_rows(k_base, cols - u, dims, T, HEAD_DIM)
-        score += tl.load(a_base + u).to(tl.float32) * tl.dot(q_u, tl.trans(k_u), input_precision=PRECISION)
-    return score * scale
-
-
-@triton.jit
-def _forward_kernel(Q, K, V, A, Out, Lse, T, N_HEAD, scale,
+def _forward_kernel(Q, K, V, A, Out, Lse, Scratch, T, N_HEAD, scale,
                     HEAD_DIM: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HALO: tl.constexpr):
     """One program per (query tile, batch x head): out and lse of BLOCK_M query rows."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     offset = bh.to(tl.int64) * T * HEAD_DIM
     q_base, k_base, v_base = Q + offset, K + offset, V + offset
     a_base = A + (bh % N_HEAD) * W
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile = tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tile
     dims = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, rows, dims, T, HEAD_DIM)
+    a_0 = tl.load(a_base).to(tl.float32)
+
+    # Scratch: rows [i0-HALO, i0+BLOCK_M) of S; columns on a ring of BLOCK_N + HALO slots,
+    # so the previous key tile's last HALO columns (this tile's left halo) are still there.
+    RING: tl.constexpr = BLOCK_N + HALO
+    halo = tl.arange(0, HALO)
+    q_top = _load_rows(q_base, pid_m * BLOCK_M - HALO + halo, dims, T, HEAD_DIM)
+    ring = Scratch + (pid_m + tl.num_programs(0) * bh).to(tl.int64) * (HALO + BLOCK_M) * RING
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp(score - m_i)
@@ -93,8 +98,21 @@ def _forward_kernel(Q, K, V, A, Out, Lse, T, N_HEAD, scale,
     end = tl.minimum((pid_m + 1) * BLOCK_M, T)  # key tiles at or below the diagonal
     for start_n in range(0, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        score = _scores(q_base, k_base, a_base, rows, cols, dims, T, scale,
-                        HEAD_DIM, W, PRECISION, BLOCK_M, BLOCK_N)
+        k = _load_rows(k_base, cols, dims, T, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # S[rows, cols]
+        score = a_0 * s
+        if W > 1:
+            s_top = tl.dot(q_top, tl.trans(k), input_precision=PRECISION) * scale  # S[i0-HALO:i0, cols]
+            slots = (cols % RING)[None, :]
+            tl.debug_barrier()  # the previous key tile's reads of these slots are done
+            tl.store(ring + halo[:, None] * RING + slots, s_top)
+            tl.store(ring + (HALO + tile)[:, None] * RING + slots, s)
+            tl.debug_barrier()
+            for u in tl.static_range(1, W):
+                src = cols - u  # >= -HALO; columns before 0 are zero
+                shifted = tl.load(ring + (HALO + tile - u)[:, None] * RING + ((src + RING) % RING)[None, :],
+                                  mask=(src >= 0)[None, :], other=0.0)
+                score += tl.load(a_base + u).to(tl.float32) * shifted
         causal = (cols[None, :] <= rows[:, None]) & (cols[None, :] < T)
         score = tl.where(causal, score, float("-inf"))
         # Column 0 lies in the first tile, so every row's max is finite from the start.
@@ -113,73 +131,159 @@ def _forward_kernel(Q, K, V, A, Out, Lse, T, N_HEAD, scale,
 
 
 @triton.jit
-def _backward_kernel(Q, K, V, A, DO, Lse, Delta, DQ, DK, DV, DA, T, N_HEAD, scale,
+def _store_scores(s_ring, q_base, rows, dims, k_left, k, k_right, T, scale,
+                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, RING_S: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HALO: tl.constexpr):
+    """S[rows, c0-HALO : c0+BLOCK_N+HALO] into the S ring (row slot = row mod RING_S)."""
+    q = _load_rows(q_base, rows, dims, T, HEAD_DIM)
+    width: tl.constexpr = BLOCK_N + 2 * HALO
+    base = s_ring + ((rows + RING_S) % RING_S)[:, None] * width
+    halo = tl.arange(0, HALO)[None, :]
+    main = tl.arange(0, BLOCK_N)[None, :]
+    tl.store(base + halo, tl.dot(q, tl.trans(k_left), input_precision=PRECISION) * scale)
+    tl.store(base + HALO + main, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale)
+    tl.store(base + HALO + BLOCK_N + halo, tl.dot(q, tl.trans(k_right), input_precision=PRECISION) * scale)
+
+
+@triton.jit
+def _shift_sum(s_ring, a_base, rows, ext_cols, RING_S: tl.constexpr, WIDTH: tl.constexpr, W: tl.constexpr):
+    """score[rows, cols] = sum_u a_u S[rows-u, cols-u], with ext_cols = cols - (c0 - HALO)."""
+    score = tl.zeros((rows.shape[0], ext_cols.shape[0]), dtype=tl.float32)
+    for u in tl.static_range(W):
+        slots = ((rows - u + RING_S) % RING_S)[:, None] * WIDTH
+        score += tl.load(a_base + u).to(tl.float32) * tl.load(s_ring + slots + (ext_cols - u)[None, :])
+    return score
+
+
+@triton.jit
+def _score_grads(s_ring, d_ring, a_base, do_base, lse_base, delta_base, rows, c0, dims, v, v_right, T,
+                 HEAD_DIM: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                 RING_S: tl.constexpr, RING_D: tl.constexpr, BLOCK_N: tl.constexpr, HALO: tl.constexpr):
+    """dS' = P (dP - delta) on rows x [c0, c0+BLOCK_N+HALO) into the dS' ring.
+
+    Returns these rows' shares of dV[c0 : c0+BLOCK_N] (P^T dO) and of da
+    (sum over the key tile's own columns of dS'[i, j] S[i-u, j-u]); the HALO
+    columns to the right belong to the next key tile's shares.
+    """
+    S_WIDTH: tl.constexpr = BLOCK_N + 2 * HALO
+    D_WIDTH: tl.constexpr = BLOCK_N + HALO
+    main = tl.arange(0, BLOCK_N)
+    right = tl.arange(0, HALO)
+    lse = tl.load(lse_base + rows, mask=rows < T, other=0.0)
+    delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
+    do = _load_rows(do_base, rows, dims, T, HEAD_DIM)
+    d_slots = ((rows + RING_D) % RING_D)[:, None] * D_WIDTH
+
+    # The key tile's own columns.
+    cols = c0 + main
+    score = _shift_sum(s_ring, a_base, rows, HALO + main, RING_S, S_WIDTH, W)
+    live = (cols[None, :] <= rows[:, None]) & (cols[None, :] < T) & (rows[:, None] < T)
+    p = tl.where(live, tl.exp(score - lse[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+    tl.store(d_ring + d_slots + main[None, :], ds)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    lags = tl.arange(0, W_PAD)
+    da = tl.zeros((W_PAD,), dtype=tl.float32)
+    for u in tl.static_range(W):
+        s_slots = ((rows - u + RING_S) % RING_S)[:, None] * S_WIDTH
+        s_shifted = tl.load(s_ring + s_slots + (HALO + main - u)[None, :])  # S[i-u, j-u]
+        da += tl.where(lags == u, tl.sum(tl.sum(ds * s_shifted, axis=1), axis=0), 0.0)
+
+    # The HALO columns to the right, for the adjoint shift of the own columns.
+    cols = c0 + BLOCK_N + right
+    score = _shift_sum(s_ring, a_base, rows, HALO + BLOCK_N + right, RING_S, S_WIDTH, W)
+    live = (cols[None, :] <= rows[:, None]) & (cols[None, :] < T) & (rows[:, None] < T)
+    p = tl.where(live, tl.exp(score - lse[:, None]), 0.0)
+    ds = p * (tl.dot(do, tl.trans(v_right), input_precision=PRECISION) - delta[:, None])
+    tl.store(d_ring + d_slots + (BLOCK_N + right)[None, :], ds)
+    return dv, da
+
+
+@triton.jit
+def _backward_kernel(Q, K, V, A, DO, Lse, Delta, DQ, DK, DV, DA, Scratch, T, N_HEAD, scale,
                      HEAD_DIM: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per (key tile, batch x head): dV of its rows, atomic dQ, dK and da contributions."""
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HALO: tl.constexpr):
+    """One program per (key tile, batch x head): dK, dV of its rows, its share of da, atomic dQ."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     offset = bh.to(tl.int64) * T * HEAD_DIM
     q_base, k_base, v_base, do_base = Q + offset, K + offset, V + offset, DO + offset
+    lse_base, delta_base = Lse + bh.to(tl.int64) * T, Delta + bh.to(tl.int64) * T
     head = bh % N_HEAD
     a_base = A + head * W
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c0 = pid_n * BLOCK_N
+    main = tl.arange(0, BLOCK_N)
+    halo = tl.arange(0, HALO)
+    cols = c0 + main
     dims = tl.arange(0, BLOCK_D)
-    lags = tl.arange(0, W_PAD)
-
+    k = _load_rows(k_base, cols, dims, T, HEAD_DIM)
+    k_left = _load_rows(k_base, c0 - HALO + halo, dims, T, HEAD_DIM)
+    k_right = _load_rows(k_base, c0 + BLOCK_N + halo, dims, T, HEAD_DIM)
     v = _load_rows(v_base, cols, dims, T, HEAD_DIM)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)  # lag 0's share of dK[cols]
-    da = tl.zeros((W_PAD,), dtype=tl.float32)
-    for start_m in range((pid_n * BLOCK_N) // BLOCK_M * BLOCK_M, T, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
-        score = _scores(q_base, k_base, a_base, rows, cols, dims, T, scale,
-                        HEAD_DIM, W, PRECISION, BLOCK_M, BLOCK_N)
-        lse = tl.load(Lse + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
-        delta = tl.load(Delta + bh.to(tl.int64) * T + rows, mask=rows < T, other=0.0)
-        causal = (cols[None, :] <= rows[:, None]) & (cols[None, :] < T) & (rows[:, None] < T)
-        p = tl.where(causal, tl.exp(score - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
-        do = _load_rows(do_base, rows, dims, T, HEAD_DIM)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])  # dS' = d loss / d score, zero off the causal triangle
-        ds_in = ds.to(Q.dtype.element_ty)
+    v_right = _load_rows(v_base, c0 + BLOCK_N + halo, dims, T, HEAD_DIM)
+
+    # Rings of rows: S over columns [c0-HALO, c0+BLOCK_N+HALO), dS' over [c0, c0+BLOCK_N+HALO).
+    RING_S: tl.constexpr = BLOCK_M + 2 * HALO
+    RING_D: tl.constexpr = BLOCK_M + HALO
+    D_WIDTH: tl.constexpr = BLOCK_N + HALO
+    s_ring = Scratch + (pid_n + tl.num_programs(0) * bh).to(tl.int64) * (RING_S * (BLOCK_N + 2 * HALO) + RING_D * D_WIDTH)
+    d_ring = s_ring + RING_S * (BLOCK_N + 2 * HALO)
+
+    # Query rows below the first tile at the diagonal see none of these keys (i < c0 <= j).
+    r0 = c0 // BLOCK_M * BLOCK_M
+    # Prime the rings: S rows [r0-HALO, r0+HALO), then dS' rows [r0, r0+HALO).
+    _store_scores(s_ring, q_base, r0 - HALO + tl.arange(0, 2 * HALO), dims, k_left, k, k_right, T, scale,
+                  HEAD_DIM, PRECISION, RING_S, BLOCK_N, HALO)
+    tl.debug_barrier()
+    dv, da = _score_grads(s_ring, d_ring, a_base, do_base, lse_base, delta_base, r0 + halo, c0, dims, v, v_right, T,
+                          HEAD_DIM, W, W_PAD, PRECISION, RING_S, RING_D, BLOCK_N, HALO)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    tile = tl.arange(0, BLOCK_M)
+    for start_m in range(r0, T, BLOCK_M):
+        # Extend both rings by the BLOCK_M rows that lead this tile by HALO.
+        lead = start_m + HALO + tile
+        tl.debug_barrier()  # the previous tile's reads of the slots about to be reused are done
+        _store_scores(s_ring, q_base, lead, dims, k_left, k, k_right, T, scale,
+                      HEAD_DIM, PRECISION, RING_S, BLOCK_N, HALO)
+        tl.debug_barrier()
+        dv_lead, da_lead = _score_grads(s_ring, d_ring, a_base, do_base, lse_base, delta_base, lead, c0, dims, v,
+                                        v_right, T, HEAD_DIM, W, W_PAD, PRECISION, RING_S, RING_D, BLOCK_N, HALO)
+        dv += dv_lead
+        da += da_lead
+        tl.debug_barrier()
+
+        # dS[rows, cols] = sum_u a_u dS'[rows+u, cols+u]: the ring holds rows [start_m, start_m+BLOCK_M+HALO).
+        rows = start_m + tile
+        ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for u in tl.static_range(W):
-            q_u = _load_rows(q_base, rows - u, dims, T, HEAD_DIM)
-            k_u = _load_rows(k_base, cols - u, dims, T, HEAD_DIM)
-            ds_k = tl.dot(ds_in, k_u, input_precision=PRECISION)  # sum_j dS'[i, j] k[j-u]
-            # da_u = sum_ij dS'[i, j] S[i-u, j-u] = scale * sum_i q[i-u] . ds_k[i]: no product of its own.
-            da += tl.where(lags == u, scale * tl.sum(tl.sum(q_u.to(tl.float32) * ds_k, axis=1), axis=0), 0.0)
-            a_u = tl.load(a_base + u).to(tl.float32) * scale
-            q_rows = rows - u
-            tl.atomic_add(DQ + offset + q_rows[:, None] * HEAD_DIM + dims[None, :], a_u * ds_k,
-                          mask=((q_rows >= 0) & (q_rows < T))[:, None] & (dims < HEAD_DIM)[None, :])
-            dk_u = a_u * tl.dot(tl.trans(ds_in), q_u, input_precision=PRECISION)  # rows j-u
-            if u == 0:
-                dk += dk_u
-            else:
-                k_rows = cols - u
-                tl.atomic_add(DK + offset + k_rows[:, None] * HEAD_DIM + dims[None, :], dk_u,
-                              mask=((k_rows >= 0) & (k_rows < T))[:, None] & (dims < HEAD_DIM)[None, :])
+            slots = ((rows + u) % RING_D)[:, None] * D_WIDTH
+            ds += tl.load(a_base + u).to(tl.float32) * tl.load(d_ring + slots + (main + u)[None, :])
+        ds_in = (ds * scale).to(Q.dtype.element_ty)
+        q = _load_rows(q_base, rows, dims, T, HEAD_DIM)
+        dk += tl.dot(tl.trans(ds_in), q, input_precision=PRECISION)
+        dq = tl.dot(ds_in, k, input_precision=PRECISION)
+        tl.atomic_add(DQ + offset + rows[:, None] * HEAD_DIM + dims[None, :], dq,
+                      mask=(rows < T)[:, None] & (dims < HEAD_DIM)[None, :])
 
     mask = (cols < T)[:, None] & (dims < HEAD_DIM)[None, :]
     tl.store(DV + offset + cols[:, None] * HEAD_DIM + dims[None, :], dv.to(DV.dtype.element_ty), mask=mask)
-    # Key tiles to the right add their lags' shares to these rows too.
-    tl.atomic_add(DK + offset + cols[:, None] * HEAD_DIM + dims[None, :], dk, mask=mask)
+    tl.store(DK + offset + cols[:, None] * HEAD_DIM + dims[None, :], dk.to(DK.dtype.element_ty), mask=mask)
+    lags = tl.arange(0, W_PAD)
     tl.atomic_add(DA + head * W + lags, da, mask=lags < W)
 
 
-def launch_config(head_dim: int, window: int) -> dict[str, int]:
-    """Tile sizes and pipelining for one (d, w).
+def launch_config(head_dim: int) -> dict[str, int]:
+    """Tile sizes and warps for one head dim.
 
-    tl.dot needs every side >= 16, and d pads to a power of two. Software
-    pipelining keeps each stage's loaded tiles in shared memory, and a tile
-    here loads w q and w k tiles besides v: with w > 1 one stage keeps a wide
-    window inside H100's 227 KB.
+    tl.dot needs every side >= 16, and d pads to a power of two. 64-row tiles
+    keep the halo at a quarter of the forward's score rows; at d = 128 the key
+    tile halves so the backward's k, v and halo tiles fit in registers and
+    shared memory. The scratch rings are read right after they are written,
+    so software pipelining (which would hoist reads across the barriers) is off.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block = 64 if block_d <= 64 else 32
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, num_warps=4, num_stages=2 if window == 1 else 1)
+    return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 64 else 32, BLOCK_D=block_d,
+                num_warps=4 if block_d <= 64 else 8, num_stages=1)
 
 
 def _precision(q: Tensor) -> str:
@@ -190,12 +294,16 @@ def _precision(q: Tensor) -> str:
 def forward(q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(out (B, H, T, d) in q's dtype, lse (B, H, T) fp32) for contiguous inputs."""
     B, H, T, d = q.shape
+    w = lag_weight.size(1)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    config = launch_config(d, lag_weight.size(1))
-    _forward_kernel[(triton.cdiv(T, config["BLOCK_M"]), B * H)](
-        q, k, v, lag_weight, out, lse, T, H, scale,
-        HEAD_DIM=d, W=lag_weight.size(1), PRECISION=_precision(q), **config,
+    config = launch_config(d)
+    grid = (triton.cdiv(T, config["BLOCK_M"]), B * H)
+    ring = (HALO + config["BLOCK_M"]) * (config["BLOCK_N"] + HALO) if w > 1 else 1
+    scratch = torch.empty(grid[0] * grid[1] * ring, device=q.device, dtype=torch.float32)
+    _forward_kernel[grid](
+        q, k, v, lag_weight, out, lse, scratch, T, H, scale,
+        HEAD_DIM=d, W=w, PRECISION=_precision(q), HALO=HALO, **config,
     )
     return out, lse
 
@@ -208,12 +316,16 @@ def backward(
     w = lag_weight.size(1)
     delta = (out.float() * grad_out.float()).sum(-1)  # (B, H, T): delta[i] = dO[i] . O[i]
     dq = torch.zeros(B, H, T, d, device=q.device, dtype=torch.float32)
-    dk = torch.zeros_like(dq)
+    dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     da = torch.zeros(H, w, device=q.device, dtype=torch.float32)
-    config = launch_config(d, w)
-    _backward_kernel[(triton.cdiv(T, config["BLOCK_N"]), B * H)](
-        q, k, v, lag_weight, grad_out, lse, delta, dq, dk, dv, da, T, H, scale,
-        HEAD_DIM=d, W=w, W_PAD=triton.next_power_of_2(w), PRECISION=_precision(q), **config,
+    config = launch_config(d)
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    grid = (triton.cdiv(T, block_n), B * H)
+    rings = (block_m + 2 * HALO) * (block_n + 2 * HALO) + (block_m + HALO) * (block_n + HALO)
+    scratch = torch.empty(grid[0] * grid[1] * rings, device=q.device, dtype=torch.float32)
+    _backward_kernel[grid](
+        q, k, v, lag_weight, grad_out, lse, delta, dq, dk, dv, da, scratch, T, H, scale,
+        HEAD_DIM=d, W=w, W_PAD=triton.next_power_of_2(w), PRECISION=_precision(q), HALO=HALO, **config,
     )
-    return dq.to(q.dtype), dk.to(k.dtype), dv, da.to(lag_weight.dtype)
+    return dq.to(q.dtype), dk, dv, da.to(lag_weight.dtype)
