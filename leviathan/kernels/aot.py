@@ -1,0 +1,76 @@
+"""Ahead-of-time compilation of the shifted-diagonal kernels for a GPU architecture, on any machine.
+
+Triton's interpreter checks the kernels' arithmetic on CPU but never lowers
+them, so shapes or constructs that only the GPU compiler rejects would first
+fail on a GPU. Triton ships ptxas, so the full pipeline (Triton IR, LLVM,
+PTX, cubin) runs here without a device: `compile_kernels` does that for a
+target such as sm_90 (H100/H200). With TRITON_DUMP_PTXAS_LOG=1 and
+PTXAS_OPTIONS=-v, ptxas prints each kernel's registers and spills:
+
+    TRITON_DUMP_PTXAS_LOG=1 PTXAS_OPTIONS=-v python -m leviathan.kernels.aot
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import shifted_diagonal as kernel
+
+# Triton's names for the kernel input dtypes.
+DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+INT_ARGS = {"T": "i32", "N_HEAD": "i32", "scale": "fp32"}
+
+
+def _signature(pointers: dict[str, str], constants: dict[str, object]) -> dict[str, str]:
+    return {**{name: f"*{t}" for name, t in pointers.items()}, **INT_ARGS, **{name: "constexpr" for name in constants}}
+
+
+def _sources(dtype: str, head_dim: int, window: int) -> dict[str, ASTSource]:
+    """The forward and backward kernels with the launch's constants, as `forward`/`backward` launch them."""
+    t = DTYPE_NAMES[dtype]
+    config = kernel.launch_config(head_dim)
+    tiles = {name: config[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+    precision = "tf32x3" if dtype == "float32" else "tf32"
+    constants = dict(HEAD_DIM=head_dim, W=window, PRECISION=precision, HALO=kernel.HALO, **tiles)
+    forward = {"Q": t, "K": t, "V": t, "A": "fp32", "Out": t, "Lse": "fp32", "Scratch": "fp32"}
+    backward = {"Q": t, "K": t, "V": t, "A": "fp32", "DO": t, "Lse": "fp32", "Delta": "fp32", "DQ": "fp32",
+                "DK": t, "DV": t, "DA": "fp32", "Scratch": "fp32"}
+    backward_constants = {**constants, "W_PAD": triton.next_power_of_2(window)}
+    return {
+        "forward": ASTSource(kernel._forward_kernel, _signature(forward, constants), constexprs=constants),
+        "backward": ASTSource(kernel._backward_kernel, _signature(backward, backward_constants),
+                              constexprs=backward_constants),
+    }
+
+
+def compile_kernels(
+    cases: Sequence[tuple[str, int, int]], arch: int = 90
+) -> list[dict[str, object]]:
+    """Compile forward and backward for each (dtype, head dim, window) to a cubin for sm_`arch`.
+
+    Returns one row per kernel: its case, shared memory in bytes and compile seconds.
+    Raises whatever the compiler raises for a kernel that does not lower.
+    """
+    config_of = kernel.launch_config
+    rows = []
+    for dtype, head_dim, window in cases:
+        options = {name: config_of(head_dim)[name] for name in ("num_warps", "num_stages")}
+        for name, source in _sources(dtype, head_dim, window).items():
+            start = time.perf_counter()
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+            rows.append({"kernel": name, "dtype": dtype, "d": head_dim, "w": window, "arch": f"sm_{arch}",
+                         "shared_bytes": compiled.metadata.shared, "has_cubin": bool(compiled.asm.get("cubin")),
+                         "compile_s": round(time.perf_counter() - start, 2)})
+    return rows
+
+
+CASES = (("bfloat16", 64, 1), ("bfloat16", 64, 4), ("bfloat16", 64, 8), ("bfloat16", 128, 8), ("float32", 64, 4))
+
+if __name__ == "__main__":
+    print(json.dumps(compile_kernels(CASES), indent=1))
