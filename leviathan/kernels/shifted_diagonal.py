@@ -43,6 +43,12 @@ and the value product (FlashAttention: 1 and 1); backward S over BLOCK_N + 2 HAL
 columns, dP over BLOCK_N + HALO, then dV, dK and dQ (FlashAttention: 5 of BLOCK_N);
 plus w scratch reads per pair for each shift sum. At w = 1 no scratch is used.
 
+Each program owns its scratch, allocated per launch: forward (64+16) x (64+16)
+fp32 per query tile, backward (64+32)^2 + (64+16)^2 per key tile, about 1 KB
+per row and head (8x the bytes of a bf16 q row at d = 64), freed after the call.
+The shift sums read 4 bytes per pair per lag from L1/L2, so on a GPU the kernel
+may be bound by that traffic rather than by the products; only a GPU run says.
+
 Inputs may be fp32, fp16 or bf16; every product accumulates in fp32. fp32
 products run on tensor cores as three TF32 products (tf32x3, near fp32 accuracy):
 plain TF32 would cost fp32 its accuracy, and IEEE products unroll into scalar
