@@ -11,10 +11,12 @@ One tracking run per run folder (the folder of metrics.jsonl): the MLflow run
 carries a tag derived from that folder, so a restarted worker group (or the
 driver, attaching the report) finds and continues the same run. TensorBoard's
 event files live in `<run>/tensorboard`; a restart adds a new event file there.
-No step is logged twice: records are appended to metrics.jsonl first and
-tracked after, and the records a restart runs again carry `"replayed": true`
-(cluster.metrics), which are skipped. A crash between the two loses a point,
-never doubles one.
+No point is logged twice and none is lost: records are appended to
+metrics.jsonl first and tracked after, and when a restarted worker group opens
+a sink it reads back the (tag, step) points the sink already holds and logs
+only the others. A restart runs the steps after its checkpoint again with the
+same values (the resume is bit-exact), so a point that a crash cut off between
+metrics.jsonl and a sink is filled in by the replay, and the rest are skipped.
 
 Steps are global: phase-1 step s is s, phase-2 step s is phase1_steps + s, so
 each curve runs on across both phases. mlflow and tensorboard are an optional
@@ -76,6 +78,12 @@ def progress_scalars(progress: RunProgress, phase1_steps: int, phase2_steps: int
     return out
 
 
+def new_points(by_step: dict[int, dict[str, float]], held: set[tuple[str, int]]) -> dict[int, dict[str, float]]:
+    """by_step without the (tag, step) points a sink already holds."""
+    out = {step: {tag: v for tag, v in values.items() if (tag, step) not in held} for step, values in by_step.items()}
+    return {step: values for step, values in out.items() if values}
+
+
 class MlflowRun:
     """The MLflow run of one run folder, found by its tag or created."""
 
@@ -84,9 +92,12 @@ class MlflowRun:
         experiment_id = ensure_experiment(client, tracking)
         key = run_key(run_dir)
         found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+        self.held: set[tuple[str, int]] = set()  # (tag, step) points logged before this start
         if found:
             self.run_id = found[0].info.run_id
             client.update_run(self.run_id, status="RUNNING")
+            for tag in found[0].data.metrics:
+                self.held.update((tag, m.step) for m in client.get_metric_history(self.run_id, tag))
         else:
             tags = {RUN_KEY_TAG: key, RUN_DIR_TAG: storage.normalize(run_dir)}
             self.run_id = client.create_run(experiment_id, tags=tags, run_name=run_dir.rstrip("/").rsplit("/", 1)[-1]).info.run_id
@@ -104,7 +115,8 @@ class MlflowRun:
         from mlflow.entities import Metric
 
         ms = int(wall_time * 1000)
-        batch = [Metric(k, v, ms, step) for step, values in by_step.items() for k, v in values.items()]
+        fresh = new_points(by_step, self.held)
+        batch = [Metric(k, v, ms, step) for step, values in fresh.items() for k, v in values.items()]
         for i in range(0, len(batch), _MLFLOW_BATCH):
             self.client.log_batch(self.run_id, metrics=batch[i : i + _MLFLOW_BATCH])
 
@@ -152,11 +164,12 @@ class TensorBoardRun:
 
         self.remote = storage.join(run_dir, TENSORBOARD_DIR)
         local = storage.local_path(self.remote)
+        self.held = held_tensorboard_points(self.remote)  # (tag, step) points of earlier starts
         self.mirror = None if local is not None else tempfile.mkdtemp(prefix="leviathan-tb-")
         self.writer = SummaryWriter(log_dir=str(local if local is not None else self.mirror))
 
     def log_scalars(self, by_step: dict[int, dict[str, float]], wall_time: float) -> None:
-        for step, values in sorted(by_step.items()):
+        for step, values in sorted(new_points(by_step, self.held).items()):
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, global_step=step, walltime=wall_time)
         self.flush()
@@ -176,6 +189,22 @@ class TensorBoardRun:
         self.flush()
 
 
+def held_tensorboard_points(folder: str) -> set[tuple[str, int]]:
+    """The (tag, step) scalar points in the event files under folder (a path or URI), if any."""
+    if not storage.list_dir(folder):
+        return set()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with tempfile.TemporaryDirectory(prefix="leviathan-tb-read-") as tmp:
+        local = storage.local_path(folder)
+        if local is None:
+            storage.download(folder, tmp)
+            local = Path(tmp)
+        events = EventAccumulator(str(local), purge_orphaned_data=False, size_guidance={"scalars": 0})
+        events.Reload()
+        return {(tag, e.step) for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+
+
 class Tracker:
     """Rank 0's tracking runs (MLflow, TensorBoard or both) of one run folder."""
 
@@ -190,12 +219,11 @@ class Tracker:
             self.runs.append(TensorBoardRun(run_dir))
 
     def log(self, records: list[dict[str, Any]], progress: RunProgress) -> None:
-        """One report's records; nothing when they are replayed (tracked before the restart)."""
-        fresh = [r for r in records if not r.get("replayed")]
-        if not fresh:
+        """One report's records; each sink skips the points it held before this start."""
+        if not records:
             return
-        by_step = scalars(fresh, self.phase1_steps)
-        steps = [global_step(r["phase"], r["step"], self.phase1_steps) for r in fresh if r["phase"] != "final"]
+        by_step = scalars(records, self.phase1_steps)
+        steps = [global_step(r["phase"], r["step"], self.phase1_steps) for r in records if r["phase"] != "final"]
         if steps:
             by_step[max(steps)].update(progress_scalars(progress, self.phase1_steps, self.phase2_steps))
         now = time.time()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cluster.plan import Tracking
-from cluster.tracking import RUN_DIR_TAG, TENSORBOARD_DIR, Tracker, check_tracking, end_run, global_step
+from cluster.tracking import RUN_DIR_TAG, TENSORBOARD_DIR, MlflowRun, Tracker, check_tracking, end_run, global_step
 from jobs.plan import tracking_of
 from leviathan.progress import RunProgress
 from leviathan.records import record
@@ -73,15 +73,18 @@ def test_a_restarted_run_continues_one_mlflow_run_and_one_tensorboard_log_withou
     tracking = _tracking(tmp_path, mlflow_uri=(tmp_path / "mlruns").as_uri(), tensorboard=True)
     progress = RunProgress()
     first = Tracker(tracking, run_dir, P1, P2)
-    for step in (5, 10, 15):
+    for step in (5, 10):
         _log(first, progress, _report("members", step))
+    # A worker dies while step 15 is being tracked: MLflow got it, TensorBoard did not;
+    # step 20 reached metrics.jsonl but no sink.
+    first.runs = [run for run in first.runs if isinstance(run, MlflowRun)]
+    _log(first, progress, _report("members", 15))
 
-    # A worker dies after step 15; the group restarts from the step-10 checkpoint.
+    # The group restarts from the step-10 checkpoint and runs 15 and 20 again.
     progress = RunProgress()
     again = Tracker(tracking, run_dir, P1, P2)
-    _log(again, progress, _report("members", 15, replayed=True))
-    for step in (20,):
-        _log(again, progress, _report("members", step))
+    for step in (15, 20):
+        _log(again, progress, _report("members", step, replayed=True))
     for step in (4, 8):
         _log(again, progress, _report("merge", step))
     again.log_text("final_table.json", json.dumps({"rows": []}))
@@ -94,7 +97,7 @@ def test_a_restarted_run_continues_one_mlflow_run_and_one_tensorboard_log_withou
     assert run.data.tags[RUN_DIR_TAG] == run_dir
     assert run.data.params["training.phase1_steps"] == "200" and run.data.params["ensemble.members.1.flavour"] == "relu3"
     history = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
-    assert history["m0.0/train_loss"] == [5, 10, 15, 20], "every step once, the replayed one not again"
+    assert history["m0.0/train_loss"] == [5, 10, 15, 20], "every step once: 15 not again, 20 filled in"
     assert history["merger/mixed_val_loss"] == [P1 + 4, P1 + 8], "phase-2 steps follow phase 1's"
     assert history["uniform/mixed_val_loss"] == [5, 10, 15, 20, P1 + 4, P1 + 8]
     assert history["progress/tokens_per_s_members"] == [5, 10, 15, 20]
@@ -106,7 +109,7 @@ def test_a_restarted_run_continues_one_mlflow_run_and_one_tensorboard_log_withou
     tb = tmp_path / "tracked" / TENSORBOARD_DIR
     assert len(list(tb.glob("events.out.tfevents.*"))) == 2, "one event file per worker-group start"
     steps = _tensorboard_steps(tb)
-    assert steps["m1.0/val_loss"] == [5, 10, 15, 20]
+    assert steps["m1.0/val_loss"] == [5, 10, 15, 20], "15 and 20 filled in by the replay"
     assert steps["merger/train_loss"] == [P1 + 4, P1 + 8]
     repeated = {tag: s for tag, s in steps.items() if len(set(s)) != len(s)}
     assert not repeated, f"steps logged twice: {repeated}"
