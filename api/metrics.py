@@ -76,7 +76,8 @@ class MetricsSummary:
     progress: RunProgress = field(default_factory=RunProgress)  # tokens/s per phase, ETA
 
     def snapshot(self) -> "MetricsSummary":
-        """A copy callers may keep while the reader folds more lines into the original."""
+        """A copy callers may keep while the reader folds more lines into the original
+        (the reader hands the same snapshot to every poll until the log grows)."""
         return MetricsSummary(self.cursor, self.records, self.phase, self.step, self.updated_at,
                               {name: dict(m) for name, m in self.members.items()}, copy.deepcopy(self.progress))
 
@@ -108,20 +109,34 @@ class MetricsSummary:
                 m[key] = rec[key]
 
 
+@dataclass
+class _Run:
+    """A followed run: its log, the summary folded so far, and the snapshot last handed out."""
+
+    log: AppendLog
+    state: MetricsSummary = field(default_factory=MetricsSummary)
+    snapshot: MetricsSummary | None = None
+
+
 class MetricsReader:
-    """Incremental summaries of many runs (bounded LRU), safe across threads."""
+    """Incremental summaries of many runs (bounded LRU), safe across threads.
+
+    A status poll usually finds nothing new in the log: it then costs one stat and
+    returns the snapshot the previous poll got. Snapshots are shared and never
+    changed afterwards, so callers must treat them as read-only.
+    """
 
     def __init__(self, max_runs: int = 256) -> None:
         self._lock = threading.Lock()
-        self._runs: OrderedDict[str, MetricsSummary] = OrderedDict()
+        self._runs: OrderedDict[str, _Run] = OrderedDict()
         self._max_runs = max_runs
 
     def summary(self, run_dir: str) -> MetricsSummary | None:
         """A snapshot of the run's latest figures; None while it has no metrics file."""
         with self._lock:
-            state = self._runs.get(run_dir) or MetricsSummary()
+            run = self._runs.get(run_dir) or _Run(_log(run_dir))
             try:
-                got = _log(run_dir).read_from(state.cursor)
+                got = run.log.read_from(run.state.cursor)
             except (OSError, ValueError) as e:  # status pages still show Ray's view
                 log.warning("cannot read %s/%s: %s", run_dir, METRICS_FILE, e)
                 got = None
@@ -129,16 +144,18 @@ class MetricsReader:
                 self._runs.pop(run_dir, None)
                 return None
             data, cursor = got
-            if cursor < state.cursor:  # the log was replaced and read from its start
-                state = MetricsSummary()
-            for rec in _parse_lines(data):
-                state.fold(rec)
-            state.cursor = cursor
-            self._runs[run_dir] = state
+            if cursor < run.state.cursor:  # the log was replaced and read from its start
+                run.state, run.snapshot = MetricsSummary(), None
+            if run.snapshot is None or cursor != run.state.cursor:
+                for rec in _parse_lines(data):
+                    run.state.fold(rec)
+                run.state.cursor = cursor
+                run.snapshot = run.state.snapshot()
+            self._runs[run_dir] = run
             self._runs.move_to_end(run_dir)
             while len(self._runs) > self._max_runs:
                 self._runs.popitem(last=False)
-            return state.snapshot()
+            return run.snapshot
 
 
 def read_records(run_dir: str, since_step: int | None = None) -> list[dict[str, Any]]:

@@ -236,6 +236,9 @@ class AppendLog:
 
     def _read_file_from(self, offset: int) -> tuple[bytes, LogCursor] | None:
         try:
+            # A poll of a log that has not grown (most polls) costs one stat, no open.
+            if offset and os.stat(self._path).st_size == offset:
+                return b"", LogCursor(offset=offset)
             with open(self._path, "rb") as f:
                 size = f.seek(0, os.SEEK_END)
                 if size < offset:

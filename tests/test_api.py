@@ -336,6 +336,24 @@ def test_metrics_reader_folds_appended_lines_and_skips_bad_ones(tmp_path):
     assert not any(isinstance(v, float) and math.isnan(v) for r in read_records(str(tmp_path)) for v in r.values())
 
 
+def test_metrics_reader_reuses_its_snapshot_until_the_log_grows(tmp_path):
+    """Most status polls find the log unchanged: they get the previous snapshot, and a
+    snapshot handed out never changes when more lines are folded in."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(_record(1, "m0.0", train_loss=3.0)) + "\n")
+    reader = MetricsReader()
+    first = reader.summary(str(tmp_path))
+    assert reader.summary(str(tmp_path)) is first
+    with open(path, "a") as f:
+        f.write(json.dumps(_record(2, "m0.0", train_loss=2.0)) + "\n")
+    second = reader.summary(str(tmp_path))
+    assert second.records == 2 and second.members["m0.0"]["train_loss"] == 2.0
+    assert first.records == 1 and first.members["m0.0"]["train_loss"] == 3.0
+    path.write_text(json.dumps(_record(1, "m1.0", module=1)) + "\n")  # replaced by a shorter log
+    third = reader.summary(str(tmp_path))
+    assert third.records == 1 and set(third.members) == {"m1.0"}
+
+
 def test_metrics_reader_follows_a_log_on_an_object_store(s3_bucket):
     """On S3 the training job writes part files; the reader resumes after the parts it
     has read, so each poll reads only what was appended since."""

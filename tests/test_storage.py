@@ -99,3 +99,6 @@ def test_local_log_is_one_appended_file(tmp_path):
     assert log.read_from(cursor) == (b"c\n", LogCursor(offset=6))
     path.write_bytes(b"x\n")  # replaced by a shorter file: read from the start
     assert log.read_from(LogCursor(offset=6)) == (b"x\n", LogCursor(offset=2))
+    assert log.read_from(LogCursor(offset=2)) == (b"", LogCursor(offset=2))  # nothing new
+    path.unlink()
+    assert log.read_from(LogCursor(offset=2)) is None
