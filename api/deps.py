@@ -1,4 +1,4 @@
-"""Dependencies injected into the routes: settings, auth, the Ray gateway, the metrics reader.
+"""Dependencies injected into the routes: settings, auth, the Ray gateway.
 
 Everything hangs off `app.state` (set by `create_app(settings)`), so tests build
 an app with their own settings and nothing is read from globals. Each is declared
@@ -15,7 +15,6 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from api.metrics import MetricsReader
 from api.ray_jobs import RayGateway
 from api.settings import Settings
 
@@ -33,24 +32,22 @@ async def get_gateway(request: Request) -> RayGateway:
     return request.app.state.ray
 
 
-async def get_metrics_reader(request: Request) -> MetricsReader:
-    return request.app.state.metrics
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 GatewayDep = Annotated[RayGateway, Depends(get_gateway)]
-MetricsDep = Annotated[MetricsReader, Depends(get_metrics_reader)]
 
 
 async def require_api_token(
-    settings: SettingsDep,
+    request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
 ) -> None:
     """401 unless `Authorization: Bearer <LEVIATHAN_API_TOKEN>` (when one is set).
 
     This is the API's own token; the Ray cluster's token never comes from clients.
     The comparison is constant-time so response timing does not leak the token.
+    Settings come straight from `app.state`, not from `SettingsDep`: every route
+    runs this check, and FastAPI solves each nested dependency on every request.
     """
+    settings: Settings = request.app.state.settings
     if settings.api_token is None:
         return
     expected = settings.api_token.get_secret_value().encode()

@@ -11,14 +11,14 @@ import logging
 import os
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from ray.job_submission import JobSubmissionClient
 
 from api import ray_jobs
-from api.deps import GatewayDep, MetricsDep, SettingsDep, require_api_token
+from api.deps import GatewayDep, SettingsDep, require_api_token
 from api.metrics import MetricsReader, MetricsSummary, read_records, read_run_spec
 from api.ray_jobs import RayGateway, RayJob, ray_errors
 from api.runs import RunRef, data_root, manifest_allowed, run_of, storage_root, under_root
@@ -328,9 +328,12 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=JobDetail, responses=_NOT_FOUND,
             summary="Ray status, phase and per-member progress")
-async def get_job(job_id: str, settings: SettingsDep, gateway: GatewayDep, reader: MetricsDep) -> JobDetail:
-    job = await gateway.job(job_id)
-    return await _detail(job, gateway, reader, storage_root(settings))
+async def get_job(job_id: str, request: Request) -> JobDetail:
+    # The route clients poll: its services come straight from `app.state` rather than
+    # as three injected dependencies, which FastAPI would solve again on every call.
+    state = request.app.state
+    job = await state.ray.job(job_id)
+    return await _detail(job, state.ray, state.metrics, storage_root(state.settings))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPage,
