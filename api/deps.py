@@ -13,15 +13,10 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
 from api.ray_jobs import RayGateway
 from api.settings import Settings
-
-bearer_scheme = HTTPBearer(
-    auto_error=False,
-    description="LEVIATHAN_API_TOKEN (required only when the API has one set).",
-)
 
 
 async def get_settings(request: Request) -> Settings:
@@ -36,23 +31,31 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 GatewayDep = Annotated[RayGateway, Depends(get_gateway)]
 
 
-async def require_api_token(
-    request: Request,
-    credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
-) -> None:
+class ApiToken(HTTPBearer):
     """401 unless `Authorization: Bearer <LEVIATHAN_API_TOKEN>` (when one is set).
 
     This is the API's own token; the Ray cluster's token never comes from clients.
     The comparison is constant-time so response timing does not leak the token.
-    Settings come straight from `app.state`, not from `SettingsDep`: every route
-    runs this check, and FastAPI solves each nested dependency on every request.
+    One dependency both declares the scheme in the OpenAPI document and checks it,
+    with the settings read from `app.state`: every /v1 route runs it, and FastAPI
+    solves each nested dependency again on every request.
     """
-    settings: Settings = request.app.state.settings
-    if settings.api_token is None:
-        return
-    expected = settings.api_token.get_secret_value().encode()
-    given = credentials.credentials.encode() if credentials is not None else b""
-    if credentials is None or not hmac.compare_digest(given, expected):
-        raise HTTPException(
-            401, "missing or invalid API token", headers={"WWW-Authenticate": "Bearer"}
-        )
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        settings: Settings = request.app.state.settings
+        if settings.api_token is None:
+            return
+        credentials = await super().__call__(request)
+        expected = settings.api_token.get_secret_value().encode()
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if credentials is None or not hmac.compare_digest(given, expected):
+            raise HTTPException(
+                401, "missing or invalid API token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+
+require_api_token = ApiToken(
+    auto_error=False,
+    scheme_name="HTTPBearer",
+    description="LEVIATHAN_API_TOKEN (required only when the API has one set).",
+)
