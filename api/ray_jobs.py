@@ -185,13 +185,16 @@ class RayGateway:
         return job
 
     async def job(self, job_id: str) -> RayJob:
-        """`fresh_job`, with concurrent calls for one job sharing one Ray request.
+        """`fresh_job`, with calls for one job sharing one Ray request and its answer
+        for `status_cache_s` seconds (LEVIATHAN_STATUS_CACHE_S, at most 1, default 0.5).
 
-        A status poll that arrives while Ray is already answering the same question
-        takes that answer: it is at most one Ray round trip old, and nothing is kept
-        once the request completes (the next call asks Ray again), so Ray stays the
-        only source of truth. Under many pollers of one job this turns N identical
-        Ray requests into one.
+        A status poll that arrives while Ray is answering the same question, or
+        within status_cache_s of its answer, takes that answer. Ray stays the only
+        source of truth: an answer is at most one Ray round trip plus
+        status_cache_s old, errors are never kept, and a stop through this API
+        drops the job's answer. Under many pollers of one job (dashboards, the
+        CLI's progress) this turns N identical Ray requests into about one per
+        status_cache_s.
         """
         pending = self._in_flight.get(job_id)
         if pending is None:
@@ -202,10 +205,17 @@ class RayGateway:
         return await asyncio.shield(pending)
 
     def _forget(self, job_id: str, done: asyncio.Future) -> None:
-        if self._in_flight.get(job_id) is done:
-            del self._in_flight[job_id]
-        if not done.cancelled():
-            done.exception()  # retrieved, even when every caller has gone
+        """Drop a finished request now (an error, or no cache) or once status_cache_s has passed."""
+        failed = done.cancelled() or done.exception() is not None  # retrieved, even when every caller has gone
+        if failed or self.settings.status_cache_s == 0:
+            self._drop(job_id, done)
+        else:
+            asyncio.get_running_loop().call_later(self.settings.status_cache_s, self._drop, job_id, done)
+
+    def _drop(self, job_id: str, done: asyncio.Future | None = None) -> None:
+        """Forget the job's request (only `done`, when given: a newer one stays)."""
+        if done is None or self._in_flight.get(job_id) is done:
+            self._in_flight.pop(job_id, None)
 
     async def jobs(self) -> list[RayJob]:
         """All submitted jobs, newest first."""
@@ -218,7 +228,10 @@ class RayGateway:
         return (await self._call("GET", f"/api/jobs/{job_id}/logs", job_id))["logs"]
 
     async def stop(self, job_id: str) -> bool:
-        return bool((await self._call("POST", f"/api/jobs/{job_id}/stop", job_id))["stopped"])
+        self._drop(job_id)  # polls after the stop ask Ray again
+        stopped = bool((await self._call("POST", f"/api/jobs/{job_id}/stop", job_id))["stopped"])
+        self._drop(job_id)  # and so do polls answered while it was on its way
+        return stopped
 
     def sdk(self) -> JobSubmissionClient:
         """Ray's client, rebuilt when the token changes. Blocking (building one costs

@@ -606,9 +606,11 @@ def test_serve_insecure_binds_openly_and_says_so():
 # ----------------------------------------------------------------------------- the Ray gateway
 
 
-def test_concurrent_status_calls_share_one_ray_request_and_nothing_is_kept(ray_cluster, storage):
+@pytest.mark.parametrize("cache_s", [0.0, 0.4])
+def test_status_calls_share_one_ray_request_and_its_answer_for_at_most_the_cache_time(ray_cluster, storage, cache_s):
     import asyncio
 
+    from fastapi import HTTPException
     from ray.job_submission import JobSubmissionClient
 
     from api.ray_jobs import RayGateway
@@ -616,9 +618,10 @@ def test_concurrent_status_calls_share_one_ray_request_and_nothing_is_kept(ray_c
     sid = f"share-{uuid.uuid4().hex[:8]}"
     JobSubmissionClient(ray_cluster.dashboard_url, headers=ray_cluster.auth_headers()).submit_job(
         entrypoint="true", submission_id=sid)
+    missing = f"raysubmit_{uuid.uuid4().hex[:16]}"
 
-    async def scenario() -> tuple[int, int, int]:
-        gateway = RayGateway(make_settings(ray_cluster, storage))
+    async def scenario() -> dict[str, int]:
+        gateway = RayGateway(make_settings(ray_cluster, storage, status_cache_s=cache_s))
         await gateway.start()
         asked: list[str] = []
         ask_ray = gateway._call
@@ -627,18 +630,33 @@ def test_concurrent_status_calls_share_one_ray_request_and_nothing_is_kept(ray_c
             asked.append(path)
             return await ask_ray(method, path, job_id)
 
+        def asks_for(job_id: str) -> int:
+            return asked.count(f"/api/jobs/{job_id}")
+
         gateway._call = counted
+        counts = {}
         try:
             jobs = await asyncio.gather(*(gateway.job(sid) for _ in range(20)))
             assert {j.submission_id for j in jobs} == {sid}
-            together = asked.count(f"/api/jobs/{sid}")
-            for _ in range(3):  # one after another: each asks Ray again
+            counts["together"] = asks_for(sid)
+            for _ in range(3):  # one after another, within the cache time
                 await gateway.job(sid)
-            one_by_one = asked.count(f"/api/jobs/{sid}") - together
-            await gateway.fresh_job(sid)
-            fresh = asked.count(f"/api/jobs/{sid}") - together - one_by_one
+            counts["one_by_one"] = asks_for(sid) - counts["together"]
+            await asyncio.sleep(cache_s + 0.1)
+            await gateway.job(sid)
+            counts["after_the_cache_time"] = asks_for(sid) - counts["together"] - counts["one_by_one"]
+            await gateway.stop(sid)
+            before = asks_for(sid)
+            await gateway.job(sid)
+            counts["after_a_stop"] = asks_for(sid) - before
+            for _ in range(2):
+                with pytest.raises(HTTPException):
+                    await gateway.job(missing)
+            counts["errors"] = asks_for(missing)
         finally:
             await gateway.aclose()
-        return together, one_by_one, fresh
+        return counts
 
-    assert asyncio.run(scenario()) == (1, 3, 1)
+    counts = asyncio.run(scenario())
+    assert counts == {"together": 1, "one_by_one": 0 if cache_s else 3, "after_the_cache_time": 1,
+                      "after_a_stop": 1, "errors": 2}, counts
