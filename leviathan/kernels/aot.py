@@ -49,18 +49,16 @@ def _sources(dtype: str, head_dim: int, window: int) -> dict[str, ASTSource]:
     }
 
 
-def compile_kernels(
-    cases: Sequence[tuple[str, int, int]], arch: int = 90
-) -> list[dict[str, object]]:
+def compile_kernels(cases: Sequence[tuple[str, int, int]], arch: int = 90) -> list[dict[str, object]]:
     """Compile forward and backward for each (dtype, head dim, window) to a cubin for sm_`arch`.
 
     Returns one row per kernel: its case, shared memory in bytes and compile seconds.
     Raises whatever the compiler raises for a kernel that does not lower.
     """
-    config_of = kernel.launch_config
     rows = []
     for dtype, head_dim, window in cases:
-        options = {name: config_of(head_dim)[name] for name in ("num_warps", "num_stages")}
+        config = kernel.launch_config(head_dim)
+        options = {name: config[name] for name in ("num_warps", "num_stages")}
         for name, source in _sources(dtype, head_dim, window).items():
             start = time.perf_counter()
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
