@@ -188,7 +188,13 @@ def test_global_steps_run_on_across_the_phases():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_killed_worker_continues_the_same_mlflow_run_and_logs_no_step_twice(ray_cluster, tmp_path):
+def test_killed_worker_resumes_the_exact_steps_and_tracks_every_point_once(ray_cluster, tmp_path):
+    """A Ray Train worker SIGKILLed in phase 1: the group restarts from its checkpoint, replays
+    (and marks) the steps after it, trains exactly the spec's steps, and continues the same
+    MLflow run and TensorBoard log with every report's point once."""
+    import torch
+
+    from cluster.checkpointing import MERGER_FILE, module_file
     from tests.scripts.common import builtin_manifest, read_metric_records, tiny_spec, train_killing_one_worker
 
     manifest = builtin_manifest(tmp_path / "data")
@@ -202,9 +208,19 @@ def test_killed_worker_continues_the_same_mlflow_run_and_logs_no_step_twice(ray_
         tracking={"mlflow_uri": uri, "tensorboard": True},
     )
     run = Path(spec.run_dir)
-    train_killing_one_worker(spec, ray_cluster.dashboard_url)
+    result = train_killing_one_worker(spec, ray_cluster.dashboard_url)
 
-    assert any(r["replayed"] for r in read_metric_records(run)), "the kill made the run replay steps"
+    records = read_metric_records(run)
+    replayed = [r for r in records if r["replayed"]]
+    assert replayed and {r["phase"] for r in replayed} == {"members"}, "the replayed steps are marked"
+    logged = {(r["member"], r["step"]) for r in records if r["phase"] == "members"}
+    assert {(m, s) for m in ("m0.0", "m0.1", "m1.0", "m1.1") for s in range(5, p1 + 1, 5)} <= logged
+    checkpoint = Path(result["checkpoint"])
+    for i in range(2):
+        drawn = torch.load(checkpoint / module_file(i), weights_only=False)["sampler"]["batches_drawn"]
+        assert drawn == p1, f"module {i} trained {drawn} steps, the spec says {p1}"
+    assert torch.load(checkpoint / MERGER_FILE, weights_only=False)["mixed_sampler"]["batches_drawn"] == p2
+
     client, runs = _mlflow_runs(uri)
     assert len(runs) == 1, f"{len(runs)} MLflow runs for one run folder"
     mlrun = runs[0]
