@@ -232,3 +232,18 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     rows = compile_kernels([("float16", 40, 4), ("bfloat16", 128, 8)])
     assert [(r["kernel"], r["d"]) for r in rows] == [("forward", 40), ("backward", 40), ("forward", 128), ("backward", 128)]
     assert all(r["has_cubin"] and 0 < r["shared_bytes"] <= 227 * 1024 for r in rows), rows
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the benchmark starts its own interpreter process")
+def test_kernel_does_attention_plus_halo_work_not_lag_stacked_work() -> None:
+    """The d + w claim, counted: at w = 4 the kernel's tile products stay within the halo's
+    share of FlashAttention's (forward 1 + 16/64 on the score half, backward its rings), where
+    lag stacking does (w + 1) / 2 = 2.5x forward and (3w + 2) / 5 = 2.8x backward."""
+    import json
+
+    cmd = [sys.executable, "benchmarks/kernel_work.py", "--seq", "256", "--windows", "4"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    w4 = json.loads(run.stdout)["windows"]["w4"]
+    assert w4["forward_macs_over_flash"] <= 1.13 and w4["backward_macs_over_flash"] <= 1.3, w4
+    assert w4["forward_read_other_bytes"] > 0, "the shifts are read back from the scratch ring"
