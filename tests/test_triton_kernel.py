@@ -45,16 +45,23 @@ interpreted_only = pytest.mark.skipif(
 )
 
 
-@pytest.mark.skipif(INTERPRETED, reason="already under the interpreter")
+COMPILED_ONLY = "runs in this file's compiled (not interpreted) process"
+
+
+def compiled_only(why: str):
+    """Skip under the interpreter: the test drives compiled kernels or its own subprocess."""
+    return pytest.mark.skipif(INTERPRETED, reason=f"{COMPILED_ONLY}: {why}")
+
+
+@compiled_only("it starts the interpreter run")
 def test_kernel_under_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     this_file = str(Path(__file__).relative_to(ROOT))
-    compiled_only = ("test_kernel_under_the_interpreter", "test_kernels_compile_for_hopper_without_a_gpu")
-    deselect = [arg for name in compiled_only for arg in ("--deselect", f"{this_file}::{name}")]
-    cmd = [sys.executable, "-m", "pytest", this_file, "-q", "-p", "no:cacheprovider", *deselect]
+    cmd = [sys.executable, "-m", "pytest", this_file, "-q", "-rs", "-p", "no:cacheprovider"]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, f"interpreter checks failed:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
-    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    skips = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert " passed" in run.stdout and all(COMPILED_ONLY in line for line in skips), run.stdout[-2000:]
 
 
 def test_triton_available_follows_the_interpreter_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,7 +228,7 @@ def test_rejects_what_the_kernel_does_not_take(shape_change, message) -> None:
         shifted_diagonal_attention(q, k, v, torch.ones(shapes["a"]), 0.25)
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the interpreter never lowers kernels")
+@compiled_only("the interpreter never lowers kernels")
 def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     """The full GPU pipeline (Triton IR -> LLVM -> PTX -> cubin for sm_90) on this machine:
     catches what only the GPU compiler rejects. fp16 and bf16 (fp32, whose tf32x3 products
@@ -234,7 +241,7 @@ def test_kernels_compile_for_hopper_without_a_gpu() -> None:
     assert all(r["has_cubin"] and 0 < r["shared_bytes"] <= 227 * 1024 for r in rows), rows
 
 
-@pytest.mark.skipif(INTERPRETED, reason="the benchmark starts its own interpreter process")
+@compiled_only("the benchmark starts its own interpreter process")
 def test_kernel_does_attention_plus_halo_work_not_lag_stacked_work() -> None:
     """The d + w claim, counted: at w = 4 the kernel's tile products stay within the halo's
     share of FlashAttention's (forward 1 + 16/64 on the score half, backward its rings), where
