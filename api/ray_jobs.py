@@ -228,9 +228,8 @@ class RayGateway:
         return (await self._call("GET", f"/api/jobs/{job_id}/logs", job_id))["logs"]
 
     async def stop(self, job_id: str) -> bool:
-        self._drop(job_id)  # polls after the stop ask Ray again
         stopped = bool((await self._call("POST", f"/api/jobs/{job_id}/stop", job_id))["stopped"])
-        self._drop(job_id)  # and so do polls answered while it was on its way
+        self._drop(job_id)  # polls after the stop ask Ray again
         return stopped
 
     def sdk(self) -> JobSubmissionClient:

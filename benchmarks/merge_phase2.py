@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import emit_report  # noqa: E402
 from cluster.members import Member, adamw, derived_seed, merger_adamw  # noqa: E402
 from cluster.merge import Exchange, local_parameters, merged_loss, reduce_and_clip  # noqa: E402
 from cluster.schedule import lr_at, set_lr  # noqa: E402
@@ -109,10 +110,7 @@ def main() -> None:
         }
         print(json.dumps({"variant": name, "merged": report["rows"][0]["loss"], "cpu_s_per_step": cpu_per_step}),
               flush=True)
-    text = json.dumps(result, indent=1)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    print(text)
+    emit_report(result, a.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import emit_report  # noqa: E402
 from cluster.members import Member  # noqa: E402
 from cluster.merge import (  # noqa: E402
     CommTimer,
@@ -142,10 +143,7 @@ def main() -> None:
         / per_rank0["gather-mixture-evidence"]["bytes_received_per_step"],
         "received_bytes_ratio_after_vs_before": after["bytes_received_per_step"] / before["bytes_received_per_step"],
     }
-    text = json.dumps(out, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    emit_report(out, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -195,14 +195,17 @@ def held_tensorboard_points(folder: str) -> set[tuple[str, int]]:
         return set()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    with tempfile.TemporaryDirectory(prefix="leviathan-tb-read-") as tmp:
-        local = storage.local_path(folder)
-        if local is None:
-            storage.download(folder, tmp)
-            local = Path(tmp)
+    def points(local: Path) -> set[tuple[str, int]]:
         events = EventAccumulator(str(local), purge_orphaned_data=False, size_guidance={"scalars": 0})
         events.Reload()
         return {(tag, e.step) for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+
+    local = storage.local_path(folder)
+    if local is not None:
+        return points(local)
+    with tempfile.TemporaryDirectory(prefix="leviathan-tb-read-") as tmp:
+        storage.download(folder, tmp)
+        return points(Path(tmp))
 
 
 class Tracker:

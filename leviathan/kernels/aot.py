@@ -16,6 +16,7 @@ import json
 import time
 from collections.abc import Sequence
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -32,21 +33,17 @@ def _signature(pointers: dict[str, str], constants: dict[str, object]) -> dict[s
 
 
 def _sources(dtype: str, head_dim: int, window: int) -> dict[str, ASTSource]:
-    """The forward and backward kernels with the launch's constants, as `forward`/`backward` launch them."""
+    """The forward and backward kernels with the constants `forward`/`backward` launch them with."""
     t = DTYPE_NAMES[dtype]
-    config = kernel.launch_config(head_dim)
-    tiles = {name: config[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-    precision = "tf32x3" if dtype == "float32" else "tf32"
-    constants = dict(HEAD_DIM=head_dim, W=window, PRECISION=precision, HALO=kernel.HALO, **tiles)
     forward = {"Q": t, "K": t, "V": t, "A": "fp32", "Out": t, "Lse": "fp32", "Scratch": "fp32"}
     backward = {"Q": t, "K": t, "V": t, "A": "fp32", "DO": t, "Lse": "fp32", "Delta": "fp32", "DQ": "fp32",
                 "DK": t, "DV": t, "DA": "fp32", "Scratch": "fp32"}
-    backward_constants = {**constants, "W_PAD": triton.next_power_of_2(window)}
-    return {
-        "forward": ASTSource(kernel._forward_kernel, _signature(forward, constants), constexprs=constants),
-        "backward": ASTSource(kernel._backward_kernel, _signature(backward, backward_constants),
-                              constexprs=backward_constants),
-    }
+    sources = {}
+    for name, fn, pointers in (("forward", kernel._forward_kernel, forward),
+                               ("backward", kernel._backward_kernel, backward)):
+        constants = kernel.kernel_constants(getattr(torch, dtype), head_dim, window, backward=name == "backward")
+        sources[name] = ASTSource(fn, _signature(pointers, constants), constexprs=constants)
+    return sources
 
 
 def compile_kernels(cases: Sequence[tuple[str, int, int]], arch: int = 90) -> list[dict[str, object]]:
@@ -57,11 +54,9 @@ def compile_kernels(cases: Sequence[tuple[str, int, int]], arch: int = 90) -> li
     """
     rows = []
     for dtype, head_dim, window in cases:
-        config = kernel.launch_config(head_dim)
-        options = {name: config[name] for name in ("num_warps", "num_stages")}
         for name, source in _sources(dtype, head_dim, window).items():
             start = time.perf_counter()
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=kernel.LAUNCH_OPTIONS)
             rows.append({"kernel": name, "dtype": dtype, "d": head_dim, "w": window, "arch": f"sm_{arch}",
                          "shared_bytes": compiled.metadata.shared, "has_cubin": bool(compiled.asm.get("cubin")),
                          "compile_s": round(time.perf_counter() - start, 2)})

@@ -279,24 +279,34 @@ def _backward_kernel(Q, K, V, A, DO, Lse, Delta, DQ, DK, DV, DA, Scratch, T, N_H
 
 
 def launch_config(head_dim: int) -> dict[str, int]:
-    """Tile sizes and warps for one head dim.
+    """Tile sizes for one head dim.
 
     tl.dot needs every side >= 16, and d pads to a power of two. 64-row tiles
     keep the halo at a quarter of the forward's score rows; at d = 128 the key
     tile halves so the backward's k, v and halo tiles fit in registers and
-    shared memory. Eight warps: compiled for sm_90 (`leviathan.kernels.aot`),
-    four spill registers (d = 64, w = 4: 380 bytes forward, 3.5 KB backward)
-    where eight spill none forward and 0.2 KB backward. The scratch rings are
-    read right after they are written, so software pipelining (which would
-    hoist reads across the barriers) is off.
+    shared memory.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 64 else 32, BLOCK_D=block_d, num_warps=8, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 64 else 32, BLOCK_D=block_d)
 
 
-def _precision(q: Tensor) -> str:
-    """tl.dot's input_precision: tf32x3 for fp32 (see the module docstring); 16-bit inputs ignore it."""
-    return "tf32x3" if q.dtype == torch.float32 else "tf32"
+# Eight warps: compiled for sm_90 (`leviathan.kernels.aot`), four spill registers
+# (d = 64, w = 4: 380 bytes forward, 3.5 KB backward) where eight spill none forward
+# and 0.2 KB backward. The scratch rings are read right after they are written, so
+# software pipelining (which would hoist reads across the barriers) is off.
+LAUNCH_OPTIONS = dict(num_warps=8, num_stages=1)
+
+
+def kernel_constants(dtype: torch.dtype, head_dim: int, window: int, backward: bool) -> dict[str, object]:
+    """The constexpr arguments `forward` or `backward` launches its kernel with.
+
+    tl.dot's input_precision is tf32x3 for fp32 (see the module docstring); 16-bit inputs ignore it.
+    """
+    constants = dict(HEAD_DIM=head_dim, W=window, PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
+                     HALO=HALO, **launch_config(head_dim))
+    if backward:
+        constants["W_PAD"] = triton.next_power_of_2(window)
+    return constants
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -310,8 +320,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor, scale: float) -
     ring = (HALO + config["BLOCK_M"]) * (config["BLOCK_N"] + HALO) if w > 1 else 1
     scratch = torch.empty(grid[0] * grid[1] * ring, device=q.device, dtype=torch.float32)
     _forward_kernel[grid](
-        q, k, v, lag_weight, out, lse, scratch, T, H, scale,
-        HEAD_DIM=d, W=w, PRECISION=_precision(q), HALO=HALO, **config,
+        q, k, v, lag_weight, out, lse, scratch, T, H, scale, **kernel_constants(q.dtype, d, w, backward=False),
+        **LAUNCH_OPTIONS,
     )
     return out, lse
 
@@ -334,6 +344,6 @@ def backward(
     scratch = torch.empty(grid[0] * grid[1] * rings, device=q.device, dtype=torch.float32)
     _backward_kernel[grid](
         q, k, v, lag_weight, grad_out, lse, delta, dq, dk, dv, da, scratch, T, H, scale,
-        HEAD_DIM=d, W=w, W_PAD=triton.next_power_of_2(w), PRECISION=_precision(q), HALO=HALO, **config,
+        **kernel_constants(q.dtype, d, w, backward=True), **LAUNCH_OPTIONS,
     )
     return dq.to(q.dtype), dk, dv, da.to(lag_weight.dtype)
