@@ -3,7 +3,7 @@
 The log is the job's own output, not API state: every answer is derived from it.
 A job's status page needs only the latest figures per member, so the reader folds
 the log incrementally: it keeps a cursor per run (a byte offset in a local file,
-the next part file on an object store; `leviathan.storage.AppendLog`) and parses
+the next part file on an object store; `leviathan.run.storage.AppendLog`) and parses
 only what was appended since (a long run's log grows to many MB; re-parsing it on
 every poll would cost O(log) per request). Only complete lines are consumed, so a
 line rank 0 is still writing is read on the next call. Lines that are not valid
@@ -24,9 +24,9 @@ from typing import Any, Iterator
 from pydantic import ValidationError
 
 from api.schemas import MetricRecord
-from leviathan.progress import RunProgress
-from leviathan.records import METRICS_FILE
-from leviathan.storage import AppendLog, LogCursor, join, read_bytes
+from leviathan.run.progress import RunProgress
+from leviathan.run.records import METRICS_FILE
+from leviathan.run.storage import AppendLog, LogCursor, join, read_bytes
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from ray.job_submission import JobSubmissionClient
 from api.settings import RayTokenSource, Settings
 from api.strict_json import shorten
 from jobs.spec import JobSpec
-from leviathan import storage
+from leviathan.run import storage
 
 # Job metadata keys (Ray metadata values are strings).
 META_RUN_DIR = "leviathan_run_dir"

@@ -27,7 +27,7 @@ from api import ray_jobs
 from api.ray_jobs import RayJob
 from api.settings import Settings
 from jobs.spec import BUILTIN_MANIFEST, RUN_NAME_PATTERN
-from leviathan.storage import is_uri, normalize
+from leviathan.run.storage import is_uri, normalize
 
 _RUN_NAME = re.compile(RUN_NAME_PATTERN)
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from leviathan.records import RECORD_TYPES
+from leviathan.run.records import RECORD_TYPES
 
 JobStatusName = Literal["PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED"]
 
@@ -92,7 +92,7 @@ class JobDetail(JobSummary):
     )
 
 
-# One line of metrics.jsonl, every field of `leviathan.records` nullable (unknown keys are kept).
+# One line of metrics.jsonl, every field of `leviathan.run.records` nullable (unknown keys are kept).
 MetricRecord = create_model(
     "MetricRecord",
     __config__=ConfigDict(extra="allow"),

@@ -17,7 +17,7 @@ failing section does not stop the others):
   decode, each against the uncached float32 forward's logits;
 - member_gelu4, member_relu3: a base member of each flavour, B = 32, T = 512,
   bf16 autocast, AdamW steps: tokens/s, peak memory, a finite loss;
-- mfu: flops() of each member step (`leviathan.flops`, following the mixer
+- mfu: flops() of each member step (`leviathan.model.flops`, following the mixer
   path this device takes) / median step time / the device's peak;
 - merge_step: one joint phase-2 step at world size 1 (`cluster.merge`, the
   worker's functions) on two base members;
@@ -138,7 +138,7 @@ def _version_text(version: Any) -> str:
 def params_on_meta(vocab_size: int) -> dict[str, Any]:
     """The giant spec's ensemble, built on the meta device: parameter counts without memory."""
     from jobs.spec import EnsembleSpec
-    from leviathan.ensemble import LeviathanEnsemble
+    from leviathan.model.ensemble import LeviathanEnsemble
 
     raw = tomllib.loads(GIANT_SPEC.read_text())
     block_size = max(256, raw["training"]["seq_len"])
@@ -174,7 +174,7 @@ def lag_stacked_correlation(q, k, v, lag, backend=None, case: str = "causal") ->
     backend: an SDPBackend to force (else PyTorch's own dispatch)."""
     from torch.nn.attention import sdpa_kernel
 
-    from leviathan.correlation import lag_stack
+    from leviathan.model.correlation import lag_stack
 
     B, H, T, d = q.shape
     w = lag.shape[1]
@@ -244,7 +244,7 @@ def sdpa_backends(device: torch.device, sizes: Sizes, dtype: torch.dtype) -> dic
     out: dict[str, Any] = {"ok": bool(usable), "dtype": str(dtype).removeprefix("torch."),
                            "tolerance": BF16_TOLERANCE, "usable_for_every_case": usable, "rows": rows}
     try:
-        from leviathan.correlation import CUDA_SDPA_BACKENDS
+        from leviathan.model.correlation import CUDA_SDPA_BACKENDS
 
         out["mixer_backend_order"] = [b.name.lower() for b in CUDA_SDPA_BACKENDS]
     except ImportError:
@@ -274,7 +274,7 @@ def tokens(B: int, T: int, vocab_size: int, device: torch.device) -> torch.Tenso
 def prefill_decode(device, sizes: Sizes, autocast, vocab_size: int) -> dict[str, Any]:
     """A base member's cached forwards under bf16 autocast (the model's own SDPA choice)
     against its uncached float32 forward: prefill, masked prefill, one-token decode."""
-    from leviathan.model import build_component
+    from leviathan.model.component import build_component
 
     torch.manual_seed(0)
     model = build_component(member_config(sizes, "gelu4", vocab_size)).to(device).eval()
@@ -300,7 +300,7 @@ def prefill_decode(device, sizes: Sizes, autocast, vocab_size: int) -> dict[str,
 
 def train_member(device, sizes: Sizes, autocast, flavour: str, vocab_size: int) -> dict[str, Any]:
     """AdamW steps of one member at (batch, seq_len): tokens/s, peak memory, a finite loss."""
-    from leviathan.model import build_component, configure_adamw
+    from leviathan.model.component import build_component, configure_adamw
 
     config = member_config(sizes, flavour, vocab_size)
     torch.manual_seed(0)
@@ -331,8 +331,8 @@ def train_member(device, sizes: Sizes, autocast, flavour: str, vocab_size: int) 
 
 def mfu(device, sizes: Sizes, vocab_size: int, members: dict[str, dict[str, Any]], peak: float | None) -> dict[str, Any]:
     """Model FLOPs utilisation of each member step: flops() (the mixer path this device takes) / step time / peak."""
-    from leviathan.correlation import mixer_path
-    from leviathan.flops import flops
+    from leviathan.model.correlation import mixer_path
+    from leviathan.model.flops import flops
 
     rows = {}
     for flavour, measured in members.items():
@@ -439,7 +439,7 @@ def checkpoint_round_trip(device: torch.device, members) -> dict[str, Any]:
     """Members (weights, optimiser states) and this rank's RNG through cluster.checkpointing's files."""
     from cluster import checkpointing
     from cluster.members import Member, adamw
-    from leviathan.model import build_component
+    from leviathan.model.component import build_component
 
     with tempfile.TemporaryDirectory(prefix="leviathan-gpu-check-") as tmp:
         d = Path(tmp)

@@ -87,7 +87,7 @@ def fit(points: list[tuple[int, int]], values: list[int]) -> tuple[float, float,
 
 def member_activations(config, vocab_size: int) -> dict[str, Any]:
     """Saved-for-backward bytes of one member's training forward (loss included) at every point."""
-    from leviathan.model import build_component
+    from leviathan.model.component import build_component
 
     torch.manual_seed(0)
     model = build_component(config).train()
@@ -101,7 +101,7 @@ def member_activations(config, vocab_size: int) -> dict[str, Any]:
 
 def merger_activations(ensemble_config) -> dict[str, Any]:
     """Saved-for-backward bytes of the merger (loss included) on (B, T) rows of states."""
-    from leviathan.ensemble import CorrelationMerger
+    from leviathan.model.ensemble import CorrelationMerger
 
     torch.manual_seed(0)
     merger = CorrelationMerger(ensemble_config)

@@ -60,9 +60,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch import Tensor  # noqa: E402
 
 from leviathan.config import PRESETS, ComponentConfig  # noqa: E402
-from leviathan.correlation import MultiHeadedCorrelation, lag_stack, mixer_path, sdpa, triton_kernels  # noqa: E402
-from leviathan.flops import flops  # noqa: E402
-from leviathan.model import LeviathanComponent  # noqa: E402
+from leviathan.model.correlation import MultiHeadedCorrelation, lag_stack, mixer_path, sdpa, triton_kernels  # noqa: E402
+from leviathan.model.flops import flops  # noqa: E402
+from leviathan.model.component import LeviathanComponent  # noqa: E402
 from benchmarks.common import emit_report, machine_info  # noqa: E402
 
 CPU_PATHS = ("shifted_diagonal", "lag_stacked")
@@ -247,7 +247,7 @@ def backward_steps(fns: dict[str, Callable[[], Tensor]], leaves: tuple[Tensor, .
 
 
 def stacked(q, k, v, a, scale, pad_values: bool):
-    """Lag-stacked SDPA; pad_values zero-pads v to the query width (what `leviathan.correlation.sdpa` does on CPU)."""
+    """Lag-stacked SDPA; pad_values zero-pads v to the query width (what `leviathan.model.correlation.sdpa` does on CPU)."""
     d, w = q.size(-1), a.size(1)
     qs = weighted_lag_stack(q, a)
     ks = lag_stack(k, w)

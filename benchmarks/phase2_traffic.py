@@ -52,7 +52,7 @@ from cluster.merge import (  # noqa: E402
 )
 from cluster.placement import members_for_rank  # noqa: E402
 from leviathan.config import ComponentConfig, EnsembleConfig  # noqa: E402
-from leviathan.ensemble import LeviathanEnsemble, merge_members  # noqa: E402
+from leviathan.model.ensemble import LeviathanEnsemble, merge_members  # noqa: E402
 
 VARIANTS = ("gather-fusion-states", "gather-mixture-evidence", "rows-mixture-evidence")
 

@@ -36,9 +36,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.prepare import BPE_CHUNK, _text_pieces, builtin_sources, prepare_sources, split_documents, _val_cut  # noqa: E402
-from leviathan.corpus import corpus_version  # noqa: E402
+from leviathan.data.corpus import corpus_version  # noqa: E402
 from benchmarks.common import emit_report, machine_info  # noqa: E402
-from leviathan.tokenizer import BPETokenizer  # noqa: E402
+from leviathan.data.tokenizer import BPETokenizer  # noqa: E402
 
 BYTE_GOAL_MB_S = 20.0
 BPE_ENCODE_GOAL_MB_PER_CPU_S = 5.0

@@ -31,8 +31,8 @@ import torch
 
 from cluster.members import Module
 from leviathan.config import EnsembleConfig
-from leviathan.checkpoint import assign_state
-from leviathan.ensemble import LeviathanEnsemble
+from leviathan.model.checkpoint import assign_state
+from leviathan.model.ensemble import LeviathanEnsemble
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"

@@ -4,7 +4,7 @@ Every domain's val set is `eval_batches(val shard, batch_size, seq_len,
 eval_batches)` and the switch set `switch_batches(val shards, batch_size,
 seq_len)`, identical on every rank and the same windows `jobs.evaluate`
 scores with the same settings. For each batch every rank runs its members once
-(`leviathan.ensemble.run_members`) and gathers:
+(`leviathan.model.ensemble.run_members`) and gathers:
 
 - every member's log-probs of the targets (M, B, T), to every rank;
 - with a merger, the merged model's log-probs of the targets: rank r merges
@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from cluster.members import Member
 from cluster.merge import Exchange, gather_outputs, rank_outputs
-from leviathan.ensemble import merge_members
+from leviathan.model.ensemble import merge_members
 from leviathan.evaluation import MIXED, RUNNING_POSTERIOR, SWITCH, column_losses, score_windows
 
 Batch = tuple[torch.Tensor, torch.Tensor]

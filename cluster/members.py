@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from leviathan.config import EnsembleConfig
-from leviathan.ensemble import CorrelationMerger
-from leviathan.model import LeviathanComponentBase, build_component, configure_adamw
+from leviathan.model.ensemble import CorrelationMerger
+from leviathan.model.component import LeviathanComponentBase, build_component, configure_adamw
 
 def derived_seed(seed: int, *parts: Any) -> int:
     """A stable 31-bit seed for (job seed, part names...): independent of rank and placement."""
@@ -116,4 +116,4 @@ class Module:
     index: int
     domain: str
     members: list[Member]
-    sampler: Any  # leviathan.data.BatchSampler over the domain's train shard
+    sampler: Any  # leviathan.data.shards.BatchSampler over the domain's train shard

@@ -5,7 +5,7 @@ One step on a mixed-domain batch (x, y) (B, T), the same on every rank:
 
 1. Each rank runs its members on all B rows and projects their final hidden
    states to the merge width: s_m = P_m h_m (B, T, D) for its members m
-   (`leviathan.ensemble.run_members`). Mixture mode and the evidence also keep
+   (`leviathan.model.ensemble.run_members`). Mixture mode and the evidence also keep
    each member's log-prob of the target tokens, log p_m(y_t) (B, T): the
    mixture loss -mean log sum_m pi[t, m] p_m(y_t) and the evidence (the same
    tensor shifted by one position) need nothing more, so no (B, T, V) tensor
@@ -20,7 +20,7 @@ One step on a mixed-domain batch (x, y) (B, T), the same on every rank:
    M x |R_r| x T x (D + 1) values instead of the M x B x T x D(+1) an
    all-gather of every row would bring. Ranks hosting fewer members pad with
    zeros; the padding is dropped again. Both travel in the states' (autocast) dtype.
-3. Rank r merges its own rows R_r (`leviathan.ensemble.merge_members`) and takes
+3. Rank r merges its own rows R_r (`leviathan.model.ensemble.merge_members`) and takes
    loss_r = CE(merged logits on R_r) * |R_r| / B, so sum_r loss_r is the mean
    loss over the whole batch, exactly what `LeviathanEnsemble.forward` gives
    on one process. Backpropagating loss_r on every rank gives each projection
@@ -49,7 +49,7 @@ import torch.nn as nn
 
 from cluster.members import Member
 from cluster.placement import members_for_rank, row_slice
-from leviathan.ensemble import MemberOutputs, merge_members, run_members
+from leviathan.model.ensemble import MemberOutputs, merge_members, run_members
 
 # torch 2.13 marks torch.distributed.nn's differentiable all_gather and all_to_all_single
 # deprecated in favour of a private API; they are still the public differentiable collectives.

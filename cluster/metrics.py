@@ -1,13 +1,13 @@
 """Training metrics: the run's `metrics.jsonl`, Ray gauges, and a progress bar.
 
-`metrics.jsonl` (DESIGN section 7) has one `leviathan.records` record per
+`metrics.jsonl` (DESIGN section 7) has one `leviathan.run.records` record per
 line, written by rank 0 only. After a restart the steps between the checkpoint
 and the failure run again; their lines carry `"replayed": true` (rank 0 reads
 the largest step already logged per phase).
 
 The run folder may be a local path or a pyarrow.fs URI (shared storage on a
 multi-node cluster). On an object store the log is a folder of part files,
-`metrics/part-000000.jsonl`, one per append (`leviathan.storage.AppendLog`).
+`metrics/part-000000.jsonl`, one per append (`leviathan.run.storage.AppendLog`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import json
 import threading
 from typing import Any, Iterable
 
-from leviathan.progress import RunProgress, format_duration
-from leviathan.records import METRICS_FILE, PHASES
-from leviathan.storage import AppendLog, join
+from leviathan.run.progress import RunProgress, format_duration
+from leviathan.run.records import METRICS_FILE, PHASES
+from leviathan.run.storage import AppendLog, join
 
 
 class MetricsLog:
@@ -130,7 +130,7 @@ class ProgressBar:
 
     Workers log at every eval interval; the bar moves to the largest step seen
     (phase-1 steps, then phase-2 steps) and shows the latest losses, the current
-    phase's tokens/s and the ETA (`leviathan.progress`).
+    phase's tokens/s and the ETA (`leviathan.run.progress`).
     """
 
     def __init__(self, run_dir: str, phase1_steps: int, phase2_steps: int, interval_s: float = 1.0):

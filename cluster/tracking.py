@@ -3,7 +3,7 @@
 Ray Train V2 runs no Tune callbacks for a plain `TorchTrainer`, so tracking
 happens inside the training function, on rank 0, beside metrics.jsonl: every
 report's records (each member's losses, the uniform mixture's and the merged
-model's), the job's tokens/s per phase and its ETA (`leviathan.progress`). The
+model's), the job's tokens/s per phase and its ETA (`leviathan.run.progress`). The
 JobSpec, flattened, is the MLflow run's parameters; the final evaluation table
 and `report.md` are its artifacts.
 
@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from cluster.plan import Tracking
-from leviathan import storage
-from leviathan.progress import RunProgress
+from leviathan.run import storage
+from leviathan.run.progress import RunProgress
 
 RUN_KEY_TAG = "leviathan.run_key"
 RUN_DIR_TAG = "leviathan.run_dir"

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.plan import Resources, RunPlan
-from leviathan.storage import join, normalize
+from leviathan.run.storage import join, normalize
 
 CHECKPOINTS_NAME = "checkpoints"
 # Restarts of the controller itself (e.g. a worker group that cannot start):

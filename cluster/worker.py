@@ -42,15 +42,15 @@ from cluster.evaluation import evaluate, gather_objects, mean
 from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed, merger_adamw
 from cluster.merge import CommTimer, Exchange, local_parameters, merged_loss, reduce_and_clip
 from cluster.metrics import Gauges, MetricsLog, format_line, format_progress
-from leviathan.progress import RunProgress
-from leviathan.records import record
+from leviathan.run.progress import RunProgress
+from leviathan.run.records import record
 from cluster.placement import modules_for_rank
 from cluster.plan import RunPlan
 from cluster.preflight import check_collectives
 from cluster.schedule import lr_at, set_lr
 from cluster.tracking import Tracker
 from cluster.verbosity import quiet_report_lines
-from leviathan.data import BatchSampler, MixedBatchSampler, eval_batches, load_manifest, switch_batches
+from leviathan.data.shards import BatchSampler, MixedBatchSampler, eval_batches, load_manifest, switch_batches
 from leviathan.evaluation import RUNNING_POSTERIOR, default_prefix_tokens, evidence_settings
 
 # Ray Train configures the workers' root logger (INFO, to the job's logs); a

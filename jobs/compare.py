@@ -26,7 +26,7 @@ over members of their own-domain val loss, evaluated every eval_interval):
     time    the training steps' process CPU time, summed over the workers
             (metrics.jsonl `cpu_s`, evaluation excluded): on shared CPUs,
             wall-clock time would count waiting for the other tenants;
-    flops   step * sum over members of `leviathan.flops.flops(member, seq_len,
+    flops   step * sum over members of `leviathan.model.flops.flops(member, seq_len,
             batch_size, device)`, the FLOPs of each run's own mixer path.
 
 The equal-budget loss of each run is read at the largest budget both runs
@@ -52,7 +52,7 @@ from typing import Any
 from jobs.evaluate import add_twin, evaluate_run, write_reports
 from jobs.spec import JobSpec, SpecError, load_spec, with_values
 from leviathan.config import MIXERS
-from leviathan.storage import is_uri
+from leviathan.run.storage import is_uri
 
 
 BUDGETS = ("steps", "time", "flops")
@@ -267,7 +267,7 @@ def _params(ensemble) -> dict[str, Any]:
 
 def phase1_flops_per_step(ensemble, spec: JobSpec) -> int:
     """FLOPs of one phase-1 step: every member trains on its own batch, on its own mixer path."""
-    from leviathan.flops import flops
+    from leviathan.model.flops import flops
 
     device = "cuda" if spec.resources.use_gpu else "cpu"
     t = spec.training

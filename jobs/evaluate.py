@@ -22,7 +22,7 @@ from typing import Any
 
 from jobs.cli import run_cli
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec
-from leviathan import storage
+from leviathan.run import storage
 
 
 class RunError(ValueError):
@@ -51,8 +51,8 @@ def load_run_spec(run_dir: str | Path) -> JobSpec:
 
 def load_final(run_dir: str | Path, device: str = "cpu"):
     """(ensemble, tokenizer) of a finished run, from `<run>/final/`."""
-    from leviathan.ensemble import LeviathanEnsemble
-    from leviathan.tokenizer import load_tokenizer
+    from leviathan.model.ensemble import LeviathanEnsemble
+    from leviathan.data.tokenizer import load_tokenizer
 
     final = resolve_final(run_dir)
     try:
@@ -68,7 +68,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _manifest_for(spec: JobSpec, manifest: str | None):
-    from leviathan.data import load_manifest
+    from leviathan.data.shards import load_manifest
 
     if manifest is None:
         manifest = spec.data.manifest

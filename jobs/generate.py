@@ -40,7 +40,7 @@ def generate_text(
     """
     import torch
 
-    from leviathan.model import check_sampling
+    from leviathan.model.component import check_sampling
 
     if max_new_tokens < 1:  # the model allows 0 new tokens; a CLI asking for none is a mistake
         raise GenerateError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")

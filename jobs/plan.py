@@ -78,7 +78,7 @@ def tracking_of(spec: JobSpec) -> Tracking:
 
 def build_plan(spec: JobSpec) -> RunPlan:
     """The spec's `RunPlan`: data resolved and checked against the manifest, the ensemble config built."""
-    from leviathan.data import load_manifest
+    from leviathan.data.shards import load_manifest
 
     manifest, domains = resolve_data(spec)
     return RunPlan(

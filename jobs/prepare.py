@@ -53,10 +53,10 @@ from typing import Any
 import numpy as np
 
 from jobs.spec import default_home
-from leviathan.corpus import BUILTIN_DOMAINS, capped, corpus_version
-from leviathan.data import FORMAT_VERSION, MANIFEST_FILE, DataError, load_manifest, sha256_file, token_dtype, write_shard
-from leviathan import storage
-from leviathan.tokenizer import BPETokenizer, ByteTokenizer
+from leviathan.data.corpus import BUILTIN_DOMAINS, capped, corpus_version
+from leviathan.data.shards import FORMAT_VERSION, MANIFEST_FILE, DataError, load_manifest, sha256_file, token_dtype, write_shard
+from leviathan.run import storage
+from leviathan.data.tokenizer import BPETokenizer, ByteTokenizer
 
 log = logging.getLogger("leviathan.prepare")
 
@@ -172,7 +172,7 @@ def file_source(name: str, path: str | os.PathLike, glob: str | None = None, tex
 
 
 def builtin_sources() -> list[DomainSource]:
-    """The built-in corpus (leviathan.corpus) as prepare sources."""
+    """The built-in corpus (leviathan.data.corpus) as prepare sources."""
     out = []
     for d in BUILTIN_DOMAINS:
         docs = list(capped(d.documents()))

@@ -59,8 +59,8 @@ from jobs.prepare import (
     run_prepare_cli,
     split_documents,
 )
-from leviathan.corpus import BUILTIN_DOMAINS
-from leviathan.tokenizer import BPETokenizer, TokenizerError
+from leviathan.data.corpus import BUILTIN_DOMAINS
+from leviathan.data.tokenizer import BPETokenizer, TokenizerError
 
 log = logging.getLogger("leviathan.prepare")
 

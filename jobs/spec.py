@@ -284,7 +284,7 @@ class JobSpec(StrictModel):
     @property
     def run_dir(self) -> str:
         """`<storage>/<name>`: a local path, or a URI when storage is one."""
-        from leviathan.storage import is_uri, join
+        from leviathan.run.storage import is_uri, join
 
         return join(self.storage if is_uri(self.storage) else str(Path(self.storage).expanduser()), self.name)
 
@@ -303,7 +303,7 @@ class SpecError(ValueError):
 
 def load_spec_dict(path: str | os.PathLike) -> dict[str, Any]:
     """A spec file's fields; the file may be a local path or a pyarrow.fs URI."""
-    from leviathan import storage
+    from leviathan.run import storage
 
     path = str(path)
     try:
@@ -365,7 +365,7 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
 def resolve_manifest_path(manifest: str) -> str:
     """A manifest given as a folder or a file (local path or pyarrow.fs URI) -> the
     manifest.json location (not checked to exist)."""
-    from leviathan.storage import is_uri, join
+    from leviathan.run.storage import is_uri, join
 
     location = manifest if is_uri(manifest) else str(Path(manifest).expanduser())
     return location if location.endswith(".json") else join(location, "manifest.json")
@@ -377,7 +377,7 @@ def check_manifest(spec: JobSpec) -> dict[str, Any] | None:
     Returns the manifest dict, or None for the built-in corpus when it is not
     prepared yet (the job prepares it). Raises SpecError naming the problem.
     """
-    from leviathan.storage import read_text
+    from leviathan.run.storage import read_text
 
     if spec.data.manifest == BUILTIN_MANIFEST:
         return None

@@ -32,7 +32,7 @@ from typing import Any
 
 from cluster.plan import Resources
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec_dict, with_values
-from leviathan import storage
+from leviathan.run import storage
 
 DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "demo.toml"
 RESULT_FILE = "train_result.json"
@@ -87,7 +87,7 @@ def assemble_final(checkpoint, spec: JobSpec, manifest: str, final_dir: str) -> 
     """
     from cluster.checkpointing import assemble
     from cluster.worker import FINAL_TABLE_FILE
-    from leviathan.data import load_manifest
+    from leviathan.data.shards import load_manifest
 
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="leviathan-final-") as tmp:
         table_file = Path(d) / FINAL_TABLE_FILE
@@ -153,7 +153,7 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
     from cluster.tracking import check_tracking, end_run
     from cluster.trainer import check_placement
     from jobs.plan import build_job_trainer, resources_of, tracking_of
-    from leviathan.records import done_record
+    from leviathan.run.records import done_record
 
     started = time.time()
     run_dir = spec.run_dir

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec, with_values
-from leviathan.storage import is_uri
-from leviathan.tables import markdown_table
+from leviathan.run.storage import is_uri
+from leviathan.run.tables import markdown_table
 
 METRIC = "mixed_val_loss"
 ALIASES = {

@@ -2,7 +2,7 @@
 
 No Ray, no web framework: the model library is usable on its own. The package
 is lazy: a name below is imported on first use, so the torch-free modules
-(`leviathan.config`, `leviathan.records`, `leviathan.tables`) are importable by every layer, the
+(`leviathan.config`, `leviathan.run.records`, `leviathan.run.tables`) are importable by every layer, the
 API included, without importing torch.
 """
 
@@ -13,24 +13,24 @@ from typing import Any
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
-    "CheckpointError": "checkpoint",
-    "load": "loading",
+    "CheckpointError": "model.checkpoint",
+    "load": "model.loading",
     "FLAVOURS": "config",
     "MERGE_MODES": "config",
     "MIXERS": "config",
     "PRESETS": "config",
     "ComponentConfig": "config",
     "EnsembleConfig": "config",
-    "CorrelationCache": "correlation",
-    "MultiHeadedCorrelation": "correlation",
-    "CorrelationMerger": "ensemble",
-    "EnsembleOutput": "ensemble",
-    "LeviathanEnsemble": "ensemble",
-    "MergeOutput": "ensemble",
-    "LeviathanComponent": "model",
-    "LeviathanComponentBase": "model",
-    "build_component": "model",
-    "configure_adamw": "model",
+    "CorrelationCache": "model.correlation",
+    "MultiHeadedCorrelation": "model.correlation",
+    "CorrelationMerger": "model.ensemble",
+    "EnsembleOutput": "model.ensemble",
+    "LeviathanEnsemble": "model.ensemble",
+    "MergeOutput": "model.ensemble",
+    "LeviathanComponent": "model.component",
+    "LeviathanComponentBase": "model.component",
+    "build_component": "model.component",
+    "configure_adamw": "model.component",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -141,7 +141,7 @@ class EnsembleConfig:
     scoring: "correlation" sums lagged query-key products over `merge_window`
     time steps, "attention" scores with the zero-lag product only (the merger
     of the attention twin). `evidence` adds each member's decayed log-likelihood
-    of the text so far to the merge scores (`leviathan.ensemble`), so a fresh
+    of the text so far to the merge scores (`leviathan.model.ensemble`), so a fresh
     mixture merger is the running Bayes posterior over members; false keeps
     the state-only merger.
     """

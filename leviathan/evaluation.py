@@ -18,7 +18,7 @@ Rows of the table (what the merged model is compared with, DESIGN section 4):
 Columns: each domain's val split, the mixed val set, and the domain-switch
 set. Every domain is scored on the same fixed number of windows k and the
 mixed set is all of them, so the mixed loss is the mean of the domains'
-losses. The switch set (`leviathan.data.switch_batches`) holds windows whose
+losses. The switch set (`leviathan.data.shards.switch_batches`) holds windows whose
 first half comes from one domain and second half from another, for every
 ordered pair of domains (fixed seed): per-token routing matters most where
 the domain changes mid-context.
@@ -56,8 +56,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from leviathan.data import Manifest, eval_batches, switch_batches
-from leviathan.ensemble import LeviathanEnsemble, merge_members, run_members
+from leviathan.data.shards import Manifest, eval_batches, switch_batches
+from leviathan.model.ensemble import LeviathanEnsemble, merge_members, run_members
 
 LN2 = math.log(2.0)
 MIXED = "mixed"

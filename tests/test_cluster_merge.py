@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from leviathan.config import ComponentConfig, EnsembleConfig
-from leviathan.ensemble import LeviathanEnsemble
+from leviathan.model.ensemble import LeviathanEnsemble
 
 CASES = {
     "fusion-evidence": dict(merge="fusion", evidence=True, joint=False),
@@ -59,7 +59,7 @@ def test_phase2_step_on_two_workers_equals_single_process_step(ray_cluster, tmp_
         from cluster.members import Member
         from cluster.merge import Exchange, local_parameters, merged_loss, reduce_and_clip
         from cluster.placement import members_for_rank
-        from leviathan.ensemble import LeviathanEnsemble
+        from leviathan.model.ensemble import LeviathanEnsemble
 
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -14,7 +14,7 @@ from cluster import checkpointing
 from cluster.members import Member, Module, adamw, build_member, build_merger, merger_adamw
 from cluster.merge import Exchange, local_parameters, merged_loss, reduce_and_clip
 from cluster.metrics import MetricsLog
-from leviathan.records import RECORD_FIELDS, record
+from leviathan.run.records import RECORD_FIELDS, record
 from cluster.placement import (
     members_for_rank,
     modules_for_rank,
@@ -25,8 +25,8 @@ from cluster.trainer import PlacementError, check_placement
 from cluster.worker import train_module_step
 from jobs.plan import ensemble_config, resources_of
 from jobs.spec import JobSpec
-from leviathan.data import BatchSampler, MixedBatchSampler, TokenShard, write_shard
-from leviathan.ensemble import LeviathanEnsemble
+from leviathan.data.shards import BatchSampler, MixedBatchSampler, TokenShard, write_shard
+from leviathan.model.ensemble import LeviathanEnsemble
 
 
 @pytest.mark.parametrize("modules,world", [(4, 2), (3, 2), (4, 4), (5, 3), (1, 1), (8, 3)])

@@ -20,7 +20,7 @@ from jobs.compare import (
     with_seed,
 )
 from jobs.spec import JobSpec
-from leviathan.flops import flops
+from leviathan.model.flops import flops
 from tests.test_evaluation import prepare_corpus
 
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
-import leviathan.correlation as correlation
-from leviathan.correlation import CorrelationCache, MultiHeadedCorrelation
+import leviathan.model.correlation as correlation
+from leviathan.model.correlation import CorrelationCache, MultiHeadedCorrelation
 
 C, H = 16, 2
 D = C // H
@@ -224,7 +224,7 @@ def test_path_is_chosen_by_shape_and_device(device, seq_len, window, triton, dro
 def test_path_shows_in_repr_and_is_logged_once_per_shape(caplog: pytest.LogCaptureFixture) -> None:
     m = MultiHeadedCorrelation(C, H, 3)
     assert "path=auto" in repr(m) and f"T={correlation.SHORT_WINDOW_MAX_LEN}," in repr(m)
-    with caplog.at_level("INFO", logger="leviathan.correlation"):
+    with caplog.at_level("INFO", logger="leviathan.model.correlation"):
         for T in (13, 13, 13, 14):
             m(torch.randn(1, T, C))
     records = [r.getMessage() for r in caplog.records]
@@ -292,7 +292,7 @@ def test_sdpa_backend_fallback_is_explicit_and_logged(caplog: pytest.LogCaptureF
     v = torch.randn(2, H, 7, D, generator=g)
     backends = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
     ref = correlation.sdpa(q, k, v, is_causal=True, scale=0.3)  # CPU: zero-padded values, fused kernel
-    with caplog.at_level("INFO", logger="leviathan.correlation"):
+    with caplog.at_level("INFO", logger="leviathan.model.correlation"):
         out = correlation.sdpa_on_backends(q, k, v, backends, is_causal=True, scale=0.3)
         again = correlation.sdpa_on_backends(q, k, v, backends, is_causal=True, scale=0.3)
     torch.testing.assert_close(out, ref)

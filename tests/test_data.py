@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from leviathan.data import (
+from leviathan.data.shards import (
     BatchSampler,
     DataError,
     MixedBatchSampler,

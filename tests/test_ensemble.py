@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from leviathan import CheckpointError, ComponentConfig, EnsembleConfig, LeviathanEnsemble
 from leviathan import load as load_any
-from leviathan.ensemble import merge_members
+from leviathan.model.ensemble import merge_members
 
 V = 260
 

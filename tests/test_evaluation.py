@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from leviathan.config import ComponentConfig, EnsembleConfig
-from leviathan.data import load_manifest
-from leviathan.ensemble import LeviathanEnsemble
+from leviathan.data.shards import load_manifest
+from leviathan.model.ensemble import LeviathanEnsemble
 from leviathan.evaluation import (
     MIXED,
     RUNNING_POSTERIOR,

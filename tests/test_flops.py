@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import leviathan.correlation as correlation
+import leviathan.model.correlation as correlation
 from leviathan.config import ComponentConfig
-from leviathan.flops import flops
-from leviathan.model import LeviathanComponent
+from leviathan.model.flops import flops
+from leviathan.model.component import LeviathanComponent
 
 # V=10, T=4, one layer, H=2 heads of d=2 (C=4), w=3, relu3 MLP (hidden 3C = 12).
 TINY = dict(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_embd=4, window=3, flavour="relu3")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from jobs.generate import generate_text, main
-from leviathan.ensemble import LeviathanEnsemble
-from leviathan.tokenizer import ByteTokenizer
+from leviathan.model.ensemble import LeviathanEnsemble
+from leviathan.data.tokenizer import ByteTokenizer
 from tests.test_evaluate_job import make_run
 from tests.test_evaluation import prepare_corpus
 

@@ -21,8 +21,15 @@ FORBIDDEN = {
 }
 
 
-# The model library's modules that import no torch: every layer may use them, the API included.
-TORCH_FREE = {"leviathan", "leviathan.config", "leviathan.progress", "leviathan.records", "leviathan.storage", "leviathan.tables"}
+# The model library's torch-free modules: the package itself, its configs, and every run contract.
+TORCH_FREE = {"leviathan", "leviathan.config", "leviathan.run"} | {
+    f"leviathan.run.{path.stem}" for path in (ROOT / "leviathan" / "run").glob("*.py") if path.stem != "__init__"
+}
+
+
+def is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -33,8 +40,8 @@ def imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
-            if node.module == "leviathan":  # `from leviathan import storage` imports leviathan.storage
-                names.update(f"leviathan.{alias.name}" for alias in node.names)
+            if node.module.split(".")[0] == "leviathan":  # `from leviathan.run import storage` imports leviathan.run.storage
+                names.update(f"{node.module}.{alias.name}" for alias in node.names if is_module(f"{node.module}.{alias.name}"))
     return names
 
 
@@ -70,7 +77,7 @@ def test_torch_free_modules_import_without_torch() -> None:
 
 def test_model_library_imports_without_ray_or_web_stack() -> None:
     code = (
-        "import sys, leviathan, leviathan.data, leviathan.tokenizer, leviathan.evaluation; "
+        "import sys, leviathan, leviathan.data.shards, leviathan.data.tokenizer, leviathan.evaluation; "
         "print(sorted(m for m in ('ray', 'fastapi', 'uvicorn', 'api', 'jobs', 'cluster') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -21,9 +21,9 @@ from jobs.prepare import (
     prepare,
     prepare_sources,
 )
-from leviathan.corpus import BUILTIN_DOMAINS, DOMAIN_CAP, builtin_corpus
-from leviathan.data import DataError, TokenShard, load_manifest
-from leviathan.tokenizer import BPETokenizer, ByteTokenizer
+from leviathan.data.corpus import BUILTIN_DOMAINS, DOMAIN_CAP, builtin_corpus
+from leviathan.data.shards import DataError, TokenShard, load_manifest
+from leviathan.data.tokenizer import BPETokenizer, ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import pytest
 
 from jobs.prepare import PrepareError, prepare
 from jobs.prepare_ray import prepare_ray, ray_source
-from leviathan.data import load_manifest
-from leviathan.tokenizer import load_tokenizer
+from leviathan.data.shards import load_manifest
+from leviathan.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

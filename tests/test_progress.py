@@ -1,4 +1,4 @@
-"""Tokens/s per phase and the ETA: folded from metrics records (`leviathan.progress`),
+"""Tokens/s per phase and the ETA: folded from metrics records (`leviathan.run.progress`),
 shown in the CLI's progress line and bar and in `GET /v1/jobs/{id}`."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import uuid
 import pytest
 
 from cluster.metrics import MetricsLog, ProgressBar, format_progress
-from leviathan.progress import RunProgress, format_duration
-from leviathan.records import done_record, record
+from leviathan.run.progress import RunProgress, format_duration
+from leviathan.run.records import done_record, record
 
 
 def _at(t: float, **fields) -> dict:

@@ -78,7 +78,7 @@ def test_gpus_per_worker_must_be_one_with_use_gpu(gpus):
     ],
 )
 def test_parameter_count_without_torch_matches_the_model(config):
-    from leviathan.model import LeviathanComponent
+    from leviathan.model.component import LeviathanComponent
 
     assert config.num_params == LeviathanComponent(config).num_params()
 
@@ -86,7 +86,7 @@ def test_parameter_count_without_torch_matches_the_model(config):
 def test_base_preset_parameter_count_matches_the_model():
     import torch
 
-    from leviathan.model import LeviathanComponent
+    from leviathan.model.component import LeviathanComponent
 
     config = ComponentConfig.preset("base")
     with torch.device("meta"):

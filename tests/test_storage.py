@@ -1,12 +1,12 @@
-"""The storage layer (leviathan.storage) on local disk and on a real object store (moto's S3)."""
+"""The storage layer (leviathan.run.storage) on local disk and on a real object store (moto's S3)."""
 
 from __future__ import annotations
 
 import pyarrow.fs as pafs
 import pytest
 
-from leviathan import storage
-from leviathan.storage import AppendLog, LogCursor
+from leviathan.run import storage
+from leviathan.run.storage import AppendLog, LogCursor
 
 
 @pytest.fixture(params=["local", "s3"])

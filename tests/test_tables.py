@@ -1,6 +1,6 @@
 """The one markdown-table renderer."""
 
-from leviathan.tables import markdown_table
+from leviathan.run.tables import markdown_table
 
 
 def test_columns_are_padded_to_their_widest_cell():

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leviathan.tokenizer import (
+from leviathan.data.tokenizer import (
     SPECIAL_TOKENS,
     BPETokenizer,
     ByteTokenizer,
@@ -138,7 +138,7 @@ def test_bpe_encode_batch_matches_tokenizers(texts: list[str]):
 
 
 def test_bpe_encode_batch_matches_tokenizers_on_every_unicode_category(bpe):
-    from leviathan.corpus import BUILTIN_DOMAINS
+    from leviathan.data.corpus import BUILTIN_DOMAINS
 
     unicode_domain = next(d for d in BUILTIN_DOMAINS if d.name == "unicode")
     text = b"".join(unicode_domain.documents()).decode("utf-8")

@@ -17,8 +17,8 @@ import pytest
 from cluster.plan import Tracking
 from cluster.tracking import RUN_DIR_TAG, TENSORBOARD_DIR, MlflowRun, Tracker, check_tracking, end_run, global_step
 from jobs.plan import tracking_of
-from leviathan.progress import RunProgress
-from leviathan.records import record
+from leviathan.run.progress import RunProgress
+from leviathan.run.records import record
 
 P1, P2 = 20, 8  # the schedule of the fast tests' run
 
@@ -167,7 +167,7 @@ def test_api_refuses_a_local_mlflow_store_outside_its_storage_root(ray_cluster, 
 
 
 def test_tensorboard_event_files_reach_a_run_folder_on_an_object_store(s3_bucket, tmp_path):
-    from leviathan import storage
+    from leviathan.run import storage
 
     run_dir = f"{s3_bucket}/runs/tracked"
     tracker = Tracker(Tracking(tensorboard=True), run_dir, P1, P2)

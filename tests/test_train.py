@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leviathan.records import RECORD_FIELDS
+from leviathan.run.records import RECORD_FIELDS
 from jobs import train
 from jobs.spec import SpecError
 from tests.scripts.common import builtin_manifest, tiny_spec, write_spec
@@ -27,8 +27,8 @@ def _records(run: Path) -> list[dict]:
 
 def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_cluster, manifest, tmp_path):
     from cluster.checkpointing import MERGER_FILE, module_file, read_state
-    from leviathan.ensemble import LeviathanEnsemble
-    from leviathan.tokenizer import load_tokenizer
+    from leviathan.model.ensemble import LeviathanEnsemble
+    from leviathan.data.tokenizer import load_tokenizer
 
     spec = tiny_spec(manifest, tmp_path, "e2e")
     result = train.run(spec, progress=False)

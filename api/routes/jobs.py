@@ -37,7 +37,7 @@ from api.settings import Settings
 from api.strict_json import StrictJSONRoute
 from jobs.spec import JobSpec, SpecError, check_manifest
 from leviathan.config import BYTE_VOCAB_SIZE
-from leviathan.storage import is_uri, normalize, remove_dir
+from leviathan.run.storage import is_uri, normalize, remove_dir
 
 log = logging.getLogger(__name__)
 

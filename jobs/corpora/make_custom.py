@@ -15,7 +15,7 @@ None of it overlaps the built-in corpus (the standard library's own text):
   headers (``sysconfig`` ``include`` path, ``**/*.h``).
 
 Documents are whole files in sorted path order, each domain capped at
-`leviathan.corpus.DOMAIN_CAP` bytes like the built-in one; then `jobs.prepare`
+`leviathan.data.corpus.DOMAIN_CAP` bytes like the built-in one; then `jobs.prepare`
 tokenizes them into a manifest. Sizes on this machine kind (byte tokenizer):
 licenses 0.3 MB, perl 1.7 MB, shell 0.36 MB, cheaders 0.9 MB (3.3 MB).
 """
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jobs.prepare import DomainSource, PrepareError, prepare_sources, run_prepare_cli
-from leviathan.corpus import capped
+from leviathan.data.corpus import capped
 
 MAINTAINER_SCRIPTS = ("preinst", "postinst", "prerm", "postrm")
 

@@ -1,7 +1,7 @@
 """Self-check of the shifted-diagonal kernel on a GPU: accuracy and speed in one call.
 
 Accuracy: the kernel's output and gradients (q, k, v, lag weights) against the
-lag-stacked formula of `leviathan.correlation` evaluated in float64,
+lag-stacked formula of `leviathan.model.correlation` evaluated in float64,
 
     score[i, j] = dot(Q~[i], K~[j]) * scale,   Q~[i] = concat_u a[h,u] q[i-u],   K~[j] = concat_u k[j-u],
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..correlation import lag_stack
+from ..model.correlation import lag_stack
 from . import shifted_diagonal_attention, triton_available
 
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .config import MIXERS, _check_choice, _check_int
+from ..config import MIXERS, _check_choice, _check_int
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ and PyTorch does not fall back when a chosen backend fails."""
 def triton_kernels() -> ModuleType | None:
     """`leviathan.kernels` when it imports and Triton can run, else None."""
     try:
-        from . import kernels
+        from .. import kernels
     except ImportError:
         return None
     return kernels if kernels.triton_available() else None

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from leviathan import storage
+from leviathan.run import storage
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -193,7 +193,7 @@ class Manifest:
         return nbytes / max(ntokens, 1)
 
     def tokenizer(self):
-        from leviathan.tokenizer import tokenizer_from_spec
+        from leviathan.data.tokenizer import tokenizer_from_spec
 
         if self.tokenizer_spec.get("file"):
             self.local_file(self.tokenizer_spec["file"])

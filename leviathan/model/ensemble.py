@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import load_folder, save_folder
-from .config import EnsembleConfig
-from .model import DecodeCache, LeviathanComponentBase, build_component, check_sampling, generate_cached
+from ..config import EnsembleConfig
+from .component import DecodeCache, LeviathanComponentBase, build_component, check_sampling, generate_cached
 
 
 @dataclass

@@ -13,7 +13,7 @@ One training step of `batch_size` sequences of T tokens counts, in FLOPs
               plus d for the value sum)
 
 The score's multiply-adds per query-key pair depend on the path
-(`leviathan.correlation.mixer_path`):
+(`leviathan.model.correlation.mixer_path`):
 
     sdpa              d          (attention, and correlation with w = 1)
     lag_stacked       d * w      (SDPA on lag-stacked queries and keys)
@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .config import ComponentConfig
+from ..config import ComponentConfig
 from .correlation import PATHS, mixer_path
-from .model import build_component
+from .component import build_component
 
 
 def weight_multiply_adds(config: ComponentConfig) -> int:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import load_folder, save_folder
-from .config import MLP_WIDTH, ComponentConfig
+from ..config import MLP_WIDTH, ComponentConfig
 from .correlation import CorrelationCache, MultiHeadedCorrelation
 
 FLAVOUR_ACTIVATION: dict[str, Callable[[], nn.Module]] = {

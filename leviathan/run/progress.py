@@ -1,7 +1,7 @@
 """Throughput and time left of a training run, folded from its metrics records.
 
 The API's job detail, the CLI's progress line and the tracking runs show the
-same two figures, computed here once from `leviathan.records` lines (so this
+same two figures, computed here once from `leviathan.run.records` lines (so this
 module is torch-free and importable by every layer):
 
 - tokens/s per phase: the job's training throughput at its latest report. In
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from leviathan.records import DONE_PHASE
+from leviathan.run.records import DONE_PHASE
 
 TRAINING_PHASES = ("members", "merge")
 

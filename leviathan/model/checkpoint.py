@@ -6,7 +6,7 @@
     <dir>/model.safetensors  the module's state dict (tied tensors stored once)
 
 This module is folder I/O only: which class a folder's kind rebuilds is
-`leviathan.loading`'s business. The checksum in config.json lets a load tell a damaged weights file from a
+`leviathan.model.loading`'s business. The checksum in config.json lets a load tell a damaged weights file from a
 valid one before any tensor is read, so every failure names the file at fault.
 """
 
@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from .data import sha256_file
+from ..data.shards import sha256_file
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

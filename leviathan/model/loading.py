@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .checkpoint import CONFIG_FILE, CheckpointError, read_meta
 from .ensemble import LeviathanEnsemble
-from .model import LeviathanComponent
+from .component import LeviathanComponent
 
 KINDS: dict[str, type[LeviathanComponent] | type[LeviathanEnsemble]] = {
     "component": LeviathanComponent,
