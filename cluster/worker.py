@@ -101,6 +101,8 @@ class EnsembleWorker:
         self.t = plan.training
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        if self.world_size != plan.resources.num_workers:  # the plan says which rank reads which domain
+            raise ValueError(f"{self.world_size} workers run a plan for {plan.resources.num_workers}")
         if plan.resources.use_gpu:
             self.device = ray.train.torch.get_device()
             # TF32 tensor cores for the fp32 matmuls autocast leaves (norms' neighbours, the merger).
