@@ -70,3 +70,23 @@ def test_validation_and_switch_sets_summed_over_ranks_are_the_full_ones(plan):
     for i, (x, y) in enumerate(full_switch):
         assert torch.equal(parts[0][1][i][0] + parts[1][1][i][0], x)
         assert torch.equal(parts[0][1][i][1] + parts[1][1][i][1], y)
+
+
+def test_a_rank_stages_only_its_own_domains_from_a_remote_manifest(plan, manifest, s3_bucket, tmp_path, monkeypatch):
+    from leviathan.data.shards import STAGING_ENV
+    from leviathan.run import storage
+
+    remote = storage.join(s3_bucket, "corpus")
+    storage.upload_dir(manifest.parent, remote)
+    staged = tmp_path / "staged"
+    monkeypatch.setenv(STAGING_ENV, str(staged))
+    local = load_manifest(plan.manifest)
+    remote_manifest = load_manifest(remote)
+    # Rank 1's whole data: its module's train shard (phase 1), its mixed rows and its validation rows.
+    B, T = plan.training.batch_size, plan.training.seq_len
+    (module_domain,) = plan.domains_of_rank(1)
+    remote_manifest.shard(module_domain, "train")
+    MixedBatchSampler(rank_shards(remote_manifest, plan, 1, "train"), B, T, seed=1).next()
+    validation_sets(remote_manifest, plan, 1, 1, CPU)
+    files = sorted(p.name for p in staged.rglob("*") if p.is_file())
+    assert files == sorted(local.split("codecs", s)["file"] for s in ("train", "val")), files
