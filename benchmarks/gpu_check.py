@@ -272,12 +272,17 @@ def versions(device: torch.device, peak_override: float | None) -> dict[str, Any
     if peak_override is not None:
         model, peak = f"--peak-tflops {peak_override:g}", peak_override
     out.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-               nccl=".".join(map(str, torch.cuda.nccl.version())), device=name,
+               nccl=version_text(torch.cuda.nccl.version()), device=name,
                compute_capability=f"{major}.{minor}", device_count=torch.cuda.device_count(),
                peak_model=model, peak_dense_bf16_tflops=peak)
     if peak is None:
         out["note"] = f"no dense bf16 peak known for {name!r}: pass --peak-tflops for MFU against the nominal peak"
     return out
+
+
+def version_text(version: Any) -> str:
+    """NCCL's version as text: torch gives a (major, minor, patch) tuple (an int in old releases)."""
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def giant_config(vocab_size: int):
