@@ -165,8 +165,10 @@ def merger_activations(ensemble_config) -> dict[str, Any]:
     for B, T in POINTS:
         states = torch.randn(B, T, M, D, requires_grad=True)
         y = torch.randint(0, V, (B, T))
+        # The members' log-probs of the targets: the evidence term and the mixture loss read them.
+        target_lp = -5 * torch.rand(B, T, M)
         counter = SavedBytes(T, list(merger.parameters()))
-        rows.append({"B": B, "T": T, **counter.measure(lambda: merger(states, targets=y).loss)})
+        rows.append({"B": B, "T": T, **counter.measure(lambda: merger(states, target_logprobs=target_lp, targets=y).loss)})
     return {"params": sum(p.numel() for p in merger.parameters()), "points": rows}
 
 
