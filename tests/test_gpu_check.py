@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,19 @@ def _gpu_check_module():
 )
 def test_peak_is_the_exact_device_models(name, model, peak):
     assert _gpu_check_module().peak_for(name) == (model, peak)
+
+
+def test_memory_estimate_counts_what_each_path_saves(monkeypatch):
+    """The Triton op saves q, k, v, out and lse at width d; lag stacking saves d*w-wide tensors."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.memory_estimate import member_activations
+    from leviathan.config import ComponentConfig
+    from leviathan.kernels import shifted_diagonal as kernel
+
+    launch = kernel.forward
+    config = ComponentConfig.preset("tiny", vocab_size=256, window=4)
+    saved = {path: [r["saved"] for r in member_activations(config, 256, path)["points"]]
+             for path in ("triton", "lag_stacked")}
+    assert all(t < s for t, s in zip(saved["triton"], saved["lag_stacked"])), saved
+    assert kernel.forward is launch and "TRITON_INTERPRET" not in os.environ
