@@ -157,6 +157,15 @@ def test_outputs_and_gradients_match_the_reference(dtype, w, d, T) -> None:
     assert max(errors.values()) < TOLERANCE[dtype], f"relative errors {errors}"
 
 
+def test_tile_settings_parse_their_names() -> None:
+    from leviathan.kernels.shifted_diagonal import DEFAULT_TILES, TILES_BY_ARCH, Tiles
+
+    for tiles in (DEFAULT_TILES, Tiles(128, 64, 8, 3), *TILES_BY_ARCH.values()):
+        assert Tiles.parse(tiles.name()) == tiles
+    with pytest.raises(ValueError, match="tiles: expected MxN/Ww/Ss"):
+        Tiles.parse("64x64/8w")
+
+
 @interpreted_only
 @pytest.mark.parametrize("block_m,block_n", [(128, 64), (64, 64)])
 def test_every_swept_tile_shape_matches_the_reference(block_m, block_n) -> None:

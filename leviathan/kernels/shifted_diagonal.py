@@ -294,6 +294,16 @@ class Tiles:
     def name(self) -> str:
         return f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s"
 
+    @classmethod
+    def parse(cls, text: str) -> "Tiles":
+        """The inverse of `name`: "128x64/8w/2s" -> Tiles(128, 64, 8, 2)."""
+        try:
+            tiles, warps, stages = text.split("/")
+            m, n = tiles.split("x")
+            return cls(int(m), int(n), int(warps.removesuffix("w")), int(stages.removesuffix("s")))
+        except ValueError:
+            raise ValueError(f"tiles: expected MxN/Ww/Ss such as 64x64/8w/1s, got {text!r}") from None
+
 
 # The launch setting per compute capability (major * 10 + minor); others take DEFAULT_TILES.
 # sm_90 (H100/H200): 64x64 tiles, eight warps, one stage. Compiled ahead of time for sm_90
