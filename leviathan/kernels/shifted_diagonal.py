@@ -306,12 +306,14 @@ class Tiles:
 
 
 # The launch setting per compute capability (major * 10 + minor); others take DEFAULT_TILES.
-# sm_90 (H100/H200): 64x64 tiles, eight warps, one stage. Compiled ahead of time for sm_90
-# (`leviathan.kernels.aot`), four warps spill registers (d = 64, w = 4: 380 bytes forward,
-# 3.5 KB backward) where eight spill none forward and 0.2 KB backward; one stage because the
-# scratch rings are read right after they are written across barriers. No GPU has timed the
-# alternatives yet: `benchmarks/gpu_check.py`'s kernel_sweep times 128x64/8w and 64x64/4w at
-# 1-3 stages against this and names the fastest accurate one to put here.
+# sm_90 (H100/H200) keeps 64x64 tiles, eight warps, one stage until a GPU times the others:
+# compiled for sm_90 here (`python -m leviathan.kernels.aot SETTING`, ptxas -v; bf16, d = 40,
+# w = 4), every setting uses 255 registers per thread and it spills least. Spill stores,
+# forward / backward: 64x64/8w/1s 24 B / 160 B; 128x64/8w/2s and /3s 276 B / 2,196 B (71,680 B
+# shared in the backward, against 47,104); 64x64/4w/2s and /3s 588 B / 3,324 B. Two and three
+# stages compile alike: the barriers around the scratch rings leave the loop nothing to pipeline.
+# `benchmarks/gpu_check.py`'s kernel_sweep times them on the device and names the fastest
+# accurate one to put here.
 DEFAULT_TILES = Tiles()
 TILES_BY_ARCH: dict[int, Tiles] = {90: DEFAULT_TILES}
 
