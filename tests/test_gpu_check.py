@@ -18,8 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = [
     "versions", "params", "matmul_peak", "kernel_accuracy", "kernel_repeatability", "member_step_triton",
-    "member_step_lag_stacked", "kernel_timing", "kernel_resources", "kernel_sweep", "prefill_decode",
-    "merge_step", "checkpoint", "collectives",
+    "member_step_lag_stacked", "prefill_decode", "merge_step", "checkpoint", "collectives", "kernel_timing",
+    "kernel_resources", "kernel_sweep",
 ]
 BLOCKED = ("ray", "pydantic", "fastapi", "uvicorn", "starlette", "safetensors")
 # Runs gpu_check.py as __main__ with the packages the GPU machine lacks made unimportable.
