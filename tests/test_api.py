@@ -470,7 +470,7 @@ def test_job_upload_holds_the_code_and_stays_small():
     # What Ray would zip for a job's working_dir: the packages, not .git/.venv/caches.
     from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
 
-    from api.ray_jobs import UPLOAD_EXCLUDES
+    from api.services.jobs import UPLOAD_EXCLUDES
 
     files: list[Path] = []
     _dir_travel(REPO_ROOT, [_get_excludes(REPO_ROOT, UPLOAD_EXCLUDES)], files.append, include_gitignore=True)
@@ -541,7 +541,7 @@ def test_training_job_from_ray_job_submit_shows_its_progress(api, ray_cluster, s
 )
 def test_run_folder_of_a_job_stays_under_the_storage_root(metadata, entrypoint, run_dir):
     from api.ray_jobs import RayJob
-    from api.runs import run_of
+    from api.services.runs import run_of
 
     root = "/srv/runs"
     job = RayJob(submission_id="s", type="SUBMISSION", status="RUNNING",
@@ -555,7 +555,7 @@ def test_run_folder_of_a_job_stays_under_the_storage_root(metadata, entrypoint, 
 @pytest.mark.parametrize("entrypoint", ["python train.py --name a1", "echo -m jobs.train", "python -m jobs.evaluate --run x"])
 def test_other_jobs_are_not_leviathan_jobs(entrypoint):
     from api.ray_jobs import RayJob
-    from api.runs import run_of
+    from api.services.runs import run_of
 
     job = RayJob(submission_id="s", type="SUBMISSION", status="RUNNING", entrypoint=entrypoint)
     assert run_of(job, "/srv/runs") is None
@@ -572,7 +572,7 @@ def _serve_env() -> dict[str, str]:
 
 def test_serve_refuses_an_open_bind_without_a_token():
     r = subprocess.run(
-        [sys.executable, "-m", "api.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+        [sys.executable, "-m", "cli.main", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
         cwd=REPO_ROOT, env=_serve_env(), capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 2, r.stderr
@@ -583,7 +583,7 @@ def test_serve_refuses_an_open_bind_without_a_token():
 def test_serve_insecure_binds_openly_and_says_so():
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--host", "0.0.0.0", "--port", str(port), "--insecure"],
+        [sys.executable, "-m", "cli.main", "serve", "--host", "0.0.0.0", "--port", str(port), "--insecure"],
         cwd=REPO_ROOT, env=_serve_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -610,9 +610,9 @@ def test_serve_insecure_binds_openly_and_says_so():
 def test_status_calls_share_one_ray_request_and_its_answer_for_at_most_the_cache_time(ray_cluster, storage, cache_s):
     import asyncio
 
-    from fastapi import HTTPException
     from ray.job_submission import JobSubmissionClient
 
+    from api.errors import NotFound
     from api.ray_jobs import RayGateway
 
     sid = f"share-{uuid.uuid4().hex[:8]}"
@@ -650,7 +650,7 @@ def test_status_calls_share_one_ray_request_and_its_answer_for_at_most_the_cache
             await gateway.job(sid)
             counts["after_a_stop"] = asks_for(sid) - before
             for _ in range(2):
-                with pytest.raises(HTTPException):
+                with pytest.raises(NotFound):
                     await gateway.job(missing)
             counts["errors"] = asks_for(missing)
         finally:

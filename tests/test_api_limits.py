@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.exceptions import RequestValidationError
 
-from api.routes.jobs import validate_for_submission
+from api.services.jobs import validate_for_submission
 from api.settings import Settings
 from jobs.spec import JobSpec
 from leviathan.config import ComponentConfig
