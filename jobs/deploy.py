@@ -35,7 +35,8 @@ from typing import Any
 import yaml
 
 from cluster.session import STATE_TRACKING
-from jobs.spec import JobSpec, SpecError, load_spec_dict, with_values
+from jobs.entry import add_spec_overrides, load_spec_with_overrides
+from jobs.spec import JobSpec, SpecError
 
 TARGETS = ("kuberay", "ray-up")
 DEFAULT_IMAGE = "leviathan:latest"  # cluster/deploy/Dockerfile: Ray's image with this package installed
@@ -265,22 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"container image with this package installed (kuberay default {DEFAULT_IMAGE}; "
                         "ray-up: none, the package is installed on the hosts)")
     p.add_argument("--out", default=".", help="output folder (default: the current folder)")
-    # Like `leviathan train`: they replace a spec file's placeholders before validation.
-    p.add_argument("--storage", default=None, help="override the spec's storage (a URI every node can write)")
-    p.add_argument("--manifest", default=None, help="override the spec's data.manifest (a prepared corpus every worker can read)")
+    add_spec_overrides(p)  # like `leviathan train`: they replace a spec file's placeholders
     return p
-
-
-def load_with_overrides(path: str, storage: str | None, manifest: str | None) -> JobSpec:
-    """The spec file with `--storage` / `--manifest` applied, validated as one spec."""
-    overrides = {"storage": storage, "data.manifest": manifest}
-    return with_values(load_spec_dict(path), {k: v for k, v in overrides.items() if v is not None})
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        spec = load_with_overrides(args.spec, args.storage, args.manifest)
+        spec = load_spec_with_overrides(args.spec, args.storage, args.manifest)
         paths = write(spec, args.target, args.out, args.image)
     except SpecError as e:
         print(f"leviathan deploy: error: {e}", file=sys.stderr)
