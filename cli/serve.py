@@ -11,7 +11,7 @@ import sys
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-def serve(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leviathan serve", description="Run the REST API (uvicorn).")
     parser.add_argument("--host", default=None, help="bind address (default: settings, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default: settings, 8000)")
@@ -19,7 +19,11 @@ def serve(argv: list[str]) -> int:
         "--insecure", action="store_true",
         help="allow a non-loopback bind without LEVIATHAN_API_TOKEN (anyone who reaches the port can submit jobs)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def serve(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
 
     import logging
 
