@@ -108,8 +108,9 @@ class JobsGateway(Protocol):
 
     async def logs(self, job_id: str) -> str: ...
 
-    def follow_logs(self, job_id: str) -> AsyncIterator[str]:
-        """The job's log from its first line, as it is written, until the job ends."""
+    async def follow_logs(self, job_id: str) -> AsyncIterator[str]:
+        """The job's log from its first line, as it is written, until the job ends.
+        Awaiting it connects (failing as an ApiError); iterating it streams."""
         ...
 
     async def stop(self, job_id: str) -> bool: ...
@@ -266,10 +267,10 @@ class RayGateway:
                               runtime_env=runtime_env, metadata=metadata)
 
     async def follow_logs(self, job_id: str) -> AsyncIterator[str]:
-        """Following is a websocket: Ray's client does it."""
+        """Following is a websocket: Ray's client does it. The client is built before the
+        answer starts, so an unreachable cluster is still an error status."""
         client = await asyncio.to_thread(self._client)
-        async for chunk in client.tail_job_logs(job_id):
-            yield chunk
+        return client.tail_job_logs(job_id)
 
     def dashboard_link(self, job_id: str) -> str:
         return f"{self.settings.public_dashboard_url}/#/jobs/{job_id}"

@@ -86,7 +86,12 @@ class MemoryGateway:
         return self.texts[job_id]
 
     async def follow_logs(self, job_id: str) -> AsyncIterator[str]:
-        yield await self.logs(job_id)
+        text = await self.logs(job_id)
+
+        async def chunks() -> AsyncIterator[str]:
+            yield text
+
+        return chunks()
 
     async def stop(self, job_id: str) -> bool:
         job = await self.fresh_job(job_id)

@@ -260,3 +260,17 @@ async def test_logs_tail_and_stop(storage):
         assert (await api.get("/v1/jobs/j1/logs", params={"tail": 1, "follow": True})).text == "c\n"
         assert (await api.post("/v1/jobs/j1/stop")).json() == {"job_id": "j1", "stopped": True, "status": "STOPPED"}
         assert (await api.post("/v1/jobs/j1/stop")).json()["stopped"] is False
+
+
+async def test_following_a_log_on_an_unreachable_cluster_is_503_not_an_empty_stream(storage):
+    from api.errors import RayUnavailable
+
+    class Unreachable(MemoryGateway):
+        async def follow_logs(self, job_id: str):
+            raise RayUnavailable("Ray Jobs server unreachable: test")
+
+    gateway = Unreachable()
+    gateway.add(RayJob(submission_id="j1", type="SUBMISSION", status="RUNNING", entrypoint="echo"), "a\n")
+    async with in_process(settings_for(storage), gateway) as api:
+        r = await api.get("/v1/jobs/j1/logs", params={"follow": True})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text

@@ -391,10 +391,11 @@ async def follow_logs(gateway: JobsGateway, job_id: str, tail: int | None) -> As
     skip = 0
     if tail is not None:
         skip = max(0, (await gateway.logs(job_id)).count("\n") - tail)
+    chunks = await gateway.follow_logs(job_id)
 
     async def stream() -> AsyncIterator[str]:
         try:
-            async for chunk in _skip_lines(gateway.follow_logs(job_id), skip):
+            async for chunk in _skip_lines(chunks, skip):
                 yield chunk
         except Exception as e:  # the status line is sent already: end the stream, log why
             log.warning("log stream of %s ended: %s", job_id, e)
