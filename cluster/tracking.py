@@ -241,15 +241,14 @@ class Courier:
         self.dropped = 0  # calls a full queue could not take
         self.abandoned = 0  # calls given up at close, the server still away
         self._closing = threading.Event()
-        self._idle = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"leviathan-tracking-{name}", daemon=True)
         self._thread.start()
 
-    def send(self, call: str, *args: Any) -> None:
-        """Queue `sink.call(*args)`; a full queue drops it (finish replays metrics.jsonl)."""
+    def send(self, call: str, *args: Any, wait_s: float = 0.0) -> None:
+        """Queue `sink.call(*args)`. A training step never waits (wait_s = 0): a full
+        queue drops the call, and `Tracker.finish` replays metrics.jsonl instead."""
         try:
-            self.queue.put_nowait((call, args))
-            self._idle.clear()
+            self.queue.put((call, args), timeout=wait_s) if wait_s > 0 else self.queue.put_nowait((call, args))
         except queue.Full:
             self.dropped += 1
 
@@ -258,12 +257,10 @@ class Courier:
             try:
                 call, args = self.queue.get(timeout=0.2)
             except queue.Empty:
-                self._idle.set()
                 if self._closing.is_set():
                     return
                 continue
             if call == "stop":
-                self._idle.set()
                 return
             self._deliver(call, args)
 
@@ -293,7 +290,7 @@ class Courier:
         """Deliver what is queued within timeout_s, then stop; True when everything went out."""
         self._give_up_s = timeout_s
         self._closing.set()
-        self.send("stop")
+        self.send("stop", wait_s=timeout_s)
         self._thread.join(timeout_s)
         return not self._thread.is_alive() and self.queue.empty() and not self.abandoned
 
@@ -347,10 +344,11 @@ class Tracker:
     def finish(self, timeout_s: float = FINISH_TIMEOUT_S) -> None:
         """Replay metrics.jsonl (what a full queue dropped or an outage held back), then close."""
         replay = [r for r in read_records(self.run_dir) if r.get("phase") in ("members", "merge", "final")]
-        if replay:
-            self.log(replay, None)
+        by_step = scalars(replay, self.phase1_steps)
         for courier in self.couriers:
-            courier.send("finish")
+            if by_step:
+                courier.send("log_scalars", by_step, time.time(), wait_s=timeout_s)
+            courier.send("finish", wait_s=timeout_s)
             if not courier.close(timeout_s):
                 logger.warning("tracking to %s did not finish within %.0f s; metrics.jsonl holds every point",
                                courier.name, timeout_s)
