@@ -260,9 +260,12 @@ class Courier:
                 if self._closing.is_set():
                     return
                 continue
-            if call == "stop":
-                return
-            self._deliver(call, args)
+            try:
+                if call == "stop":
+                    return
+                self._deliver(call, args)
+            finally:
+                self.queue.task_done()
 
     def _deliver(self, call: str, args: tuple) -> None:
         delay, failing_since = 1.0, None
@@ -285,6 +288,13 @@ class Courier:
                     return
                 time.sleep(delay)
                 delay = min(2 * delay, 30.0)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued call was delivered (or given up); True when it was."""
+        deadline = time.monotonic() + timeout_s
+        while self.queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.queue.unfinished_tasks
 
     def close(self, timeout_s: float) -> bool:
         """Deliver what is queued within timeout_s, then stop; True when everything went out."""
@@ -340,6 +350,10 @@ class Tracker:
     def log_text(self, name: str, text: str) -> None:
         for courier in self.couriers:
             courier.send("log_text", name, text)
+
+    def drain(self, timeout_s: float = FINISH_TIMEOUT_S) -> bool:
+        """Wait until the couriers delivered what was logged so far; True when they all did."""
+        return all([courier.drain(timeout_s) for courier in self.couriers])
 
     def finish(self, timeout_s: float = FINISH_TIMEOUT_S) -> None:
         """Replay metrics.jsonl (what a full queue dropped or an outage held back), then close."""
