@@ -38,7 +38,7 @@ _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job."}}
     responses={
         413: {"description": "The body is larger than LEVIATHAN_MAX_BODY_BYTES (not read)."},
         500: {"model": ErrorBody, "description": "The API cannot write to its storage."},
-        429: {"model": ErrorBody, "description": "max_concurrent_jobs reached."},
+        429: {"model": ErrorBody, "description": "max_concurrent_jobs reached (Retry-After says when to ask again)."},
     },
 )
 async def submit_job(spec: JobSpec, settings: SettingsDep, gateway: GatewayDep) -> JobSubmitted:

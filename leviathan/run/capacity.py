@@ -40,6 +40,24 @@ def capacity(per_worker: Mapping[str, float], nodes: Iterable[Mapping[str, float
     return Capacity(slots=slots, nodes=len(nodes), totals=totals)
 
 
+def worker_shape(cpus: float, use_gpu: bool, gpus: float) -> dict[str, float]:
+    """Ray's `resources_per_worker` for a spec's resources: CPUs, and GPUs when used."""
+    out = {"CPU": float(cpus)}
+    if use_gpu:
+        out["GPU"] = float(gpus)
+    return out
+
+
+def short_resource(per_worker: Mapping[str, float], nodes: Iterable[Mapping[str, float]]) -> str | None:
+    """The first resource no single node has enough of for one worker (None: each
+    resource fits on some node, so only the count of workers is short)."""
+    nodes = list(nodes)
+    for k, v in per_worker.items():
+        if max((res.get(k, 0.0) for res in nodes), default=0.0) + 1e-9 < v:
+            return k
+    return None
+
+
 def describe(amounts: Mapping[str, float]) -> str:
     """`{"CPU": 1.0, "GPU": 1.0}` as "1 CPU, 1 GPU"."""
     return ", ".join(f"{v:g} {k}" for k, v in amounts.items())
