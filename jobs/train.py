@@ -102,7 +102,7 @@ def resume_spec(name: str, storage_root: str | None, given: JobSpec | None = Non
         differing = spec_differences(spec, given.model_copy(update={"name": name}))
         if differing:
             raise SpecError(
-                f"resume: --spec differs from run {name!r}'s spec.json in {_fields(differing)}; "
+                f"resume: --spec differs from the spec.json of run {name!r} in {_fields(differing)}; "
                 "resume with the run's own spec (leave out --spec)"
             )
     return spec.model_copy(update={"storage": folder.storage_root})
