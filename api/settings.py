@@ -95,8 +95,8 @@ class Settings(BaseSettings):
     max_concurrent_jobs: int = Field(4, ge=0, description="Leviathan jobs PENDING or RUNNING at once.")
     allow_unschedulable: bool = Field(
         False,
-        description="Accept jobs the cluster's nodes cannot hold today (an autoscaling cluster adds nodes); "
-        "unset: such a job gets 422 naming the resource.",
+        description="Accept jobs the cluster's nodes cannot hold today (an autoscaling cluster adds nodes), "
+        "and let their drivers wait for the nodes; unset: such a job gets 422 naming the resource.",
     )
     status_cache_s: float = Field(
         0.5, ge=0, le=1,

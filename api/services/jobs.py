@@ -27,7 +27,7 @@ from api.settings import Settings
 from jobs.spec import RUN_NAME_PATTERN, JobSpec, SpecError, check_manifest
 from leviathan.config import BYTE_VOCAB_SIZE
 from leviathan.run import storage
-from leviathan.run.capacity import capacity, describe, short_resource, worker_shape
+from leviathan.run.capacity import ALLOW_UNSCHEDULABLE_ENV, capacity, describe, short_resource, worker_shape
 from leviathan.run.env import RAY_TRAIN_STATE_TRACKING
 from leviathan.run.folder import METRICS_FILE, SPEC_FILE, RunFolder
 
@@ -219,6 +219,8 @@ def runtime_env(settings: Settings) -> dict:
             "PYTHONUNBUFFERED": "1",
         }
     }
+    if settings.allow_unschedulable:  # the driver then waits for an autoscaler's nodes too
+        env["env_vars"][ALLOW_UNSCHEDULABLE_ENV] = "1"
     if settings.working_dir:
         env["working_dir"] = settings.working_dir
         env["excludes"] = list(UPLOAD_EXCLUDES)

@@ -8,13 +8,26 @@ floor(R / need) workers, and W workers need W such slots over the alive nodes.
 Resources in use by other jobs are not counted: those free up, missing hardware
 does not.
 
+An autoscaling cluster adds nodes on demand, which this count cannot see: there
+`LEVIATHAN_ALLOW_UNSCHEDULABLE=1` (the API's setting of that name, which passes it
+on to its jobs, or the driver's own environment) skips both checks, and Ray Train
+waits for the nodes (bounded by the trainer's controller failure limit).
+
 Torch-free and Ray-free: the callers bring the nodes' total resources.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+ALLOW_UNSCHEDULABLE_ENV = "LEVIATHAN_ALLOW_UNSCHEDULABLE"
+
+
+def allow_unschedulable(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process may start a job its cluster's nodes cannot hold today."""
+    return environ.get(ALLOW_UNSCHEDULABLE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 @dataclass(frozen=True)
