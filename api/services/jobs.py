@@ -1,5 +1,6 @@
-"""The API's job policy: what may be submitted, how a run folder is created and
-submitted as a Ray job, and what a job's details say.
+"""The API's job policy: what may be submitted, what the cluster admits (job slots,
+capacity), how a run folder is created and submitted as a Ray job, how a stopped
+or failed run resumes, and what a job's details say.
 
 Free of FastAPI: every failure is an `api.errors.ApiError` (422s as `InvalidField`
 naming the spec field), which the app's one exception handler answers. The
