@@ -1,4 +1,9 @@
-"""Shared test fixtures: one real Ray cluster per test session.
+"""Shared test fixtures: one real Ray cluster per test session, each corpus prepared
+once, one finished training run and one faulted run that the end-to-end tests read.
+
+Tests come in two tiers. Every test that asks for the Ray cluster (directly or
+through another fixture) is marked `slow` at collection, so `pytest -m "not slow"`
+is the quick tier and `pytest -m slow` the end-to-end one; plain `pytest` runs both.
 
 Starting Ray costs seconds here, so every test that needs Ray shares the one
 cluster started by the `ray_cluster` fixture. It is what users run: a
@@ -48,6 +53,17 @@ os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
 # The suite runs beside its own Ray workers on two cores: one thread per process keeps
 # torch from oversubscribing them (set before torch is first imported).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+SLOW_FIXTURES = frozenset({"ray_cluster"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark `slow` every test whose fixtures (resolved transitively) include the Ray cluster:
+    those start Ray work, the rest run in-process in seconds."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ the errors that must come before any worker starts."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -108,12 +107,12 @@ def test_run_folder_with_another_spec_is_refused(manifest, tmp_path):
         train.check_run_folder(other)
 
 
+@pytest.mark.timeout(120)  # a job that waited for a GPU would hang here instead of failing
 def test_unplaceable_job_fails_fast_with_a_clear_message(ray_cluster, manifest, tmp_path, capsys):
     spec = tiny_spec(manifest, tmp_path, "gpu", resources={"use_gpu": True})
-    start = time.monotonic()
     code = train.main(["--spec", str(write_spec(spec, tmp_path / "gpu.json"))])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and time.monotonic() - start < 30
+    assert code == 2
     assert "cannot place job 'gpu'" in err and "GPU" in err and len(err.splitlines()) == 1, err
 
 
