@@ -1,6 +1,7 @@
 """End-to-end training runs that take tens of seconds each: the merged model beats
 its members, workers killed in both phases (the session's faulted run, compared with
-its trained run), a lost node, `ray job submit`, and a run on an object store."""
+its trained run), a lost node, and a run on an object store (`ray job submit` runs in
+test_deploy.py, with the RayJob's entrypoint)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from jobs import train
-from tests.scripts.common import MERGED, read_metric_records, tiny_spec, write_spec
-from tests.test_train_output import RAY_REPORT_LINES
+from tests.scripts.common import MERGED, read_metric_records, tiny_spec
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,24 +81,6 @@ def test_lost_node_is_replaced_and_the_run_finishes(tmp_path, manifest):
     assert report["removed_node_hosted_worker"], report
     assert report["module_steps"] == [report["phase1_steps"]] * 2, report
     assert report["merged_mixed_val_loss"] is not None
-
-
-def test_ray_job_submit_runs_the_training_entrypoint(ray_cluster, manifest, tmp_path):
-    spec = tiny_spec(manifest, tmp_path, "submitted")
-    spec_file = write_spec(spec, tmp_path / "submitted.json")
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
-         "--working-dir", ".", "--", "python", "-m", "jobs.train", "--spec", str(spec_file), "--no-progress", "--verbose"],
-        cwd=REPO_ROOT, env=ray_cluster.cli_env(), capture_output=True, text=True, timeout=400,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    assert "succeeded" in output and "merged (mixture)" in output, output[-4000:]
-    for line in RAY_REPORT_LINES:  # --verbose brings back Ray Train's per-report lines
-        assert line in output, (line, output[-4000:])
-    result = json.loads((Path(spec.run_dir) / "train_result.json").read_text())
-    assert [r["kind"] for r in result["rows"]][-4:] == ["uniform", "posterior", "running posterior", MERGED]
-    assert (Path(spec.run_dir) / "final" / "model.safetensors").is_file()
 
 
 def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_cluster, manifest, s3_bucket, s3_server,
