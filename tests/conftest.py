@@ -342,7 +342,7 @@ def trained_run(ray_cluster, builtin_corpus, tmp_path_factory) -> TrainedRun:
 
 @dataclass
 class FaultedRun:
-    """The trained run's spec (another name and storage) run with a worker killed in phase 1
+    """The trained run's spec (another name, storage and MLflow store) run with a worker killed in phase 1
     and again in phase 2; it must end with the same figures."""
 
     spec: JobSpec
@@ -354,6 +354,7 @@ class FaultedRun:
 def faulted_run(ray_cluster, builtin_corpus, tmp_path_factory) -> FaultedRun:
     from tests.scripts.common import shared_run_spec, train_killing_workers
 
-    spec = shared_run_spec(builtin_corpus, tmp_path_factory.mktemp("faulted"), "faulted")
+    # The trained run tracks to an MLflow file store, this one to an SQLite store: both stores are run.
+    spec = shared_run_spec(builtin_corpus, tmp_path_factory.mktemp("faulted"), "faulted", mlflow_store="sqlite")
     result = train_killing_workers(spec, ray_cluster.dashboard_url, phases=("members", "merge"))
     return FaultedRun(spec=spec, run=Path(spec.run_dir), result=result)

@@ -97,12 +97,14 @@ SHARED_RUN_TRAINING = {"phase1_steps": 40, "phase2_steps": 30, "batch_size": 8, 
                        "eval_interval": 5, "checkpoint_interval": 10}
 
 
-def shared_run_spec(manifest: Path | str, storage: Path, name: str) -> JobSpec:
-    """The spec of the session's trained and faulted runs: equal but for name and storage, with
-    MLflow (a file store inside `storage`) and TensorBoard on, and room for two worker failures."""
+def shared_run_spec(manifest: Path | str, storage: Path, name: str, mlflow_store: str = "file") -> JobSpec:
+    """The spec of the session's trained and faulted runs: equal but for name, storage and MLflow
+    store ("file" or "sqlite", inside `storage`; neither changes the figures), with TensorBoard
+    on and room for two worker failures."""
+    uri = f"file:{storage / 'mlruns'}" if mlflow_store == "file" else f"sqlite:///{storage / 'mlflow.db'}"
     return tiny_spec(
         manifest, storage, name, training=SHARED_RUN_TRAINING, resources={"max_failures": 3},
-        tracking={"mlflow_uri": f"file:{storage / 'mlruns'}", "tensorboard": True},
+        tracking={"mlflow_uri": uri, "tensorboard": True},
     )
 
 
