@@ -2,8 +2,8 @@
 --resume`) and `POST /v1/runs/{name}/resume` continue a failed or stopped run from its
 latest checkpoint with the run folder's own spec.
 
-Fast tests cover the refusals (unknown run, finished run, a different --spec, a run a
-job still writes). The slow ones stop a job in phase 1 through the API and kill a
+The refusals (unknown run, finished run, a different --spec) need no Ray; the API's
+own (and a run a job still writes) run on the live server. The training tests stop a job in phase 1 through the API and kill a
 driver process, resume each, and check the final figures equal an uninterrupted run
 of the same spec under another name, and that the resumed attempt replayed only steps
 past a checkpoint (it did not start over).
@@ -157,7 +157,6 @@ def uninterrupted(ray_cluster, manifest, storage) -> dict:
     return train.run(tiny_spec(manifest, storage / "clean", "clean", training=TRAINING), progress=False)
 
 
-@pytest.mark.slow
 def test_a_job_stopped_in_phase_1_resumes_through_the_api_to_the_uninterrupted_figures(
     ray_cluster, manifest, storage, uninterrupted
 ):
@@ -194,7 +193,6 @@ def test_a_job_stopped_in_phase_1_resumes_through_the_api_to_the_uninterrupted_f
     assert _figures(result) == _figures(uninterrupted)
 
 
-@pytest.mark.slow
 def test_a_killed_driver_resumes_with_python_m_jobs_train_resume(ray_cluster, manifest, storage, uninterrupted,
                                                                   tmp_path):
     """SIGKILL the driver process (`python -m jobs.train`, not a Train worker): Ray cleans up
