@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from jobs import train
@@ -187,6 +188,10 @@ def test_a_job_stopped_in_phase_1_resumes_through_the_api_to_the_uninterrupted_f
         assert job["run_dir"] == str(run)
 
         assert c.post(f"/v1/runs/{name}/resume").status_code == 409  # finished now
+
+    # Ray's Train state API names both attempts' Train runs after the run.
+    r = httpx.get(f"{ray_cluster.dashboard_url}/api/train/v2/runs/v1", headers=ray_cluster.auth_headers(), timeout=30)
+    assert [t["name"] for t in r.json()["train_runs"]].count(f"{name}/checkpoints") == 2, r.text[:2000]
 
     _assert_resumed_past(run, checkpoint_step)
     result = json.loads((run / "train_result.json").read_text())
