@@ -214,6 +214,7 @@ def test_assemble_rebuilds_the_ensemble_from_a_checkpoint(tmp_path, shard):
         tmp_path, merger=merger, merger_optimizer=None, mixed_sampler=modules[0].sampler,
         config=config, phase="merge", step=3,
     )
+    checkpointing.seal(tmp_path, rank=0)  # what the one rank does last
     assert checkpointing.read_state(tmp_path)["step"] == 3
     rng = torch.get_rng_state()
     ensemble = checkpointing.assemble(tmp_path)
