@@ -59,17 +59,56 @@ def _check_storage(spec: JobSpec, settings: Settings) -> str | dict:
     return norm
 
 
+def tracking_allowed(uri: str, prefixes: list[str]) -> bool:
+    """Whether `uri` is one of the operator's tracking servers: equal to a prefix, or
+    below it at a path boundary (so `http://mlflow:5000` admits `http://mlflow:5000/x`
+    but neither `http://mlflow:5000.evil` nor `http://mlflow:5000@169.254.169.254`)."""
+    for prefix in prefixes:
+        base = prefix.rstrip("/")
+        if uri == prefix or uri == base or uri.startswith(base + "/"):
+            return "/../" not in uri[len(base):] + "/"
+    return False
+
+
 def _tracking_errors(spec: JobSpec, settings: Settings) -> list[dict]:
-    """A local MLflow store (`file:`, `sqlite:`) is written by the job: it must lie under
-    the storage root like the run folder."""
-    local = spec.tracking.local_store
-    if local is None:
+    """Where rank 0 may send tracking data: a local MLflow store (`file:`, `sqlite:`),
+    written by the job, must lie under the storage root like the run folder; any other
+    URI must start with one of the API's `tracking_uris`, so a spec cannot make the
+    cluster call an address of its choosing (a cloud metadata service, say)."""
+    uri = spec.tracking.mlflow_uri
+    if uri is None:
         return []
+    local = spec.tracking.local_store
     root = storage.normalize(settings.storage)
+    if local is None:
+        if tracking_allowed(uri, settings.tracking_uris):
+            return []
+        allowed = ", ".join(settings.tracking_uris) or "none configured (LEVIATHAN_TRACKING_URIS)"
+        return [field_error(("tracking", "mlflow_uri"),
+                            f"must be a local store under {root} or start with one of this API's tracking "
+                            f"servers: {allowed}", uri)]
     norm = os.path.normpath(local)
     if storage.is_uri(root) or not os.path.isabs(norm) or not (norm + "/").startswith(root.rstrip("/") + "/"):
         return [field_error(("tracking", "mlflow_uri"), f"a local store must be an absolute path under {root}",
-                            spec.tracking.mlflow_uri)]
+                            uri)]
+    return []
+
+
+def _surrogate_errors(value: Any, loc: tuple = ()) -> list[dict]:
+    """Strings holding lone surrogates (`"\\ud800"` in the JSON): not Unicode text, so no
+    file, path or Ray call can take them. Pydantic refuses them in plain `str` fields
+    but lets them through inside lists (`data.domains`); each is a 422 at its field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return [field_error(loc, "Input should be Unicode text (a lone surrogate is not)", value,
+                                "string_unicode")]
+        return []
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _surrogate_errors(v, (*loc, k))]
+    if isinstance(value, (list, tuple)):
+        return [e for i, v in enumerate(value) for e in _surrogate_errors(v, (*loc, i))]
     return []
 
 
@@ -116,6 +155,9 @@ def validate_for_submission(spec: JobSpec, settings: Settings) -> JobSpec:
     spec with its storage resolved to an absolute root. Reads at most the manifest,
     and only one under the data root.
     """
+    surrogates = _surrogate_errors(spec.model_dump())
+    if surrogates:  # first: a path holding one cannot even be stat'ed
+        raise InvalidField(surrogates)
     errors: list[dict] = []
     resolved = _check_storage(spec, settings)
     if isinstance(resolved, dict):
