@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from api.auth import Authenticator, read_token_file
 from api.errors import ApiError, InvalidField, encodable
 from api.metrics import MetricsReader
 from api.ray_jobs import JobsGateway, RayGateway
@@ -77,6 +78,11 @@ def create_app(settings: Settings | None = None, gateway: JobsGateway | None = N
     app.state.ray = gateway
     app.state.metrics = MetricsReader()
     app.state.storage_root = storage_root(settings)
+    app.state.auth = Authenticator(
+        settings.api_token.get_secret_value() if settings.api_token is not None else None, settings.api_tokens
+    )
+    if settings.api_tokens is not None:  # a missing or malformed token file stops the start, saying why
+        read_token_file(settings.api_tokens.expanduser())
     for kind in (ApiError, RequestValidationError, HTTPException):
         app.add_exception_handler(kind, error_answer)
     app.include_router(health.router)

@@ -17,12 +17,14 @@ import shlex
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from api.errors import ApiError, InvalidField, StorageError, TooManyJobs, field_error
+from api.auth import META_OWNER, Principal, visible_to
+from api.errors import ApiError, InvalidField, NotFound, StorageError, TooManyJobs, field_error
 from api.metrics import MetricsReader, MetricsSummary, read_records, read_run_spec
 from api.ray_jobs import TERMINAL, JobsGateway, RayJob, ms_to_datetime
 from api.schemas import JobDetail, JobSubmitted, JobSummary, MemberProgress, MetricsPage
 from api.services.runs import RunRef, data_root, job_metadata, manifest_allowed, run_of, storage_root, under_root
 from api.settings import Settings
+from api.strict_json import shorten
 from jobs.spec import JobSpec, SpecError, check_manifest
 from leviathan.config import BYTE_VOCAB_SIZE
 from leviathan.run import storage
@@ -257,11 +259,12 @@ def runtime_env(settings: Settings) -> dict:
     return env
 
 
-async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway) -> JobSubmitted:
+async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway, owner: Principal) -> JobSubmitted:
     """Validate, create the run folder, submit it to Ray; a failed submission leaves no folder.
 
-    Ray is the only record of a job: the run folder and the spec's name travel in the
-    job's metadata, so a restarted API recovers every job from Ray's job list.
+    Ray is the only record of a job: the run folder, the spec's name and the owner's
+    user name travel in the job's metadata, so a restarted API recovers every job, and
+    who may see it, from Ray's job list.
     """
     chose_storage = "storage" in spec.model_fields_set
     spec = await asyncio.to_thread(validate_for_submission, spec, settings)
@@ -283,7 +286,7 @@ async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway) -> Job
                 entrypoint=entrypoint(settings, spec_path),
                 submission_id=submission_id,
                 runtime_env=runtime_env(settings),
-                metadata=job_metadata(run_spec, spec.name),
+                metadata={**job_metadata(run_spec, spec.name), META_OWNER: owner.user},
             )
         except ApiError:
             with contextlib.suppress(OSError):  # nothing ran: leave no empty run behind
@@ -297,6 +300,23 @@ async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway) -> Job
         status="PENDING",
         dashboard_url=gateway.dashboard_link(submission_id),
     )
+
+
+# ----------------------------------------------------------------------------- ownership
+
+
+async def visible_job(gateway: JobsGateway, job_id: str, principal: Principal) -> RayJob:
+    """The job's record if `principal` may see it; otherwise the very NotFound an
+    unknown id gets, so a job's existence is not told to anyone but its owner."""
+    job = await gateway.job(job_id)
+    if not visible_to(principal, job.metadata):
+        raise NotFound(f"no job {shorten(job_id)!r}")
+    return job
+
+
+async def visible_jobs(gateway: JobsGateway, principal: Principal) -> list[RayJob]:
+    """The jobs `principal` may see, newest first."""
+    return [j for j in await gateway.jobs() if visible_to(principal, j.metadata)]
 
 
 # ----------------------------------------------------------------------------- views
@@ -445,9 +465,9 @@ async def follow_logs(gateway: JobsGateway, job_id: str, tail: int | None) -> As
     return stream()
 
 
-async def stop(gateway: JobsGateway, job_id: str) -> tuple[bool, str]:
-    """Ask Ray to stop the job: (whether Ray stopped it, its status after the stop)."""
-    await gateway.job(job_id)
+async def stop(gateway: JobsGateway, job_id: str, principal: Principal) -> tuple[bool, str]:
+    """Ask Ray to stop a job `principal` may see: (whether Ray stopped it, its status after the stop)."""
+    await visible_job(gateway, job_id, principal)
     stopped = await gateway.stop(job_id)
     job = await gateway.fresh_job(job_id)  # the status after the stop, not a shared earlier answer
     return stopped, job.status
