@@ -108,7 +108,11 @@ def parse_tokens(text: str, source: str = "token file") -> list[TokenEntry]:
         if not line or line.startswith("#"):
             continue
         try:
-            entries.append(TokenEntry.checked(json.loads(line)))
+            d = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{source}:{n}: not JSON") from None
+        try:
+            entries.append(TokenEntry.checked(d))
         except ValueError as e:
             raise ValueError(f"{source}:{n}: {e}") from None
     return entries
