@@ -21,24 +21,30 @@ ENV_FILE = "LEVIATHAN_API_TOKENS"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leviathan token", description="Issue, revoke and list API tokens.")
-    sub = parser.add_subparsers(dest="action", required=True)
-
-    def with_file(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--file", type=Path, default=None,
-                       help=f"the token file (default: ${ENV_FILE}); issue creates it")
-        return p
-
-    issue = with_file(sub.add_parser("issue", help="make a token for a user; print it once"))
-    issue.add_argument("--user", required=True, help=f"user name ({USER_PATTERN})")
-    issue.add_argument("--role", required=True, choices=ROLES, help="read: read own jobs; submit: also submit and "
-                       "stop own jobs; admin: every job")
-    revoke = with_file(sub.add_parser("revoke", help="remove tokens: every one of a user, or one given token"))
-    who = revoke.add_mutually_exclusive_group(required=True)
-    who.add_argument("--user", help="revoke every token of this user")
-    who.add_argument("--token", help="revoke this one token (read from stdin when '-')")
-    with_file(sub.add_parser("list", help="users, roles and hash prefixes (no tokens)"))
+    parser = argparse.ArgumentParser(
+        prog="leviathan token",
+        description="Issue, revoke and list the REST API's per-user tokens.",
+        epilog="issue --user U --role R: print a new token once; revoke --user U: every token of U; "
+               "revoke --token T (or - for stdin): that one; list: users, roles, hash prefixes.",
+    )
+    parser.add_argument("action", choices=["issue", "revoke", "list"])
+    parser.add_argument("--file", type=Path, default=None,
+                        help=f"the token file (default: ${ENV_FILE}); issue creates it")
+    parser.add_argument("--user", help=f"user name ({USER_PATTERN})")
+    parser.add_argument("--role", choices=ROLES,
+                        help="read: list and read own jobs; submit: also submit and stop them; admin: every job")
+    parser.add_argument("--token", help="revoke: this one token ('-': read it from stdin)")
     return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Which flags each action takes (argparse's usage error, exit 2, otherwise)."""
+    if args.action == "issue" and (args.user is None or args.role is None or args.token is not None):
+        parser.error("issue takes --user and --role")
+    if args.action == "revoke" and ((args.user is None) == (args.token is None) or args.role is not None):
+        parser.error("revoke takes one of --user and --token")
+    if args.action == "list" and (args.user or args.role or args.token):
+        parser.error("list takes only --file")
 
 
 def _file(given: Path | None) -> Path:
@@ -76,7 +82,9 @@ def revoke(path: Path, user: str | None = None, token: str | None = None) -> int
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
     try:
         path = _file(args.file)
         if args.action == "issue":

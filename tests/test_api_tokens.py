@@ -307,3 +307,11 @@ def test_ownership_survives_an_api_restart(live, ray_cluster):
         listed = {j["job_id"] for j in c.get("/v1/jobs", params={"limit": 500}).json()["jobs"]}
         assert job_ids["bob"] in listed and job_ids["alice"] not in listed
         assert c.get(f"/v1/jobs/{job_ids['alice']}").status_code == 404
+
+
+def test_serve_refuses_a_token_file_it_cannot_read(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "LEVIATHAN_API_TOKENS": str(tmp_path / "missing")}
+    env.pop("LEVIATHAN_API_TOKEN", None)
+    r = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--port", "1"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "LEVIATHAN_API_TOKENS" in r.stderr and "missing" in r.stderr, r.stderr
