@@ -159,16 +159,18 @@ def test_non_finite_number_error_names_its_field(api):
 
 
 @pytest.mark.parametrize(
-    "raw,loc",
+    "path,value",
     [
-        (b'{"name": "a\\ud800b"}', ["body", "name"]),
-        (b'{"tracking": {"experiment": "\\udfff"}}', ["body", "tracking", "experiment"]),
-        (b'{"data": {"domains": ["a\\udc80"]}}', ["body", "data", "domains", 0]),
+        (("name",), "a\ud800b"),
+        (("tracking", "experiment"), "\udfff"),
+        (("data", "domains"), ["a\udc80"]),
     ],
 )
-def test_a_lone_surrogate_is_422_and_echoed_escaped(api, raw, loc):
+def test_a_lone_surrogate_is_422_and_echoed_escaped(api, path, value):
+    raw = json.dumps(spec_with(path, value)).encode()  # the surrogate as its \\udxxx escape
     r = api.post("/v1/jobs", content=raw, headers={"Content-Type": "application/json"})
     assert_rejected(r, 422)
+    loc = ["body", *path] + ([0] if isinstance(value, list) else [])
     (error,) = [e for e in r.json()["detail"] if e["loc"] == loc]
     assert "\\ud" in error["input"], error  # the echo holds the escape's text, not the surrogate
 
