@@ -50,7 +50,10 @@ class Settings(BaseSettings):
         None, description="Dashboard URL used in links for users; default: ray_address."
     )
     api_token: SecretStr | None = Field(
-        None, description="Bearer token every endpoint but /healthz requires; unset: no auth."
+        None,
+        description=(
+            "One admin's bearer token (user 'admin'); with neither it nor api_tokens set, no endpoint needs a token."
+        ),
     )
     api_tokens: Path | None = Field(
         None,

@@ -19,10 +19,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -30,9 +28,12 @@ import pytest
 from api.app import create_app
 from api.auth import META_OWNER, TokenEntry, hash_token, parse_tokens, read_token_file, write_token_file
 from api.ray_jobs import RayJob
+from api.settings import Settings
 from cli.token import issue, revoke
 from tests.conftest import REPO_ROOT
-from tests.test_api_support import API_TOKEN, LiveServer, MemoryGateway, data_root_for, make_settings, tiny_spec
+from tests.test_api_support import (
+    API_TOKEN, LiveServer, MemoryGateway, data_root_for, make_settings, submit, tiny_spec,
+)
 
 CALLERS = ["reader", "alice", "bob", "admin", "single", "none"]
 # route  job    then the status for each caller, in CALLERS order. "-": the route names no job.
@@ -162,8 +163,6 @@ def test_token_cli_issues_lists_and_revokes(tmp_path):
 def test_an_app_with_a_missing_or_malformed_token_file_does_not_start(tmp_path):
     storage = tmp_path / "runs"
     base = dict(ray_address="http://ray.test:8265", storage=str(storage), data_root=str(data_root_for(storage)))
-    from api.settings import Settings
-
     with pytest.raises(OSError):
         create_app(Settings(**base, api_tokens=tmp_path / "missing"), MemoryGateway())
     (tmp_path / "bad").write_text('{"user": "x"}\n')
@@ -194,9 +193,7 @@ def memory_api(tmp_path):
     return app, gateway, tokens, job_ids, token_file
 
 
-def make_memory_settings(storage: Path, token_file: Path):
-    from api.settings import Settings
-
+def make_memory_settings(storage: Path, token_file: Path) -> Settings:
     return Settings(ray_address="http://ray.test:8265", api_token=API_TOKEN, api_tokens=token_file,
                     storage=str(storage), data_root=str(data_root_for(storage)), working_dir="",
                     ray_auth_token=None, ray_auth_token_path=storage / "no-token", max_concurrent_jobs=100)
@@ -253,8 +250,6 @@ def live(ray_cluster, tmp_path_factory):
     """A uvicorn server on the session's Ray with per-user tokens; alice and bob each
     submit one tiny job through it, and one job is submitted to Ray directly."""
     from ray.job_submission import JobSubmissionClient
-
-    from tests.test_api_support import submit
 
     root = tmp_path_factory.mktemp("tokens")
     storage = root / "runs"
