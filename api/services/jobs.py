@@ -17,12 +17,14 @@ import shlex
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from api.errors import ApiError, InvalidField, StorageError, TooManyJobs, field_error
+from api.auth import META_OWNER, Principal, visible_to
+from api.errors import ApiError, InvalidField, NotFound, StorageError, TooManyJobs, field_error
 from api.metrics import MetricsReader, MetricsSummary, read_records, read_run_spec
 from api.ray_jobs import TERMINAL, JobsGateway, RayJob, ms_to_datetime
 from api.schemas import JobDetail, JobSubmitted, JobSummary, MemberProgress, MetricsPage
 from api.services.runs import RunRef, data_root, job_metadata, manifest_allowed, run_of, storage_root, under_root
 from api.settings import Settings
+from api.strict_json import shorten
 from jobs.spec import JobSpec, SpecError, check_manifest
 from leviathan.config import BYTE_VOCAB_SIZE
 from leviathan.run import storage
@@ -59,17 +61,56 @@ def _check_storage(spec: JobSpec, settings: Settings) -> str | dict:
     return norm
 
 
+def tracking_allowed(uri: str, prefixes: list[str]) -> bool:
+    """Whether `uri` is one of the operator's tracking servers: equal to a prefix, or
+    below it at a path boundary (so `http://mlflow:5000` admits `http://mlflow:5000/x`
+    but neither `http://mlflow:5000.evil` nor `http://mlflow:5000@169.254.169.254`)."""
+    for prefix in prefixes:
+        base = prefix.rstrip("/")
+        if uri == prefix or uri == base or uri.startswith(base + "/"):
+            return "/../" not in uri[len(base):] + "/"
+    return False
+
+
 def _tracking_errors(spec: JobSpec, settings: Settings) -> list[dict]:
-    """A local MLflow store (`file:`, `sqlite:`) is written by the job: it must lie under
-    the storage root like the run folder."""
-    local = spec.tracking.local_store
-    if local is None:
+    """Where rank 0 may send tracking data: a local MLflow store (`file:`, `sqlite:`),
+    written by the job, must lie under the storage root like the run folder; any other
+    URI must start with one of the API's `tracking_uris`, so a spec cannot make the
+    cluster call an address of its choosing (a cloud metadata service, say)."""
+    uri = spec.tracking.mlflow_uri
+    if uri is None:
         return []
+    local = spec.tracking.local_store
     root = storage.normalize(settings.storage)
+    if local is None:
+        if tracking_allowed(uri, settings.tracking_uris):
+            return []
+        allowed = ", ".join(settings.tracking_uris) or "none configured (LEVIATHAN_TRACKING_URIS)"
+        return [field_error(("tracking", "mlflow_uri"),
+                            f"must be a local store under {root} or start with one of this API's tracking "
+                            f"servers: {allowed}", uri)]
     norm = os.path.normpath(local)
     if storage.is_uri(root) or not os.path.isabs(norm) or not (norm + "/").startswith(root.rstrip("/") + "/"):
         return [field_error(("tracking", "mlflow_uri"), f"a local store must be an absolute path under {root}",
-                            spec.tracking.mlflow_uri)]
+                            uri)]
+    return []
+
+
+def _surrogate_errors(value: Any, loc: tuple = ()) -> list[dict]:
+    """Strings holding lone surrogates (`"\\ud800"` in the JSON): not Unicode text, so no
+    file, path or Ray call can take them. Pydantic refuses them in plain `str` fields
+    but lets them through inside lists (`data.domains`); each is a 422 at its field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return [field_error(loc, "Input should be Unicode text (a lone surrogate is not)", value,
+                                "string_unicode")]
+        return []
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _surrogate_errors(v, (*loc, k))]
+    if isinstance(value, (list, tuple)):
+        return [e for i, v in enumerate(value) for e in _surrogate_errors(v, (*loc, i))]
     return []
 
 
@@ -116,6 +157,9 @@ def validate_for_submission(spec: JobSpec, settings: Settings) -> JobSpec:
     spec with its storage resolved to an absolute root. Reads at most the manifest,
     and only one under the data root.
     """
+    surrogates = _surrogate_errors(spec.model_dump())
+    if surrogates:  # first: a path holding one cannot even be stat'ed
+        raise InvalidField(surrogates)
     errors: list[dict] = []
     resolved = _check_storage(spec, settings)
     if isinstance(resolved, dict):
@@ -215,11 +259,12 @@ def runtime_env(settings: Settings) -> dict:
     return env
 
 
-async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway) -> JobSubmitted:
+async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway, owner: Principal) -> JobSubmitted:
     """Validate, create the run folder, submit it to Ray; a failed submission leaves no folder.
 
-    Ray is the only record of a job: the run folder and the spec's name travel in the
-    job's metadata, so a restarted API recovers every job from Ray's job list.
+    Ray is the only record of a job: the run folder, the spec's name and the owner's
+    user name travel in the job's metadata, so a restarted API recovers every job, and
+    who may see it, from Ray's job list.
     """
     chose_storage = "storage" in spec.model_fields_set
     spec = await asyncio.to_thread(validate_for_submission, spec, settings)
@@ -241,7 +286,7 @@ async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway) -> Job
                 entrypoint=entrypoint(settings, spec_path),
                 submission_id=submission_id,
                 runtime_env=runtime_env(settings),
-                metadata=job_metadata(run_spec, spec.name),
+                metadata={**job_metadata(run_spec, spec.name), META_OWNER: owner.user},
             )
         except ApiError:
             with contextlib.suppress(OSError):  # nothing ran: leave no empty run behind
@@ -255,6 +300,23 @@ async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway) -> Job
         status="PENDING",
         dashboard_url=gateway.dashboard_link(submission_id),
     )
+
+
+# ----------------------------------------------------------------------------- ownership
+
+
+async def visible_job(gateway: JobsGateway, job_id: str, principal: Principal) -> RayJob:
+    """The job's record if `principal` may see it; otherwise the very NotFound an
+    unknown id gets, so a job's existence is not told to anyone but its owner."""
+    job = await gateway.job(job_id)
+    if not visible_to(principal, job.metadata):
+        raise NotFound(f"no job {shorten(job_id)!r}")
+    return job
+
+
+async def visible_jobs(gateway: JobsGateway, principal: Principal) -> list[RayJob]:
+    """The jobs `principal` may see, newest first."""
+    return [j for j in await gateway.jobs() if visible_to(principal, j.metadata)]
 
 
 # ----------------------------------------------------------------------------- views
@@ -403,9 +465,9 @@ async def follow_logs(gateway: JobsGateway, job_id: str, tail: int | None) -> As
     return stream()
 
 
-async def stop(gateway: JobsGateway, job_id: str) -> tuple[bool, str]:
-    """Ask Ray to stop the job: (whether Ray stopped it, its status after the stop)."""
-    await gateway.job(job_id)
+async def stop(gateway: JobsGateway, job_id: str, principal: Principal) -> tuple[bool, str]:
+    """Ask Ray to stop a job `principal` may see: (whether Ray stopped it, its status after the stop)."""
+    await visible_job(gateway, job_id, principal)
     stopped = await gateway.stop(job_id)
     job = await gateway.fresh_job(job_id)  # the status after the stop, not a shared earlier answer
     return stopped, job.status
