@@ -50,7 +50,8 @@ from cluster.preflight import check_collectives
 from cluster.schedule import lr_at, set_lr
 from cluster.tracking import Tracker
 from cluster.verbosity import quiet_report_lines
-from leviathan.data.shards import BatchSampler, MixedBatchSampler, eval_batches, load_manifest, switch_batches
+from leviathan.data.shards import BatchSampler, MixedBatchSampler, eval_batches, switch_batches
+from leviathan.data.staging import load_manifest
 from leviathan.evaluation import RUNNING_POSTERIOR, default_prefix_tokens, evidence_settings
 
 # Ray Train configures the workers' root logger (INFO, to the job's logs); a

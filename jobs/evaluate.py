@@ -68,7 +68,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _manifest_for(spec: JobSpec, manifest: str | None):
-    from leviathan.data.shards import load_manifest
+    from leviathan.data.staging import load_manifest
 
     if manifest is None:
         manifest = spec.data.manifest

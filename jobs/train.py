@@ -87,7 +87,7 @@ def assemble_final(checkpoint, spec: JobSpec, manifest: str, final_dir: str) -> 
     """
     from cluster.checkpointing import assemble
     from cluster.worker import FINAL_TABLE_FILE
-    from leviathan.data.shards import load_manifest
+    from leviathan.data.staging import load_manifest
 
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="leviathan-final-") as tmp:
         table_file = Path(d) / FINAL_TABLE_FILE

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from leviathan.config import ComponentConfig, EnsembleConfig
-from leviathan.data.shards import load_manifest
+from leviathan.data.staging import load_manifest
 from leviathan.model.ensemble import LeviathanEnsemble
 from leviathan.evaluation import (
     MIXED,

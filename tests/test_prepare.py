@@ -22,7 +22,8 @@ from jobs.prepare import (
     prepare_sources,
 )
 from leviathan.data.corpus import BUILTIN_DOMAINS, DOMAIN_CAP, builtin_corpus
-from leviathan.data.shards import DataError, TokenShard, load_manifest
+from leviathan.data.shards import DataError, TokenShard
+from leviathan.data.staging import load_manifest
 from leviathan.data.tokenizer import BPETokenizer, ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]

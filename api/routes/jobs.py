@@ -36,6 +36,7 @@ from api.schemas import (
 from api.settings import Settings
 from api.strict_json import StrictJSONRoute
 from jobs.spec import JobSpec, SpecError, check_manifest
+from leviathan.run.manifest import Manifest
 from leviathan.config import BYTE_VOCAB_SIZE
 from leviathan.run.storage import is_uri, normalize, remove_dir
 
@@ -92,10 +93,10 @@ def _tracking_errors(spec: JobSpec, settings: Settings) -> list[dict]:
     return []
 
 
-def _member_size_errors(spec: JobSpec, manifest: dict | None, limit: int) -> list[dict]:
+def _member_size_errors(spec: JobSpec, manifest: Manifest | None, limit: int) -> list[dict]:
     """`ensemble.members.<i>` over the per-member parameter limit, counted at the data's
     vocabulary (the byte vocabulary while the built-in corpus is not prepared yet)."""
-    vocab = manifest["vocab_size"] if manifest else BYTE_VOCAB_SIZE
+    vocab = manifest.vocab_size if manifest else BYTE_VOCAB_SIZE
     return [
         _field_error(
             ("ensemble", "members", i),
