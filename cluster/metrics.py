@@ -16,6 +16,7 @@ import json
 import threading
 from typing import Any, Iterable
 
+from leviathan.run.names import MERGED
 from leviathan.run.progress import RunProgress, format_duration
 from leviathan.run.records import METRICS_FILE, PHASES
 from leviathan.run.storage import AppendLog, join
@@ -70,7 +71,7 @@ def format_line(r: dict[str, Any]) -> str:
 GAUGES = {
     "train_loss": "Training loss (nats/token) of a member or the merger",
     "val_loss": "Validation loss on the member's own domain",
-    "mixed_val_loss": "Validation loss on the mixed-domain validation set (member 'merger': the merged model)",
+    "mixed_val_loss": "Validation loss on the mixed-domain validation set (member 'merged': the merged model)",
     "tokens_per_s": "Training throughput of a member or the merger (tokens/s)",
     "step": "Current step within the phase",
 }
@@ -174,8 +175,8 @@ class ProgressBar:
                     postfix["member"] = f"{r['train_loss']:.3f}"
             elif r.get("phase") == "merge":
                 done = max(done, self.phase1_steps + r["step"])
-                if r.get("member") == "merger" and r.get("train_loss") is not None:
-                    postfix["merger"] = f"{r['train_loss']:.3f}"
+                if r.get("member") == MERGED and r.get("train_loss") is not None:
+                    postfix[MERGED] = f"{r['train_loss']:.3f}"
         if progress.current_tokens_per_s:
             postfix["tok/s"] = f"{progress.current_tokens_per_s / 1000:.1f}k"
         eta = progress.eta_s(self.phase1_steps, self.total - self.phase1_steps)

@@ -55,7 +55,7 @@ def global_step(phase: str, step: int, phase1_steps: int) -> int:
 
 def scalars(records: Iterable[dict[str, Any]], phase1_steps: int) -> dict[int, dict[str, float]]:
     """Global step -> {tag: value} of the records' figures: `m0.1/val_loss`,
-    `merger/mixed_val_loss`, `uniform/mixed_val_loss`; the final evaluation's under `final/`."""
+    `merged/mixed_val_loss`, `uniform/mixed_val_loss`; the final evaluation's under `final/`."""
     out: dict[int, dict[str, float]] = defaultdict(dict)
     for r in records:
         prefix = "final/" if r["phase"] == "final" else ""

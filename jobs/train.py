@@ -33,11 +33,11 @@ from typing import Any
 from cluster.plan import Resources
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec_dict, with_values
 from leviathan.run import storage
+from leviathan.run.folder import REPORT_MD, SPEC_FILE, RunFolder
+from leviathan.run.report import format_final_table
 
 DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "demo.toml"
-RESULT_FILE = "train_result.json"
 EVALUATION_TASK = "leviathan-final-evaluation"
-SPEC_FILE = "spec.json"
 
 
 class TrainError(RuntimeError):
@@ -63,11 +63,12 @@ def check_run_folder(spec: JobSpec) -> bool:
     Returns whether the folder already holds this spec's spec.json (written by the
     API on submission, or by an earlier attempt of this run)."""
     run_dir = spec.run_dir
-    if storage.exists(storage.join(run_dir, RESULT_FILE)):
+    folder = RunFolder(run_dir)
+    if folder.is_finished():
         raise SpecError(
             f"name: run {spec.name!r} already finished in {run_dir}; pick another --name or remove the folder"
         )
-    old = storage.read_text(storage.join(run_dir, SPEC_FILE))
+    old = storage.read_text(folder.spec)
     if old is not None:
         try:
             same = JobSpec.model_validate_json(old) == spec
@@ -83,7 +84,8 @@ def check_run_folder(spec: JobSpec) -> bool:
 def assemble_final(checkpoint, spec: JobSpec, manifest: str, final_dir: str) -> dict[str, Any]:
     """`final/` = the ensemble from the last checkpoint + tokenizer + spec.json.
 
-    Returns the final evaluation table the workers left in that checkpoint.
+    Returns the final evaluation table the workers left in that checkpoint (the
+    `leviathan.run.report.final_table` view, with the report dict under "report").
     """
     from cluster.checkpointing import assemble
     from cluster.worker import FINAL_TABLE_FILE
@@ -101,35 +103,6 @@ def assemble_final(checkpoint, spec: JobSpec, manifest: str, final_dir: str) -> 
         (out / SPEC_FILE).write_text(spec.to_json() + "\n")
         storage.upload_dir(out, final_dir)
     return table
-
-
-def format_table(table: dict[str, Any]) -> str:
-    """The final table as text: one row per member, then the uniform mixture, the BTM prefix
-    posterior, the running posterior and the merged model, on the own domain, the mixed
-    set and the domain-switch set. Losses per scored token, as in report.md."""
-    head = f"{'model':<18} {'module':>6} {'domain':<12} {'own-domain val':>14} {'mixed val':>10} {'switch':>8}"
-    lines = [head, "-" * len(head)]
-    for r in table["rows"]:
-        name = {"merger": f"merged ({table['merge']})", "posterior": "posterior (BTM)"}.get(r["kind"], r["name"])
-        own = "" if r["own_val_loss"] is None else f"{r['own_val_loss']:.4f}"
-        module = "" if r["module"] is None else str(r["module"])
-        switch = "" if r.get("switch_val_loss") is None else f"{r['switch_val_loss']:.4f}"
-        lines.append(
-            f"{name:<18} {module:>6} {r['domain'] or '':<12} {own:>14} {r['mixed_val_loss']:>10.4f} {switch:>8}"
-        )
-    if "merged_beats_every_member" in table:
-        lines.append(
-            f"merged model beats every member on the mixed val set: {table['merged_beats_every_member']}; "
-            f"beats the uniform mixture: {table['merged_beats_uniform']}; "
-            f"beats both posteriors: {table['merged_beats_both_posteriors']}"
-            + (f" (on the switch set: {table['merged_beats_both_posteriors_on_switch']})"
-               if "merged_beats_both_posteriors_on_switch" in table else "")
-        )
-    if table.get("evidence"):
-        ev = table["evidence"]
-        lines.append("merger evidence per head: beta " + " ".join(f"{v:.3f}" for v in ev["beta"])
-                     + ", gamma " + " ".join(f"{v:.3f}" for v in ev["gamma"]))
-    return "\n".join(lines)
 
 
 def failure_line(error: Exception) -> str:
@@ -157,6 +130,7 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
 
     started = time.time()
     run_dir = spec.run_dir
+    folder = RunFolder(run_dir)
     has_spec = check_run_folder(spec)
     manifest, domains = prepare_data(spec)
     tracking = tracking_of(spec)
@@ -164,7 +138,7 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
     init_ray()
     check_placement(resources_of(spec), spec.name)
     if not has_spec:
-        storage.write_text(storage.join(run_dir, SPEC_FILE), spec.to_json() + "\n")
+        storage.write_text(folder.spec, spec.to_json() + "\n")
 
     trainer = build_job_trainer(spec, verbose=verbose)
     if progress is None:
@@ -182,22 +156,22 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
         raise TrainError(f"training failed: {failure_line(e)}") from e
     if result.checkpoint is None:
         raise TrainError("training ended without a checkpoint")
-    table = assemble_final(result.checkpoint, spec, manifest, f"{run_dir}/final")
+    table = assemble_final(result.checkpoint, spec, manifest, folder.final)
     out = {
         "name": spec.name,
         "run_dir": run_dir,
-        "final_dir": f"{run_dir}/final",
+        "final_dir": folder.final,
         "checkpoint": result.checkpoint.path,
         "wall_time_s": round(time.time() - started, 1),
         "domains": domains,
         **table,
     }
-    storage.write_text(storage.join(run_dir, RESULT_FILE), json.dumps(out, indent=2) + "\n")
+    storage.write_text(folder.result, json.dumps(out, indent=2) + "\n")
     MetricsLog(run_dir).append([done_record(spec.training.phase2_steps)])
     write_report(run_dir, resources_of(spec))
-    report = storage.read_text(storage.join(run_dir, "report.md"))
-    end_run(tracking, run_dir, "FINISHED", {"report.md": report} if report is not None else {})
-    print(format_table(table), flush=True)
+    report = storage.read_text(folder.report_md)
+    end_run(tracking, run_dir, "FINISHED", {REPORT_MD: report} if report is not None else {})
+    print(format_final_table(table), flush=True)
     print(f"run folder: {run_dir} ({out['wall_time_s']:.0f} s)", flush=True)
     return out
 
@@ -228,7 +202,7 @@ def write_report(run_dir: str, resources: Resources) -> None:
             raise
         print(f"leviathan train: warning: evaluation report not written: {e.cause}", file=sys.stderr)
         return
-    print(f"evaluation report: {run_dir}/report.md (evaluated on {report['run']['device']})", flush=True)
+    print(f"evaluation report: {RunFolder(run_dir).report_md} (evaluated on {report['run']['device']})", flush=True)
 
 
 class _Parser(argparse.ArgumentParser):

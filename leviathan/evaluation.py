@@ -159,17 +159,6 @@ def column_nll(
     return sums, k
 
 
-def column_losses(
-    nll_by_domain: dict[str, torch.Tensor], scored_tokens_per_window: int, switch_nll: torch.Tensor | None = None
-) -> dict[str, list[float]]:
-    """Loss (nats per scored token) per column and row: {column: [loss of row r]}."""
-    sums, k = column_nll(nll_by_domain, switch_nll)
-    windows = {c: k for c in nll_by_domain} | {MIXED: k * len(nll_by_domain)}
-    if switch_nll is not None:
-        windows[SWITCH] = switch_nll.shape[1]
-    return {c: (s / (windows[c] * scored_tokens_per_window)).tolist() for c, s in sums.items()}
-
-
 @torch.no_grad()
 def score_batch(
     ensemble: LeviathanEnsemble, x: torch.Tensor, y: torch.Tensor, prefix_tokens: int

@@ -4,7 +4,7 @@ Training (rank 0 of `cluster/`) writes these lines and the API reads them, so
 this module is torch-free and importable by every layer (DESIGN section 1).
 
     {"time": unix_s, "step": int, "phase": "members" | "merge" | "final",
-     "module": int | null, "member": "m0.1" | "merger" | "uniform",
+     "module": int | null, "member": "m0.1" | "merged" | "uniform",
      "domain": str | null, "train_loss": float | null, "val_loss": float | null,
      "mixed_val_loss": float | null, "lr": float | null,
      "tokens_per_s": float | null, "cpu_s": float | null, "replayed": bool}
