@@ -74,7 +74,7 @@ def test_metrics_log_appends_records_and_reads_logged_steps(tmp_path):
     log.append([record(step=10, phase="members", member="m0.0", module=0, domain="a", train_loss=2.0,
                        val_loss=float("nan"), mixed_val_loss=3.0, lr=1e-3, tokens_per_s=100.0)])
     log.append([record(step=20, phase="members", member="m0.0", module=0),
-                record(step=5, phase="merge", member="merger")])
+                record(step=5, phase="merge", member="merged")])
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     assert tuple(first) == RECORD_FIELDS, "a record has exactly the contract's fields, in order"
@@ -245,11 +245,11 @@ def test_progress_bar_follows_the_metrics_log(tmp_path, capsys):
     from cluster.metrics import ProgressBar
 
     log = MetricsLog(str(tmp_path))
-    log.append([record(step=99, phase="merge", member="merger", train_loss=9.0)])  # an earlier run's line
+    log.append([record(step=99, phase="merge", member="merged", train_loss=9.0)])  # an earlier run's line
     # A long interval: the bar's first look may come before the appends, its last one after the stop.
     with ProgressBar(str(tmp_path), phase1_steps=10, phase2_steps=4, interval_s=60):
         log.append([record(step=10, phase="members", member="m0.0", module=0, train_loss=2.5)])
-        log.append([record(step=4, phase="merge", member="merger", train_loss=1.25)])
+        log.append([record(step=4, phase="merge", member="merged", train_loss=1.25)])
     err = capsys.readouterr().err
     assert "14/14" in err and "merger=1.250" in err, err[-500:]
     assert "merger=9.000" not in err, "records of an earlier run are skipped"

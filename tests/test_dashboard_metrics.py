@@ -50,7 +50,7 @@ def test_gauges_reach_the_prometheus_export_port(ray_cluster, tmp_path, tmp_path
     wanted = {
         "member train loss": lambda n, t: n == "ray_leviathan_train_loss" and t.get("member") == "m0.0",
         "member val loss": lambda n, t: n == "ray_leviathan_val_loss" and t.get("member") == "m1.1",
-        "merged loss": lambda n, t: n == "ray_leviathan_mixed_val_loss" and t.get("member") == "merger",
+        "merged loss": lambda n, t: n == "ray_leviathan_mixed_val_loss" and t.get("member") == "merged",
         "tokens/s": lambda n, t: n == "ray_leviathan_tokens_per_s" and t.get("phase") == "members",
         "step": lambda n, t: n == "ray_leviathan_step" and t.get("phase") == "merge",
         "phase": lambda n, t: n == "ray_leviathan_phase",

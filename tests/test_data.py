@@ -17,10 +17,10 @@ from leviathan.data.shards import (
     switch_batches,
     TokenShard,
     eval_batches,
-    load_manifest,
     token_dtype,
     write_shard,
 )
+from leviathan.data.staging import load_manifest
 
 
 def make_shard(tmp_path, tokens, name="s.arrow") -> TokenShard:

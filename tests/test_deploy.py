@@ -167,4 +167,4 @@ def test_rayjob_entrypoint_and_runtime_env_run_a_tiny_job_on_local_ray(ray_clust
     assert "merged (mixture)" in logs, "the job printed its final table"
     result = json.loads((shared / "kuberay-tiny" / "train_result.json").read_text())
     kinds = [r["kind"] for r in result["rows"]]
-    assert kinds[-1] == "merger" and "uniform" in kinds, kinds
+    assert kinds[0] == "merged" and "uniform" in kinds, kinds

@@ -24,7 +24,7 @@ P1, P2 = 20, 8  # the schedule of the fast tests' run
 
 
 def _report(phase: str, step: int, replayed: bool = False) -> list[dict]:
-    """One report's records: two members, the uniform mixture and (phase 2) the merger."""
+    """One report's records: two members, the uniform mixture and (phase 2) the merged model."""
     out = [
         record(step=step, phase=phase, module=i, member=f"m{i}.0", domain=f"d{i}", train_loss=3.0 - step / 100,
                val_loss=3.1, mixed_val_loss=3.2, lr=1e-3, tokens_per_s=500.0, replayed=replayed)
@@ -32,7 +32,7 @@ def _report(phase: str, step: int, replayed: bool = False) -> list[dict]:
     ]
     out.append(record(step=step, phase=phase, member="uniform", mixed_val_loss=3.0, replayed=replayed))
     if phase == "merge":
-        out.append(record(step=step, phase=phase, member="merger", train_loss=2.0, mixed_val_loss=2.1,
+        out.append(record(step=step, phase=phase, member="merged", train_loss=2.0, mixed_val_loss=2.1,
                           tokens_per_s=900.0, replayed=replayed))
     return out
 
@@ -98,7 +98,7 @@ def test_a_restarted_run_continues_one_mlflow_run_and_one_tensorboard_log_withou
     assert run.data.params["training.phase1_steps"] == "200" and run.data.params["ensemble.members.1.flavour"] == "relu3"
     history = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
     assert history["m0.0/train_loss"] == [5, 10, 15, 20], "every step once: 15 not again, 20 filled in"
-    assert history["merger/mixed_val_loss"] == [P1 + 4, P1 + 8], "phase-2 steps follow phase 1's"
+    assert history["merged/mixed_val_loss"] == [P1 + 4, P1 + 8], "phase-2 steps follow phase 1's"
     assert history["uniform/mixed_val_loss"] == [5, 10, 15, 20, P1 + 4, P1 + 8]
     assert history["progress/tokens_per_s_members"] == [5, 10, 15, 20]
     assert history["progress/eta_s"][-1] == P1 + 8 and run.data.metrics["progress/eta_s"] == 0.0
@@ -110,7 +110,7 @@ def test_a_restarted_run_continues_one_mlflow_run_and_one_tensorboard_log_withou
     assert len(list(tb.glob("events.out.tfevents.*"))) == 2, "one event file per worker-group start"
     steps = _tensorboard_steps(tb)
     assert steps["m1.0/val_loss"] == [5, 10, 15, 20], "15 and 20 filled in by the replay"
-    assert steps["merger/train_loss"] == [P1 + 4, P1 + 8]
+    assert steps["merged/train_loss"] == [P1 + 4, P1 + 8]
     repeated = {tag: s for tag, s in steps.items() if len(set(s)) != len(s)}
     assert not repeated, f"steps logged twice: {repeated}"
 
@@ -231,8 +231,8 @@ def test_killed_worker_resumes_the_exact_steps_and_tracks_every_point_once(ray_c
     assert not {k: s for k, s in repeated.items() if s}, f"steps logged twice: {repeated}"
     reports = set(range(5, p1 + 1, 5)) | {p1 + p2}  # the members are evaluated again at the end of phase 2
     assert set(history["m0.0/val_loss"]) == reports, "every report's step, once"
-    assert max(history["merger/mixed_val_loss"]) == p1 + p2
-    assert "final/merger/mixed_val_loss" in mlrun.data.metrics
+    assert max(history["merged/mixed_val_loss"]) == p1 + p2
+    assert "final/merged/mixed_val_loss" in mlrun.data.metrics
     assert {"progress/tokens_per_s_members", "progress/tokens_per_s_merge", "progress/eta_s"} <= set(mlrun.data.metrics)
     assert {a.path for a in client.list_artifacts(mlrun.info.run_id)} >= {"final_table.json", "report.md"}
 

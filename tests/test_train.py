@@ -34,10 +34,10 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     result = train.run(spec, progress=False)
     run = Path(spec.run_dir)
 
-    # The table: 4 members, the uniform mixture, the two posteriors, the merged model.
+    # The table: the merged model, 4 members, the uniform mixture, the two posteriors.
     kinds = [r["kind"] for r in result["rows"]]
-    assert kinds == ["member"] * 4 + ["uniform", "posterior", "running posterior", "merger"], kinds
-    assert [r["name"] for r in result["rows"][:4]] == ["m0.0", "m0.1", "m1.0", "m1.1"]
+    assert kinds == ["merged"] + ["member"] * 4 + ["uniform", "posterior", "running posterior"], kinds
+    assert [r["name"] for r in result["rows"][1:5]] == ["m0.0", "m0.1", "m1.0", "m1.1"]
     assert json.loads((run / "train_result.json").read_text())["rows"] == result["rows"]
 
     # final/ loads without Ray and predicts.
@@ -58,12 +58,16 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
     # One evaluator: the final table (scored on the workers) and report.json (one process) agree.
     report = {r["name"]: r["loss"] for r in json.loads((run / "report.json").read_text())["rows"]}
     for r in result["rows"]:
-        figures = report["merged" if r["kind"] == "merger" else r["name"]]
+        figures = report[r["name"]]
         assert r["mixed_val_loss"] == pytest.approx(figures["mixed"], rel=1e-5), r["name"]
         assert r["switch_val_loss"] == pytest.approx(figures["switch"], rel=1e-5), r["name"]
         for domain, loss in r["val_by_domain"].items():
             assert loss == pytest.approx(figures[domain], rel=1e-5), (r["name"], domain)
     assert result["evidence"] == json.loads((run / "report.json").read_text())["evidence"]
+    # train_result.json embeds the workers' report: the same rows and columns as report.json.
+    rows = json.loads((run / "report.json").read_text())["rows"]
+    assert [r["name"] for r in result["report"]["rows"]] == [r["name"] for r in rows]
+    assert result["report"]["columns"] == json.loads((run / "report.json").read_text())["columns"]
     logits, loss = ensemble(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
     assert logits.shape == (1, 8, ensemble.config.vocab_size) and torch.isfinite(loss)
 
@@ -74,10 +78,10 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
         assert tuple(r) == RECORD_FIELDS and r["replayed"] is False
     members = {(r["member"], r["step"]) for r in records if r["phase"] == "members" and r["module"] is not None}
     assert members == {(m, s) for m in ("m0.0", "m0.1", "m1.0", "m1.1") for s in (3, 4, 6)}
-    merges = [(r["member"], r["step"]) for r in records if r["phase"] == "merge" and r["member"] == "merger"]
-    assert merges == [("merger", 3), ("merger", 4)]
+    merges = [(r["member"], r["step"]) for r in records if r["phase"] == "merge" and r["member"] == "merged"]
+    assert merges == [("merged", 3), ("merged", 4)]
     finals = {r["member"] for r in records if r["phase"] == "final"}
-    assert finals == {"m0.0", "m0.1", "m1.0", "m1.1", "uniform", "merger"}
+    assert finals == {"m0.0", "m0.1", "m1.0", "m1.1", "uniform", "merged"}
     first = next(r for r in records if r["member"] == "m0.0")
     assert first["domain"] == "python" and first["tokens_per_s"] > 0 and first["lr"] > 0
 

@@ -43,5 +43,6 @@ def test_ray_train_report_lines_show_only_when_verbose(ray_cluster, manifest, tm
     assert "[leviathan printed rank 0]" in output, "the job's own progress lines show"
     for line in RAY_REPORT_LINES:
         assert (line in output) == verbose, (line, output[-4000:])
-    last = stdout.strip().splitlines()[-4:]
-    assert last[-1].startswith("run folder:") and any(line.startswith("merged (mixture)") for line in last), last
+    lines = stdout.strip().splitlines()
+    assert lines[-1].startswith("run folder:"), lines[-4:]
+    assert any(line.startswith("| merged (mixture)") for line in lines), "the final table shows the merged row"

@@ -34,8 +34,8 @@ def test_merged_model_beats_every_member_and_the_uniform_mixture(ray_cluster, ma
                   "eval_interval": 50, "eval_batches": 2, "checkpoint_interval": 100},
     )
     result = train.run(spec, progress=False)
-    rows = {r["name"]: r["mixed_val_loss"] for r in result["rows"] if r["kind"] in ("member", "merger", "uniform")}
-    merged, uniform = rows.pop("merger"), rows.pop("uniform")
+    rows = {r["name"]: r["mixed_val_loss"] for r in result["rows"] if r["kind"] in ("member", "merged", "uniform")}
+    merged, uniform = rows.pop("merged"), rows.pop("uniform")
     assert merged < uniform, f"merged {merged:.4f} vs uniform mixture {uniform:.4f}"
     assert all(merged < v for v in rows.values()), f"merged {merged:.4f} vs members {rows}"
     assert result["merged_beats_every_member"] and result["merged_beats_uniform"]
@@ -54,7 +54,7 @@ def test_worker_killed_in_phase_2_resumes_to_the_uninterrupted_runs_final_loss(r
     assert replayed and {r["phase"] for r in replayed} == {"merge"}, "the kill landed in phase 2"
 
     def merged(result: dict) -> dict:
-        return next(r for r in result["rows"] if r["kind"] == "merger")
+        return next(r for r in result["rows"] if r["kind"] == "merged")
     assert merged(faulted)["mixed_val_loss"] == merged(clean)["mixed_val_loss"], (merged(faulted), merged(clean))
     assert merged(faulted)["val_by_domain"] == merged(clean)["val_by_domain"]
 
@@ -86,7 +86,8 @@ def test_ray_job_submit_runs_the_training_entrypoint(ray_cluster, manifest, tmp_
     assert proc.returncode == 0, output[-4000:]
     assert "succeeded" in output and "merged (mixture)" in output, output[-4000:]
     result = json.loads((Path(spec.run_dir) / "train_result.json").read_text())
-    assert [r["kind"] for r in result["rows"]][-4:] == ["uniform", "posterior", "running posterior", "merger"]
+    assert [r["kind"] for r in result["rows"]][-3:] == ["uniform", "posterior", "running posterior"]
+    assert result["rows"][0]["kind"] == "merged"
     assert (Path(spec.run_dir) / "final" / "model.safetensors").is_file()
 
 
