@@ -42,6 +42,8 @@ from api.settings import RayTokenSource, Settings
 from api.strict_json import shorten
 from jobs.spec import JobSpec
 from leviathan.run import storage
+from leviathan.run.env import RAY_TRAIN_STATE_TRACKING
+from leviathan.run.folder import RunFolder
 
 # Job metadata keys (Ray metadata values are strings).
 META_RUN_DIR = "leviathan_run_dir"
@@ -300,7 +302,7 @@ def write_spec(spec: JobSpec) -> str:
     runs' outputs. The storage folder above it must exist (`ensure_storage`).
     """
     storage.make_dir(spec.run_dir, new=True)
-    spec_path = storage.join(spec.run_dir, "spec.json")
+    spec_path = RunFolder(spec.run_dir).spec
     storage.write_text(spec_path, spec.to_json() + "\n")
     return spec_path
 
@@ -315,7 +317,7 @@ def runtime_env(settings: Settings) -> dict:
     env: dict = {
         "env_vars": {
             # The dashboard's Train view needs state tracking in the job's environment.
-            "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+            RAY_TRAIN_STATE_TRACKING: "1",
             # Log lines reach `ray job logs` / the log stream as they are printed.
             "PYTHONUNBUFFERED": "1",
         }

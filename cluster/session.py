@@ -14,9 +14,11 @@ import logging
 import os
 import socket
 
-STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
-HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
+from leviathan.run import env
+
+STATE_TRACKING = env.RAY_TRAIN_STATE_TRACKING
+HEALTH_CHECK_INTERVAL = env.RAY_TRAIN_HEALTH_CHECK_INTERVAL
+API_SERVER_ADDRESS = env.RAY_API_SERVER_ADDRESS
 
 
 def _free_port() -> int:
@@ -46,7 +48,7 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> str:
     configure_train_env()
     if ray.is_initialized():
         return "existing"
-    env_address = os.environ.get("RAY_ADDRESS")
+    env_address = os.environ.get(env.RAY_ADDRESS)
     if address or env_address:
         # Without an explicit address ray.init() reads RAY_ADDRESS itself, as a
         # `ray job submit` driver expects (the job supervisor sets it).

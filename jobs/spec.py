@@ -47,7 +47,9 @@ def refuse_placeholder(value: str, what: str) -> str:
 
 def default_home() -> Path:
     """Where runs and prepared data live unless a spec says otherwise."""
-    return Path(os.environ.get("LEVIATHAN_HOME", Path.home() / "leviathan")).expanduser()
+    from leviathan.run.env import leviathan_home
+
+    return leviathan_home()
 
 
 def default_storage() -> str:

@@ -33,7 +33,7 @@ from typing import Any
 from cluster.plan import Resources
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec_dict, with_values
 from leviathan.run import storage
-from leviathan.run.folder import REPORT_MD, SPEC_FILE, RunFolder
+from leviathan.run.folder import FINAL_DIR, REPORT_MD, SPEC_FILE, RunFolder
 from leviathan.run.report import format_final_table
 
 DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "demo.toml"
@@ -96,7 +96,7 @@ def assemble_final(checkpoint, spec: JobSpec, manifest: str, final_dir: str) -> 
         if not table_file.is_file():
             raise TrainError(f"the last checkpoint {checkpoint.path} has no {FINAL_TABLE_FILE}: training did not finish")
         table = json.loads(table_file.read_text())
-        out = Path(tmp) / "final"
+        out = Path(tmp) / FINAL_DIR
         ensemble = assemble(d)
         ensemble.save(out)
         load_manifest(manifest).tokenizer().save(out)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec, with_values
+from leviathan.run.manifest import MANIFEST_FILE
 from leviathan.run.storage import is_uri
 from leviathan.run.tables import markdown_table
 
@@ -272,7 +273,7 @@ def tune_spec(
     if spec.data.manifest == BUILTIN_MANIFEST:
         from jobs.prepare import builtin_data_dir
 
-        base["data"]["manifest"] = str(builtin_data_dir(spec.data.tokenizer) / "manifest.json")
+        base["data"]["manifest"] = str(builtin_data_dir(spec.data.tokenizer) / MANIFEST_FILE)
     init_ray()
     check_placement(resources_of(spec), spec.name)
 

@@ -36,8 +36,9 @@ from api.schemas import (
 from api.settings import Settings
 from api.strict_json import StrictJSONRoute
 from jobs.spec import JobSpec, SpecError, check_manifest
-from leviathan.run.manifest import Manifest
 from leviathan.config import BYTE_VOCAB_SIZE
+from leviathan.run.folder import RunFolder
+from leviathan.run.manifest import Manifest
 from leviathan.run.storage import is_uri, normalize, remove_dir
 
 log = logging.getLogger(__name__)
@@ -353,7 +354,7 @@ async def get_metrics(
     try:
         records = await run_in_threadpool(read_records, run.run_dir, since_step)
     except (OSError, ValueError) as e:
-        raise HTTPException(500, f"cannot read {run.run_dir}/metrics.jsonl: {e}") from None
+        raise HTTPException(500, f"cannot read {RunFolder(run.run_dir).metrics}: {e}") from None
     steps = [r["step"] for r in records if r.get("step") is not None]
     return MetricsPage(
         job_id=job_id,
