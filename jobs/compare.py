@@ -143,7 +143,7 @@ def plot_curves(runs: dict[str, dict[str, Any]], folder: Path, phase1_steps: int
                 continue
             xs, ys = zip(*pts)
             style = {"members": dict(lw=2.5, color="black"), "uniform": dict(lw=2, ls="--"),
-                     "merged": dict(lw=2.5, marker="o", ms=4)}.get(name, dict(lw=1, alpha=0.6))
+                     MERGED: dict(lw=2.5, marker="o", ms=4)}.get(name, dict(lw=1, alpha=0.6))
             ax.plot(xs, ys, label=name if name != "members" else "members (mean, own domain)", **style)
         ax.axvline(phase1_steps, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="step (phase 1 members, then phase 2 merge)", ylabel="val loss (nats/token)",
@@ -158,13 +158,13 @@ def plot_curves(runs: dict[str, dict[str, Any]], folder: Path, phase1_steps: int
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mixer, run in runs.items():
         line = None
-        for name, ls in (("members", "-"), ("uniform", "--"), ("merged", "-")):
+        for name, ls in (("members", "-"), (UNIFORM, "--"), (MERGED, "-")):
             pts = run["curves"].get(name)
             if not pts:
                 continue
             xs, ys = zip(*pts)
             kw = {"color": line.get_color()} if line is not None else {}
-            (h,) = ax.plot(xs, ys, ls=ls, lw=2.5 if name == "merged" else 1.5, marker="o" if name == "merged" else None,
+            (h,) = ax.plot(xs, ys, ls=ls, lw=2.5 if name == MERGED else 1.5, marker="o" if name == MERGED else None,
                            ms=4, label=f"{mixer}: {name}", **kw)
             line = line or h
     ax.axvline(phase1_steps, color="grey", lw=0.8, ls=":")
