@@ -251,8 +251,8 @@ def test_progress_bar_follows_the_metrics_log(tmp_path, capsys):
         log.append([record(step=10, phase="members", member="m0.0", module=0, train_loss=2.5)])
         log.append([record(step=4, phase="merge", member="merged", train_loss=1.25)])
     err = capsys.readouterr().err
-    assert "14/14" in err and "merger=1.250" in err, err[-500:]
-    assert "merger=9.000" not in err, "records of an earlier run are skipped"
+    assert "14/14" in err and "merged=1.250" in err, err[-500:]
+    assert "merged=9.000" not in err, "records of an earlier run are skipped"
 
 
 def test_rng_checkpoint_holds_only_the_ranks_own_gpu(tmp_path, monkeypatch):
