@@ -102,6 +102,21 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
         train.run(spec, progress=False)
 
 
+def test_without_phase_2_no_merged_row_or_verdict_is_printed(ray_cluster, manifest, tmp_path, capsys):
+    """phase2_steps = 0 (every comparison run): the merger never trained, so neither the workers'
+    table, nor train_result.json, nor report.json, nor the printed table shows a merged row or verdict."""
+    spec = tiny_spec(manifest, tmp_path, "no-merge", ensemble={"members_per_module": 1, "members": [{"preset": "tiny"}]},
+                     training={"phase1_steps": 2, "phase2_steps": 0, "eval_interval": 2, "checkpoint_interval": 2})
+    result = train.run(spec, progress=False)
+    run = Path(spec.run_dir)
+    assert [r["kind"] for r in result["rows"]] == ["member"] * 2 + ["uniform", "posterior", "running posterior"]
+    assert not any(k.startswith("merged_beats") for k in result) and result["evidence"] is None
+    assert "merged" not in {r["name"] for r in json.loads((run / "report.json").read_text())["rows"]}
+    assert "merged" not in {r["member"] for r in _records(run)}
+    out = capsys.readouterr().out
+    assert "| uniform" in out and "| merged" not in out and "merged model beats" not in out, out[-2000:]
+
+
 def test_run_folder_with_another_spec_is_refused(manifest, tmp_path):
     spec = tiny_spec(manifest, tmp_path, "taken")
     (tmp_path / "taken").mkdir()
