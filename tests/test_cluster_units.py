@@ -82,6 +82,27 @@ def test_metrics_log_appends_records_and_reads_logged_steps(tmp_path):
     assert log.logged_steps() == {"members": 20, "merge": 5}
 
 
+def test_metrics_log_has_one_nan_policy_for_writers_and_readers(tmp_path):
+    """Training and the API share one reader and writer: a NaN or Infinity becomes null whether
+    a record carries it (a hand-made line) or a file holds it (an older writer), and a torn or
+    non-JSON line is skipped."""
+    from api.metrics import read_records
+
+    run = tmp_path / "run"
+    log = MetricsLog(str(run))
+    log.append([{"phase": "members", "step": 1, "member": "m0.0", "train_loss": float("inf"),
+                 "val_by_domain": {"a": float("nan")}}])
+    assert "NaN" not in (run / "metrics.jsonl").read_text() and "Infinity" not in (run / "metrics.jsonl").read_text()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"phase": "members", "step": 2, "member": "m0.0", "train_loss": NaN, "val_loss": -Infinity}\n')
+        f.write("not json\n")
+    got = log.read()
+    assert [r["step"] for r in got] == [1, 2]
+    assert got[0]["train_loss"] is None and got[0]["val_by_domain"] == {"a": None}
+    assert got[1]["train_loss"] is None and got[1]["val_loss"] is None
+    assert [(r["step"], r["train_loss"]) for r in read_records(str(run))] == [(1, None), (2, None)]
+
+
 def test_check_placement_fails_fast_with_a_clear_message():
     spec = JobSpec.model_validate({"resources": {"workers": 2, "use_gpu": True}})
     cpu_nodes = [{"Alive": True, "Resources": {"CPU": 4.0}}]

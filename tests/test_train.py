@@ -65,9 +65,13 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(ray_clus
             assert loss == pytest.approx(figures[domain], rel=1e-5), (r["name"], domain)
     assert result["evidence"] == json.loads((run / "report.json").read_text())["evidence"]
     # train_result.json embeds the workers' report: the same rows and columns as report.json.
-    rows = json.loads((run / "report.json").read_text())["rows"]
-    assert [r["name"] for r in result["report"]["rows"]] == [r["name"] for r in rows]
-    assert result["report"]["columns"] == json.loads((run / "report.json").read_text())["columns"]
+    single = json.loads((run / "report.json").read_text())
+    assert [r["name"] for r in result["report"]["rows"]] == [r["name"] for r in single["rows"]]
+    assert result["report"]["columns"] == single["columns"] and result["report"]["tokens"] == single["tokens"]
+    for ours, theirs in zip(result["report"]["rows"], single["rows"]):
+        assert (ours["kind"], ours["module"], ours["domain"]) == (theirs["kind"], theirs["module"], theirs["domain"])
+        for metric in ("loss", "bpb"):
+            assert ours[metric] == pytest.approx(theirs[metric], rel=1e-5), (ours["name"], metric)
     logits, loss = ensemble(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
     assert logits.shape == (1, 8, ensemble.config.vocab_size) and torch.isfinite(loss)
 
