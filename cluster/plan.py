@@ -3,39 +3,18 @@
 `jobs.plan.build_plan` resolves a JobSpec into a `RunPlan` once, on the
 driver; `cluster.trainer` and every Ray Train worker receive only the plan.
 It is made of plain frozen dataclasses from this layer and the model
-library's `EnsembleConfig`, so unpickling it on a worker imports neither the
-spec's schema (`jobs/`) nor pydantic.
+library's `EnsembleConfig` and `TrainingConfig` (the spec's `training` table is
+derived from the latter, so nothing here copies its fields), and unpickling it
+on a worker imports neither the spec's schema (`jobs/`) nor pydantic.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from leviathan.config import EnsembleConfig
-
-
-@dataclass(frozen=True)
-class Training:
-    """The schedule and optimiser settings (the JobSpec's `training` table, same names)."""
-
-    phase1_steps: int
-    phase2_steps: int
-    batch_size: int
-    seq_len: int
-    lr: float
-    merge_lr: float
-    min_lr_ratio: float
-    warmup_steps: int
-    weight_decay: float
-    grad_clip: float
-    eval_interval: int
-    eval_batches: int
-    checkpoint_interval: int
-    joint: bool
-    joint_lr_scale: float
-    dtype: str
-    evidence_lr_scale: float
-    switch_fraction: float
+from cluster.placement import modules_for_rank
+from leviathan.config import EnsembleConfig, TrainingConfig
+from leviathan.run.folder import RunFolder
 
 
 @dataclass(frozen=True)
@@ -80,6 +59,8 @@ class RunPlan:
     `ensemble` is the one source of the module and member counts; module i
     trains on the train shard of `domains[i]` in the prepared `manifest`.
     Checkpoints and metrics.jsonl live under `run_dir` (a local path or a URI).
+    `spec_json` is the validated spec as the run folder keeps it (spec.json, and
+    final/spec.json beside the model).
     """
 
     name: str
@@ -88,9 +69,10 @@ class RunPlan:
     manifest: str
     domains: tuple[str, ...]
     ensemble: EnsembleConfig
-    training: Training
+    training: TrainingConfig
     resources: Resources
     tracking: Tracking = field(default_factory=Tracking)
+    spec_json: str = ""
 
     def __post_init__(self) -> None:
         if len(self.domains) != self.ensemble.modules:
@@ -99,3 +81,22 @@ class RunPlan:
             raise ValueError(
                 f"resources.num_workers: {self.resources.num_workers} workers for {self.ensemble.modules} modules"
             )
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
+
+    def modules_of_rank(self, rank: int) -> list[int]:
+        """The modules rank `rank` hosts (cluster.placement's contiguous blocks)."""
+        return modules_for_rank(rank, self.resources.num_workers, self.ensemble.modules)
+
+    def owner_of(self, domain: str) -> int:
+        """The rank that reads `domain`: the one hosting the first module trained on it."""
+        module = self.domains.index(domain)
+        return next(r for r in range(self.resources.num_workers) if module in self.modules_of_rank(r))
+
+    def domains_of_rank(self, rank: int) -> tuple[str, ...]:
+        """The domains rank `rank` reads and stages: those of the modules it hosts. Of
+        these it draws the mixed and validation rows of the ones it owns (`owner_of`);
+        the other ranks receive them by a collective."""
+        return tuple(dict.fromkeys(self.domains[i] for i in self.modules_of_rank(rank)))

@@ -50,7 +50,8 @@ from cluster.preflight import check_collectives
 from cluster.schedule import lr_at, set_lr
 from cluster.tracking import Tracker
 from cluster.verbosity import quiet_report_lines
-from leviathan.data.shards import BatchSampler, MixedBatchSampler, eval_batches, switch_batches
+from cluster.data import SharedMixedSampler, rank_shards, validation_sets
+from leviathan.data.shards import BatchSampler, MixedBatchSampler
 from leviathan.data.staging import load_manifest
 from leviathan.evaluation import default_prefix_tokens, evidence_settings
 from leviathan.run.names import MERGED, UNIFORM
@@ -103,6 +104,8 @@ class EnsembleWorker:
         self.t = plan.training
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        if self.world_size != plan.resources.num_workers:  # the plan says which rank reads which domain
+            raise ValueError(f"{self.world_size} workers run a plan for {plan.resources.num_workers}")
         if plan.resources.use_gpu:
             self.device = ray.train.torch.get_device()
             # TF32 tensor cores for the fp32 matmuls autocast leaves (norms' neighbours, the merger).
@@ -130,28 +133,26 @@ class EnsembleWorker:
                 model, projection = build_member(self.config, j, plan.seed)
                 model, projection = model.to(self.device), projection.to(self.device)
                 members.append(Member(j, names[j], model, projection, adamw(model, self.t.lr, self.t.weight_decay)))
-            shard = manifest.shard(self.domains[i], "train")
+            shard = manifest.shard(self.domains[i], "train")  # one of plan.domains_of_rank(rank)
             sampler = BatchSampler(shard, B, T, seed=derived_seed(plan.seed, "data", i))
             self.modules.append(Module(i, self.domains[i], members, sampler))
         self.members = [m for mod in self.modules for m in mod.members]
 
-        # The merger and the mixed sampler are replicated: same seed, same draws on every rank.
+        # The merger and the mixed sampler are replicated: same seed, same draws on every rank;
+        # each domain's rows are read by the rank that owns it and merged (cluster.data).
         self.merger = build_merger(self.config, plan.seed).to(self.device)
         self.merger_optimizer = None
         # Domain-switch rows need two domains; a one-module job has none.
         switch_fraction = self.t.switch_fraction if len(self.domains) > 1 else 0.0
-        self.mixed_sampler = MixedBatchSampler(
-            [manifest.shard(d, "train") for d in self.domains],
-            B, T, seed=derived_seed(plan.seed, "mixed"), switch_fraction=switch_fraction,
+        self.mixed_sampler = SharedMixedSampler(
+            MixedBatchSampler(
+                rank_shards(manifest, plan, self.rank, "train"),
+                B, T, seed=derived_seed(plan.seed, "mixed"), switch_fraction=switch_fraction,
+            ),
+            self.world_size, self.device,
         )
         # The same windows and dev prefix `jobs.evaluate` scores by default.
-        self.val_sets = {
-            d: eval_batches(manifest.shard(d, "val"), B, T, self.t.eval_batches)
-            for d in self.domains
-        }
-        self.switch_set = (
-            switch_batches([manifest.shard(d, "val") for d in self.domains], B, T) if len(self.domains) > 1 else None
-        )
+        self.val_sets, self.switch_set = validation_sets(manifest, plan, self.rank, self.world_size, self.device)
         self.prefix_tokens = default_prefix_tokens(T)
         self.metrics = MetricsLog(metrics_dir) if self.rank == 0 else None
         self.logged = self.metrics.logged_steps() if self.metrics else {}

@@ -1,20 +1,29 @@
 """What a JobSpec resolves to before any worker starts: its `RunPlan`.
 
 The spec is this layer's schema; `cluster/` below never imports it. Here it is
-turned, once, into the plan the training layer consumes: the manifest and each
-module's domain (checked against the manifest), the model library's
-`EnsembleConfig`, the schedule and the resources. `build_job_trainer` is the
-one place that hands a plan to `cluster.trainer.build_trainer`.
+turned, once per job at its entry (`jobs.train.run`, each Tune trial), into the
+plan the training layer consumes: the manifest and each module's domain
+(checked against the manifest), the model library's `EnsembleConfig` and
+`TrainingConfig`, the resources and the tracking settings. After that only the
+plan travels.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from cluster.plan import Resources, RunPlan, Tracking, Training
+from cluster.plan import Resources, RunPlan, Tracking
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, check_manifest, resolve_manifest_path
 from leviathan.config import EnsembleConfig
 from leviathan.run.manifest import MANIFEST_FILE
+
+
+def ensure_data(spec: JobSpec) -> None:
+    """Prepare the built-in corpus when the spec uses it and it is not prepared yet."""
+    if spec.data.manifest == BUILTIN_MANIFEST:
+        from jobs.prepare import ensure_builtin
+
+        ensure_builtin(spec.data.tokenizer)
 
 
 def resolve_data(spec: JobSpec) -> tuple[str, list[str]]:
@@ -78,7 +87,9 @@ def tracking_of(spec: JobSpec) -> Tracking:
 
 
 def build_plan(spec: JobSpec) -> RunPlan:
-    """The spec's `RunPlan`: data resolved and checked against the manifest, the ensemble config built."""
+    """The spec's `RunPlan`: data resolved and checked against the manifest, the
+    ensemble and training configs built. The built-in corpus must be prepared
+    (`ensure_data`)."""
     from leviathan.data.staging import load_manifest
 
     manifest, domains = resolve_data(spec)
@@ -89,9 +100,10 @@ def build_plan(spec: JobSpec) -> RunPlan:
         manifest=str(manifest),
         domains=tuple(domains[: spec.ensemble.modules]),
         ensemble=ensemble_config(spec, load_manifest(manifest).vocab_size),
-        training=Training(**spec.training.model_dump()),
+        training=spec.training.to_config(),
         resources=resources_of(spec),
         tracking=tracking_of(spec),
+        spec_json=spec.to_json(),
     )
 
 

@@ -10,18 +10,22 @@ error naming the field, not a silently ignored setting.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 if TYPE_CHECKING:
     from leviathan.run.manifest import Manifest
 
-from leviathan.config import BYTE_VOCAB_SIZE, FLAVOURS, MERGE_MODES, MIXERS, PRESETS, SIZE_FIELDS, ComponentConfig, EnsembleConfig
+from leviathan.config import (
+    BYTE_VOCAB_SIZE, FLAVOURS, MERGE_MODES, MIXERS, PRESETS, SIZE_FIELDS, ComponentConfig, EnsembleConfig,
+    TrainingConfig,
+)
 
 # The model library's choices (torch-free `leviathan.config`), as the schema's enums.
 Preset = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
@@ -54,6 +58,11 @@ def default_home() -> Path:
 
 def default_storage() -> str:
     return str(default_home() / "runs")
+
+
+def default_of(cls: type, name: str) -> Any:
+    """A model-library config's default for `name`: the spec's default is that one, not a copy."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 class StrictModel(BaseModel):
@@ -117,18 +126,20 @@ class EnsembleSpec(StrictModel):
             "modules * members_per_module entries in module-major order."
         ),
     )
-    mixer: Mixer = "correlation"
-    window: int = Field(4, ge=1, le=64, description="Lag window w of every member's correlation mixer.")
+    mixer: Mixer = default_of(EnsembleConfig, "mixer")
+    window: int = Field(
+        default_of(ComponentConfig, "window"), ge=1, le=64, description="Lag window w of every member's correlation mixer."
+    )
     merge: MergeMode = Field(
-        "mixture",
+        default_of(EnsembleConfig, "merge"),
         description="mixture: mix the members' predictions (the default: it beats fusion on the demo); fusion: the merger's own head over the fused states.",
     )
     evidence: bool = Field(
-        True,
+        default_of(EnsembleConfig, "evidence"),
         description="Merge scores also see each member's decayed log-likelihood of the text so far (a fresh mixture merger is the running Bayes posterior); false: states only.",
     )
-    merge_width: int = Field(128, ge=8, le=4096)
-    merge_heads: int = Field(4, ge=1, le=64)
+    merge_width: int = Field(default_of(EnsembleConfig, "merge_width"), ge=8, le=4096)
+    merge_heads: int = Field(default_of(EnsembleConfig, "merge_heads"), ge=1, le=64)
     merge_window: int | None = Field(None, ge=1, le=64, description="Lag window of the merger; default: window.")
 
     @model_validator(mode="after")
@@ -170,30 +181,26 @@ class EnsembleSpec(StrictModel):
         return self.merge_window or self.window
 
 
-class TrainingSpec(StrictModel):
-    phase1_steps: int = Field(200, ge=0, le=10_000_000, description="Member steps (phase 1, per member).")
-    phase2_steps: int = Field(100, ge=0, le=10_000_000, description="Merger steps (phase 2).")
-    batch_size: int = Field(16, ge=1, le=4096)
-    seq_len: int = Field(128, ge=2, le=65536)
-    lr: float = Field(3e-3, gt=0, le=1.0)
-    merge_lr: float = Field(3e-3, gt=0, le=1.0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr.")
-    warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = Field(0.1, ge=0, le=1)
-    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
-    eval_interval: int = Field(50, ge=1)
-    eval_batches: int = Field(4, ge=1, le=1000)
-    checkpoint_interval: int = Field(100, ge=1)
-    joint: bool = Field(False, description="Phase 2 also updates the members through the merger.")
-    joint_lr_scale: float = Field(0.1, gt=0, le=1, description="Member lr during joint phase 2, as a fraction of lr.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Autocast dtype on GPU.")
-    evidence_lr_scale: float = Field(
-        10.0, gt=0, le=1000, description="The merger's evidence weights (beta, gamma) learn at merge_lr times this, undecayed."
-    )
-    switch_fraction: float = Field(
-        0.25, ge=0, lt=1,
-        description="Share of each phase-2 batch's rows that are domain-switch windows (one domain, then another) from the train split.",
-    )
+class _TrainingModel(StrictModel):
+    def to_config(self) -> TrainingConfig:
+        """The model library's `TrainingConfig` of this table (what the run plan carries)."""
+        return TrainingConfig(**self.model_dump())
+
+
+def _training_field(f: dataclasses.Field) -> tuple[Any, Any]:
+    """A `TrainingConfig` field as a pydantic field: its type, default, bounds and description."""
+    meta = dict(f.metadata)
+    choices = meta.pop("choices", None)
+    kind = Literal[choices] if choices else {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+    return kind, Field(f.default, **meta)
+
+
+TrainingSpec = create_model(
+    "TrainingSpec",
+    __base__=_TrainingModel,
+    __doc__="The schedule and optimiser settings: `leviathan.config.TrainingConfig`'s fields, defaults and bounds.",
+    **{f.name: _training_field(f) for f in dataclasses.fields(TrainingConfig)},
+)
 
 
 class ResourcesSpec(StrictModel):

@@ -37,8 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec, with_values
-from leviathan.run.manifest import MANIFEST_FILE
+from jobs.spec import JobSpec, SpecError, load_spec, with_values
 from leviathan.run.storage import is_uri
 from leviathan.run.tables import markdown_table
 
@@ -258,8 +257,7 @@ def tune_spec(
 
     from cluster.session import init_ray
     from cluster.trainer import check_placement
-    from jobs.plan import resources_of
-    from jobs.train import prepare_data
+    from jobs.plan import build_plan, ensure_data
 
     if trials < 1:
         raise TuneError(f"--trials: must be >= 1, got {trials}")
@@ -268,14 +266,12 @@ def tune_spec(
     if is_uri(spec.storage):
         raise TuneError(f"storage: jobs.tune writes its tables to a local folder, got {spec.storage}")
     check_params(spec, params)
-    prepare_data(spec)
+    ensure_data(spec)
+    plan = build_plan(spec)  # the base spec's data and resources, checked once; each trial plans its own
     base = spec.model_dump(mode="json")
-    if spec.data.manifest == BUILTIN_MANIFEST:
-        from jobs.prepare import builtin_data_dir
-
-        base["data"]["manifest"] = str(builtin_data_dir(spec.data.tokenizer) / MANIFEST_FILE)
+    base["data"]["manifest"] = plan.manifest  # the built-in corpus as the prepared folder it resolved to
     init_ray()
-    check_placement(resources_of(spec), spec.name)
+    check_placement(plan.resources, spec.name)
 
     storage = Path(spec.storage).expanduser().resolve()
     experiment = f"{spec.name}-tune"

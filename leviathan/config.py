@@ -7,7 +7,7 @@ They round-trip through `to_dict()` / `from_dict()` (JSON- and TOML-safe).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 MLP_WIDTH: dict[str, int] = {"gelu4": 4, "relu3": 3, "leaky6": 6}
@@ -27,6 +27,16 @@ MIXERS = ("correlation", "attention")
 
 MERGE_MODES = ("fusion", "mixture")
 """How the merger combines members: fuse their states, or mix their predictions."""
+
+DTYPES = ("float32", "bfloat16")
+"""Autocast dtypes of a training run on GPU."""
+
+CONFIG_FORMAT_VERSION = 2
+"""`EnsembleConfig.to_dict` writes it. A dict without one predates it: its merger
+defaults were fusion without evidence, and `from_dict` keeps them for it."""
+
+_FORMAT_KEY = "format_version"
+_UNVERSIONED_DEFAULTS: dict[str, Any] = {"merge": "fusion", "evidence": False}
 
 PRESETS: dict[str, dict] = {
     # < 1M parameters with the byte vocabulary: CPU tests and the demo.
@@ -149,7 +159,7 @@ class EnsembleConfig:
     members: list[ComponentConfig]
     modules: int
     members_per_module: int
-    merge: str = "fusion"
+    merge: str = "mixture"
     merge_width: int = 128
     merge_heads: int = 4
     merge_window: int = 4
@@ -216,10 +226,90 @@ class EnsembleConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["members"] = [m.to_dict() for m in self.members]
-        return d
+        return {_FORMAT_KEY: CONFIG_FORMAT_VERSION, **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EnsembleConfig":
-        """A saved config; one written before `evidence` existed holds a state-only merger."""
+        """A saved config. One without `format_version` was written when the defaults were
+        a fusion merger without evidence, so a field it leaves out takes those old values."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
+        d = dict(d)
+        version = d.pop(_FORMAT_KEY, None)
+        if version not in (None, CONFIG_FORMAT_VERSION):
+            raise ValueError(f"{_FORMAT_KEY}: {version!r}, expected {CONFIG_FORMAT_VERSION} (or none for an old config)")
         _check_keys(cls, d)
-        return cls(**{"evidence": False, **d})
+        defaults = _UNVERSIONED_DEFAULTS if version is None else {}
+        return cls(**{**defaults, **d})
+
+
+def bounded(default: Any, description: str, **bounds: Any) -> Any:
+    """A dataclass field with its bounds (ge, gt, le, lt, choices) and description as
+    metadata: the dataclass checks them, and the JobSpec derives its schema from them."""
+    return field(default=default, metadata={"description": description, **bounds})
+
+
+def _check_bounds(name: str, value: Any, kind: type, meta: dict[str, Any]) -> None:
+    if "choices" in meta:
+        _check_choice(name, value, meta["choices"])
+        return
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: must be true or false, got {value!r}")
+        return
+    numeric = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+        raise ValueError(f"{name}: must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    for op, ok, text in (
+        ("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+        ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<"),
+    ):
+        if op in meta and not ok(value, meta[op]):
+            raise ValueError(f"{name}: must be {text} {meta[op]}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """A job's schedule and optimiser settings: the one place their defaults and bounds live.
+
+    The JobSpec's `training` table is derived from these fields (`jobs.spec`), and the
+    run plan carries this dataclass to the workers, so a notebook, a spec and a worker
+    see the same defaults and refuse the same values."""
+
+    phase1_steps: int = bounded(200, "Member steps (phase 1, per member).", ge=0, le=10_000_000)
+    phase2_steps: int = bounded(100, "Merger steps (phase 2).", ge=0, le=10_000_000)
+    batch_size: int = bounded(16, "Rows per batch (phase 2 splits them over the workers).", ge=1, le=4096)
+    seq_len: int = bounded(128, "Tokens per row.", ge=2, le=65536)
+    lr: float = bounded(3e-3, "Member learning rate (phase 1).", gt=0, le=1.0)
+    merge_lr: float = bounded(3e-3, "Merger learning rate (phase 2).", gt=0, le=1.0)
+    min_lr_ratio: float = bounded(0.1, "Cosine decay floor as a fraction of lr.", ge=0, le=1)
+    warmup_steps: int = bounded(20, "Linear warmup steps of each phase.", ge=0)
+    weight_decay: float = bounded(0.1, "AdamW weight decay.", ge=0, le=1)
+    grad_clip: float = bounded(1.0, "Max global grad norm; 0 disables clipping.", ge=0)
+    eval_interval: int = bounded(50, "Steps between evaluations.", ge=1)
+    eval_batches: int = bounded(4, "Validation batches per domain.", ge=1, le=1000)
+    checkpoint_interval: int = bounded(100, "Steps between checkpoints.", ge=1)
+    joint: bool = bounded(False, "Phase 2 also updates the members through the merger.")
+    joint_lr_scale: float = bounded(0.1, "Member lr during joint phase 2, as a fraction of lr.", gt=0, le=1)
+    dtype: str = bounded("float32", "Autocast dtype on GPU.", choices=DTYPES)
+    evidence_lr_scale: float = bounded(
+        10.0, "The merger's evidence weights (beta, gamma) learn at merge_lr times this, undecayed.", gt=0, le=1000
+    )
+    switch_fraction: float = bounded(
+        0.25,
+        "Share of each phase-2 batch's rows that are domain-switch windows (one domain, then another) from the train split.",
+        ge=0, lt=1,
+    )
+
+    def __post_init__(self) -> None:
+        kinds = {"int": int, "float": float, "bool": bool, "str": str}
+        for f in fields(self):
+            _check_bounds(f.name, getattr(self, f.name), kinds[str(f.type)], dict(f.metadata))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainingConfig":
+        _check_keys(cls, d)
+        return cls(**d)

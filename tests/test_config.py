@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from leviathan.config import FLAVOURS, MERGE_MODES, MIXERS, PRESETS, ComponentConfig, EnsembleConfig
+from leviathan.config import (
+    CONFIG_FORMAT_VERSION, FLAVOURS, MERGE_MODES, MIXERS, PRESETS, ComponentConfig, EnsembleConfig, TrainingConfig,
+)
 
 
 @pytest.mark.parametrize(
@@ -100,3 +102,43 @@ def test_ensemble_config_round_trips_through_json() -> None:
     assert again == cfg
     assert again.members[1].n_embd == 32
     assert again.block_size == 256
+
+
+def test_saved_configs_carry_a_format_version_and_old_ones_keep_their_defaults() -> None:
+    cfg = EnsembleConfig(members=[tiny(), tiny()], modules=1, members_per_module=2)
+    saved = cfg.to_dict()
+    assert saved["format_version"] == CONFIG_FORMAT_VERSION
+    # A current dict that leaves a field out takes today's default, as the dataclass does.
+    current = {k: v for k, v in saved.items() if k not in ("merge", "evidence")}
+    assert EnsembleConfig.from_dict(current) == cfg
+    assert (cfg.merge, cfg.evidence) == ("mixture", True)
+    # A dict written before the version existed was a fusion merger without evidence.
+    old = {k: v for k, v in current.items() if k != "format_version"}
+    again = EnsembleConfig.from_dict(old)
+    assert (again.merge, again.evidence) == ("fusion", False)
+    assert EnsembleConfig.from_dict({**old, "merge": "mixture"}).merge == "mixture"
+    with pytest.raises(ValueError, match="format_version: 3"):
+        EnsembleConfig.from_dict({**saved, "format_version": 3})
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"lr": 0}, "lr: must be > 0"),
+        ({"seq_len": 1}, "seq_len: must be >= 2"),
+        ({"switch_fraction": 1.0}, "switch_fraction: must be < 1"),
+        ({"batch_size": 2.5}, "batch_size: must be an integer"),
+        ({"joint": "yes"}, "joint: must be true or false"),
+        ({"dtype": "float16"}, "dtype: 'float16' is not one of float32, bfloat16"),
+    ],
+)
+def test_training_config_checks_its_bounds(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig(**overrides)
+
+
+def test_training_config_round_trips_and_refuses_unknown_keys() -> None:
+    cfg = TrainingConfig(phase1_steps=3, lr=1e-3, joint=True, dtype="bfloat16")
+    assert TrainingConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['steps'\]"):
+        TrainingConfig.from_dict({"steps": 3})

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import get_args
 
 import pytest
 from pydantic import ValidationError
 
 from jobs.plan import ensemble_config
-from jobs.spec import Flavour, JobSpec, MergeMode, Mixer, Preset
-from leviathan.config import FLAVOURS, MERGE_MODES, MIXERS, PRESETS, ComponentConfig
+from jobs.spec import Flavour, JobSpec, MergeMode, Mixer, Preset, TrainingSpec
+from leviathan.config import FLAVOURS, MERGE_MODES, MIXERS, PRESETS, ComponentConfig, EnsembleConfig, TrainingConfig
 
 
 def _errors(body: dict) -> list[tuple[str, str]]:
@@ -92,3 +93,25 @@ def test_base_preset_parameter_count_matches_the_model():
     with torch.device("meta"):
         model = LeviathanComponent(config)
     assert config.num_params == model.num_params()
+
+
+def test_a_notebook_config_equals_a_specs():
+    """Defaults live once, in leviathan.config: the same members built by hand and by a
+    default spec give the same ensemble and training configs."""
+    spec = JobSpec()
+    members = [ComponentConfig.preset("tiny", flavour="gelu4"), ComponentConfig.preset("tiny", flavour="relu3")]
+    notebook = EnsembleConfig(members=members, modules=4, members_per_module=2)
+    assert spec.ensemble.to_config() == notebook
+    assert spec.training.to_config() == TrainingConfig()
+
+
+def test_the_training_table_is_derived_from_training_config():
+    fields = dataclasses.fields(TrainingConfig)
+    assert list(TrainingSpec.model_fields) == [f.name for f in fields]
+    for f in fields:
+        spec_field = TrainingSpec.model_fields[f.name]
+        assert spec_field.default == f.default, f.name
+        assert spec_field.description == f.metadata["description"], f.name
+    errors = _errors({"training": {"lr": 0, "dtype": "float16", "switch_fraction": 1}})
+    assert {loc for loc, _ in errors} == {"training.lr", "training.dtype", "training.switch_fraction"}
+    assert JobSpec.model_validate({"training": {"lr": 0.01}}).training.to_config().lr == 0.01

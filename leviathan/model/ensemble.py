@@ -287,6 +287,28 @@ class CorrelationMerger(nn.Module):
             cache.evidence = e[:, -1]
         return self.beta * e
 
+    def log_weights(
+        self,
+        states: Tensor,
+        target_logprobs: Tensor | None = None,
+        cache: MergeCache | None = None,
+        input_lp: Tensor | None = None,
+        member_mask: Tensor | None = None,
+    ) -> Tensor:
+        """log w[t, m, h] (B, T, M, H), the learned merge weights (see `forward` for the arguments)."""
+        B, T, M, _ = states.shape
+        score = _at_least_float(self.scores(states, cache))  # (B, T, M, H)
+        if self.evidence:
+            if input_lp is None:
+                if target_logprobs is None or target_logprobs.shape != (B, T, M):
+                    got = None if target_logprobs is None else tuple(target_logprobs.shape)
+                    raise ValueError(f"target_logprobs: the evidence needs (B, T, M) = ({B}, {T}, {M}), got {got}")
+                input_lp = input_logprobs(target_logprobs)
+            score = score + self.evidence_term(input_lp, cache)
+        if member_mask is not None:
+            score = score.masked_fill(~member_mask[..., None], float("-inf"))
+        return F.log_softmax(score, dim=2)
+
     def forward(
         self,
         states: Tensor,
@@ -296,6 +318,7 @@ class CorrelationMerger(nn.Module):
         weights: Tensor | None = None,
         cache: MergeCache | None = None,
         input_lp: Tensor | None = None,
+        member_mask: Tensor | None = None,
     ) -> MergeOutput:
         """Merge stacked member states (B, T, M, D).
 
@@ -306,6 +329,8 @@ class CorrelationMerger(nn.Module):
         the uniform mixture baseline, or forcing one member); each must sum to 1 over M.
         input_lp (B, T, M): a[t] = log p_m(x_t | x_<t) for the evidence when
         decoding; otherwise it is target_logprobs shifted right by one.
+        member_mask (B, T, M) bool: the members that may take weight at each
+        position (sparse routing); the softmax runs over those alone.
         """
         B, T, M, D = states.shape
         if M != self.config.num_members or D != self.config.merge_width:
@@ -313,15 +338,7 @@ class CorrelationMerger(nn.Module):
                 f"states: expected (B, T, {self.config.num_members}, {self.config.merge_width}), got {tuple(states.shape)}"
             )
         if weights is None:
-            score = _at_least_float(self.scores(states, cache))  # (B, T, M, H)
-            if self.evidence:
-                if input_lp is None:
-                    if target_logprobs is None or target_logprobs.shape != (B, T, M):
-                        got = None if target_logprobs is None else tuple(target_logprobs.shape)
-                        raise ValueError(f"target_logprobs: the evidence needs (B, T, M) = ({B}, {T}, {M}), got {got}")
-                    input_lp = input_logprobs(target_logprobs)
-                score = score + self.evidence_term(input_lp, cache)
-            log_w = F.log_softmax(score, dim=2)  # (B, T, M, H)
+            log_w = self.log_weights(states, target_logprobs, cache, input_lp, member_mask)  # (B, T, M, H)
             weights = log_w.exp()
         else:
             if weights.shape != (B, T, M, self.n_head):

@@ -1,0 +1,167 @@
+"""Sparse routing on a finished run: tokens per second and val loss, top-k members against all.
+
+    python benchmarks/sparse_routing.py --run ~/leviathan/runs/demo --k 2 --every 8,16,32
+
+Loss: the run's own val windows (each domain's eval windows, the mixed set,
+and the domain-switch set), scored teacher-forced by `routed_target_logprobs`
+on the evaluation's scored positions (the first quarter of every window is the
+prompt, where every member runs). Speed: teacher-forced decoding of a few
+mixed windows, one token at a time with decode caches, through every member
+(the ensemble's own cached step) and through `RoutedDecoder`, interleaved so
+both see the same machine; the ratio is the figure, not either time.
+
+`member_token_forwards` counts the members' work: the idle members still run
+every token, in one chunk per block when they catch up, so routing saves the
+per-token decode steps of M - k members (what dominates a batch-1 decode),
+not their arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import emit_report, machine_info  # noqa: E402
+from jobs.evaluate import _manifest_for, load_final, load_run_spec  # noqa: E402
+from leviathan.data.shards import eval_batches, switch_batches  # noqa: E402
+from leviathan.evaluation import default_prefix_tokens  # noqa: E402
+from leviathan.model.ensemble import EnsembleCache, run_members  # noqa: E402
+from leviathan.model.routing import RoutedDecoder, routed_target_logprobs  # noqa: E402
+
+
+def member_outputs(ensemble, batches):
+    """Every member's states (N, T, M, D) and target log-probs (N, T, M) on the windows."""
+    states, target_lp = [], []
+    for x, y in batches:
+        out = run_members(ensemble.members, ensemble.projections, x, y)
+        states.append(out.states.permute(1, 2, 0, 3))
+        target_lp.append(out.target_logprobs.permute(1, 2, 0))
+    return torch.cat(states), torch.cat(target_lp)
+
+
+def losses(ensemble, columns: dict[str, tuple], prefix: int, settings: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
+    """Mean NLL per column on the scored positions prefix..T-1, for all members and each (k, R)."""
+    M = ensemble.config.num_members
+    out: dict[str, dict[str, float]] = {}
+    for k, every in [(M, 1), *settings]:
+        name = "all" if k == M else f"k={k} R={every}"
+        out[name] = {
+            column: -routed_target_logprobs(ensemble.merger, states, target_lp, k, every, prefix)[:, prefix:].mean().item()
+            for column, (states, target_lp) in columns.items()
+        }
+    return out
+
+
+def decode_all(ensemble, window: torch.Tensor, prefix: int) -> int:
+    """Every member, cached, one token at a time; returns member-token forwards."""
+    cache = EnsembleCache(ensemble.members)
+    ensemble._step(window[:, :prefix], cache)
+    for t in range(prefix, window.size(1)):
+        ensemble._step(window[:, t : t + 1], cache)
+    return ensemble.config.num_members * window.size(1)
+
+
+def decode_routed(ensemble, window: torch.Tensor, prefix: int, k: int, every: int) -> int:
+    decoder = RoutedDecoder(ensemble, k, every)
+    decoder.prefill(window[:, :prefix])
+    for t in range(prefix, window.size(1)):
+        decoder.step(window[:, t : t + 1])
+    return decoder.member_steps
+
+
+def timed(fn, *args) -> tuple[float, float, int]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    work = fn(*args)
+    return time.perf_counter() - wall, time.process_time() - cpu, work
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a finished run folder (holds final/)")
+    p.add_argument("--k", default="2", help="members kept, comma-separated")
+    p.add_argument("--every", default="8,16,32", help="re-choose every R tokens, comma-separated")
+    p.add_argument("--decode-windows", type=int, default=4, help="mixed windows decoded for the timing")
+    p.add_argument("--rounds", type=int, default=2, help="timing rounds (interleaved, best kept)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="also write the JSON report here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = [(int(k), int(r)) for k in args.k.split(",") for r in args.every.split(",")]
+
+    run = Path(args.run).expanduser()
+    spec = load_run_spec(run)
+    ensemble, _ = load_final(run)
+    ensemble.eval()
+    manifest = _manifest_for(spec, None)
+    domains = list(spec.data.domains or manifest.domains[: ensemble.config.modules])
+    seq_len = min(spec.training.seq_len, ensemble.config.block_size)
+    prefix = default_prefix_tokens(seq_len)
+    shards = [manifest.shard(d, "val") for d in domains]
+    per_domain = [eval_batches(s, spec.training.batch_size, seq_len, spec.training.eval_batches) for s in shards]
+    n = min(sum(len(x) for x, _ in b) for b in per_domain)  # every domain on the same number of windows
+    mixed = [(torch.cat([x for x, _ in b])[:n], torch.cat([y for _, y in b])[:n]) for b in per_domain]
+    columns = {"mixed": member_outputs(ensemble, mixed)}
+    if len(shards) > 1:
+        columns["switch"] = member_outputs(ensemble, switch_batches(shards, spec.training.batch_size, seq_len))
+    loss = losses(ensemble, columns, prefix, settings)
+
+    windows = torch.cat([torch.cat([x[:, :1], y], dim=1) for x, y in mixed])  # (N, T + 1)
+    pick = windows[torch.linspace(0, len(windows) - 1, args.decode_windows).long()]
+    rows = {"all": [], **{f"k={k} R={r}": [] for k, r in settings}}
+    for _ in range(args.rounds):
+        for w in pick:
+            w = w[None]
+            rows["all"].append(timed(decode_all, ensemble, w, prefix))
+            for k, r in settings:
+                rows[f"k={k} R={r}"].append(timed(decode_routed, ensemble, w, prefix, k, r))
+    tokens = args.decode_windows * (windows.size(1) - prefix)
+
+    def summary(samples):
+        half = len(samples) // args.rounds  # per round: sum over windows; keep the best round
+        rounds = [samples[i * half : (i + 1) * half] for i in range(args.rounds)]
+        wall = min(sum(s[0] for s in r) for r in rounds)
+        cpu = min(sum(s[1] for s in r) for r in rounds)
+        return {"tokens_per_s": tokens / wall, "cpu_s": cpu, "member_token_forwards": sum(s[2] for s in rounds[0])}
+
+    base = summary(rows["all"])
+    table = []
+    for name, samples in rows.items():
+        s = summary(samples)
+        table.append({
+            "setting": name,
+            **s,
+            "speedup_wall": s["tokens_per_s"] / base["tokens_per_s"],
+            "speedup_cpu": base["cpu_s"] / s["cpu_s"],
+            **{f"loss_{c}": v for c, v in loss[name].items()},
+            **{f"delta_{c}": v - loss["all"][c] for c, v in loss[name].items()},
+        })
+    report = {
+        "benchmark": "sparse_routing",
+        "run": str(run),
+        "members": ensemble.config.num_members,
+        "seq_len": seq_len,
+        "prompt_tokens": prefix,
+        "windows": {c: int(s.size(0)) for c, (s, _) in columns.items()},
+        "decoded_tokens": tokens,
+        "table": table,
+        "machine": machine_info(torch=torch.__version__, threads=args.threads, load=os.getloadavg()),
+    }
+    for r in table:
+        print(
+            f"{r['setting']:>12}  {r['tokens_per_s']:8.1f} tok/s  x{r['speedup_wall']:.2f} wall  x{r['speedup_cpu']:.2f} cpu  "
+            + "  ".join(f"{c} {r[f'loss_{c}']:.4f} ({r[f'delta_{c}']:+.4f})" for c in columns),
+            file=sys.stderr,
+        )
+    return emit_report(report, args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
