@@ -21,26 +21,37 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from api.errors import ApiError, InvalidField
 from api.metrics import MetricsReader
-from api.ray_jobs import RayGateway
+from api.ray_jobs import JobsGateway, RayGateway
 from api.routes import health, jobs
+from api.services.runs import storage_root
 from api.settings import Settings
 from api.strict_json import MAX_MESSAGE_CHARS, safe_errors, shorten
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"detail": safe_errors(exc.errors())}, status_code=422)
-
-
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def error_answer(request: Request, exc: Exception) -> JSONResponse:
+    """The one exception handler: the project's errors by their status, FastAPI's
+    validation errors and Starlette's HTTP errors as FastAPI answers them, every
+    message shortened."""
+    if isinstance(exc, InvalidField):
+        return JSONResponse({"detail": safe_errors(exc.errors)}, status_code=422)
+    if isinstance(exc, ApiError):
+        return JSONResponse({"detail": shorten(exc.message, MAX_MESSAGE_CHARS)}, status_code=exc.status,
+                            headers=exc.headers or None)
+    if isinstance(exc, RequestValidationError):
+        return JSONResponse({"detail": safe_errors(exc.errors())}, status_code=422)
+    assert isinstance(exc, HTTPException)
     if isinstance(exc.detail, str):
         exc.detail = shorten(exc.detail, MAX_MESSAGE_CHARS)
     return await http_exception_handler(request, exc)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, gateway: JobsGateway | None = None) -> FastAPI:
+    """An app on `settings` (default: the environment's) talking to Ray through
+    `gateway` (default: a `RayGateway` on the settings' Ray address)."""
     settings = settings if settings is not None else Settings()
-    gateway = RayGateway(settings)
+    gateway = gateway if gateway is not None else RayGateway(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,8 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.ray = gateway
     app.state.metrics = MetricsReader()
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
+    app.state.storage_root = storage_root(settings)
+    for kind in (ApiError, RequestValidationError, HTTPException):
+        app.add_exception_handler(kind, error_answer)
     app.include_router(health.router)
     app.include_router(jobs.router)
     return app

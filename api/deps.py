@@ -1,10 +1,12 @@
-"""Dependencies injected into the routes: settings, auth, the Ray gateway.
+"""Dependencies injected into the routes: settings, the Ray gateway, the metrics
+reader, the storage root, and auth.
 
-Everything hangs off `app.state` (set by `create_app(settings)`), so tests build
-an app with their own settings and nothing is read from globals. Each is declared
-once as an `Annotated` alias. They are `async def` because none of them blocks:
-FastAPI runs plain `def` dependencies in a worker thread, which a status call
-would pay for several times over.
+Everything hangs off `app.state` (set by `create_app(settings, gateway)`), so tests
+build an app with their own settings and gateway and nothing is read from globals.
+Each is declared once as an `Annotated` alias, and every route takes its services
+through these aliases. They are `async def` because none of them blocks: FastAPI
+runs plain `def` dependencies in a worker thread, which a status call would pay
+for several times over.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 
-from api.ray_jobs import RayGateway
+from api.errors import Unauthorized
+from api.metrics import MetricsReader
+from api.ray_jobs import JobsGateway
 from api.settings import Settings
 
 
@@ -23,12 +27,22 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_gateway(request: Request) -> RayGateway:
+async def get_gateway(request: Request) -> JobsGateway:
     return request.app.state.ray
 
 
+async def get_metrics_reader(request: Request) -> MetricsReader:
+    return request.app.state.metrics
+
+
+async def get_storage_root(request: Request) -> str:
+    return request.app.state.storage_root
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-GatewayDep = Annotated[RayGateway, Depends(get_gateway)]
+GatewayDep = Annotated[JobsGateway, Depends(get_gateway)]
+MetricsDep = Annotated[MetricsReader, Depends(get_metrics_reader)]
+StorageRootDep = Annotated[str, Depends(get_storage_root)]
 
 
 class ApiToken(HTTPBearer):
@@ -37,8 +51,7 @@ class ApiToken(HTTPBearer):
     This is the API's own token; the Ray cluster's token never comes from clients.
     The comparison is constant-time so response timing does not leak the token.
     One dependency both declares the scheme in the OpenAPI document and checks it,
-    with the settings read from `app.state`: every /v1 route runs it, and FastAPI
-    solves each nested dependency again on every request.
+    with the settings read from `app.state`: every /v1 route runs it.
     """
 
     async def __call__(self, request: Request) -> None:  # type: ignore[override]
@@ -49,9 +62,7 @@ class ApiToken(HTTPBearer):
         expected = settings.api_token.get_secret_value().encode()
         given = credentials.credentials.encode() if credentials is not None else b""
         if credentials is None or not hmac.compare_digest(given, expected):
-            raise HTTPException(
-                401, "missing or invalid API token", headers={"WWW-Authenticate": "Bearer"}
-            )
+            raise Unauthorized("missing or invalid API token")
 
 
 require_api_token = ApiToken(

@@ -9,14 +9,10 @@ proxied status call pays that on top of FastAPI's own work and Ray's. Ray's
 `JobSubmissionClient` is kept for what REST alone cannot do: submitting a job
 (it uploads the `working_dir` package first) and following a log (a websocket).
 
-Ray is the only source of truth: a Leviathan job is a Ray job whose metadata
-carries the run folder and the spec's name, so a restarted API (or one on
-another host) recovers every job from Ray's job list.
-
-A job's code reaches the cluster one of two ways (README): `working_dir` set
-(default: this checkout) uploads the project as the job's `runtime_env`
-working_dir, minus `.git`, virtual environments and data (Ray caps uploads at
-100 MiB); `working_dir` empty means the package is installed on every node.
+Ray is the only source of truth. Every failure leaves this module as an
+`api.errors.ApiError` (never an HTTP exception): the app's one handler maps it.
+What a Leviathan job is (its metadata, entrypoint, upload) is
+`api.services.jobs`'s business, not this client's.
 """
 
 from __future__ import annotations
@@ -24,56 +20,31 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import secrets
-import shlex
 import threading
+from collections.abc import AsyncIterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import aiohttp
 import requests
-from fastapi import HTTPException
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
+from api.errors import NotFound, NotStarted, RayFailed, RayRefusedToken, RayUnavailable
 from api.settings import RayTokenSource, Settings
 from api.strict_json import shorten
-from jobs.spec import JobSpec
-from leviathan.run import storage
-from leviathan.run.env import RAY_TRAIN_STATE_TRACKING
-from leviathan.run.folder import RunFolder
 
-# Job metadata keys (Ray metadata values are strings).
-META_RUN_DIR = "leviathan_run_dir"
-META_RUN_NAME = "leviathan_run_name"
-META_SPEC_NAME = "leviathan_spec_name"
-META_MODULES = "leviathan_modules"
-META_MEMBERS_PER_MODULE = "leviathan_members_per_module"
-META_PHASE1_STEPS = "leviathan_phase1_steps"
-META_PHASE2_STEPS = "leviathan_phase2_steps"
-
-SUBMISSION_PREFIX = "leviathan-"
 TERMINAL = {"STOPPED", "SUCCEEDED", "FAILED"}
-
-# gitwildmatch patterns relative to working_dir (Ray also honours .gitignore and
-# .rayignore). Hidden entries are .git, .venv and tool caches: none is code.
-# ".?*", not ".*": Ray matches the root itself as "." and ".*" would exclude everything.
-UPLOAD_EXCLUDES = [".?*", "/venv", "/runs", "/data", "*.egg-info", "__pycache__", "/benchmarks/results"]
 
 # Ids the Jobs server can address: Ray builds `/api/jobs/{id}` without quoting,
 # so anything else cannot name a job there either.
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$")
-_STATUS_CODE = re.compile(r"status code (\d{3})")
 
 
-class RayRefusedToken(HTTPException):
-    """502: the cluster refused the Ray token the API passed on (never the token itself)."""
-
-    def __init__(self, status: int | None = None) -> None:
-        code = f" (HTTP {status})" if status else ""
-        super().__init__(502, f"the Ray cluster refused the API's Ray token{code}")
+def _no_job(job_id: str) -> NotFound:
+    return NotFound(f"no job {shorten(job_id)!r}")
 
 
 @dataclass(frozen=True)
@@ -111,9 +82,50 @@ class RayJob:
         return self.type == "SUBMISSION" and bool(self.submission_id)
 
 
+class JobsGateway(Protocol):
+    """What the services need of a Ray cluster's Jobs API. `RayGateway` is the real
+    one; tests use an in-memory double. Every failure is an `api.errors.ApiError`."""
+
+    submit_lock: asyncio.Lock
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def version(self) -> dict[str, Any]: ...
+
+    async def job(self, job_id: str) -> RayJob:
+        """The job's record, possibly shared with concurrent callers (NotFound if none)."""
+        ...
+
+    async def fresh_job(self, job_id: str) -> RayJob:
+        """The job's record, asked of Ray now (NotFound if none)."""
+        ...
+
+    async def jobs(self) -> list[RayJob]:
+        """All submitted jobs, newest first."""
+        ...
+
+    async def logs(self, job_id: str) -> str: ...
+
+    async def follow_logs(self, job_id: str) -> AsyncIterator[str]:
+        """The job's log from its first line, as it is written, until the job ends.
+        Awaiting it connects (failing as an ApiError); iterating it streams."""
+        ...
+
+    async def stop(self, job_id: str) -> bool: ...
+
+    def submit(self, *, entrypoint: str, submission_id: str, runtime_env: dict[str, Any],
+               metadata: dict[str, str]) -> None:
+        """Submit a job (blocking: it may upload the working_dir first)."""
+        ...
+
+    def dashboard_link(self, job_id: str) -> str: ...
+
+
 class RayGateway:
     """The API's link to one Ray cluster: the REST client, the cluster token, and a
-    JobSubmissionClient for submissions and log streams.
+    JobSubmissionClient for submissions and log streams. A `JobsGateway`.
 
     `start()` / `aclose()` run in the app's lifespan: the async client belongs to
     the server's event loop.
@@ -147,43 +159,43 @@ class RayGateway:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
     async def _call(self, method: str, path: str, job_id: str | None = None) -> Any:
-        """One REST call; Ray's answers become HTTP errors a client can act on."""
+        """One REST call; Ray's answers become project errors a client can act on."""
         if self._http is None:
-            raise HTTPException(503, "the API is not started (no Ray client)")
+            raise NotStarted("the API is not started (no Ray client)")
         try:
             async with self._http.request(
                 method, self.settings.ray_address + path, headers=self._headers()
             ) as r:
                 status, body = r.status, await r.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise HTTPException(503, f"Ray Jobs server unreachable: {type(e).__name__} {shorten(str(e), 160)}",
-                                headers={"Retry-After": "5"}) from None
+            raise RayUnavailable(
+                f"Ray Jobs server unreachable: {type(e).__name__} {shorten(str(e), 160)}"
+            ) from None
         if status == 200:
             try:
                 return json.loads(body)
             except ValueError:
-                raise HTTPException(502, "Ray Jobs server error: an answer that is not JSON") from None
+                raise RayFailed("Ray Jobs server error: an answer that is not JSON") from None
         if status in (401, 403):
             raise RayRefusedToken(status)
         if status == 404 and job_id is not None:
-            raise HTTPException(404, f"no job {shorten(job_id)!r}")
+            raise _no_job(job_id)
         text = body.decode("utf-8", errors="replace")
         if "try again later" in text:  # e.g. the head's job agent is still starting
-            raise HTTPException(503, f"Ray Jobs server not ready: {shorten(text, 200)}",
-                                headers={"Retry-After": "5"})
-        raise HTTPException(502, f"Ray Jobs server error: HTTP {status}: {shorten(text, 200)}")
+            raise RayUnavailable(f"Ray Jobs server not ready: {shorten(text, 200)}")
+        raise RayFailed(f"Ray Jobs server error: HTTP {status}: {shorten(text, 200)}")
 
     async def version(self) -> dict[str, Any]:
         return await self._call("GET", "/api/version")
 
     async def fresh_job(self, job_id: str) -> RayJob:
-        """A submitted job's record, asked of Ray now; 404 for anything else (drivers
+        """A submitted job's record, asked of Ray now; NotFound for anything else (drivers
         started with `ray.init()` are not jobs this API manages)."""
         if not _JOB_ID.match(job_id):
-            raise HTTPException(404, f"no job {shorten(job_id)!r}")
+            raise _no_job(job_id)
         job = RayJob.from_json(await self._call("GET", f"/api/jobs/{job_id}", job_id))
         if not job.is_submission:
-            raise HTTPException(404, f"no job {shorten(job_id)!r}")
+            raise _no_job(job_id)
         return job
 
     async def job(self, job_id: str) -> RayJob:
@@ -234,25 +246,39 @@ class RayGateway:
         self._drop(job_id)  # polls after the stop ask Ray again
         return stopped
 
-    def sdk(self) -> JobSubmissionClient:
+    def _client(self) -> JobSubmissionClient:
         """Ray's client, rebuilt when the token changes. Blocking (building one costs
         two round trips): call it from a worker thread."""
         token = self.token.get()
         with self._sdk_lock:
             if self._sdk is None or token != self._sdk_token:
                 headers = {"Authorization": f"Bearer {token}"} if token else None
-                with ray_errors():
+                with _client_errors():
                     self._sdk = JobSubmissionClient(self.settings.ray_address, headers=headers)
                 self._sdk_token = token
             return self._sdk
+
+    def submit(self, *, entrypoint: str, submission_id: str, runtime_env: dict[str, Any],
+               metadata: dict[str, str]) -> None:
+        """Submit through Ray's client (it uploads the working_dir package first). Blocking."""
+        client = self._client()
+        with _client_errors():
+            client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                              runtime_env=runtime_env, metadata=metadata)
+
+    async def follow_logs(self, job_id: str) -> AsyncIterator[str]:
+        """Following is a websocket: Ray's client does it. The client is built before the
+        answer starts, so an unreachable cluster is still an error status."""
+        client = await asyncio.to_thread(self._client)
+        return client.tail_job_logs(job_id)
 
     def dashboard_link(self, job_id: str) -> str:
         return f"{self.settings.public_dashboard_url}/#/jobs/{job_id}"
 
 
 @contextmanager
-def ray_errors(job_id: str | None = None) -> Iterator[None]:
-    """Translate JobSubmissionClient exceptions into HTTP errors.
+def _client_errors() -> Iterator[None]:
+    """JobSubmissionClient's exceptions as project errors.
 
     The client raises RuntimeError("Request failed with status code N: ...") for
     any non-200 answer, ConnectionError when the server is down, and
@@ -260,81 +286,15 @@ def ray_errors(job_id: str | None = None) -> Iterator[None]:
     """
     try:
         yield
-    except HTTPException:
-        raise
     except AuthenticationError:
         raise RayRefusedToken() from None
     except (ConnectionError, requests.RequestException) as e:
-        raise HTTPException(503, f"Ray Jobs server unreachable: {type(e).__name__}") from None
+        raise RayUnavailable(f"Ray Jobs server unreachable: {type(e).__name__}") from None
     except RuntimeError as e:
-        m = _STATUS_CODE.search(str(e))
-        if job_id is not None and m and m.group(1) == "404":
-            raise HTTPException(404, f"no job {shorten(job_id)!r}") from None
         if "try again later" in str(e):
-            raise HTTPException(
-                503, f"Ray Jobs server not ready: {shorten(str(e), 200)}", headers={"Retry-After": "5"}
-            ) from None
-        raise HTTPException(502, f"Ray Jobs server error: {shorten(str(e), 200)}") from None
+            raise RayUnavailable(f"Ray Jobs server not ready: {shorten(str(e), 200)}") from None
+        raise RayFailed(f"Ray Jobs server error: {shorten(str(e), 200)}") from None
 
 
 def ms_to_datetime(ms: int | None) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
-
-
-# ----------------------------------------------------------------------------- submission
-
-
-def new_run_name(spec_name: str) -> str:
-    """`<name>-<6 hex>`: unique run folders for specs that share a name; fits the
-    spec's 63-character name pattern."""
-    return f"{spec_name[:56]}-{secrets.token_hex(3)}"
-
-
-def ensure_storage(location: str) -> None:
-    """Create the storage root (or the folder under it a spec names) if needed."""
-    storage.make_dir(location)
-
-
-def write_spec(spec: JobSpec) -> str:
-    """Write `<run_dir>/spec.json`, the one copy the job reads; returns its path or URI.
-
-    The run folder must not exist yet (FileExistsError): a collision would mix two
-    runs' outputs. The storage folder above it must exist (`ensure_storage`).
-    """
-    storage.make_dir(spec.run_dir, new=True)
-    spec_path = RunFolder(spec.run_dir).spec
-    storage.write_text(spec_path, spec.to_json() + "\n")
-    return spec_path
-
-
-def entrypoint(settings: Settings, spec_path: str) -> str:
-    """The only command this API ever runs: the training entry on a typed spec."""
-    python = " ".join(shlex.quote(p) for p in shlex.split(settings.job_python))
-    return f"{python} -m jobs.train --spec {shlex.quote(spec_path)}"
-
-
-def runtime_env(settings: Settings) -> dict:
-    env: dict = {
-        "env_vars": {
-            # The dashboard's Train view needs state tracking in the job's environment.
-            RAY_TRAIN_STATE_TRACKING: "1",
-            # Log lines reach `ray job logs` / the log stream as they are printed.
-            "PYTHONUNBUFFERED": "1",
-        }
-    }
-    if settings.working_dir:
-        env["working_dir"] = settings.working_dir
-        env["excludes"] = list(UPLOAD_EXCLUDES)
-    return env
-
-
-def job_metadata(spec: JobSpec, spec_name: str) -> dict[str, str]:
-    return {
-        META_RUN_DIR: spec.run_dir,
-        META_RUN_NAME: spec.name,
-        META_SPEC_NAME: spec_name,
-        META_MODULES: str(spec.ensemble.modules),
-        META_MEMBERS_PER_MODULE: str(spec.ensemble.members_per_module),
-        META_PHASE1_STEPS: str(spec.training.phase1_steps),
-        META_PHASE2_STEPS: str(spec.training.phase2_steps),
-    }

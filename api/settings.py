@@ -20,6 +20,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobs.spec import default_home, default_storage
+from leviathan.run.ray_address import DEFAULT_JOBS_URL, ray_address
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,13 +37,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LEVIATHAN_", extra="ignore")
 
     ray_address: str = Field(
-        "http://127.0.0.1:8265",
-        validation_alias=AliasChoices(
-            "LEVIATHAN_RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_ADDRESS", "ray_address"
-        ),
+        default_factory=lambda: ray_address("jobs") or DEFAULT_JOBS_URL,
+        validate_default=True,
         description=(
             "URL of the Ray Jobs server (the dashboard), http(s)://host:8265; like `ray job`, "
-            "falls back to RAY_API_SERVER_ADDRESS, then RAY_ADDRESS."
+            "falls back to RAY_API_SERVER_ADDRESS, then RAY_ADDRESS (`leviathan.run.ray_address`)."
         ),
     )
     dashboard_url: str | None = Field(

@@ -15,6 +15,15 @@ Per worker (one GPU, one module = `members_per_module` members; W workers):
                         + projection inputs (the worker's members' hidden states, B, T, C, bf16)
                         + activations of the merger on the worker's B / W rows
 
+Activations are counted per mixer path, for what that path saves:
+
+    triton       the GPU's path: the kernel's autograd op saves q, k, v (views of the
+                 attention projection's output), the fp32 lag weights, out and lse; the
+                 launch is replaced by a CPU reference for the count (`triton_on_cpu`)
+    lag_stacked  SDPA on queries and keys stacked d*w wide (CUDA without Triton, or with
+                 dropout): the stacked tensors are saved; on CPU the values are zero-padded
+                 to d*w too, so this count is an upper bound for the GPU's
+
 Activations = the bytes autograd saves for backward (`saved_tensors_hooks`,
 each storage counted once, parameters left out), measured on CPU under bf16
 autocast as on the GPU. Score matrices (..., T, T), which CPU's math SDPA
@@ -25,12 +34,14 @@ Transient buffers of the backward pass and the allocator's fragmentation
 come on top: `benchmarks/gpu_check.py` reports the measured peak of one base
 member at B = 32, T = 512 to compare with.
 
-    python benchmarks/memory_estimate.py [--spec jobs/specs/giant.toml] [--out FILE]
+    python benchmarks/memory_estimate.py [--spec jobs/specs/giant.toml] [--paths triton,lag_stacked] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 import tomllib
@@ -85,18 +96,62 @@ def fit(points: list[tuple[int, int]], values: list[int]) -> tuple[float, float,
     return a, b, worst
 
 
-def member_activations(config, vocab_size: int) -> dict[str, Any]:
-    """Saved-for-backward bytes of one member's training forward (loss included) at every point."""
-    from leviathan.model.component import build_component
+PATHS = ("triton", "lag_stacked")
 
+
+@contextlib.contextmanager
+def triton_on_cpu():
+    """The Triton path's autograd op on CPU with its launch replaced by a reference forward,
+    so the op saves for backward exactly what it saves on the GPU. Restores both on exit."""
+    from leviathan.kernels import shifted_diagonal as kernel
+    from leviathan.model.correlation import shifted_diagonal
+
+    def reference(q, k, v, lag_weight, scale, **_):
+        with torch.no_grad():
+            out = shifted_diagonal(q, k, v, lag_weight, scale)
+        return out, q.new_zeros(q.shape[:-1], dtype=torch.float32)
+
+    launch, interpret = kernel.forward, os.environ.get("TRITON_INTERPRET")
+    kernel.forward, os.environ["TRITON_INTERPRET"] = reference, "1"  # "1": the mixer may take the path on CPU
+    try:
+        yield
+    finally:
+        kernel.forward = launch
+        if interpret is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
+
+
+def member_activations(config, vocab_size: int, path: str = "triton") -> dict[str, Any]:
+    """Saved-for-backward bytes of one member's training forward (loss included) at every point,
+    with its mixer on `path`."""
+    from leviathan.model.component import build_component
+    from leviathan.model.correlation import MultiHeadedCorrelation
+
+    if path not in PATHS:
+        raise ValueError(f"path: one of {PATHS}, got {path!r}")
     torch.manual_seed(0)
     model = build_component(config).train()
+    for m in model.modules():
+        if isinstance(m, MultiHeadedCorrelation):
+            m.force_path = path
     rows = []
-    for B, T in POINTS:
-        x = torch.randint(0, vocab_size, (B, T + 1))
-        counter = SavedBytes(T, list(model.parameters()))
-        rows.append({"B": B, "T": T, **counter.measure(lambda: model(x[:, :-1], x[:, 1:])[1])})
-    return {"params": model.num_params(), "points": rows}
+    with triton_on_cpu() if path == "triton" else contextlib.nullcontext():
+        for B, T in POINTS:
+            x = torch.randint(0, vocab_size, (B, T + 1))
+            counter = SavedBytes(T, list(model.parameters()))
+            rows.append({"B": B, "T": T, **counter.measure(lambda: model(x[:, :-1], x[:, 1:])[1])})
+    return {"params": model.num_params(), "path": path, "points": rows}
+
+
+def member_step_estimate(config, batch_size: int, seq_len: int, path: str) -> dict[str, float]:
+    """GiB of one member's training step on `path`: weights, grads, AdamW (16 B/param) and the
+    activations extrapolated to batch_size x seq_len (what `benchmarks/gpu_check.py` measures)."""
+    measured = member_activations(config, config.vocab_size, path)
+    activations = extrapolate(measured, batch_size * seq_len)["at_target_bytes"]
+    state = 16 * measured["params"]
+    return {"weights_grads_adamw": state / GIB, "activations": activations / GIB, "total": (state + activations) / GIB}
 
 
 def merger_activations(ensemble_config) -> dict[str, Any]:
@@ -110,8 +165,10 @@ def merger_activations(ensemble_config) -> dict[str, Any]:
     for B, T in POINTS:
         states = torch.randn(B, T, M, D, requires_grad=True)
         y = torch.randint(0, V, (B, T))
+        # The members' log-probs of the targets: the evidence term and the mixture loss read them.
+        target_lp = -5 * torch.rand(B, T, M)
         counter = SavedBytes(T, list(merger.parameters()))
-        rows.append({"B": B, "T": T, **counter.measure(lambda: merger(states, targets=y).loss)})
+        rows.append({"B": B, "T": T, **counter.measure(lambda: merger(states, target_logprobs=target_lp, targets=y).loss)})
     return {"params": sum(p.numel() for p in merger.parameters()), "points": rows}
 
 
@@ -125,8 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default=str(GIANT_SPEC), help="spec file (its placeholders need not be set)")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the prepared corpus (BPE default 4096)")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"mixer paths to count, of {PATHS}")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if not paths or not set(paths) <= set(PATHS):
+        p.error(f"--paths: a comma-separated subset of {PATHS}, got {args.paths!r}")
 
     from jobs.spec import EnsembleSpec, ResourcesSpec, TrainingSpec
 
@@ -142,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     local = config.members[:k]  # module 0's members: every worker hosts one module of the same shapes
     tokens = B * T
 
-    members = {}
-    for c in local:
-        measured = member_activations(c, args.vocab_size)
-        members[c.flavour] = {**measured, "extrapolated": extrapolate(measured, tokens)}
+    members: dict[str, dict[str, Any]] = {path: {} for path in paths}
+    for path in paths:
+        for c in local:
+            measured = member_activations(c, args.vocab_size, path)
+            members[path][c.flavour] = {**measured, "extrapolated": extrapolate(measured, tokens)}
     merger = merger_activations(config)
     rows_per_worker = -(-B // workers)  # ceil(B / W): the most rows a rank merges
     merger["extrapolated"] = extrapolate(merger, rows_per_worker * T)
@@ -153,12 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     member_params = sum(c.num_params for c in local)
     projection_params = sum(c.n_embd * config.merge_width for c in local)
     merger_params = merger["params"]
-    activations_1 = max(m["extrapolated"]["at_target_bytes"] for m in members.values())
-    phase1 = {
-        "members_weights_grads_adamw": 16 * member_params,
-        "merger_and_projections_weights": 4 * (merger_params + projection_params),
-        "activations_largest_member_step": activations_1,
-    }
+    phase1 = {}
+    for path in paths:
+        flavour, largest = max(members[path].items(), key=lambda kv: kv[1]["extrapolated"]["at_target_bytes"])
+        parts = {
+            "members_weights_grads_adamw": 16 * member_params,
+            "merger_and_projections_weights": 4 * (merger_params + projection_params),
+            "activations_largest_member_step": largest["extrapolated"]["at_target_bytes"],
+        }
+        phase1[path] = {**{k_: v / GIB for k_, v in parts.items()}, "total": sum(parts.values()) / GIB,
+                        "largest_member": flavour}
     bf16 = 2
     phase2 = {
         "members_weights": 4 * member_params,
@@ -176,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "members": members,
         "merger": merger,
         "per_gpu_gib": {
-            "phase1": {**{k_: v / GIB for k_, v in phase1.items()}, "total": sum(phase1.values()) / GIB},
+            "phase1_by_path": phase1,
             "phase2": {**{k_: v / GIB for k_, v in phase2.items()}, "total": sum(phase2.values()) / GIB},
         },
         "not_included": "transient buffers of the backward pass, evaluation batches, the CUDA context (~0.5 GiB), allocator fragmentation",

@@ -13,6 +13,16 @@ directory (Ray merges the ranks' files):
     state.json        by rank 0: {"phase": "members" | "merge", "step": n, ...}
     final_table.json  by rank 0, in the job's last checkpoint only: the closing
                       evaluation table (leviathan.run.report.final_table, the report under "report")
+    files_rank_{r}.json  by rank r, written last: size and sha256 of every file
+                      the rank wrote (its seal)
+
+A checkpoint is intact when every rank's seal is there and every sealed file
+has its size and hash: a node lost mid-upload, or a disk that filled, leaves a
+checkpoint that is not. Restore (`newest_intact`) takes the newest intact
+checkpoint, names what was wrong with any newer one, and says which steps
+will be replayed; the run keeps two checkpoints (`CheckpointConfig
+(num_to_keep=2)`), so the one before is there. Uploads (`persist`) retry an
+unreachable object store for a bounded time (`leviathan.run.storage.retrying`).
 
 Module files do not depend on the placement, so a run restarted on a
 different set of workers still finds every module's state. `assemble` reads a
@@ -21,18 +31,22 @@ checkpoint without Ray into a `LeviathanEnsemble` (for `final/`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from cluster.members import Module
 from leviathan.config import EnsembleConfig
 from leviathan.model.checkpoint import assign_state
 from leviathan.model.ensemble import LeviathanEnsemble
+from leviathan.run.storage import retrying
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"
@@ -42,6 +56,13 @@ MERGER_FILE = "merger.pt"
 
 class CheckpointLayoutError(ValueError):
     """A training checkpoint that lacks a file or does not match the job."""
+
+
+SEAL = re.compile(r"files_rank_(\d+)\.json$")
+
+
+def seal_file(rank: int) -> str:
+    return f"files_rank_{rank}.json"
 
 
 def module_file(index: int) -> str:
@@ -175,9 +196,10 @@ def assemble(directory: str | Path) -> LeviathanEnsemble:
     as they are: no parameter is allocated or randomly initialised only to be
     overwritten (1.2B of them for the giant spec)."""
     directory = Path(directory)
+    problems = verify(directory)
+    if problems:
+        raise CheckpointLayoutError(f"{directory}: not intact: {'; '.join(problems[:3])}")
     path = directory / ENSEMBLE_FILE
-    if not path.is_file():
-        raise CheckpointLayoutError(f"{path}: missing from the checkpoint")
     config = EnsembleConfig.from_dict(json.loads(path.read_text()))
     with torch.device("meta"):
         ensemble = LeviathanEnsemble(config)
@@ -195,3 +217,127 @@ def assemble(directory: str | Path) -> LeviathanEnsemble:
         return assign_state(ensemble, state)
     except RuntimeError as e:  # missing or unexpected keys, wrong shapes
         raise CheckpointLayoutError(f"{directory}: the checkpoint does not fit {ENSEMBLE_FILE}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def seal(directory: Path, rank: int) -> None:
+    """Record size and sha256 of every file in `directory` (this rank's part), written last."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and not SEAL.match(p.name)
+    }
+    (directory / seal_file(rank)).write_text(json.dumps({"rank": rank, "files": files}, indent=2) + "\n")
+
+
+def verify(directory: Path) -> list[str]:
+    """What is wrong with a merged checkpoint folder, one line each (empty: intact).
+
+    Every rank named by `state.json`'s world_size must have sealed its files,
+    and every sealed file must be there with its size and hash.
+    """
+    directory = Path(directory)
+    try:
+        state = read_state(directory)
+    except (CheckpointLayoutError, ValueError, OSError) as e:
+        return [f"{STATE_FILE}: {e}"]
+    problems = []
+    world_size = int(state.get("world_size", 1))
+    for rank in range(world_size):
+        path = directory / seal_file(rank)
+        if not path.is_file():
+            problems.append(f"{seal_file(rank)}: missing (rank {rank} never finished its part)")
+            continue
+        try:
+            files = json.loads(path.read_text())["files"]
+        except (ValueError, KeyError) as e:
+            problems.append(f"{seal_file(rank)}: unreadable ({e})")
+            continue
+        for name, want in files.items():
+            f = directory / name
+            if not f.is_file():
+                problems.append(f"{name}: missing")
+            elif f.stat().st_size != want["size"]:
+                problems.append(f"{name}: {f.stat().st_size} bytes, sealed with {want['size']}")
+            elif _sha256(f) != want["sha256"]:
+                problems.append(f"{name}: sha256 differs from its seal")
+    return problems
+
+
+def _position(state: dict[str, Any]) -> tuple[int, int]:
+    return (0 if state["phase"] == "members" else 1, int(state["step"]))
+
+
+def describe(state: dict[str, Any]) -> str:
+    return f"phase {state['phase']}, step {state['step']}"
+
+
+def checkpoint_history(latest: "Any") -> list["Any"]:
+    """Every checkpoint beside Ray's latest one (same run folder, same filesystem), newest first.
+
+    Ray hands a restarted worker only the latest registered checkpoint; the ones
+    it keeps besides it (num_to_keep) are its siblings `checkpoint_*`.
+    """
+    from ray.train import Checkpoint
+
+    fs, path = latest.filesystem, latest.path.rstrip("/")
+    parent = path.rsplit("/", 1)[0]
+    infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    siblings = sorted(
+        (i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+        reverse=True,
+    )
+    ordered = [path] + [p for p in siblings if p.rstrip("/") != path]
+    return [Checkpoint(path=p, filesystem=fs) for p in ordered]
+
+
+def newest_intact(latest: "Any") -> tuple["Any | None", list[str]]:
+    """The newest intact checkpoint at or before Ray's `latest`, and one line per one skipped.
+
+    Candidates are ordered by their (phase, step), so a sibling written after
+    `latest` by a run that then failed is never preferred to it.
+    """
+    skipped: list[str] = []
+    candidates = []
+    for ckpt in checkpoint_history(latest):
+        with ckpt.as_directory() as d:
+            problems = verify(Path(d))
+            state = None if problems else read_state(Path(d))
+        if problems:
+            skipped.append(f"checkpoint {ckpt.path} is not intact, not used: {'; '.join(problems[:3])}")
+        else:
+            candidates.append((_position(state), ckpt, state))
+    if not candidates:
+        return None, skipped
+    with latest.as_directory() as d:
+        latest_state = None if verify(Path(d)) else read_state(Path(d))
+    limit = _position(latest_state) if latest_state else max(c[0] for c in candidates)
+    usable = [c for c in candidates if c[0] <= limit]
+    if not usable:
+        return None, skipped
+    _, ckpt, _ = max(usable, key=lambda c: c[0])
+    return ckpt, skipped
+
+
+def persist(checkpoint: "Any", dir_name: str) -> "Any":
+    """Ray's checkpoint upload (`ray.train.report(checkpoint_upload_fn=...)`), retried.
+
+    The default upload fails the worker on the first error from the object
+    store; this one retries it for the storage retry bound. The previous
+    checkpoint is untouched either way, and a half-uploaded one has no seals of
+    every rank, so restore never takes it.
+    """
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    return retrying(lambda: storage.persist_current_checkpoint(checkpoint, dir_name), f"uploading checkpoint {dir_name}")

@@ -15,6 +15,7 @@ import os
 import socket
 
 from leviathan.run import env
+from leviathan.run.ray_address import ray_address
 
 STATE_TRACKING = env.RAY_TRAIN_STATE_TRACKING
 HEALTH_CHECK_INTERVAL = env.RAY_TRAIN_HEALTH_CHECK_INTERVAL
@@ -48,7 +49,7 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> str:
     configure_train_env()
     if ray.is_initialized():
         return "existing"
-    env_address = os.environ.get(env.RAY_ADDRESS)
+    env_address = ray_address("cluster")
     if address or env_address:
         # Without an explicit address ray.init() reads RAY_ADDRESS itself, as a
         # `ray job submit` driver expects (the job supervisor sets it).

@@ -18,6 +18,14 @@ only the others. A restart runs the steps after its checkpoint again with the
 same values (the resume is bit-exact), so a point that a crash cut off between
 metrics.jsonl and a sink is filled in by the replay, and the rest are skipped.
 
+A tracking server that goes away never stops training. Each sink runs in its
+own `Courier` thread behind a bounded queue: the training step only enqueues
+(and drops what a full queue cannot hold), and the courier retries a failed
+call with backoff, with one warning when the outage starts and one when it
+ends. Points that were dropped or never got through are sent by `finish`,
+which replays metrics.jsonl; the sinks' held (tag, step) sets keep every point
+logged once. A server still down at the end costs a warning, not the run.
+
 Steps are global: phase-1 step s is s, phase-2 step s is phase1_steps + s, so
 each curve runs on across both phases. mlflow and tensorboard are an optional
 extra (`pip install leviathan[tracking]`), imported only when a spec asks for them.
@@ -26,8 +34,12 @@ extra (`pip install leviathan[tracking]`), imported only when a spec asks for th
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import queue
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -42,6 +54,9 @@ RUN_DIR_TAG = "leviathan.run_dir"
 TENSORBOARD_DIR = "tensorboard"
 _FIGURES = ("train_loss", "val_loss", "mixed_val_loss", "lr", "tokens_per_s")
 _MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+QUEUE_SIZE = 256  # reports a courier holds while its server is away; more are dropped (replayed at the end)
+FINISH_TIMEOUT_S = 60.0  # how long the end of a run waits for a server that is away
+logger = logging.getLogger(__name__)
 
 
 def run_key(run_dir: str) -> str:
@@ -118,7 +133,9 @@ class MlflowRun:
         fresh = new_points(by_step, self.held)
         batch = [Metric(k, v, ms, step) for step, values in fresh.items() for k, v in values.items()]
         for i in range(0, len(batch), _MLFLOW_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + _MLFLOW_BATCH])
+            part = batch[i : i + _MLFLOW_BATCH]
+            self.client.log_batch(self.run_id, metrics=part)
+            self.held.update((m.key, m.step) for m in part)
 
     def log_text(self, name: str, text: str) -> None:
         self.client.log_text(self.run_id, text, name)
@@ -172,6 +189,7 @@ class TensorBoardRun:
         for step, values in sorted(new_points(by_step, self.held).items()):
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, global_step=step, walltime=wall_time)
+                self.held.add((tag, step))
         self.flush()
 
     def log_text(self, name: str, text: str) -> None:
@@ -208,38 +226,146 @@ def held_tensorboard_points(folder: str) -> set[tuple[str, int]]:
         return points(Path(tmp))
 
 
+class Courier:
+    """One sink, fed from a bounded queue by its own thread, so training never waits on it.
+
+    `open_sink` builds the sink (it may need the server too). A call that fails
+    is retried, the same call, with doubling backoff up to 30 s; the first
+    failure of an outage logs one warning and the recovery one more line.
+    """
+
+    def __init__(self, name: str, open_sink):
+        self.name, self._open = name, open_sink
+        self.sink = None
+        self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
+        self.dropped = 0  # calls a full queue could not take
+        self.abandoned = 0  # calls given up at close, the server still away
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"leviathan-tracking-{name}", daemon=True)
+        self._thread.start()
+
+    def send(self, call: str, *args: Any, wait_s: float = 0.0) -> None:
+        """Queue `sink.call(*args)`. A training step never waits (wait_s = 0): a full
+        queue drops the call, and `Tracker.finish` replays metrics.jsonl instead."""
+        try:
+            self.queue.put((call, args), timeout=wait_s) if wait_s > 0 else self.queue.put_nowait((call, args))
+        except queue.Full:
+            self.dropped += 1
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                call, args = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                if self._closing.is_set():
+                    return
+                continue
+            try:
+                if call == "stop":
+                    return
+                self._deliver(call, args)
+            finally:
+                self.queue.task_done()
+
+    def _deliver(self, call: str, args: tuple) -> None:
+        delay, failing_since = 1.0, None
+        while True:
+            try:
+                if self.sink is None:
+                    self.sink = self._open()
+                getattr(self.sink, call)(*args)
+                if failing_since is not None:
+                    logger.warning("tracking to %s is back after %.0f s", self.name, time.monotonic() - failing_since)
+                return
+            except Exception as e:  # the sinks' errors have no common base; any one means "try again"
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    logger.warning("tracking to %s failed, retrying in the background: %s", self.name, first)
+                if self._closing.is_set() and time.monotonic() - failing_since > self._give_up_s:
+                    logger.warning("tracking to %s still failing; its points stay in metrics.jsonl", self.name)
+                    self.abandoned += 1
+                    return
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every queued call was delivered (or given up); True when it was."""
+        deadline = time.monotonic() + timeout_s
+        while self.queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.queue.unfinished_tasks
+
+    def close(self, timeout_s: float) -> bool:
+        """Deliver what is queued within timeout_s, then stop; True when everything went out."""
+        self._give_up_s = timeout_s
+        self._closing.set()
+        self.send("stop", wait_s=timeout_s)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive() and self.queue.empty() and not self.abandoned
+
+    _give_up_s = FINISH_TIMEOUT_S
+
+
+def read_records(run_dir: str) -> list[dict[str, Any]]:
+    """Every complete record line of `<run>/metrics.jsonl` (what `finish` replays)."""
+    data = storage.AppendLog(storage.join(run_dir, "metrics.jsonl")).read_all()
+    out = []
+    for line in data.decode().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
 class Tracker:
-    """Rank 0's tracking runs (MLflow, TensorBoard or both) of one run folder."""
+    """Rank 0's tracking runs (MLflow, TensorBoard or both) of one run folder, each behind a `Courier`."""
 
     def __init__(self, tracking: Tracking, run_dir: str, phase1_steps: int, phase2_steps: int):
-        self.phase1_steps, self.phase2_steps = phase1_steps, phase2_steps
-        self.runs: list[MlflowRun | TensorBoardRun] = []
+        self.phase1_steps, self.phase2_steps, self.run_dir = phase1_steps, phase2_steps, run_dir
+        self.couriers: list[Courier] = []
         if tracking.mlflow_uri is not None:
-            mlflow_run = MlflowRun(tracking, run_dir)
-            mlflow_run.log_params(tracking.params)
-            self.runs.append(mlflow_run)
-        if tracking.tensorboard:
-            self.runs.append(TensorBoardRun(run_dir))
+            def open_mlflow() -> MlflowRun:
+                run = MlflowRun(tracking, run_dir)
+                run.log_params(tracking.params)
+                return run
 
-    def log(self, records: list[dict[str, Any]], progress: RunProgress) -> None:
-        """One report's records; each sink skips the points it held before this start."""
+            self.couriers.append(Courier(f"MLflow {tracking.mlflow_uri}", open_mlflow))
+        if tracking.tensorboard:
+            self.couriers.append(Courier("TensorBoard", lambda: TensorBoardRun(run_dir)))
+
+    def log(self, records: list[dict[str, Any]], progress: RunProgress | None) -> None:
+        """One report's records; each sink skips the points it already holds."""
         if not records:
             return
         by_step = scalars(records, self.phase1_steps)
         steps = [global_step(r["phase"], r["step"], self.phase1_steps) for r in records if r["phase"] != "final"]
-        if steps:
+        if steps and progress is not None:
             by_step[max(steps)].update(progress_scalars(progress, self.phase1_steps, self.phase2_steps))
         now = time.time()
-        for run in self.runs:
-            run.log_scalars(by_step, now)
+        for courier in self.couriers:
+            courier.send("log_scalars", by_step, now)
 
     def log_text(self, name: str, text: str) -> None:
-        for run in self.runs:
-            run.log_text(name, text)
+        for courier in self.couriers:
+            courier.send("log_text", name, text)
 
-    def finish(self) -> None:
-        for run in self.runs:
-            run.finish()
+    def drain(self, timeout_s: float = FINISH_TIMEOUT_S) -> bool:
+        """Wait until the couriers delivered what was logged so far; True when they all did."""
+        return all([courier.drain(timeout_s) for courier in self.couriers])
+
+    def finish(self, timeout_s: float = FINISH_TIMEOUT_S) -> None:
+        """Replay metrics.jsonl (what a full queue dropped or an outage held back), then close."""
+        replay = [r for r in read_records(self.run_dir) if r.get("phase") in ("members", "merge", "final")]
+        by_step = scalars(replay, self.phase1_steps)
+        for courier in self.couriers:
+            if by_step:
+                courier.send("log_scalars", by_step, time.time(), wait_s=timeout_s)
+            courier.send("finish", wait_s=timeout_s)
+            if not courier.close(timeout_s):
+                logger.warning("tracking to %s did not finish within %.0f s; metrics.jsonl holds every point",
+                               courier.name, timeout_s)
 
 
 def end_run(tracking: Tracking, run_dir: str, status: str, files: dict[str, str]) -> None:
@@ -248,10 +374,18 @@ def end_run(tracking: Tracking, run_dir: str, status: str, files: dict[str, str]
     (FINISHED, or FAILED when the workers failed past max_failures)."""
     if tracking.mlflow_uri is None:
         return
-    run = MlflowRun(tracking, run_dir)
-    for name, text in files.items():
-        run.log_text(name, text)
-    run.finish(status)
+
+    class Ending:
+        def end(self) -> None:
+            run = MlflowRun(tracking, run_dir)
+            for name, text in files.items():
+                run.log_text(name, text)
+            run.finish(status)
+
+    courier = Courier(f"MLflow {tracking.mlflow_uri}", Ending)
+    courier.send("end")
+    if not courier.close(FINISH_TIMEOUT_S):
+        logger.warning("tracking: the MLflow run was not ended as %s (server unreachable)", status)
 
 
 def check_tracking(tracking: Tracking) -> None:

@@ -178,7 +178,7 @@ class EnsembleWorker:
 
     def run(self) -> None:
         self.check_collectives()
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self.intact_checkpoint()
         phase, step = "members", 0
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
@@ -192,6 +192,28 @@ class EnsembleWorker:
         # else: the checkpoint is the finished job's last one; nothing is left to run.
         if self.tracker is not None:
             self.tracker.finish()
+
+    def intact_checkpoint(self) -> ray.train.Checkpoint | None:
+        """Ray's latest checkpoint if it is intact, else the newest intact one before it.
+
+        Rank 0 verifies (cluster.checkpointing.newest_intact) and says in one line
+        per skipped checkpoint what was wrong; every rank then restores the same one.
+        """
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return None
+        path: str | None = None
+        if self.rank == 0:
+            chosen, skipped = checkpointing.newest_intact(latest)
+            for line in skipped:
+                self.log(line)
+            if chosen is None:
+                self.log("no intact checkpoint: the run starts again from step 0")
+            elif skipped:
+                self.log(f"restoring the previous checkpoint {chosen.path}: the steps after it are replayed")
+            path = None if chosen is None else chosen.path
+        path = gather_objects(path, self.world_size)[0]  # rank 0's choice, on every rank
+        return None if path is None else ray.train.Checkpoint(path=path, filesystem=latest.filesystem)
 
     def check_collectives(self) -> dict[str, float]:
         """Push a tiny batch through every collective of phase 2 and validation now
@@ -398,7 +420,10 @@ class EnsembleWorker:
                     mixed_sampler=self.mixed_sampler, config=self.config, phase=phase, step=step,
                     extra={"name": self.plan.name, "world_size": self.world_size, "domains": self.domains},
                 )
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            checkpointing.seal(d, self.rank)
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_fn=checkpointing.persist
+            )
 
     def restore(self, d: Path) -> tuple[str, int]:
         state = checkpointing.read_state(d)

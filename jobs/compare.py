@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.evaluate import add_twin, evaluate_run, write_reports
-from jobs.spec import JobSpec, SpecError, load_spec, with_values
+from jobs.entry import add_spec_overrides, load_spec_with_overrides
+from jobs.spec import JobSpec, SpecError, with_values
 from leviathan.config import MIXERS
 from leviathan.run.folder import RunFolder
 from leviathan.run.names import MERGED, MIXED, UNIFORM
@@ -460,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a spec once per token mixer (correlation vs attention) and compare the runs.",
     )
     p.add_argument("--spec", required=True, help="job spec (TOML or JSON)")
+    add_spec_overrides(p)
     p.add_argument("--mixers", default=",".join(MIXERS), help="comma-separated mixers (default: correlation,attention)")
     p.add_argument("--budget", choices=BUDGETS, default="steps",
                    help="compare the losses at equal steps, training CPU time or FLOPs (default: steps)")
@@ -476,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_batches is not None and args.max_batches < 1:
             raise CompareError(f"--max-batches: must be >= 1, got {args.max_batches}")
-        spec = load_spec(args.spec)
+        spec = load_spec_with_overrides(args.spec, args.storage, args.manifest)
         if args.seed is not None:
             spec = with_seed(spec, args.seed)
         result = compare(spec, parse_mixers(args.mixers), max_batches=args.max_batches,

@@ -35,7 +35,8 @@ from typing import Any
 import yaml
 
 from cluster.session import STATE_TRACKING
-from jobs.spec import JobSpec, SpecError, load_spec
+from jobs.entry import add_spec_overrides, load_spec_with_overrides
+from jobs.spec import JobSpec, SpecError
 from leviathan.run.folder import SPEC_FILE
 
 TARGETS = ("kuberay", "ray-up")
@@ -265,13 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"container image with this package installed (kuberay default {DEFAULT_IMAGE}; "
                         "ray-up: none, the package is installed on the hosts)")
     p.add_argument("--out", default=".", help="output folder (default: the current folder)")
+    add_spec_overrides(p)  # like `leviathan train`: they replace a spec file's placeholders
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        paths = write(load_spec(args.spec), args.target, args.out, args.image)
+        spec = load_spec_with_overrides(args.spec, args.storage, args.manifest)
+        paths = write(spec, args.target, args.out, args.image)
     except SpecError as e:
         print(f"leviathan deploy: error: {e}", file=sys.stderr)
         return 2

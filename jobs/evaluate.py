@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import run_cli
+from jobs.entry import run_cli
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec
 from leviathan.run import storage
 from leviathan.run.folder import REPORT_JSON, REPORT_MD, SPEC_FILE, RunFolder

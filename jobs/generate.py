@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jobs.cli import run_cli
+from jobs.entry import run_cli
 from jobs.evaluate import RunError, load_final
 
 

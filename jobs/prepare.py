@@ -157,7 +157,7 @@ def file_source(name: str, path: str | os.PathLike, glob: str | None = None, tex
     if p.is_dir():
         files = _folder_files(p, glob)
         if not files:
-            what = f" matching --glob {glob!r}" if glob else ""
+            what = f" matching {glob!r}" if glob else ""
             raise PrepareError(f"domain {name}: no files{what} in {p}")
         return DomainSource(
             name,
@@ -561,17 +561,28 @@ class _Parser(argparse.ArgumentParser):
         raise PrepareError(message)
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: a second value is an error, not a silent replacement."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        if getattr(namespace, self.dest) is not None:
+            raise PrepareError(f"{option_string} given twice; give a pattern per domain with --domain NAME=PATH:GLOB")
+        setattr(namespace, self.dest, values)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="leviathan prepare", description="Tokenize text per domain into memory-mapped token shards.")
-    p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
-                   help="a domain from a text file, a folder (recursive) or a Parquet file; repeatable")
+    p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH[:GLOB]",
+                   help="a domain from a text file, a folder (recursive; GLOB picks its files, at any depth) "
+                        "or a Parquet file; repeatable. A path holding ':' ends with ':'")
     p.add_argument("--builtin", action="store_true",
                    help="the built-in corpus from this Python's standard library (the default without --domain)")
     p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--seq-len", type=int, default=256, help="every split must hold at least seq_len + 1 tokens")
-    p.add_argument("--glob", default=None, help="file-name pattern for folder domains (matched at any depth)")
+    p.add_argument("--glob", default=None, action=_Once,
+                   help="file-name pattern for folder domains without their own :GLOB (matched at any depth); once")
     p.add_argument("--text-column", default=None, help=f"Parquet text column (default {DEFAULT_TEXT_COLUMN!r})")
     p.add_argument("--out", default=None, help="output folder (default for --builtin: $LEVIATHAN_HOME/data/builtin-<tokenizer>)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -582,14 +593,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_domains(values: list[str]) -> list[tuple[str, str]]:
-    pairs = []
+def _parse_domains(values: list[str], default_glob: str | None = None) -> list[tuple[str, str, str | None]]:
+    """`--domain NAME=PATH[:GLOB]` values as (name, path, glob); a domain without its own
+    GLOB takes `default_glob` (`--glob`). The text after the last ':' is a GLOB when it
+    holds no '/' (a pattern matches file names); a path holding ':' ends with ':'."""
+    domains = []
     for v in values:
-        name, sep, path = v.partition("=")
+        name, sep, spec = v.partition("=")
+        path, colon, glob = spec.rpartition(":")
+        if not colon or "/" in glob:
+            path, glob = spec, ""
         if not sep or not name or not path:
-            raise PrepareError(f"--domain {v!r}: expected NAME=PATH")
-        pairs.append((name, path))
-    return pairs
+            raise PrepareError(f"--domain {v!r}: expected NAME=PATH or NAME=PATH:GLOB")
+        domains.append((name, path, glob or default_glob))
+    return domains
 
 
 def _already_prepared(out: Path, tokenizer: str, vocab_size: int) -> bool:
@@ -620,8 +637,8 @@ def run_prepare_cli(prepare: Callable[[], Path | str]) -> int:
 def _prepare_from_args(argv: list[str]) -> Path | str:
     """The manifest path `prepare` writes (or finds already prepared) for command-line `argv`."""
     args = _parser().parse_args(argv)
-    pairs = _parse_domains(args.domain)
-    names = [n for n, _ in pairs]
+    pairs = _parse_domains(args.domain, args.glob)
+    names = [n for n, _, _ in pairs]
     use_builtin = args.builtin or not pairs
     if use_builtin:
         names += [d.name for d in BUILTIN_DOMAINS]
@@ -634,7 +651,7 @@ def _prepare_from_args(argv: list[str]) -> Path | str:
     if args.out is None and not args.force and _already_prepared(builtin_out, args.tokenizer, args.vocab_size):
         log.info("the built-in corpus is already prepared at %s (--force prepares it again)", builtin_out)
         return builtin_out / MANIFEST_FILE
-    sources = [file_source(n, p, args.glob, args.text_column) for n, p in pairs]
+    sources = [file_source(n, p, glob, args.text_column) for n, p, glob in pairs]
     if use_builtin:
         sources += builtin_sources()
     options = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,

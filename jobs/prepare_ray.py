@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _prepare_from_args(argv: list[str] | None) -> Path:
     """The manifest path `prepare --ray` writes for command-line `argv`."""
     args = build_parser().parse_args(argv)
-    pairs = _parse_domains(args.domain)
+    pairs = _parse_domains(args.domain, args.glob)
     use_builtin = args.builtin or not pairs
     if args.out is None and pairs:
         raise PrepareError("--out is required with --domain")
@@ -309,7 +309,7 @@ def _prepare_from_args(argv: list[str] | None) -> Path:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise PrepareError(f"duplicate domain name {dupes[0]!r}")
-    sources = [ray_source(n, p, args.glob, args.text_column) for n, p in pairs]
+    sources = [ray_source(n, p, glob, args.text_column) for n, p, glob in pairs]
     if use_builtin:
         sources += builtin_ray_sources()
     out = Path(args.out) if args.out else builtin_data_dir(args.tokenizer)

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import JobSpec, SpecError, load_spec, with_values
+from jobs.entry import add_spec_overrides, load_spec_with_overrides
+from jobs.spec import JobSpec, SpecError, with_values
 from leviathan.run.storage import is_uri
 from leviathan.run.tables import markdown_table
 
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sweep a spec's hyper-parameters with Ray Tune (ASHA), one training run per trial.",
     )
     p.add_argument("--spec", required=True, help="base job spec (TOML or JSON)")
+    add_spec_overrides(p)
     p.add_argument("--trials", type=int, required=True, help="number of trials (samples)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=DIST",
                    help="a swept field, e.g. training.lr=loguniform(1e-4,1e-2) (repeatable)")
@@ -348,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        spec = load_spec(args.spec)
+        spec = load_spec_with_overrides(args.spec, args.storage, args.manifest)
         params = [parse_param(t) for t in args.param]
         if args.max_concurrent is not None and args.max_concurrent < 1:
             raise TuneError(f"--max-concurrent: must be >= 1, got {args.max_concurrent}")

@@ -24,8 +24,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.scripts.proxy import PausableProxy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -62,7 +65,12 @@ class S3Store:
     storage tests. pyarrow.fs resolves `s3://` URIs to it through the AWS_* variables
     this session sets, in the test process and in the Ray cluster it starts."""
 
-    endpoint: str  # http://127.0.0.1:<port>
+    endpoint: str  # http://127.0.0.1:<port>, through a forwarder that `pause` cuts off
+    proxy: Any = None  # tests.scripts.proxy.PausableProxy in front of moto
+
+    def pause(self, seconds: float) -> None:
+        """Make the store unreachable for `seconds` (its buckets are kept)."""
+        self.proxy.pause(seconds)
 
     def filesystem(self):
         import pyarrow.fs as pafs
@@ -92,12 +100,14 @@ def s3_server():
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    proxy = PausableProxy(port)
+    endpoint = f"http://127.0.0.1:{proxy.port}"
     saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
     try:
-        yield S3Store(endpoint=endpoint)
+        yield S3Store(endpoint=endpoint, proxy=proxy)
     finally:
+        proxy.close()
         server.stop()
         for k, v in saved.items():
             if v is None:

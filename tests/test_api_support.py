@@ -1,10 +1,14 @@
 """Helpers shared by the API tests (no tests here): a real uvicorn server on loopback,
-in a thread, test settings and a tiny training spec."""
+in a thread; an in-process app on an in-memory Ray jobs gateway; test settings and a
+tiny training spec."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,6 +16,8 @@ import httpx
 import uvicorn
 
 from api.app import create_app
+from api.errors import NotFound
+from api.ray_jobs import RayJob
 from api.settings import Settings
 from tests.conftest import REPO_ROOT, RayCluster, free_port
 
@@ -34,6 +40,87 @@ def make_settings(ray_cluster: RayCluster, storage: Path, **overrides: Any) -> S
     )
     values.update(overrides)
     return Settings(**values)
+
+
+class MemoryGateway:
+    """A `JobsGateway` holding jobs in a dict: what the services ask of Ray, without Ray.
+
+    `submitted` lists each submission's keyword arguments; a submitted job stays
+    PENDING (nothing runs it). Jobs may be added directly with `add`.
+    """
+
+    def __init__(self, dashboard_url: str = "http://ray.test:8265") -> None:
+        self.dashboard_url = dashboard_url
+        self.submit_lock = asyncio.Lock()
+        self.records: dict[str, RayJob] = {}
+        self.texts: dict[str, str] = {}
+        self.submitted: list[dict[str, Any]] = []
+
+    def add(self, job: RayJob, logs: str = "") -> None:
+        assert job.submission_id is not None
+        self.records[job.submission_id] = job
+        self.texts[job.submission_id] = logs
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    async def version(self) -> dict[str, Any]:
+        return {"version": "memory"}
+
+    async def fresh_job(self, job_id: str) -> RayJob:
+        if job_id not in self.records:
+            raise NotFound(f"no job {job_id!r}")
+        return self.records[job_id]
+
+    async def job(self, job_id: str) -> RayJob:
+        return await self.fresh_job(job_id)
+
+    async def jobs(self) -> list[RayJob]:
+        return sorted(self.records.values(), key=lambda j: (j.start_time or 0, j.submission_id), reverse=True)
+
+    async def logs(self, job_id: str) -> str:
+        await self.fresh_job(job_id)
+        return self.texts[job_id]
+
+    async def follow_logs(self, job_id: str) -> AsyncIterator[str]:
+        text = await self.logs(job_id)
+
+        async def chunks() -> AsyncIterator[str]:
+            yield text
+
+        return chunks()
+
+    async def stop(self, job_id: str) -> bool:
+        job = await self.fresh_job(job_id)
+        if job.status in ("STOPPED", "SUCCEEDED", "FAILED"):
+            return False
+        self.records[job_id] = RayJob(**{**job.__dict__, "status": "STOPPED"})
+        return True
+
+    def submit(self, *, entrypoint: str, submission_id: str, runtime_env: dict[str, Any],
+               metadata: dict[str, str]) -> None:
+        self.submitted.append(dict(entrypoint=entrypoint, submission_id=submission_id,
+                                   runtime_env=runtime_env, metadata=metadata))
+        self.add(RayJob(submission_id=submission_id, type="SUBMISSION", status="PENDING",
+                        entrypoint=entrypoint, start_time=int(time.time() * 1000), metadata=metadata))
+
+    def dashboard_link(self, job_id: str) -> str:
+        return f"{self.dashboard_url}/#/jobs/{job_id}"
+
+
+@asynccontextmanager
+async def in_process(settings: Settings, gateway: MemoryGateway | None = None,
+                     token: str | None = API_TOKEN) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on `create_app(settings, gateway)` in this process (ASGITransport):
+    the API's own validation and services, no server and no Ray."""
+    app = create_app(settings, gateway if gateway is not None else MemoryGateway())
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.test", headers=headers) as client:
+        yield client
 
 
 def data_root_for(storage: Path) -> Path:

@@ -121,7 +121,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
 
 
 def test_cli_dispatches_deploy(tmp_path, capsys):
-    from api.cli import main
+    from cli.main import main
 
     assert main(["deploy", "--spec", str(GIANT), "--target", "kuberay", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "giant.rayjob.yaml")

@@ -108,7 +108,7 @@ def test_job_detail_has_tokens_per_s_per_phase_and_eta(api, ray_cluster, tmp_pat
     """A real Ray job carrying a Leviathan job's metadata; its run folder holds a metrics log."""
     from ray.job_submission import JobSubmissionClient
 
-    from api.ray_jobs import job_metadata
+    from api.services.runs import job_metadata
     from tests.scripts.common import tiny_spec
     from tests.test_api_support import wait_for_status
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cluster.plan import Tracking
-from cluster.tracking import RUN_DIR_TAG, TENSORBOARD_DIR, MlflowRun, Tracker, check_tracking, end_run, global_step
+from cluster.tracking import RUN_DIR_TAG, TENSORBOARD_DIR, Tracker, check_tracking, end_run, global_step
 from jobs.plan import tracking_of
 from leviathan.run.progress import RunProgress
 from leviathan.run.records import record
@@ -75,10 +75,12 @@ def test_a_restarted_run_continues_one_mlflow_run_and_one_tensorboard_log_withou
     first = Tracker(tracking, run_dir, P1, P2)
     for step in (5, 10):
         _log(first, progress, _report("members", step))
+    assert first.drain()
     # A worker dies while step 15 is being tracked: MLflow got it, TensorBoard did not;
     # step 20 reached metrics.jsonl but no sink.
-    first.runs = [run for run in first.runs if isinstance(run, MlflowRun)]
+    first.couriers = [c for c in first.couriers if c.name.startswith("MLflow")]
     _log(first, progress, _report("members", 15))
+    assert first.drain()
 
     # The group restarts from the step-10 checkpoint and runs 15 and 20 again.
     progress = RunProgress()
@@ -120,7 +122,9 @@ def test_driver_attaches_the_report_to_the_run_rank_0_opened(tmp_path):
     uri = (tmp_path / "mlruns").as_uri()
     tracking = _tracking(tmp_path, mlflow_uri=uri, experiment="reports")
     check_tracking(tracking)
-    Tracker(tracking, run_dir, P1, P2).log(_report("members", 5), RunProgress())
+    tracker = Tracker(tracking, run_dir, P1, P2)
+    tracker.log(_report("members", 5), RunProgress())
+    tracker.finish()  # rank 0 ends its part before the driver attaches the report
     end_run(tracking, run_dir, "FINISHED", {"report.md": "# Evaluation\n"})
     client, runs = _mlflow_runs(uri, "reports")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

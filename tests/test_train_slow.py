@@ -102,7 +102,7 @@ def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_clust
     import pyarrow.fs as pafs
 
     from api.metrics import MetricsReader, read_records
-    from api.ray_jobs import write_spec as api_write_spec
+    from api.services.jobs import write_spec as api_write_spec
     from leviathan.run import storage
     from leviathan.data.staging import load_manifest
     from leviathan.model.ensemble import LeviathanEnsemble

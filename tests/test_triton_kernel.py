@@ -157,6 +157,48 @@ def test_outputs_and_gradients_match_the_reference(dtype, w, d, T) -> None:
     assert max(errors.values()) < TOLERANCE[dtype], f"relative errors {errors}"
 
 
+def test_tile_settings_parse_their_names() -> None:
+    from leviathan.kernels.shifted_diagonal import DEFAULT_TILES, TILES_BY_ARCH, Tiles
+
+    for tiles in (DEFAULT_TILES, Tiles(128, 64, 8, 3), *TILES_BY_ARCH.values()):
+        assert Tiles.parse(tiles.name()) == tiles
+    with pytest.raises(ValueError, match="tiles: expected MxN/Ww/Ss"):
+        Tiles.parse("64x64/8w")
+
+
+@interpreted_only
+@pytest.mark.parametrize("block_m,block_n", [(128, 64), (64, 64)])
+def test_every_swept_tile_shape_matches_the_reference(block_m, block_n) -> None:
+    """kernel_sweep's tile shapes compute the same mixer (T = 150 is a multiple of neither tile)."""
+    from leviathan.kernels import shifted_diagonal as kernel
+
+    tiles = kernel.Tiles(block_m=block_m, block_n=block_n, num_warps=4, num_stages=2)
+    q, k, v, a = inputs(1, 2, 150, 16, 4, torch.float32)
+    scale = 0.25
+    out, lse = kernel.forward(q, k, v, a, scale, tiles=tiles)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = kernel.backward(q, k, v, a, out, lse, grad_out, scale, tiles=tiles)
+
+    exact = [x.double().requires_grad_() for x in (q, k, v, a)]
+    ref = dense_reference(*exact, scale)
+    ref_grads = torch.autograd.grad(ref, exact, grad_out.double())
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        assert relative_error(got, want) < TOLERANCE[torch.float32]
+
+
+@interpreted_only
+def test_lag_weights_reach_the_kernel_in_fp32() -> None:
+    """A 16-bit copy of the lag weights is widened, and its gradient keeps the caller's dtype."""
+    from leviathan.kernels import shifted_diagonal_attention
+
+    q, k, v, a = inputs(1, 2, 40, 16, 3, torch.float16)
+    a16 = a.half().requires_grad_()
+    out = shifted_diagonal_attention(q, k, v, a16, 0.25)
+    (grad_a,) = torch.autograd.grad(out.float().sum(), a16)
+    assert grad_a.dtype == torch.float16
+    torch.testing.assert_close(out, shifted_diagonal_attention(q, k, v, a16.detach().float(), 0.25))
+
+
 @interpreted_only
 def test_window_one_is_causal_attention() -> None:
     from leviathan.kernels import shifted_diagonal_attention

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 
 from api.deps import GatewayDep
-from api.ray_jobs import RayRefusedToken
+from api.errors import ApiError, RayRefusedToken
 from api.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -19,6 +19,6 @@ async def healthz(gateway: GatewayDep) -> Health:
         await gateway.version()
     except RayRefusedToken:
         return Health(ray="unauthorized")
-    except HTTPException:
+    except ApiError:
         return Health(ray="unreachable")
     return Health(ray="ok")

@@ -9,6 +9,7 @@ calls the backward op, so a compiled backward graph holds it too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -17,10 +18,17 @@ from torch import Tensor
 from . import shifted_diagonal as kernel
 
 
+def on_device(x: Tensor) -> contextlib.AbstractContextManager:
+    """Make x's GPU the current one while launching: Triton launches on the current device,
+    so a tensor on cuda:1 while cuda:0 is current would otherwise be read from the wrong GPU."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.library.custom_op("leviathan::shifted_diagonal_forward", mutates_args=())
 def shifted_diagonal_forward(q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """out (B, H, T, d) and the row logsumexp of the scores lse (B, H, T, fp32)."""
-    return kernel.forward(q.contiguous(), k.contiguous(), v.contiguous(), lag_weight.contiguous(), scale)
+    with on_device(q):
+        return kernel.forward(q.contiguous(), k.contiguous(), v.contiguous(), lag_weight.contiguous(), scale)
 
 
 @shifted_diagonal_forward.register_fake
@@ -34,7 +42,8 @@ def shifted_diagonal_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of the forward's out with respect to q, k, v and lag_weight."""
     contiguous = (x.contiguous() for x in (q, k, v, lag_weight, out, lse, grad_out))
-    return kernel.backward(*contiguous, scale)
+    with on_device(q):
+        return kernel.backward(*contiguous, scale)
 
 
 @shifted_diagonal_backward.register_fake
@@ -80,7 +89,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor) -> None:
 
 
 def shifted_diagonal_attention(q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor, scale: float) -> Tensor:
-    """Causal shifted-diagonal correlation: (B, H, T, d) x3, (H, w) -> (B, H, T, d)."""
+    """Causal shifted-diagonal correlation: (B, H, T, d) x3, (H, w) -> (B, H, T, d).
+
+    The lag weights go in as fp32 whatever their dtype (the kernel sums the shifts in fp32,
+    and a bf16 copy would round them to 8 bits); their gradient comes back in their dtype."""
     _check_inputs(q, k, v, lag_weight)
-    out, _ = shifted_diagonal_forward(q, k, v, lag_weight, float(scale))
+    out, _ = shifted_diagonal_forward(q, k, v, lag_weight.float(), float(scale))
     return out

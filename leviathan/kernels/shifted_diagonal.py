@@ -57,6 +57,9 @@ FMAs that take ptxas minutes to compile.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -268,17 +271,62 @@ def _backward_kernel(Q, K, V, A, DO, Lse, Delta, DQ, DK, DV, DA, Scratch, T, N_H
         q = _load_rows(q_base, rows, dims, T, HEAD_DIM)
         dk += tl.dot(tl.trans(ds_in), q, input_precision=PRECISION)
         dq = tl.dot(ds_in, k, input_precision=PRECISION)
+        # Relaxed: dQ is only read after the kernel ends, so the adds need atomicity, not ordering.
         tl.atomic_add(DQ + offset + rows[:, None] * HEAD_DIM + dims[None, :], dq,
-                      mask=(rows < T)[:, None] & (dims < HEAD_DIM)[None, :])
+                      mask=(rows < T)[:, None] & (dims < HEAD_DIM)[None, :], sem="relaxed")
 
     mask = (cols < T)[:, None] & (dims < HEAD_DIM)[None, :]
     tl.store(DV + offset + cols[:, None] * HEAD_DIM + dims[None, :], dv.to(DV.dtype.element_ty), mask=mask)
     tl.store(DK + offset + cols[:, None] * HEAD_DIM + dims[None, :], dk.to(DK.dtype.element_ty), mask=mask)
     lags = tl.arange(0, W_PAD)
-    tl.atomic_add(DA + head * W + lags, da, mask=lags < W)
+    tl.atomic_add(DA + head * W + lags, da, mask=lags < W, sem="relaxed")
 
 
-def launch_config(head_dim: int) -> dict[str, int]:
+@dataclass(frozen=True)
+class Tiles:
+    """One launch setting: query and key tile rows, warps and software-pipelining stages."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 1
+
+    def name(self) -> str:
+        return f"{self.block_m}x{self.block_n}/{self.num_warps}w/{self.num_stages}s"
+
+    @classmethod
+    def parse(cls, text: str) -> "Tiles":
+        """The inverse of `name`: "128x64/8w/2s" -> Tiles(128, 64, 8, 2)."""
+        try:
+            tiles, warps, stages = text.split("/")
+            m, n = tiles.split("x")
+            return cls(int(m), int(n), int(warps.removesuffix("w")), int(stages.removesuffix("s")))
+        except ValueError:
+            raise ValueError(f"tiles: expected MxN/Ww/Ss such as 64x64/8w/1s, got {text!r}") from None
+
+
+# The launch setting per compute capability (major * 10 + minor); others take DEFAULT_TILES.
+# sm_90 (H100/H200) keeps 64x64 tiles, eight warps, one stage until a GPU times the others:
+# compiled for sm_90 here (`python -m leviathan.kernels.aot SETTING`, ptxas -v; bf16, d = 40,
+# w = 4), every setting uses 255 registers per thread and it spills least. Spill stores,
+# forward / backward: 64x64/8w/1s 24 B / 160 B; 128x64/8w/2s and /3s 276 B / 2,196 B (71,680 B
+# shared in the backward, against 47,104); 64x64/4w/2s and /3s 588 B / 3,324 B. Two and three
+# stages compile alike: the barriers around the scratch rings leave the loop nothing to pipeline.
+# `benchmarks/gpu_check.py`'s kernel_sweep times them on the device and names the fastest
+# accurate one to put here.
+DEFAULT_TILES = Tiles()
+TILES_BY_ARCH: dict[int, Tiles] = {90: DEFAULT_TILES}
+
+
+def tiles_for(device: torch.device) -> Tiles:
+    """The launch setting for the device's architecture (the interpreter's CPU takes the default)."""
+    if device.type != "cuda":
+        return DEFAULT_TILES
+    major, minor = torch.cuda.get_device_capability(device)
+    return TILES_BY_ARCH.get(major * 10 + minor, DEFAULT_TILES)
+
+
+def launch_config(head_dim: int, tiles: Tiles = DEFAULT_TILES) -> dict[str, int]:
     """Tile sizes for one head dim.
 
     tl.dot needs every side >= 16, and d pads to a power of two. 64-row tiles
@@ -287,63 +335,77 @@ def launch_config(head_dim: int) -> dict[str, int]:
     shared memory.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    return dict(BLOCK_M=64, BLOCK_N=64 if block_d <= 64 else 32, BLOCK_D=block_d)
+    block_n = tiles.block_n if block_d <= 64 else min(tiles.block_n, 32)
+    return dict(BLOCK_M=tiles.block_m, BLOCK_N=block_n, BLOCK_D=block_d)
 
 
-# Eight warps: compiled for sm_90 (`leviathan.kernels.aot`), four spill registers
-# (d = 64, w = 4: 380 bytes forward, 3.5 KB backward) where eight spill none forward
-# and 0.2 KB backward. The scratch rings are read right after they are written, so
-# software pipelining (which would hoist reads across the barriers) is off.
-LAUNCH_OPTIONS = dict(num_warps=8, num_stages=1)
+def launch_options(tiles: Tiles = DEFAULT_TILES) -> dict[str, int]:
+    return dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
-def kernel_constants(dtype: torch.dtype, head_dim: int, window: int, backward: bool) -> dict[str, object]:
+LAUNCH_OPTIONS = launch_options(DEFAULT_TILES)
+
+
+def kernel_constants(dtype: torch.dtype, head_dim: int, window: int, backward: bool,
+                     tiles: Tiles = DEFAULT_TILES) -> dict[str, object]:
     """The constexpr arguments `forward` or `backward` launches its kernel with.
 
     tl.dot's input_precision is tf32x3 for fp32 (see the module docstring); 16-bit inputs ignore it.
     """
     constants = dict(HEAD_DIM=head_dim, W=window, PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
-                     HALO=HALO, **launch_config(head_dim))
+                     HALO=HALO, **launch_config(head_dim, tiles))
     if backward:
         constants["W_PAD"] = triton.next_power_of_2(window)
     return constants
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """(out (B, H, T, d) in q's dtype, lse (B, H, T) fp32) for contiguous inputs."""
+def forward(q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor, scale: float, tiles: Tiles | None = None,
+            compiled: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
+    """(out (B, H, T, d) in q's dtype, lse (B, H, T) fp32) for contiguous inputs.
+
+    tiles: the launch setting (default: `tiles_for(q.device)`); compiled: when given, receives
+    the launched kernel (registers, spills, shared memory) under "forward".
+    """
     B, H, T, d = q.shape
     w = lag_weight.size(1)
+    tiles = tiles or tiles_for(q.device)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    config = launch_config(d)
+    config = launch_config(d, tiles)
     grid = (triton.cdiv(T, config["BLOCK_M"]), B * H)
     ring = (HALO + config["BLOCK_M"]) * (config["BLOCK_N"] + HALO) if w > 1 else 1
     scratch = torch.empty(grid[0] * grid[1] * ring, device=q.device, dtype=torch.float32)
-    _forward_kernel[grid](
-        q, k, v, lag_weight, out, lse, scratch, T, H, scale, **kernel_constants(q.dtype, d, w, backward=False),
-        **LAUNCH_OPTIONS,
+    handle = _forward_kernel[grid](
+        q, k, v, lag_weight, out, lse, scratch, T, H, scale, **kernel_constants(q.dtype, d, w, False, tiles),
+        **launch_options(tiles),
     )
+    if compiled is not None:
+        compiled["forward"] = handle
     return out, lse
 
 
 def backward(
-    q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, scale: float
+    q: Tensor, k: Tensor, v: Tensor, lag_weight: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, scale: float,
+    tiles: Tiles | None = None, compiled: dict[str, Any] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, d lag_weight) for contiguous inputs, each in its input's dtype."""
+    """(dq, dk, dv, d lag_weight) for contiguous inputs, each in its input's dtype (tiles, compiled: as `forward`)."""
     B, H, T, d = q.shape
     w = lag_weight.size(1)
+    tiles = tiles or tiles_for(q.device)
     delta = (out.float() * grad_out.float()).sum(-1)  # (B, H, T): delta[i] = dO[i] . O[i]
     dq = torch.zeros(B, H, T, d, device=q.device, dtype=torch.float32)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     da = torch.zeros(H, w, device=q.device, dtype=torch.float32)
-    config = launch_config(d)
+    config = launch_config(d, tiles)
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     grid = (triton.cdiv(T, block_n), B * H)
     rings = (block_m + 2 * HALO) * (block_n + 2 * HALO) + (block_m + HALO) * (block_n + HALO)
     scratch = torch.empty(grid[0] * grid[1] * rings, device=q.device, dtype=torch.float32)
-    _backward_kernel[grid](
+    handle = _backward_kernel[grid](
         q, k, v, lag_weight, grad_out, lse, delta, dq, dk, dv, da, scratch, T, H, scale,
-        **kernel_constants(q.dtype, d, w, backward=True), **LAUNCH_OPTIONS,
+        **kernel_constants(q.dtype, d, w, True, tiles), **launch_options(tiles),
     )
+    if compiled is not None:
+        compiled["backward"] = handle
     return dq.to(q.dtype), dk, dv, da.to(lag_weight.dtype)

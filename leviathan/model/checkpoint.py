@@ -19,8 +19,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 
 from ..data.shards import sha256_file
 
@@ -40,6 +38,8 @@ def save_folder(module: nn.Module, directory: str | Path, kind: str, config: dic
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS_FILE
     tmp = folder / (WEIGHTS_FILE + ".tmp")
+    from safetensors.torch import save_model  # lazy: torch-only machines build and run models without it
+
     save_model(module, str(tmp), metadata={"format": "pt", "kind": kind})
     os.replace(tmp, weights)
     meta = {
@@ -92,6 +92,9 @@ def load_folder(
     expected = meta["weights"].get("sha256")
     if expected is not None and sha256_file(weights) != expected:
         raise CheckpointError(f"{weights}: corrupt (sha256 differs from {config_path.name})")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
     try:
         missing, unexpected = load_model(module, str(weights), strict=False, device="cpu")
     except (SafetensorError, RuntimeError, OSError) as e:

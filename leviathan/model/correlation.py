@@ -418,7 +418,7 @@ class MultiHeadedCorrelation(nn.Module):
             kernels = triton_kernels()
             if kernels is None:
                 raise RuntimeError("force_path='triton': leviathan.kernels or Triton is not available")
-            return kernels.shifted_diagonal_attention(q, k, v, self.lag_weight.to(q.dtype), scale)
+            return kernels.shifted_diagonal_attention(q, k, v, self.lag_weight, scale)
         qs = self._stacked_queries(q, None)  # (B, H, T, d*w)
         ks = lag_stack(k, self.window)  # (B, H, T, d*w)
         return sdpa(qs, ks, v, dropout_p=dropout_p, is_causal=True, scale=scale)

@@ -8,6 +8,7 @@ from pathlib import Path
 # Leviathan's own.
 HOME = "LEVIATHAN_HOME"  # where runs and prepared data go by default (~/leviathan)
 STAGING_DIR = "LEVIATHAN_STAGING_DIR"  # where workers stage shards of remote manifests
+STORAGE_RETRY_S = "LEVIATHAN_STORAGE_RETRY_S"  # how long a storage write keeps retrying (default 60 s)
 
 # Ray's, as Leviathan uses them.
 RAY_ADDRESS = "RAY_ADDRESS"

@@ -12,13 +12,74 @@ Torch-free: imported by api/, jobs/ and cluster/ alike.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pyarrow.fs as pafs
+
+from leviathan.run.env import STORAGE_RETRY_S
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+DEFAULT_RETRY_S = 60.0
+
+
+class StorageUnavailable(OSError):
+    """Storage that stayed unreachable past the retry bound, or a full disk; one line says which."""
+
+
+def retry_budget_s() -> float:
+    """How long a storage write keeps retrying: `$LEVIATHAN_STORAGE_RETRY_S`, default 60 s."""
+    return float(os.environ.get(STORAGE_RETRY_S) or DEFAULT_RETRY_S)
+
+
+def _transient(e: OSError) -> bool:
+    """An error worth retrying: a network or service fault, not a missing file, a refusal or a full disk."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageUnavailable)):
+        return False
+    return e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def retrying(action: Callable[[], T], what: str, budget_s: float | None = None) -> T:
+    """Run `action` (a storage write), retrying transient failures with doubling backoff.
+
+    An object store that goes away for a while (a restart, a network blip) must
+    not take the run down, so a failed write is retried for `budget_s` seconds
+    (default `retry_budget_s()`), with one warning when the outage starts and
+    one when it ends. Past the bound, or on a full disk, it raises
+    `StorageUnavailable` naming `what` and the last error.
+    """
+    budget = retry_budget_s() if budget_s is None else budget_s
+    start, delay, failures = time.monotonic(), 0.5, 0
+    while True:
+        try:
+            result = action()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageUnavailable(f"{what}: the disk is full ({e})") from None
+            if not _transient(e):
+                raise
+            waited = time.monotonic() - start
+            if waited >= budget:
+                raise StorageUnavailable(
+                    f"{what}: storage unreachable for {waited:.0f} s (bound {budget:.0f} s, {STORAGE_RETRY_S}): {e}"
+                ) from None
+            if failures == 0:
+                logger.warning("%s failed, retrying for up to %.0f s: %s", what, budget, e)
+            failures += 1
+            time.sleep(min(delay, max(0.0, budget - waited)))
+            delay = min(delay * 2, 8.0)
+            continue
+        if failures:
+            logger.warning("%s succeeded after %d retries (%.1f s)", what, failures, time.monotonic() - start)
+        return result
 
 
 def is_uri(location: str) -> bool:
@@ -194,15 +255,24 @@ class AppendLog:
             raise ValueError("an AppendLog append must end with a newline")
         if not self.parted:
             os.makedirs(os.path.dirname(self._path), exist_ok=True)
-            with open(self._path, "ab") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(self._path, "ab") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StorageUnavailable(f"appending to {self.location}: the disk is full ({e})") from None
+                raise
             return
         if self._next_part is None:
-            self._next_part = self._count_parts()
-        with self._fs.open_output_stream(self._part_path(self._next_part)) as f:
-            f.write(data)
+            self._next_part = retrying(self._count_parts, f"listing {self.location}")
+
+        def write_part() -> None:
+            with self._fs.open_output_stream(self._part_path(self._next_part)) as f:
+                f.write(data)
+
+        retrying(write_part, f"appending to {self.location}")  # rewriting the same part is idempotent
         self._next_part += 1
 
     def _count_parts(self) -> int:

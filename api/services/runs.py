@@ -23,13 +23,21 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from api import ray_jobs
 from api.ray_jobs import RayJob
 from api.settings import Settings
-from jobs.spec import BUILTIN_MANIFEST, RUN_NAME_PATTERN
+from jobs.spec import BUILTIN_MANIFEST, RUN_NAME_PATTERN, JobSpec
 from leviathan.run.storage import is_uri, normalize
 
 _RUN_NAME = re.compile(RUN_NAME_PATTERN)
+
+# Job metadata keys (Ray metadata values are strings): what a Leviathan job carries.
+META_RUN_DIR = "leviathan_run_dir"
+META_RUN_NAME = "leviathan_run_name"
+META_SPEC_NAME = "leviathan_spec_name"
+META_MODULES = "leviathan_modules"
+META_MEMBERS_PER_MODULE = "leviathan_members_per_module"
+META_PHASE1_STEPS = "leviathan_phase1_steps"
+META_PHASE2_STEPS = "leviathan_phase2_steps"
 
 
 def storage_root(settings: Settings) -> str:
@@ -139,19 +147,19 @@ def _folder(storage: str | None, name: str | None, root: str) -> str | None:
 def run_of(job: RayJob, root: str) -> RunRef | None:
     """The job's run, or None when it is not a Leviathan training job."""
     meta = job.metadata
-    if ray_jobs.META_RUN_DIR in meta:
-        given = meta[ray_jobs.META_RUN_DIR]
+    if META_RUN_DIR in meta:
+        given = meta[META_RUN_DIR]
         return RunRef(
             run_dir=under_root(given, root),
-            run_name=meta.get(ray_jobs.META_RUN_NAME),
-            spec_name=meta.get(ray_jobs.META_SPEC_NAME),
-            modules=_int_or_none(meta.get(ray_jobs.META_MODULES)),
-            members_per_module=_int_or_none(meta.get(ray_jobs.META_MEMBERS_PER_MODULE)),
-            phase1_steps=_int_or_none(meta.get(ray_jobs.META_PHASE1_STEPS)),
-            phase2_steps=_int_or_none(meta.get(ray_jobs.META_PHASE2_STEPS)),
+            run_name=meta.get(META_RUN_NAME),
+            spec_name=meta.get(META_SPEC_NAME),
+            modules=_int_or_none(meta.get(META_MODULES)),
+            members_per_module=_int_or_none(meta.get(META_MEMBERS_PER_MODULE)),
+            phase1_steps=_int_or_none(meta.get(META_PHASE1_STEPS)),
+            phase2_steps=_int_or_none(meta.get(META_PHASE2_STEPS)),
         )
     args = train_arguments(job.entrypoint)
-    name = meta.get(ray_jobs.META_RUN_NAME)
+    name = meta.get(META_RUN_NAME)
     if name is not None:
         storage = _option(args, "--storage") if args is not None else None
         return RunRef(run_dir=_folder(storage, name, root), run_name=name)
@@ -159,3 +167,16 @@ def run_of(job: RayJob, root: str) -> RunRef | None:
         return None
     name = _option(args, "--name")
     return RunRef(run_dir=_folder(_option(args, "--storage"), name, root), run_name=name)
+
+
+def job_metadata(spec: JobSpec, spec_name: str) -> dict[str, str]:
+    """The metadata an API-submitted job carries: what `run_of` reads back."""
+    return {
+        META_RUN_DIR: spec.run_dir,
+        META_RUN_NAME: spec.name,
+        META_SPEC_NAME: spec_name,
+        META_MODULES: str(spec.ensemble.modules),
+        META_MEMBERS_PER_MODULE: str(spec.ensemble.members_per_module),
+        META_PHASE1_STEPS: str(spec.training.phase1_steps),
+        META_PHASE2_STEPS: str(spec.training.phase2_steps),
+    }
