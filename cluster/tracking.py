@@ -48,6 +48,7 @@ from typing import Any, Iterable
 from cluster.plan import Tracking
 from leviathan.run import storage
 from leviathan.run.progress import RunProgress
+from leviathan.run.records import MetricsLog
 
 RUN_KEY_TAG = "leviathan.run_key"
 RUN_DIR_TAG = "leviathan.run_dir"
@@ -308,15 +309,8 @@ class Courier:
 
 
 def read_records(run_dir: str) -> list[dict[str, Any]]:
-    """Every complete record line of `<run>/metrics.jsonl` (what `finish` replays)."""
-    data = storage.AppendLog(storage.join(run_dir, "metrics.jsonl")).read_all()
-    out = []
-    for line in data.decode().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
+    """Every complete record of `<run>/metrics.jsonl` (what `finish` replays)."""
+    return MetricsLog(run_dir).read()
 
 
 class Tracker:
