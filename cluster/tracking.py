@@ -34,7 +34,6 @@ extra (`pip install leviathan[tracking]`), imported only when a spec asks for th
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -47,12 +46,12 @@ from typing import Any, Iterable
 
 from cluster.plan import Tracking
 from leviathan.run import storage
+from leviathan.run.folder import TENSORBOARD_DIR
 from leviathan.run.progress import RunProgress
 from leviathan.run.records import MetricsLog
 
 RUN_KEY_TAG = "leviathan.run_key"
 RUN_DIR_TAG = "leviathan.run_dir"
-TENSORBOARD_DIR = "tensorboard"
 _FIGURES = ("train_loss", "val_loss", "mixed_val_loss", "lr", "tokens_per_s")
 _MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 QUEUE_SIZE = 256  # reports a courier holds while its server is away; more are dropped (replayed at the end)
