@@ -1,4 +1,9 @@
-"""Shared test fixtures: one real Ray cluster per test session.
+"""Shared test fixtures: one real Ray cluster per test session, each corpus prepared
+once, one finished training run and one faulted run that the end-to-end tests read.
+
+Tests come in two tiers. Every test that asks for the Ray cluster (directly or
+through another fixture) is marked `slow` at collection, so `pytest -m "not slow"`
+is the quick tier and `pytest -m slow` the end-to-end one; plain `pytest` runs both.
 
 Starting Ray costs seconds here, so every test that needs Ray shares the one
 cluster started by the `ray_cluster` fixture. It is what users run: a
@@ -10,6 +15,7 @@ and the API submit jobs to the same cluster.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -24,11 +30,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.scripts.proxy import PausableProxy
+
+if TYPE_CHECKING:
+    from jobs.spec import JobSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -51,6 +60,17 @@ os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
 # The suite runs beside its own Ray workers on two cores: one thread per process keeps
 # torch from oversubscribing them (set before torch is first imported).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+SLOW_FIXTURES = frozenset({"ray_cluster"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark `slow` every test whose fixtures (resolved transitively) include the Ray cluster:
+    those start Ray work, the rest run in-process in seconds."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def free_port() -> int:
@@ -231,3 +251,119 @@ def ray_cluster(tmp_path_factory, s3_server) -> RayCluster:
         head.wait()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- corpora and runs, once a session
+
+
+@pytest.fixture(scope="session")
+def builtin_corpus(tmp_path_factory) -> Path:
+    """The built-in corpus prepared once: its manifest.json."""
+    from tests.scripts.common import builtin_manifest
+
+    return builtin_manifest(tmp_path_factory.getbasetemp() / "leviathan-builtin")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """The evaluation tests' small byte-level corpus (3 domains) prepared once: its manifest.json."""
+    from tests.test_evaluation import prepare_corpus
+
+    return prepare_corpus(tmp_path_factory.mktemp("small-corpus"))
+
+
+@dataclass
+class TrainedRun:
+    """A finished run of `python -m jobs.train` as a user starts it (a subprocess, tracking on)."""
+
+    spec: JobSpec
+    run: Path  # its run folder
+    result: dict  # train_result.json
+    stdout: str  # the command's stdout
+    output: str  # stdout and stderr
+    gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (name, sorted tags) -> highest value scraped
+
+    def gauge_names(self) -> set[str]:
+        return {name for name, _ in self.gauges}
+
+
+def _scrape(metrics_url: str, run_name: str, into: dict) -> None:
+    """Fold the run's Leviathan gauges on the head's Prometheus export into `into` (highest value kept)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("ray_leviathan_") and s.labels.get("run") == run_name:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                into[key] = max(s.value, into.get(key, s.value))
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_cluster, builtin_corpus, tmp_path_factory) -> TrainedRun:
+    """One tiny run serving the run-contract, report, CLI-output, dashboard-gauge and tracking
+    tests. Its gauges are scraped while it trains and after, until every Leviathan gauge of
+    the merge phase has shown (Ray exports a worker's gauges seconds after they are set)."""
+    from cluster.metrics import GAUGES, PHASE_GAUGE
+    from tests.scripts.common import shared_run_spec, write_spec
+
+    storage = tmp_path_factory.mktemp("trained")
+    spec = shared_run_spec(builtin_corpus, storage, "trained")
+    env = dict(ray_cluster.cli_env(), RAY_ADDRESS=ray_cluster.address)
+    out_file, err_file = storage / "stdout.txt", storage / "stderr.txt"
+    with open(out_file, "w") as out, open(err_file, "w") as err:  # files: a full pipe would stall the run
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.train", "--spec", str(write_spec(spec, storage / "spec.json")), "--no-progress"],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=err,
+        )
+    gauges: dict = {}
+    wanted = {f"ray_leviathan_{name}" for name in [*GAUGES, PHASE_GAUGE]}
+
+    def complete() -> bool:
+        seen = {name for name, tags in gauges if dict(tags).get("phase") == "merge"}
+        return wanted <= {name for name, _ in gauges} and "ray_leviathan_step" in seen
+
+    deadline = time.monotonic() + 600  # a hung run fails the session's run tests instead of stalling them
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            _scrape(ray_cluster.metrics_url, spec.name, gauges)
+            time.sleep(0.5)
+        for _ in range(120):  # at most about a minute after the run
+            if complete():
+                break
+            _scrape(ray_cluster.metrics_url, spec.name, gauges)
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stdout, stderr = out_file.read_text(), err_file.read_text()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the session's trained run failed ({proc.returncode}):\n{(stdout + stderr)[-4000:]}")
+    run = Path(spec.run_dir)
+    result = json.loads((run / "train_result.json").read_text())
+    return TrainedRun(spec=spec, run=run, result=result, stdout=stdout, output=stdout + stderr, gauges=gauges)
+
+
+@dataclass
+class FaultedRun:
+    """The trained run's spec (another name, storage and MLflow store) run with a worker killed in phase 1
+    and again in phase 2; it must end with the same figures."""
+
+    spec: JobSpec
+    run: Path
+    result: dict  # jobs.train.run's result
+
+
+@pytest.fixture(scope="session")
+def faulted_run(ray_cluster, builtin_corpus, tmp_path_factory) -> FaultedRun:
+    from tests.scripts.common import shared_run_spec, train_killing_workers
+
+    # The trained run tracks to an MLflow file store, this one to an SQLite store: both stores are run.
+    spec = shared_run_spec(builtin_corpus, tmp_path_factory.mktemp("faulted"), "faulted", mlflow_store="sqlite")
+    result = train_killing_workers(spec, ray_cluster.dashboard_url, phases=("members", "merge"))
+    return FaultedRun(spec=spec, run=Path(spec.run_dir), result=result)

@@ -16,7 +16,6 @@ from leviathan.config import ComponentConfig, EnsembleConfig
 from leviathan.data.staging import load_manifest
 from leviathan.model.ensemble import LeviathanEnsemble
 from leviathan.evaluation import MIXED, SWITCH, evaluate_ensemble
-from tests.test_evaluation import prepare_corpus
 
 SETTINGS = dict(batch_size=3, seq_len=16, max_batches=2, prefix_tokens=4)
 
@@ -34,11 +33,11 @@ def _ensemble(merge: str, evidence: bool) -> LeviathanEnsemble:
     return ens
 
 
-def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, tmp_path):
+def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, small_corpus, tmp_path):
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    manifest = prepare_corpus(tmp_path / "corpus")
+    manifest = small_corpus
     domains = load_manifest(manifest).domains[:2]
     cases = {"fusion": ("fusion", True), "mixture": ("mixture", True), "mixture-states-only": ("mixture", False),
              "members-only": ("mixture", True)}

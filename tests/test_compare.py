@@ -21,7 +21,6 @@ from jobs.compare import (
 )
 from jobs.spec import JobSpec
 from leviathan.model.flops import flops
-from tests.test_evaluation import prepare_corpus
 
 
 def test_parse_mixers():
@@ -136,8 +135,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_compare_correlation_and_attention(ray_cluster, tmp_path, capsys):
-    manifest = prepare_corpus(tmp_path)
+def test_compare_correlation_and_attention(ray_cluster, small_corpus, tmp_path, capsys):
+    manifest = small_corpus
     spec = JobSpec.model_validate({
         "name": "cmp",
         "seed": 3,

@@ -13,7 +13,6 @@ from jobs.evaluate import evaluate_run, main
 from jobs.spec import JobSpec
 from leviathan.data.staging import load_manifest
 from leviathan.model.ensemble import LeviathanEnsemble
-from tests.test_evaluation import prepare_corpus
 
 
 def make_run(
@@ -47,9 +46,9 @@ def make_run(
     return run
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return prepare_corpus(tmp_path_factory.mktemp("corpus"))
+@pytest.fixture
+def corpus(small_corpus) -> Path:
+    return small_corpus
 
 
 def test_evaluate_run_writes_the_reports(tmp_path, corpus, capsys):

@@ -11,13 +11,11 @@ from jobs.generate import generate_text, main
 from leviathan.model.ensemble import LeviathanEnsemble
 from leviathan.data.tokenizer import ByteTokenizer
 from tests.test_evaluate_job import make_run
-from tests.test_evaluation import prepare_corpus
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("gen")
-    return make_run(root, prepare_corpus(root))
+def run(tmp_path_factory, small_corpus) -> Path:
+    return make_run(tmp_path_factory.mktemp("gen"), small_corpus)
 
 
 def test_same_seed_same_text(run):

@@ -10,7 +10,6 @@ collective.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -111,17 +110,15 @@ def _all_reduce_wrong_on_rank_1(config):
     ],
     ids=["raises", "wrong-result"],
 )
+# The other rank waits in a collective whose timeout is 30 minutes (TorchConfig's default):
+# the job must end long before, when Ray Train sees the failed rank, not when that times out.
+@pytest.mark.timeout(300)
 def test_broken_collective_fails_the_job_at_once_with_one_line(ray_cluster, plan, tmp_path, loop, rank, step, detail):
     from ray.train import TrainingFailedError
 
-    started = time.monotonic()
     with pytest.raises(TrainingFailedError) as e:
         _fit(plan, tmp_path, loop)
-    elapsed = time.monotonic() - started
     line = train.failure_line(e.value)
     assert line.startswith(f"collective check failed on rank {rank} of 2 (cpu, backend gloo): {step}"), line
     assert detail in line and "\n" not in line, line
-    # The other rank waits in a collective whose timeout is 30 minutes (TorchConfig's default):
-    # the job must end long before, when Ray Train sees the failed rank, not when that times out.
-    assert elapsed < 300, f"the job took {elapsed:.0f} s to fail"
     assert not (tmp_path / "metrics.jsonl").exists(), "no training step ran"

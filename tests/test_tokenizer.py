@@ -82,9 +82,15 @@ def test_bpe_specials_first_and_vocab(bpe):
     assert bpe.spec() == {"kind": "bpe", "vocab_size": 320, "file": "tokenizer.json", "specials": bpe.specials}
 
 
+def _without_special_spellings(text: str) -> bool:
+    return not any(special in text for special in SPECIAL_TOKENS)
+
+
 @settings(max_examples=100, deadline=None)
-@given(st.text(max_size=200))
+@given(st.text(max_size=200).filter(_without_special_spellings))
 def test_bpe_round_trips_text(text: str):
+    """Any text without a special token's spelling comes back byte for byte (`tokenizers`
+    parses those spellings as the special tokens themselves, which decode drops)."""
     tok = _BPE_FOR_HYPOTHESIS
     ids = tok.encode(text)
     assert tok.decode(ids) == text.encode("utf-8", errors="replace").decode("utf-8")

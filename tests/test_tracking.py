@@ -2,8 +2,9 @@
 event files, read back with MLflow's client and TensorBoard's EventAccumulator.
 
 The fast tests drive rank 0's `Tracker` with metrics records as the worker writes
-them, a restart included; the slow one trains a tiny job with tracking on, kills
-a worker mid-run, and finds one MLflow run with no step logged twice.
+them, a restart included; the slow ones read the session's trained run and its
+faulted twin (workers killed in both phases), both tracked, and find one MLflow
+run each with no step logged twice.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from cluster.tracking import RUN_DIR_TAG, TENSORBOARD_DIR, Tracker, check_tracki
 from jobs.plan import tracking_of
 from leviathan.run.progress import RunProgress
 from leviathan.run.records import record
+from tests.scripts.common import MERGED
 
 P1, P2 = 20, 8  # the schedule of the fast tests' run
 
 
 def _report(phase: str, step: int, replayed: bool = False) -> list[dict]:
-    """One report's records: two members, the uniform mixture and (phase 2) the merged model."""
+    """One report's records: two members, the uniform mixture and (phase 2) the merger."""
     out = [
         record(step=step, phase=phase, module=i, member=f"m{i}.0", domain=f"d{i}", train_loss=3.0 - step / 100,
                val_loss=3.1, mixed_val_loss=3.2, lr=1e-3, tokens_per_s=500.0, replayed=replayed)
@@ -32,7 +34,7 @@ def _report(phase: str, step: int, replayed: bool = False) -> list[dict]:
     ]
     out.append(record(step=step, phase=phase, member="uniform", mixed_val_loss=3.0, replayed=replayed))
     if phase == "merge":
-        out.append(record(step=step, phase=phase, member="merged", train_loss=2.0, mixed_val_loss=2.1,
+        out.append(record(step=step, phase=phase, member=MERGED, train_loss=2.0, mixed_val_loss=2.1,
                           tokens_per_s=900.0, replayed=replayed))
     return out
 
@@ -100,7 +102,7 @@ def test_a_restarted_run_continues_one_mlflow_run_and_one_tensorboard_log_withou
     assert run.data.params["training.phase1_steps"] == "200" and run.data.params["ensemble.members.1.flavour"] == "relu3"
     history = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)] for k in run.data.metrics}
     assert history["m0.0/train_loss"] == [5, 10, 15, 20], "every step once: 15 not again, 20 filled in"
-    assert history["merged/mixed_val_loss"] == [P1 + 4, P1 + 8], "phase-2 steps follow phase 1's"
+    assert history[f"{MERGED}/mixed_val_loss"] == [P1 + 4, P1 + 8], "phase-2 steps follow phase 1's"
     assert history["uniform/mixed_val_loss"] == [5, 10, 15, 20, P1 + 4, P1 + 8]
     assert history["progress/tokens_per_s_members"] == [5, 10, 15, 20]
     assert history["progress/eta_s"][-1] == P1 + 8 and run.data.metrics["progress/eta_s"] == 0.0
@@ -112,7 +114,7 @@ def test_a_restarted_run_continues_one_mlflow_run_and_one_tensorboard_log_withou
     assert len(list(tb.glob("events.out.tfevents.*"))) == 2, "one event file per worker-group start"
     steps = _tensorboard_steps(tb)
     assert steps["m1.0/val_loss"] == [5, 10, 15, 20], "15 and 20 filled in by the replay"
-    assert steps["merged/train_loss"] == [P1 + 4, P1 + 8]
+    assert steps[f"{MERGED}/train_loss"] == [P1 + 4, P1 + 8]
     repeated = {tag: s for tag, s in steps.items() if len(set(s)) != len(s)}
     assert not repeated, f"steps logged twice: {repeated}"
 
@@ -187,56 +189,29 @@ def test_global_steps_run_on_across_the_phases():
     assert [global_step("members", 7, P1), global_step("merge", 3, P1), global_step("final", P2, P1)] == [7, 23, 28]
 
 
-# ----------------------------------------------------------------------------- a real job, a killed worker
+# ----------------------------------------------------------------------------- the session's runs
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_killed_worker_resumes_the_exact_steps_and_tracks_every_point_once(ray_cluster, tmp_path):
-    """A Ray Train worker SIGKILLed in phase 1: the group restarts from its checkpoint, replays
-    (and marks) the steps after it, trains exactly the spec's steps, and continues the same
-    MLflow run and TensorBoard log with every report's point once."""
-    import torch
+def _check_tracked(run: Path, spec) -> None:
+    """One finished MLflow run per run folder and one TensorBoard log, every report's point once."""
+    from tests.scripts.common import logged_steps
 
-    from cluster.checkpointing import MERGER_FILE, module_file
-    from tests.scripts.common import builtin_manifest, read_metric_records, tiny_spec, train_killing_one_worker
-
-    manifest = builtin_manifest(tmp_path / "data")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    p1, p2 = 100, 6
-    spec = tiny_spec(
-        manifest, tmp_path / "runs", "tracked-fault",
-        training={"phase1_steps": p1, "phase2_steps": p2, "batch_size": 8, "seq_len": 64,
-                  "eval_interval": 5, "checkpoint_interval": 30},
-        resources={"max_failures": 3},
-        tracking={"mlflow_uri": uri, "tensorboard": True},
-    )
-    run = Path(spec.run_dir)
-    result = train_killing_one_worker(spec, ray_cluster.dashboard_url)
-
-    records = read_metric_records(run)
-    replayed = [r for r in records if r["replayed"]]
-    assert replayed and {r["phase"] for r in replayed} == {"members"}, "the replayed steps are marked"
-    logged = {(r["member"], r["step"]) for r in records if r["phase"] == "members"}
-    assert {(m, s) for m in ("m0.0", "m0.1", "m1.0", "m1.1") for s in range(5, p1 + 1, 5)} <= logged
-    checkpoint = Path(result["checkpoint"])
-    for i in range(2):
-        drawn = torch.load(checkpoint / module_file(i), weights_only=False)["sampler"]["batches_drawn"]
-        assert drawn == p1, f"module {i} trained {drawn} steps, the spec says {p1}"
-    assert torch.load(checkpoint / MERGER_FILE, weights_only=False)["mixed_sampler"]["batches_drawn"] == p2
-
-    client, runs = _mlflow_runs(uri)
+    t = spec.training
+    p1, p2 = t.phase1_steps, t.phase2_steps
+    client, runs = _mlflow_runs(spec.tracking.mlflow_uri)
     assert len(runs) == 1, f"{len(runs)} MLflow runs for one run folder"
     mlrun = runs[0]
     assert mlrun.info.status == "FINISHED"
     assert mlrun.data.params["training.phase1_steps"] == str(p1)
+    assert mlrun.data.tags[RUN_DIR_TAG] == spec.run_dir
     history = {k: [m.step for m in client.get_metric_history(mlrun.info.run_id, k)] for k in mlrun.data.metrics}
     repeated = {k: sorted(s for s, n in Counter(steps).items() if n > 1) for k, steps in history.items()}
     assert not {k: s for k, s in repeated.items() if s}, f"steps logged twice: {repeated}"
-    reports = set(range(5, p1 + 1, 5)) | {p1 + p2}  # the members are evaluated again at the end of phase 2
-    assert set(history["m0.0/val_loss"]) == reports, "every report's step, once"
-    assert max(history["merged/mixed_val_loss"]) == p1 + p2
-    assert "final/merged/mixed_val_loss" in mlrun.data.metrics
+    # Every report's step, once; the members are evaluated again at the end of phase 2.
+    reports = logged_steps(p1, t.eval_interval, t.checkpoint_interval) | {p1 + p2}
+    assert set(history["m0.0/val_loss"]) == reports
+    assert max(history[f"{MERGED}/mixed_val_loss"]) == p1 + p2
+    assert f"final/{MERGED}/mixed_val_loss" in mlrun.data.metrics
     assert {"progress/tokens_per_s_members", "progress/tokens_per_s_merge", "progress/eta_s"} <= set(mlrun.data.metrics)
     assert {a.path for a in client.list_artifacts(mlrun.info.run_id)} >= {"final_table.json", "report.md"}
 
@@ -244,3 +219,13 @@ def test_killed_worker_resumes_the_exact_steps_and_tracks_every_point_once(ray_c
     assert set(tb_steps["m0.0/val_loss"]) == reports
     repeated_tb = {tag: s for tag, s in tb_steps.items() if len(set(s)) != len(s)}
     assert not repeated_tb, f"TensorBoard steps logged twice: {repeated_tb}"
+
+
+def test_a_trained_run_tracks_every_report_once_in_mlflow_and_tensorboard(trained_run):
+    _check_tracked(trained_run.run, trained_run.spec)
+
+
+def test_a_faulted_run_continues_one_mlflow_run_and_tracks_every_point_once(faulted_run):
+    """Workers SIGKILLed in both phases: the restarted groups continue the same MLflow run and
+    TensorBoard log, and the replayed steps log nothing twice."""
+    _check_tracked(faulted_run.run, faulted_run.spec)

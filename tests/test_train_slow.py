@@ -1,6 +1,7 @@
-"""End-to-end training runs that take tens of seconds each: the merged model
-beats its members, a worker killed in phase 2, a lost node, and `ray job submit`
-(a worker killed in phase 1 is in test_tracking.py, which also checks its tracking)."""
+"""End-to-end training runs that take tens of seconds each: the merged model beats
+its members, workers killed in both phases (the session's faulted run, compared with
+its trained run), a lost node, and a run on an object store (`ray job submit` runs in
+test_deploy.py, with the RayJob's entrypoint)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ from pathlib import Path
 import pytest
 
 from jobs import train
-from tests.scripts.common import builtin_manifest, read_metric_records, tiny_spec, train_killing_one_worker, write_spec
+from tests.scripts.common import MERGED, read_metric_records, tiny_spec
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    return builtin_manifest(tmp_path_factory.getbasetemp() / "leviathan-builtin")
+@pytest.fixture
+def manifest(builtin_corpus) -> Path:
+    return builtin_corpus
 
 
 def test_merged_model_beats_every_member_and_the_uniform_mixture(ray_cluster, manifest, tmp_path):
@@ -34,29 +35,37 @@ def test_merged_model_beats_every_member_and_the_uniform_mixture(ray_cluster, ma
                   "eval_interval": 50, "eval_batches": 2, "checkpoint_interval": 100},
     )
     result = train.run(spec, progress=False)
-    rows = {r["name"]: r["mixed_val_loss"] for r in result["rows"] if r["kind"] in ("member", "merged", "uniform")}
-    merged, uniform = rows.pop("merged"), rows.pop("uniform")
+    rows = {r["name"]: r["mixed_val_loss"] for r in result["rows"] if r["kind"] in ("member", MERGED, "uniform")}
+    merged, uniform = rows.pop(MERGED), rows.pop("uniform")
     assert merged < uniform, f"merged {merged:.4f} vs uniform mixture {uniform:.4f}"
     assert all(merged < v for v in rows.values()), f"merged {merged:.4f} vs members {rows}"
     assert result["merged_beats_every_member"] and result["merged_beats_uniform"]
 
 
-def test_worker_killed_in_phase_2_resumes_to_the_uninterrupted_runs_final_loss(ray_cluster, manifest, tmp_path):
-    """The evidence merger's phase 2 (beta, gamma, switch rows, all-to-all) resumes exactly: a run whose
-    worker dies mid phase 2 ends with the same merged figures as the same spec run without a failure."""
-    training = {"phase1_steps": 10, "phase2_steps": 60, "batch_size": 8, "seq_len": 64,
-                "eval_interval": 5, "checkpoint_interval": 10}
-    clean = train.run(tiny_spec(manifest, tmp_path, "p2-clean", training=training), progress=False)
-    spec = tiny_spec(manifest, tmp_path, "p2-fault", training=training, resources={"max_failures": 3})
-    faulted = train_killing_one_worker(spec, ray_cluster.dashboard_url, phase="merge")
+def test_workers_killed_in_both_phases_resume_to_the_uninterrupted_runs_figures(trained_run, faulted_run):
+    """The session's faulted run (a worker SIGKILLed in phase 1, another in phase 2) replays the
+    steps after each checkpoint, trains exactly the spec's steps, and ends with the trained run's
+    figures bit for bit: the members' phase 1 and the evidence merger's phase 2 (beta, gamma,
+    switch rows, all-to-all) resume exactly."""
+    import torch
 
-    replayed = [r for r in read_metric_records(Path(spec.run_dir)) if r["replayed"]]
-    assert replayed and {r["phase"] for r in replayed} == {"merge"}, "the kill landed in phase 2"
+    from cluster.checkpointing import MERGER_FILE, module_file
 
-    def merged(result: dict) -> dict:
-        return next(r for r in result["rows"] if r["kind"] == "merged")
-    assert merged(faulted)["mixed_val_loss"] == merged(clean)["mixed_val_loss"], (merged(faulted), merged(clean))
-    assert merged(faulted)["val_by_domain"] == merged(clean)["val_by_domain"]
+    replayed = [r for r in read_metric_records(faulted_run.run) if r["replayed"]]
+    assert {r["phase"] for r in replayed} == {"members", "merge"}, "a kill landed in each phase"
+    training = faulted_run.spec.training
+    checkpoint = Path(faulted_run.result["checkpoint"])
+    for i in range(2):
+        drawn = torch.load(checkpoint / module_file(i), weights_only=False)["sampler"]["batches_drawn"]
+        assert drawn == training.phase1_steps, f"module {i} trained {drawn} steps"
+    merger = torch.load(checkpoint / MERGER_FILE, weights_only=False)["mixed_sampler"]["batches_drawn"]
+    assert merger == training.phase2_steps
+
+    figures = ("kind", "name", "mixed_val_loss", "switch_val_loss", "val_by_domain")
+    faulted = [{k: r.get(k) for k in figures} for r in faulted_run.result["rows"]]
+    clean = [{k: r.get(k) for k in figures} for r in trained_run.result["rows"]]
+    assert faulted == clean
+    assert faulted_run.result["evidence"] == trained_run.result["evidence"]
 
 
 def test_lost_node_is_replaced_and_the_run_finishes(tmp_path, manifest):
@@ -74,23 +83,6 @@ def test_lost_node_is_replaced_and_the_run_finishes(tmp_path, manifest):
     assert report["merged_mixed_val_loss"] is not None
 
 
-def test_ray_job_submit_runs_the_training_entrypoint(ray_cluster, manifest, tmp_path):
-    spec = tiny_spec(manifest, tmp_path, "submitted")
-    spec_file = write_spec(spec, tmp_path / "submitted.json")
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
-         "--working-dir", ".", "--", "python", "-m", "jobs.train", "--spec", str(spec_file), "--no-progress"],
-        cwd=REPO_ROOT, env=ray_cluster.cli_env(), capture_output=True, text=True, timeout=400,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    assert "succeeded" in output and "merged (mixture)" in output, output[-4000:]
-    result = json.loads((Path(spec.run_dir) / "train_result.json").read_text())
-    assert [r["kind"] for r in result["rows"]][-3:] == ["uniform", "posterior", "running posterior"]
-    assert result["rows"][0]["kind"] == "merged"
-    assert (Path(spec.run_dir) / "final" / "model.safetensors").is_file()
-
-
 def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_cluster, manifest, s3_bucket, s3_server,
                                                                         tmp_path, monkeypatch):
     """Data and run folder on S3 (moto). Workers stage the shards from the remote
@@ -104,7 +96,7 @@ def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_clust
     from api.metrics import MetricsReader, read_records
     from api.services.jobs import write_spec as api_write_spec
     from leviathan.run import storage
-    from leviathan.data.staging import load_manifest
+    from leviathan.data.shards import load_manifest
     from leviathan.model.ensemble import LeviathanEnsemble
 
     monkeypatch.setenv("LEVIATHAN_STAGING_DIR", str(tmp_path / "driver-staged"))

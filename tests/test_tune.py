@@ -10,7 +10,6 @@ import pytest
 
 from jobs.spec import JobSpec, load_spec
 from jobs.tune import Param, TuneError, check_params, main, parse_param, trial_spec
-from tests.test_evaluation import prepare_corpus
 
 
 def test_parse_distributions():
@@ -73,8 +72,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_trial_sweep(ray_cluster, tmp_path, capsys):
-    manifest = prepare_corpus(tmp_path)
+def test_two_trial_sweep(ray_cluster, small_corpus, tmp_path, capsys):
+    manifest = small_corpus
     spec = JobSpec.model_validate({
         "name": "sweep",
         "storage": str(tmp_path / "runs"),

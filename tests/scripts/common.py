@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.spec import JobSpec
+from leviathan.run import names
 
 
 def builtin_manifest(folder: Path) -> Path:
@@ -88,35 +89,46 @@ def latest_checkpoint_step(run: Path, phase: str | None = None) -> int:
     return max(steps)
 
 
-def train_killing_one_worker(spec: JobSpec, dashboard_url: str, phase: str = "members") -> dict:
-    """`jobs.train.run(spec)`'s result after one of its Ray Train workers is SIGKILLed mid `phase`
-    ("members": phase 1, "merge": phase 2).
+# The merged model's row kind and member name in a run's result and metrics.
+MERGED = names.MERGED
 
-    The kill waits for a registered checkpoint of that phase and for its metrics past it,
-    so the restarted run must replay logged steps; it asserts the kill happened
-    inside the phase (else the phase is too short to test recovery) and that the run
-    still finished.
-    """
+# The schedule of the session's `trained_run` and `faulted_run`: long enough that a worker
+# can be killed inside each phase after a checkpoint, with logged steps past it to replay.
+SHARED_RUN_TRAINING = {"phase1_steps": 40, "phase2_steps": 30, "batch_size": 8, "seq_len": 64,
+                       "eval_interval": 5, "checkpoint_interval": 10}
+
+
+def shared_run_spec(manifest: Path | str, storage: Path, name: str, mlflow_store: str = "file") -> JobSpec:
+    """The spec of the session's trained and faulted runs: equal but for name, storage and MLflow
+    store ("file" or "sqlite", inside `storage`; neither changes the figures), with TensorBoard
+    on and room for two worker failures."""
+    uri = f"file:{storage / 'mlruns'}" if mlflow_store == "file" else f"sqlite:///{storage / 'mlflow.db'}"
+    return tiny_spec(
+        manifest, storage, name, training=SHARED_RUN_TRAINING, resources={"max_failures": 3},
+        tracking={"mlflow_uri": uri, "tensorboard": True},
+    )
+
+
+def logged_steps(last: int, eval_interval: int, checkpoint_interval: int) -> set[int]:
+    """The steps a phase of `last` steps reports at: every evaluation, every checkpoint, the last."""
+    return {s for s in range(1, last + 1) if s % eval_interval == 0 or s % checkpoint_interval == 0 or s == last}
+
+
+def _live_workers(dashboard_url: str) -> set[int]:
+    """Pids of this session's cluster's live Ray Train workers (the machine may run other clusters)."""
     from ray.util.state import list_actors
 
-    from jobs import train
+    actors = list_actors(
+        address=dashboard_url, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
+    return {a.pid for a in actors}
 
+
+def _kill_a_worker_in(spec: JobSpec, dashboard_url: str, phase: str, spared: set[int]) -> tuple[int, set[int]]:
+    """SIGKILL one live worker not in `spared` once a checkpoint of `phase` is registered and
+    the phase's lines past it are logged (the restarted group must replay them). Returns the
+    step last logged before the kill and the workers alive then."""
     run = Path(spec.run_dir)
-
-    def live_workers() -> set[int]:  # this session's cluster only: the machine may run others
-        actors = list_actors(
-            address=dashboard_url,
-            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-        )
-        return {a.pid for a in actors}
-
-    earlier = live_workers()  # workers of earlier runs still shutting down are not ours to kill
-    out: dict = {}
-    thread = threading.Thread(target=lambda: out.update(result=train.run(spec, progress=False)), daemon=True)
-    thread.start()
-
-    # Kill once a checkpoint of the phase is registered and the phase's lines past it are logged
-    # (they will be replayed).
     wait_for(lambda: (run / "checkpoints" / "checkpoint_manager_snapshot.json").is_file()
              and latest_checkpoint_step(run, phase) > 0, 300, f"a registered {phase} checkpoint")
 
@@ -125,14 +137,34 @@ def train_killing_one_worker(spec: JobSpec, dashboard_url: str, phase: str = "me
         return bool(steps) and max(steps) > latest_checkpoint_step(run, phase)
 
     wait_for(logged_past_checkpoint, 120, f"{phase} metrics past the checkpoint")
-    workers = sorted(live_workers() - earlier)
-    assert workers, "no live Ray Train worker of this run to kill"
+    alive = _live_workers(dashboard_url)
+    workers = sorted(alive - spared)
+    assert workers, f"no live Ray Train worker of this run to kill in {phase}"
     killed_at = max(r["step"] for r in read_metric_records(run) if r["phase"] == phase)
     last = spec.training.phase1_steps if phase == "members" else spec.training.phase2_steps
     assert killed_at < last, f"the run left the {phase} phase before the kill; make it longer"
     os.kill(workers[-1], signal.SIGKILL)
+    return killed_at, alive
 
+
+def train_killing_workers(spec: JobSpec, dashboard_url: str, phases: tuple[str, ...] = ("members",)) -> dict:
+    """`jobs.train.run(spec)`'s result after one of its Ray Train workers is SIGKILLed in
+    each of `phases` in turn ("members": phase 1, "merge": phase 2).
+
+    Each kill waits for a registered checkpoint of its phase and for metrics past it,
+    asserts it happened inside the phase (else the phase is too short to test
+    recovery), and spares the workers of earlier groups. The run must still finish.
+    """
+    from jobs import train
+
+    spared = _live_workers(dashboard_url)  # workers of earlier runs still shutting down are not ours
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=train.run(spec, progress=False)), daemon=True)
+    thread.start()
+    for phase in phases:
+        _, alive = _kill_a_worker_in(spec, dashboard_url, phase, spared)
+        spared |= alive  # the next kill is for the restarted group
     thread.join(timeout=400)
-    assert not thread.is_alive(), "the run did not finish after the worker was killed"
+    assert not thread.is_alive(), "the run did not finish after its workers were killed"
     assert "result" in out, "the run failed"
     return out["result"]

@@ -35,7 +35,7 @@ def main() -> int:
 
     from cluster.checkpointing import module_file
     from jobs import train
-    from tests.scripts.common import tiny_spec
+    from tests.scripts.common import MERGED, tiny_spec
 
     P1 = 120
     spec = tiny_spec(
@@ -89,7 +89,7 @@ def main() -> int:
         ckpt = Path(result["checkpoint"])
         steps = [torch.load(ckpt / module_file(i), weights_only=False)["sampler"]["batches_drawn"] for i in range(2)]
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        merged = next(r["mixed_val_loss"] for r in result["rows"] if r["kind"] == "merged")
+        merged = next(r["mixed_val_loss"] for r in result["rows"] if r["kind"] == MERGED)
         print(json.dumps({
             "removed_node_hosted_worker": hosted,
             "phase1_steps": P1,
