@@ -21,7 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from api.errors import ApiError, InvalidField
+from api.auth import Authenticator, read_token_file
+from api.errors import ApiError, InvalidField, encodable
 from api.metrics import MetricsReader
 from api.ray_jobs import JobsGateway, RayGateway
 from api.routes import health, jobs, runs
@@ -33,17 +34,18 @@ from api.strict_json import MAX_MESSAGE_CHARS, safe_errors, shorten
 async def error_answer(request: Request, exc: Exception) -> JSONResponse:
     """The one exception handler: the project's errors by their status, FastAPI's
     validation errors and Starlette's HTTP errors as FastAPI answers them, every
-    message shortened."""
+    message shortened and every echoed string made encodable (`encodable`)."""
     if isinstance(exc, InvalidField):
-        return JSONResponse({"detail": safe_errors(exc.errors)}, status_code=422)
+        return JSONResponse({"detail": encodable(safe_errors(exc.errors))}, status_code=422)
     if isinstance(exc, ApiError):
-        return JSONResponse({"detail": shorten(exc.message, MAX_MESSAGE_CHARS)}, status_code=exc.status,
+        return JSONResponse({"detail": encodable(shorten(exc.message, MAX_MESSAGE_CHARS))}, status_code=exc.status,
                             headers=exc.headers or None)
     if isinstance(exc, RequestValidationError):
-        return JSONResponse({"detail": safe_errors(exc.errors())}, status_code=422)
+        return JSONResponse({"detail": encodable(safe_errors(exc.errors()))}, status_code=422)
     assert isinstance(exc, HTTPException)
     if isinstance(exc.detail, str):
         exc.detail = shorten(exc.detail, MAX_MESSAGE_CHARS)
+    exc.detail = encodable(exc.detail)
     return await http_exception_handler(request, exc)
 
 
@@ -76,6 +78,11 @@ def create_app(settings: Settings | None = None, gateway: JobsGateway | None = N
     app.state.ray = gateway
     app.state.metrics = MetricsReader()
     app.state.storage_root = storage_root(settings)
+    app.state.auth = Authenticator(
+        settings.api_token.get_secret_value() if settings.api_token is not None else None, settings.api_tokens
+    )
+    if settings.api_tokens is not None:  # a missing or malformed token file stops the start, saying why
+        read_token_file(settings.api_tokens.expanduser())
     for kind in (ApiError, RequestValidationError, HTTPException):
         app.add_exception_handler(kind, error_answer)
     app.include_router(health.router)

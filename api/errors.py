@@ -28,6 +28,12 @@ class Unauthorized(ApiError):
     headers = {"WWW-Authenticate": "Bearer"}
 
 
+class Forbidden(ApiError):
+    """A valid token whose role may not do this (a `read` token submitting, say)."""
+
+    status = 403
+
+
 class NotFound(ApiError):
     """No such job (or one this API does not manage)."""
 
@@ -47,6 +53,12 @@ class TooManyJobs(ApiError):
 
     status = 429
     headers = {"Retry-After": "30"}
+
+
+class AuthUnavailable(ApiError):
+    """The API's token file cannot be read or parsed: no token is accepted until it can."""
+
+    status = 503
 
 
 class StorageError(ApiError):
@@ -100,3 +112,19 @@ class InvalidField(ApiError):
 def field_error(loc: tuple[Any, ...], msg: str, value: Any, kind: str = "value_error") -> dict[str, Any]:
     """One error in FastAPI's validation shape, `loc` naming the body field."""
     return {"type": kind, "loc": ("body", *loc), "msg": msg, "input": value}
+
+
+def encodable(value: Any) -> Any:
+    """`value` with every string made UTF-8 encodable: lone surrogates (which JSON's
+    `\\ud800` escapes can put in a parsed string) become their `\\ud800` text.
+
+    Error answers echo parts of the request; one unencodable character there would
+    turn a 422 into a 500 while the answer is being written.
+    """
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {encodable(k): encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encodable(v) for v in value]
+    return value

@@ -1,8 +1,9 @@
 """The API's settings: one pydantic-settings object read from `LEVIATHAN_*` variables.
 
-Two tokens live here and must not be confused:
-- `api_token` (`LEVIATHAN_API_TOKEN`) guards this API: clients send it as
-  `Authorization: Bearer <token>`.
+Two kinds of token live here and must not be confused:
+- `api_token` (`LEVIATHAN_API_TOKEN`, one admin) and `api_tokens`
+  (`LEVIATHAN_API_TOKENS`, a file of hashed per-user tokens, `api.auth`) guard this
+  API: clients send theirs as `Authorization: Bearer <token>`.
 - `ray_auth_token` (`LEVIATHAN_RAY_AUTH_TOKEN` or `RAY_AUTH_TOKEN`, else the file at
   `ray_auth_token_path`, default `~/.ray/auth_token`) is the Ray cluster's own token
   (Ray 2.60 token auth); the API passes it on to the Ray Jobs server. The file is
@@ -15,9 +16,10 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from jobs.spec import default_home, default_storage
 from leviathan.run.ray_address import DEFAULT_JOBS_URL, ray_address
@@ -48,7 +50,24 @@ class Settings(BaseSettings):
         None, description="Dashboard URL used in links for users; default: ray_address."
     )
     api_token: SecretStr | None = Field(
-        None, description="Bearer token every endpoint but /healthz requires; unset: no auth."
+        None,
+        description=(
+            "One admin's bearer token (user 'admin'); with neither it nor api_tokens set, no endpoint needs a token."
+        ),
+    )
+    api_tokens: Path | None = Field(
+        None,
+        description=(
+            "File of per-user tokens (JSON lines: sha256, user, role read|submit|admin; `leviathan token`); "
+            "re-read when it changes. With api_token too, that one is one more admin."
+        ),
+    )
+    tracking_uris: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated URI prefixes a spec's tracking.mlflow_uri may start with (the MLflow servers "
+            "jobs may call); local file:/sqlite: stores under the storage root are always allowed."
+        ),
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -109,6 +128,24 @@ class Settings(BaseSettings):
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError(f"must be the Ray Jobs server URL (http://host:8265), got {v!r}")
         return v.rstrip("/") if v else v
+
+    @field_validator("tracking_uris", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.split(",")
+        if isinstance(v, (list, tuple)):
+            prefixes = [str(p).strip() for p in v if str(p).strip()]
+            bad = [p for p in prefixes if "://" not in p and not p.startswith(("file:", "sqlite:"))]
+            if bad:
+                raise ValueError(f"each tracking URI prefix must be a URI (scheme://host...), got {bad[0]!r}")
+            return prefixes
+        return v
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, v: object) -> object:
+        return None if v == "" else v
 
     @field_validator("api_token", "ray_auth_token", mode="before")
     @classmethod

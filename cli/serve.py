@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=None, help="port (default: settings, 8000)")
     parser.add_argument(
         "--insecure", action="store_true",
-        help="allow a non-loopback bind without LEVIATHAN_API_TOKEN (anyone who reaches the port can submit jobs)",
+        help="allow a non-loopback bind without LEVIATHAN_API_TOKEN(S) (anyone who reaches the port can submit jobs)",
     )
     return parser
 
@@ -39,11 +39,19 @@ def serve(argv: list[str]) -> int:
         print(f"error: bad API settings in the environment: {problems}", file=sys.stderr)
         return 2
     host = args.host or settings.host
-    if host not in LOOPBACK_HOSTS and settings.api_token is None:
+    if settings.api_tokens is not None:
+        from api.auth import read_token_file
+
+        try:
+            read_token_file(settings.api_tokens.expanduser())
+        except (OSError, ValueError) as e:
+            print(f"error: LEVIATHAN_API_TOKENS: {e}", file=sys.stderr)
+            return 2
+    if host not in LOOPBACK_HOSTS and settings.api_token is None and settings.api_tokens is None:
         if not args.insecure:
             print(
-                f"error: refusing to serve on {host} without LEVIATHAN_API_TOKEN (anyone who reaches "
-                "the port could submit jobs); set a token, bind 127.0.0.1, or pass --insecure",
+                f"error: refusing to serve on {host} without LEVIATHAN_API_TOKEN or LEVIATHAN_API_TOKENS "
+                "(anyone who reaches the port could submit jobs); set a token, bind 127.0.0.1, or pass --insecure",
                 file=sys.stderr,
             )
             return 2

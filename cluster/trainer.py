@@ -24,6 +24,7 @@ from cluster.plan import Resources, RunPlan
 from leviathan.run.capacity import capacity, describe
 from leviathan.run.folder import CHECKPOINTS_DIR
 from leviathan.run.storage import join, normalize
+
 # Restarts of the controller itself (e.g. a worker group that cannot start):
 # bounded, so a job that lost its capacity fails instead of waiting forever.
 CONTROLLER_FAILURE_LIMIT = 2

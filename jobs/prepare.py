@@ -36,7 +36,6 @@ line and returns 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -54,7 +53,9 @@ import numpy as np
 
 from jobs.spec import default_home
 from leviathan.data.corpus import BUILTIN_DOMAINS, capped, corpus_version
-from leviathan.data.shards import FORMAT_VERSION, MANIFEST_FILE, DataError, load_manifest, sha256_file, token_dtype, write_shard
+from leviathan.data.shards import DataError, sha256_file, token_dtype, write_shard
+from leviathan.data.staging import load_manifest
+from leviathan.run.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
 from leviathan.run import storage
 from leviathan.data.tokenizer import BPETokenizer, ByteTokenizer
 
@@ -470,7 +471,7 @@ def prepare_sources(
         if spec.get("file"):
             tok.save(tmp)
             spec["sha256"] = sha256_file(tmp / spec["file"])
-        manifest = {
+        manifest = Manifest.from_dict({
             "format_version": FORMAT_VERSION,
             "tokenizer": spec,
             "vocab_size": tok.vocab_size,
@@ -478,8 +479,8 @@ def prepare_sources(
             "val_fraction": val_fraction,
             "seq_len": seq_len,
             "domains": domains,
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        })
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json())
         _publish(tmp, out, force)
     except OSError as e:
         raise PrepareError(f"--out {out}: {e.strerror or e} ({e.filename or tmp})") from None

@@ -3,6 +3,9 @@
 Each example takes the valid tiny spec and breaks it one way: an unknown key, a
 wrong type, an out-of-range number, a null, a section that is not an object, a
 body that is not an object, inconsistent shapes, or bytes that are not JSON.
+Every string field (and every string inside a list, and unknown keys) also gets
+text with a lone surrogate (`"\\ud800"` in the JSON): not Unicode, so a 422 at
+that field whose echo of the input is still encodable, never a 500.
 A second test writes JSON text that Python's json module would accept but a spec
 must not: non-finite numbers and huge exponents or numerals, deep nesting,
 non-UTF-8 bytes inside a string, and duplicate keys (422 naming the field, not
@@ -164,6 +167,33 @@ inconsistent = st.one_of(
     st.lists(words, min_size=0, max_size=0).map(lambda d: _set(_set(BASE, ("ensemble", "modules"), 2),
                                                                ("data", "domains"), ["only-one"])),
 )
+
+
+def _is_text(ann: Any) -> bool:
+    return ann is str or (typing.get_origin(ann) is Literal and all(isinstance(a, str) for a in typing.get_args(ann)))
+
+
+def _string_paths() -> list[tuple]:
+    """Where a spec holds text: each str or string-Literal field, and the first item of each list of str."""
+    out = []
+    for path, name, f in FIELDS:
+        ann, _ = _base_type(f)
+        if _is_text(ann):
+            out.append(path + (name,))
+        elif typing.get_origin(ann) is list and _is_text(typing.get_args(ann)[0]):
+            out.append(path + (name, 0))
+    return out
+
+
+STRING_PATHS = _string_paths()
+lone_surrogate = st.integers(0xD800, 0xDFFF).map(chr)
+with_surrogate = st.tuples(st.text(max_size=6), lone_surrogate, st.text(max_size=6)).map("".join)
+surrogate_in_field = st.tuples(st.sampled_from(STRING_PATHS), with_surrogate).map(
+    lambda t: (t[0], _set(BASE, t[0], t[1]))
+)
+surrogate_key = st.tuples(st.sampled_from(object_paths), with_surrogate).map(
+    lambda t: (None, _set(BASE, t[0] + (t[1],), 1))
+)
 json_spec = st.one_of(*_field_mutations(), unknown_key, bad_section, not_an_object, inconsistent)
 
 
@@ -186,17 +216,27 @@ def app_client(ray_cluster, tmp_path_factory):
 
 
 def test_fuzz_list_covers_every_spec_field():
-    # Guards the generator itself: each field has a wrong value, and bounded ones a range.
+    # Guards the generator itself: each field has a wrong value, bounded ones a range, text a surrogate.
+    assert {("name",), ("data", "domains", 0), ("tracking", "experiment"), ("ensemble", "members", 0, "flavour")} \
+        <= set(STRING_PATHS)
+    assert len(STRING_PATHS) >= 12, STRING_PATHS  # every text field of the spec as it stands
     assert len(FIELDS) == sum(len(m.model_fields) for m in (JobSpec, *SECTIONS.values(), MemberSpec)) - len(SECTIONS)
     assert sum(out_of_range(f) is not None for _, _, f in FIELDS) >= 20
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.one_of(json_spec.map(lambda b: ("json", b)), not_json.map(lambda b: ("bytes", b))))
+@given(body=st.one_of(json_spec.map(lambda b: ("json", b)), not_json.map(lambda b: ("bytes", b)),
+                      st.one_of(surrogate_in_field, surrogate_key).map(lambda c: ("surrogate", c))))
 def test_malformed_specs_are_rejected_with_4xx_never_5xx(app_client, body):
     client, storage = app_client
     kind, payload = body
-    if kind == "json":
+    if kind == "surrogate":  # json.dumps escapes it as \\udxxx; httpx's json= could not encode it at all
+        loc, spec = payload
+        r = client.post("/v1/jobs", content=json.dumps(spec).encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (spec, r.status_code, r.text)
+        if loc is not None:
+            assert ["body", *loc] in [e["loc"] for e in r.json()["detail"]], (loc, r.text)
+    elif kind == "json":
         r = client.post("/v1/jobs", json=payload)
         assert r.status_code == 422, (payload, r.status_code, r.text)
         assert all(e["loc"][0] == "body" for e in r.json()["detail"]), r.text

@@ -159,6 +159,32 @@ def test_non_finite_number_error_names_its_field(api):
 
 
 @pytest.mark.parametrize(
+    "path,value",
+    [
+        (("name",), "a\ud800b"),
+        (("tracking", "experiment"), "\udfff"),
+        (("data", "domains"), ["a\udc80"]),
+    ],
+)
+def test_a_lone_surrogate_is_422_and_echoed_escaped(api, path, value):
+    raw = json.dumps(spec_with(path, value)).encode()  # the surrogate as its \\udxxx escape
+    r = api.post("/v1/jobs", content=raw, headers={"Content-Type": "application/json"})
+    assert_rejected(r, 422)
+    loc = ["body", *path] + ([0] if isinstance(value, list) else [])
+    (error,) = [e for e in r.json()["detail"] if e["loc"] == loc]
+    assert "\\ud" in error["input"], error  # the echo holds the escape's text, not the surrogate
+
+
+@pytest.mark.parametrize("uri", ["http://169.254.169.254/latest", "http://127.0.0.1:8265/api/jobs/",
+                                 "https://mlflow.example@169.254.169.254/"])
+def test_a_tracking_server_the_api_does_not_list_is_422(api, storage, uri):
+    r = api.post("/v1/jobs", json=spec_with(("tracking", "mlflow_uri"), uri))
+    assert_rejected(r, 422)
+    assert [e["loc"] for e in r.json()["detail"]] == [["body", "tracking", "mlflow_uri"]], r.text
+    assert not any(p.name.startswith("hostile") for p in storage.iterdir())
+
+
+@pytest.mark.parametrize(
     "content_type",
     ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
      "application/xml", "application/json; charset=latin-1", None],

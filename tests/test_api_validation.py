@@ -120,6 +120,76 @@ async def test_spec_that_is_not_json_is_422(storage):
     assert r.status_code == 422
 
 
+@pytest.mark.parametrize("path", [("name",), ("tracking", "experiment"), ("data", "manifest"), ("storage",),
+                                  ("data", "domains", 0), ("ensemble", "members", 0, "flavour")])
+async def test_a_lone_surrogate_is_422_naming_the_field_and_echoed_escaped(storage, path):
+    body = tiny_spec("surrogate")
+    body.setdefault("tracking", {})
+    body["data"] = {"domains": ["a"]}
+    node = body
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = "a\ud800b"  # json.dumps writes it as the escape \\ud800
+    async with in_process(settings_for(storage)) as api:
+        r = await api.post("/v1/jobs", content=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    (error,) = [e for e in r.json()["detail"] if e["loc"] == ["body", *path]]
+    assert error["input"] == "a\\ud800b", error
+
+
+async def test_a_lone_surrogate_in_an_unknown_key_or_path_is_4xx(storage):
+    async with in_process(settings_for(storage)) as api:
+        r = await api.post("/v1/jobs", content=b'{"name": "x", "\\udfff": 1}', headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "\\udfff" in r.text, r.text
+        r = await api.get("/v1/jobs/%ED%A0%80")
+        assert r.status_code == 404, r.text
+
+
+# ----------------------------------------------------------------------------- tracking servers
+
+
+@pytest.mark.parametrize("uri", [
+    "http://169.254.169.254/latest",
+    "https://mlflow.test:5000.evil.example/",
+    "https://mlflow.test:5000@169.254.169.254/",
+    "http://mlflow.test:5000/../../latest",
+    "HTTP://mlflow.test:5000",
+    "databricks://profile",
+])
+async def test_a_tracking_server_the_api_does_not_list_is_422(storage, uri):
+    errors = await post_422(storage, {**tiny_spec("track"), "tracking": {"mlflow_uri": uri}},
+                            tracking_uris="https://mlflow.test:5000")
+    (error,) = [e for e in errors if e["loc"] == ["body", "tracking", "mlflow_uri"]]
+    assert "https://mlflow.test:5000" in error["msg"], error
+
+
+async def test_tracking_servers_default_to_none(storage):
+    errors = await post_422(storage, {**tiny_spec("track"), "tracking": {"mlflow_uri": "http://127.0.0.1:5000"}})
+    (error,) = [e for e in errors if e["loc"] == ["body", "tracking", "mlflow_uri"]]
+    assert "LEVIATHAN_TRACKING_URIS" in error["msg"], error
+
+
+async def test_listed_tracking_servers_and_local_stores_under_the_root_are_accepted(storage, monkeypatch):
+    monkeypatch.setenv("LEVIATHAN_TRACKING_URIS", "https://mlflow.test:5000/, http://10.0.0.5:5000")
+    env_settings = Settings(storage=str(storage), data_root=str(data_root_for(storage)))
+    assert env_settings.tracking_uris == ["https://mlflow.test:5000/", "http://10.0.0.5:5000"]
+    settings = settings_for(storage, tracking_uris=env_settings.tracking_uris)
+    for uri in ["https://mlflow.test:5000", "https://mlflow.test:5000/", "https://mlflow.test:5000/team-a",
+                "http://10.0.0.5:5000", f"file:{storage}/mlruns", f"sqlite:///{storage}/mlflow.db"]:
+        spec = JobSpec.model_validate({**tiny_spec("track"), "storage": str(storage), "tracking": {"mlflow_uri": uri}})
+        validate_for_submission(spec, settings)
+    for uri in [f"file:{storage.parent}/mlruns", "sqlite:///tmp/mlflow.db"]:
+        spec = JobSpec.model_validate({**tiny_spec("track"), "storage": str(storage), "tracking": {"mlflow_uri": uri}})
+        with pytest.raises(InvalidField) as e:
+            validate_for_submission(spec, settings)
+        assert e.value.errors[0]["loc"] == ("body", "tracking", "mlflow_uri")
+
+
+def test_a_tracking_prefix_must_be_a_uri(storage):
+    with pytest.raises(ValueError, match="tracking URI prefix"):
+        settings_for(storage, tracking_uris="mlflow.test:5000")
+
+
 @pytest.mark.parametrize(
     "section,field,value,limit",
     [

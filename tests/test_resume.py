@@ -225,3 +225,49 @@ def test_a_killed_driver_resumes_with_python_m_jobs_train_resume(ray_cluster, ma
     assert f"resuming run 'killed' in {run}" in resumed.stdout
     _assert_resumed_past(run, checkpoint_step)
     assert _figures(json.loads((run / "train_result.json").read_text())) == _figures(uninterrupted)
+
+
+# ----------------------------------------------------------------------------- who may resume
+
+
+@pytest.mark.anyio
+async def test_only_a_submitter_who_may_see_the_runs_jobs_resumes_it(tmp_path):
+    """In process on the in-memory gateway: a `read` token gets 403, another user the 404 an
+    unknown run gets, the owner 201 (the new job is theirs and runs `--resume`), and then
+    409 while that job is pending."""
+    from api.app import create_app
+    from api.auth import META_OWNER
+    from api.ray_jobs import RayJob
+    from api.services.runs import job_metadata
+    from jobs.spec import JobSpec
+    from tests.test_api_support import MemoryGateway
+    from tests.test_api_support import tiny_spec as api_spec
+    from tests.test_api_tokens import headers, issue_tokens, make_memory_settings, memory_client
+
+    storage = tmp_path / "runs"
+    spec = JobSpec.model_validate({**api_spec("alices-run"), "storage": str(storage)})
+    Path(spec.run_dir).mkdir(parents=True)
+    Path(spec.run_dir, "spec.json").write_text(spec.to_json())
+    gateway = MemoryGateway()
+    gateway.add(RayJob(submission_id="leviathan-alices-run", type="SUBMISSION", status="FAILED",
+                       entrypoint="python -m jobs.train --spec x", start_time=1,
+                       metadata={**job_metadata(spec, "alices-run"), META_OWNER: "alice"}))
+    tokens = issue_tokens(tmp_path / "tokens.jsonl")
+    app = create_app(make_memory_settings(storage, tmp_path / "tokens.jsonl"), gateway)
+    async with memory_client(app) as api:
+        async def resume(caller: str):
+            return await api.post("/v1/runs/alices-run/resume", headers=headers(tokens[caller]))
+
+        assert (await resume("none")).status_code == 401
+        r = await resume("reader")
+        assert r.status_code == 403 and "'read'" in r.json()["detail"], r.text
+        r = await resume("bob")
+        assert r.status_code == 404 and r.json()["detail"] == "no run 'alices-run' under the storage root", r.text
+        r = await resume("alice")
+        assert r.status_code == 201, r.text
+        submitted = gateway.submitted[-1]
+        assert submitted["metadata"][META_OWNER] == "alice"
+        assert submitted["entrypoint"] == f"python -m jobs.train --resume alices-run --storage {storage}"
+        assert r.json()["run_dir"] == spec.run_dir and r.json()["job_id"].startswith("leviathan-alices-run-resume-")
+        r = await resume("admin")
+        assert r.status_code == 409 and "still being written" in r.json()["detail"], r.text

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from api.deps import GatewayDep, MetricsDep, SettingsDep, StorageRootDep, require_api_token
+from api.deps import GatewayDep, MetricsDep, PrincipalDep, SettingsDep, StorageRootDep, SubmitterDep, require_api_token
 from api.schemas import ErrorBody, JobDetail, JobList, JobStatusName, JobSubmitted, MetricsPage, StopResult
 from api.services import jobs as service
 from api.strict_json import StrictJSONRoute
@@ -24,10 +24,12 @@ router = APIRouter(
     responses={
         401: {"model": ErrorBody, "description": "Missing or wrong API token."},
         502: {"model": ErrorBody, "description": "The Ray Jobs server answered with an error."},
-        503: {"model": ErrorBody, "description": "The Ray Jobs server is unreachable or not ready (retry)."},
+        503: {"model": ErrorBody, "description": "The Ray Jobs server is unreachable or not ready, or the "
+                                                 "API's token file is unreadable (retry)."},
     },
 )
-_NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job."}}
+_NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job, or one of another user's."}}
+_FORBIDDEN = {403: {"model": ErrorBody, "description": "The token's role is 'read'."}}
 
 
 @router.post(
@@ -39,21 +41,23 @@ _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job."}}
         413: {"description": "The body is larger than LEVIATHAN_MAX_BODY_BYTES (not read)."},
         500: {"model": ErrorBody, "description": "The API cannot write to its storage."},
         429: {"model": ErrorBody, "description": "max_concurrent_jobs reached (Retry-After says when to ask again)."},
+        **_FORBIDDEN,
     },
 )
-async def submit_job(spec: JobSpec, settings: SettingsDep, gateway: GatewayDep) -> JobSubmitted:
-    return await service.submit(spec, settings, gateway)
+async def submit_job(spec: JobSpec, settings: SettingsDep, gateway: GatewayDep, owner: SubmitterDep) -> JobSubmitted:
+    return await service.submit(spec, settings, gateway, owner)
 
 
-@router.get("", response_model=JobList, summary="List jobs (newest first)")
+@router.get("", response_model=JobList, summary="List the caller's jobs (an admin: all; newest first)")
 async def list_jobs(
     gateway: GatewayDep,
     root: StorageRootDep,
+    principal: PrincipalDep,
     status: JobStatusName | None = Query(None, description="Only jobs in this Ray status."),
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0),
 ) -> JobList:
-    jobs = await gateway.jobs()
+    jobs = await service.visible_jobs(gateway, principal)
     if status is not None:
         jobs = [j for j in jobs if j.status == status]
     page = jobs[offset : offset + limit]
@@ -63,8 +67,9 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=JobDetail, responses=_NOT_FOUND,
             summary="Ray status, phase and per-member progress")
-async def get_job(job_id: str, gateway: GatewayDep, reader: MetricsDep, root: StorageRootDep) -> JobDetail:
-    return await service.detail(await gateway.job(job_id), gateway, reader, root)
+async def get_job(job_id: str, gateway: GatewayDep, reader: MetricsDep, root: StorageRootDep,
+                  principal: PrincipalDep) -> JobDetail:
+    return await service.detail(await service.visible_job(gateway, job_id, principal), gateway, reader, root)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPage,
@@ -74,9 +79,10 @@ async def get_metrics(
     job_id: str,
     gateway: GatewayDep,
     root: StorageRootDep,
+    principal: PrincipalDep,
     since_step: int | None = Query(None, description="Only records with step > since_step."),
 ) -> MetricsPage:
-    return await service.metrics_page(await gateway.job(job_id), root, since_step)
+    return await service.metrics_page(await service.visible_job(gateway, job_id, principal), root, since_step)
 
 
 @router.get(
@@ -93,17 +99,18 @@ async def get_metrics(
 async def get_logs(
     job_id: str,
     gateway: GatewayDep,
+    principal: PrincipalDep,
     tail: int | None = Query(None, ge=0, le=1_000_000, description="Only the last N lines."),
     follow: bool = Query(False, description="Stream the log as text/plain until the job ends."),
 ):
-    await gateway.job(job_id)
+    await service.visible_job(gateway, job_id, principal)
     if follow:
         return StreamingResponse(await service.follow_logs(gateway, job_id, tail), media_type="text/plain")
     return PlainTextResponse(service.last_lines(await gateway.logs(job_id), tail))
 
 
-@router.post("/{job_id}/stop", response_model=StopResult, responses=_NOT_FOUND,
+@router.post("/{job_id}/stop", response_model=StopResult, responses={**_NOT_FOUND, **_FORBIDDEN},
              summary="Ask Ray to stop the job (it ends as STOPPED)")
-async def stop_job(job_id: str, gateway: GatewayDep) -> StopResult:
-    stopped, status = await service.stop(gateway, job_id)
+async def stop_job(job_id: str, gateway: GatewayDep, principal: SubmitterDep) -> StopResult:
+    stopped, status = await service.stop(gateway, job_id, principal)
     return StopResult(job_id=job_id, stopped=stopped, status=status)

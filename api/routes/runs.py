@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from api.deps import GatewayDep, SettingsDep, require_api_token
+from api.deps import GatewayDep, SettingsDep, SubmitterDep, require_api_token
 from api.schemas import ErrorBody, JobSubmitted
 from api.services import jobs as service
 from api.strict_json import StrictJSONRoute
@@ -21,7 +21,8 @@ router = APIRouter(
     responses={
         401: {"model": ErrorBody, "description": "Missing or wrong API token."},
         502: {"model": ErrorBody, "description": "The Ray Jobs server answered with an error."},
-        503: {"model": ErrorBody, "description": "The Ray Jobs server is unreachable or not ready (retry)."},
+        503: {"model": ErrorBody, "description": "The Ray Jobs server is unreachable or not ready, or the "
+                                                 "API's token file is unreadable (retry)."},
     },
 )
 
@@ -32,11 +33,13 @@ router = APIRouter(
     response_model=JobSubmitted,
     summary="Resume a failed or stopped run from its latest checkpoint (a new Ray job, same run folder)",
     responses={
-        404: {"model": ErrorBody, "description": "No run of that name under the storage root."},
+        403: {"model": ErrorBody, "description": "The token's role is 'read'."},
+        404: {"model": ErrorBody, "description": "No run of that name under the storage root, or one of "
+                                                 "another user's."},
         409: {"model": ErrorBody, "description": "The run finished, or a job of it is still pending or running."},
         422: {"description": "The run's spec is outside this API's limits, or the cluster cannot hold it."},
         429: {"model": ErrorBody, "description": "max_concurrent_jobs reached (Retry-After)."},
     },
 )
-async def resume_run(name: str, settings: SettingsDep, gateway: GatewayDep) -> JobSubmitted:
-    return await service.resume(name, settings, gateway)
+async def resume_run(name: str, settings: SettingsDep, gateway: GatewayDep, owner: SubmitterDep) -> JobSubmitted:
+    return await service.resume(name, settings, gateway, owner)

@@ -19,18 +19,21 @@ import shlex
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from api.auth import META_OWNER, Principal, visible_to
 from api.errors import ApiError, Conflict, InvalidField, NotFound, StorageError, TooManyJobs, field_error
 from api.metrics import MetricsReader, MetricsSummary, read_records, read_run_spec
 from api.ray_jobs import TERMINAL, JobsGateway, RayJob, ms_to_datetime
 from api.schemas import JobDetail, JobSubmitted, JobSummary, MemberProgress, MetricsPage
 from api.services.runs import RunRef, data_root, job_metadata, manifest_allowed, run_of, storage_root, under_root
 from api.settings import Settings
+from api.strict_json import shorten
 from jobs.spec import RUN_NAME_PATTERN, JobSpec, SpecError, check_manifest
 from leviathan.config import BYTE_VOCAB_SIZE
 from leviathan.run import storage
 from leviathan.run.capacity import ALLOW_UNSCHEDULABLE_ENV, capacity, describe, short_resource, worker_shape
 from leviathan.run.env import RAY_TRAIN_STATE_TRACKING
 from leviathan.run.folder import METRICS_FILE, SPEC_FILE, RunFolder
+from leviathan.run.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +65,56 @@ def _check_storage(spec: JobSpec, settings: Settings) -> str | dict:
     return norm
 
 
+def tracking_allowed(uri: str, prefixes: list[str]) -> bool:
+    """Whether `uri` is one of the operator's tracking servers: equal to a prefix, or
+    below it at a path boundary (so `http://mlflow:5000` admits `http://mlflow:5000/x`
+    but neither `http://mlflow:5000.evil` nor `http://mlflow:5000@169.254.169.254`)."""
+    for prefix in prefixes:
+        base = prefix.rstrip("/")
+        if uri == prefix or uri == base or uri.startswith(base + "/"):
+            return "/../" not in uri[len(base):] + "/"
+    return False
+
+
 def _tracking_errors(spec: JobSpec, settings: Settings) -> list[dict]:
-    """A local MLflow store (`file:`, `sqlite:`) is written by the job: it must lie under
-    the storage root like the run folder."""
-    local = spec.tracking.local_store
-    if local is None:
+    """Where rank 0 may send tracking data: a local MLflow store (`file:`, `sqlite:`),
+    written by the job, must lie under the storage root like the run folder; any other
+    URI must start with one of the API's `tracking_uris`, so a spec cannot make the
+    cluster call an address of its choosing (a cloud metadata service, say)."""
+    uri = spec.tracking.mlflow_uri
+    if uri is None:
         return []
+    local = spec.tracking.local_store
     root = storage.normalize(settings.storage)
+    if local is None:
+        if tracking_allowed(uri, settings.tracking_uris):
+            return []
+        allowed = ", ".join(settings.tracking_uris) or "none configured (LEVIATHAN_TRACKING_URIS)"
+        return [field_error(("tracking", "mlflow_uri"),
+                            f"must be a local store under {root} or start with one of this API's tracking "
+                            f"servers: {allowed}", uri)]
     norm = os.path.normpath(local)
     if storage.is_uri(root) or not os.path.isabs(norm) or not (norm + "/").startswith(root.rstrip("/") + "/"):
         return [field_error(("tracking", "mlflow_uri"), f"a local store must be an absolute path under {root}",
-                            spec.tracking.mlflow_uri)]
+                            uri)]
+    return []
+
+
+def _surrogate_errors(value: Any, loc: tuple = ()) -> list[dict]:
+    """Strings holding lone surrogates (`"\\ud800"` in the JSON): not Unicode text, so no
+    file, path or Ray call can take them. Pydantic refuses them in plain `str` fields
+    but lets them through inside lists (`data.domains`); each is a 422 at its field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return [field_error(loc, "Input should be Unicode text (a lone surrogate is not)", value,
+                                "string_unicode")]
+        return []
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in _surrogate_errors(v, (*loc, k))]
+    if isinstance(value, (list, tuple)):
+        return [e for i, v in enumerate(value) for e in _surrogate_errors(v, (*loc, i))]
     return []
 
 
@@ -105,11 +147,9 @@ def _limit_errors(spec: JobSpec, settings: Settings) -> list[dict]:
     ]
 
 
-def _vocab_size(manifest: Any) -> int | None:
-    """The manifest's vocabulary size, whether `check_manifest` gave a typed Manifest or a dict."""
-    if manifest is None:
-        return None
-    return manifest["vocab_size"] if isinstance(manifest, dict) else manifest.vocab_size
+def _vocab_size(manifest: Manifest | None) -> int | None:
+    """The manifest's vocabulary size (None while the built-in corpus is not prepared)."""
+    return None if manifest is None else manifest.vocab_size
 
 
 def validate_for_submission(spec: JobSpec, settings: Settings) -> JobSpec:
@@ -119,6 +159,9 @@ def validate_for_submission(spec: JobSpec, settings: Settings) -> JobSpec:
     spec with its storage resolved to an absolute root. Reads at most the manifest,
     and only one under the data root.
     """
+    surrogates = _surrogate_errors(spec.model_dump())
+    if surrogates:  # first: a path holding one cannot even be stat'ed
+        raise InvalidField(surrogates)
     errors: list[dict] = []
     resolved = _check_storage(spec, settings)
     if isinstance(resolved, dict):
@@ -294,10 +337,11 @@ async def _admit(spec: JobSpec, settings: Settings, gateway: JobsGateway, jobs: 
 
 
 def _submit_job(run_spec: JobSpec, settings: Settings, gateway: JobsGateway, *, entry: str,
-                submission_id: str, spec_name: str) -> None:
-    """Submit to Ray (blocking: it may upload the working_dir first)."""
+                submission_id: str, spec_name: str, owner: Principal) -> None:
+    """Submit to Ray (blocking: it may upload the working_dir first). The owner's user
+    name travels in the metadata with the run's."""
     gateway.submit(entrypoint=entry, submission_id=submission_id, runtime_env=runtime_env(settings),
-                   metadata=job_metadata(run_spec, spec_name))
+                   metadata={**job_metadata(run_spec, spec_name), META_OWNER: owner.user})
 
 
 def _submitted(run_spec: JobSpec, submission_id: str, gateway: JobsGateway) -> JobSubmitted:
@@ -310,12 +354,13 @@ def _submitted(run_spec: JobSpec, submission_id: str, gateway: JobsGateway) -> J
     )
 
 
-async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway) -> JobSubmitted:
+async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway, owner: Principal) -> JobSubmitted:
     """Validate, create the run folder, submit it to Ray; a refused or failed submission
     leaves no folder.
 
-    Ray is the only record of a job: the run folder and the spec's name travel in the
-    job's metadata, so a restarted API recovers every job from Ray's job list.
+    Ray is the only record of a job: the run folder, the spec's name and the owner's
+    user name travel in the job's metadata, so a restarted API recovers every job, and
+    who may see it, from Ray's job list.
     """
     chose_storage = "storage" in spec.model_fields_set
     spec = await asyncio.to_thread(validate_for_submission, spec, settings)
@@ -326,7 +371,7 @@ async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway) -> Job
         submission_id = SUBMISSION_PREFIX + run_spec.name
         try:
             await asyncio.to_thread(_submit_job, run_spec, settings, gateway, entry=entrypoint(settings, spec_path),
-                                    submission_id=submission_id, spec_name=spec.name)
+                                    submission_id=submission_id, spec_name=spec.name, owner=owner)
         except ApiError:
             with contextlib.suppress(OSError):  # nothing ran: leave no empty run behind
                 storage.remove_dir(run_spec.run_dir)
@@ -360,29 +405,54 @@ def _resumable_spec(name: str, settings: Settings) -> JobSpec:
     return validate_for_submission(spec.model_copy(update={"storage": root}), settings)
 
 
-async def resume(name: str, settings: Settings, gateway: JobsGateway) -> JobSubmitted:
+def _jobs_of_run(jobs: list[RayJob], root: str, run_dir: str) -> list[RayJob]:
+    return [j for j in jobs if (ref := run_of(j, root)) is not None and ref.run_dir == run_dir]
+
+
+async def resume(name: str, settings: Settings, gateway: JobsGateway, owner: Principal) -> JobSubmitted:
     """Continue a failed or stopped run from its latest checkpoint, as a new Ray job
     running `jobs.train --resume NAME` on the run folder's own spec.json.
 
-    404: no such run; 409: it finished, or a job of this run is still pending or
-    running; then the same 429 / 422 admission as a new job."""
+    404: no such run, or one whose earlier jobs `owner` may not see (the same answer,
+    so a run's existence is told only to its owner and admins); 409: it finished, or
+    a job of this run is still pending or running; then the same 429 / 422 admission
+    as a new job. The new job belongs to `owner`."""
     if not _RUN_NAME.match(name):
         raise NotFound(f"no run {name[:80]!r}")
-    spec = await asyncio.to_thread(_resumable_spec, name, settings)
     root = storage_root(settings)
+    run_dir = RunFolder.of(root, name).root
+    if any(not visible_to(owner, j.metadata) for j in _jobs_of_run(await gateway.jobs(), root, run_dir)):
+        raise NotFound(f"no run {name!r} under the storage root")
+    spec = await asyncio.to_thread(_resumable_spec, name, settings)
     async with gateway.submit_lock:
         jobs = await gateway.jobs()
-        for job in _active_jobs(jobs, root):
-            ref = run_of(job, root)
-            if ref is not None and ref.run_dir == spec.run_dir:
+        for job in _jobs_of_run(jobs, root, run_dir):
+            if job.status not in TERMINAL:
                 raise Conflict(f"run {name!r} is still being written by job {job.submission_id} ({job.status}); "
                                "stop it first or wait for it to end")
         await _admit(spec, settings, gateway, jobs)
         submission_id = f"{SUBMISSION_PREFIX}{name}-resume-{secrets.token_hex(3)}"
         await asyncio.to_thread(_submit_job, spec, settings, gateway, entry=resume_entrypoint(settings, name, root),
-                                submission_id=submission_id, spec_name=name)
+                                submission_id=submission_id, spec_name=name, owner=owner)
     log.info("submitted %s resuming %s", submission_id, spec.run_dir)
     return _submitted(spec, submission_id, gateway)
+
+
+# ----------------------------------------------------------------------------- ownership
+
+
+async def visible_job(gateway: JobsGateway, job_id: str, principal: Principal) -> RayJob:
+    """The job's record if `principal` may see it; otherwise the very NotFound an
+    unknown id gets, so a job's existence is not told to anyone but its owner."""
+    job = await gateway.job(job_id)
+    if not visible_to(principal, job.metadata):
+        raise NotFound(f"no job {shorten(job_id)!r}")
+    return job
+
+
+async def visible_jobs(gateway: JobsGateway, principal: Principal) -> list[RayJob]:
+    """The jobs `principal` may see, newest first."""
+    return [j for j in await gateway.jobs() if visible_to(principal, j.metadata)]
 
 
 # ----------------------------------------------------------------------------- views
@@ -531,9 +601,9 @@ async def follow_logs(gateway: JobsGateway, job_id: str, tail: int | None) -> As
     return stream()
 
 
-async def stop(gateway: JobsGateway, job_id: str) -> tuple[bool, str]:
-    """Ask Ray to stop the job: (whether Ray stopped it, its status after the stop)."""
-    await gateway.job(job_id)
+async def stop(gateway: JobsGateway, job_id: str, principal: Principal) -> tuple[bool, str]:
+    """Ask Ray to stop a job `principal` may see: (whether Ray stopped it, its status after the stop)."""
+    await visible_job(gateway, job_id, principal)
     stopped = await gateway.stop(job_id)
     job = await gateway.fresh_job(job_id)  # the status after the stop, not a shared earlier answer
     return stopped, job.status
