@@ -326,3 +326,32 @@ async def test_openapi_documents_the_run_routes(storage):
     assert {"206", "416"} <= set(paths["/v1/runs/{name}/artifacts/{path}"]["get"]["responses"])
     assert set(paths["/v1/runs/{name}/report"]["get"]["responses"]["200"]["content"]) == {
         "application/json", "text/markdown"}
+
+
+# ----------------------------------------------------------------------------- the CLI twin
+
+
+def test_cli_lists_shows_and_deletes_runs_from_the_storage_root(storage, monkeypatch, capsys):
+    from cli.main import main
+    from tests.conftest import free_port
+
+    make_run(storage, "done", owner="alice")
+    make_run(storage, "halted", "stopped")
+    monkeypatch.setenv("LEVIATHAN_RAY_ADDRESS", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    assert main(["runs", "list", "--storage", str(storage)]) == 0
+    out, err = capsys.readouterr()
+    assert sorted(line.split("\t")[:2] for line in out.splitlines()) == [["done", "finished"], ["halted", "stopped"]]
+    assert "cannot ask Ray" in err
+    assert main(["runs", "list", "--storage", str(storage), "--state", "finished", "--json"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["figures"]["mixed_val_loss"]["merger"] == 2.0
+    assert main(["runs", "show", "done", "--storage", str(storage)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["owner"] == "alice" and shown["checkpoints"] == ["checkpoint_000001"]
+    assert main(["runs", "show", "nope", "--storage", str(storage)]) == 1
+    assert "no run 'nope'" in capsys.readouterr().err
+    # Without Ray's word that no job writes it, delete needs --force.
+    assert main(["runs", "delete", "done", "--storage", str(storage)]) == 1
+    assert "--force" in capsys.readouterr().err and (storage / "done").is_dir()
+    assert main(["runs", "delete", "done", "--storage", str(storage), "--force"]) == 0
+    assert not (storage / "done").exists()

@@ -69,7 +69,7 @@ def check_name(name: str) -> None:
     """422 at the path's `name` unless it is a run name (so never a path)."""
     if not _RUN_NAME.match(name):
         raise InvalidField([{"type": "string_pattern_mismatch", "loc": ("path", "name"),
-                             "msg": f"should match {RUN_NAME_PATTERN}", "input": shorten(name)}])
+                             "msg": f"a run name must match {RUN_NAME_PATTERN}", "input": shorten(name)}])
 
 
 def write_owner(run_dir: str, user: str) -> None:
