@@ -355,3 +355,85 @@ def test_cli_lists_shows_and_deletes_runs_from_the_storage_root(storage, monkeyp
     assert "--force" in capsys.readouterr().err and (storage / "done").is_dir()
     assert main(["runs", "delete", "done", "--storage", str(storage), "--force"]) == 0
     assert not (storage / "done").exists()
+
+
+# ----------------------------------------------------------------------------- live: real server, real Ray
+
+COPY = "finished-copy"
+
+
+@pytest.fixture(scope="module")
+def live(ray_cluster, trained_run, tmp_path_factory):
+    """The API on the session's Ray, its storage root holding a copy of the session's finished run."""
+    storage = tmp_path_factory.mktemp("api-run-resources")
+    shutil.copytree(trained_run.run, storage / COPY, symlinks=True)
+    with LiveServer(make_settings(ray_cluster, storage)) as server:
+        yield server, storage
+
+
+def test_live_finished_run_lists_reports_and_downloads_with_a_range(live, trained_run):
+    server, storage = live
+    run = storage / COPY
+    with server.client() as api:
+        listed = {r["name"]: r for r in api.get("/v1/runs").json()["runs"]}
+        detail = api.get(f"/v1/runs/{COPY}").json()
+        report = api.get(f"/v1/runs/{COPY}/report")
+        markdown = api.get(f"/v1/runs/{COPY}/report", headers={"Accept": "text/markdown"})
+        artifacts = api.get(f"/v1/runs/{COPY}/artifacts").json()["artifacts"]
+        model = next(a for a in artifacts if a["path"].endswith(".safetensors"))
+        url = f"/v1/runs/{COPY}/artifacts/{model['path']}"
+        part = api.get(url, headers={"Range": "bytes=10-1033"})
+        past = api.get(url, headers={"Range": f"bytes={model['size']}-"})
+        with api.stream("GET", url) as whole:
+            digest = hashlib.sha256()
+            for chunk in whole.iter_bytes():
+                digest.update(chunk)
+        climb = api.get(f"/v1/runs/{COPY}/artifacts/%2E%2E/spec.json")
+    merger = next(r for r in trained_run.result["rows"] if r["name"] == "merger")
+    summary = listed[COPY]
+    assert summary["state"] == "finished" and summary["phase"] == "done" and summary["job_id"] is None
+    assert summary["figures"]["mixed_val_loss"]["merger"] == pytest.approx(merger["mixed_val_loss"])
+    assert detail["checkpoints"] and detail["has_report"] and detail["spec"]["name"] == trained_run.spec.name
+    assert report.json() == json.loads((run / "report.json").read_text())
+    assert markdown.headers["content-type"].startswith("text/markdown")
+    assert markdown.text == (run / "report.md").read_text()
+    on_disk = {str(p.relative_to(run / "final")): p for p in (run / "final").rglob("*") if p.is_file()}
+    assert {a["path"] for a in artifacts} == set(on_disk)
+    for a in artifacts:
+        data = on_disk[a["path"]].read_bytes()
+        assert (a["size"], a["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+    data = on_disk[model["path"]].read_bytes()
+    assert part.status_code == 206 and part.content == data[10:1034]
+    assert part.headers["content-range"] == f"bytes 10-1033/{len(data)}"
+    assert past.status_code == 416
+    assert whole.status_code == 200 and digest.hexdigest() == model["sha256"]
+    assert climb.status_code == 422
+
+
+def test_live_delete_is_409_while_a_ray_job_writes_the_run(live, ray_cluster):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    server, storage = live
+    claimed = f"claimed-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(storage / COPY, storage / claimed, symlinks=True)
+    ray = JobSubmissionClient(ray_cluster.dashboard_url, headers=ray_cluster.auth_headers())
+    sid = ray.submit_job(entrypoint="sleep 120", metadata={"leviathan_run_name": claimed})
+    try:
+        with server.client() as api:
+            listed = {r["name"]: r for r in api.get("/v1/runs").json()["runs"]}
+            busy = api.delete(f"/v1/runs/{claimed}")
+            ray.stop_job(sid)
+            deadline = time.monotonic() + 60
+            while ray.get_job_status(sid) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+                assert time.monotonic() < deadline, "the claiming job did not stop"
+                time.sleep(0.5)
+            freed = api.delete(f"/v1/runs/{claimed}")
+            copy_gone = api.delete(f"/v1/runs/{COPY}")
+            after = {r["name"] for r in api.get("/v1/runs").json()["runs"]}
+    finally:
+        ray.stop_job(sid)
+    assert listed[claimed]["state"] == "running" and listed[claimed]["job_id"] == sid
+    assert busy.status_code == 409 and sid in busy.json()["detail"]
+    assert freed.status_code == 204 and not (storage / claimed).exists()
+    assert copy_gone.status_code == 204 and not (storage / COPY).exists()
+    assert claimed not in after and COPY not in after

@@ -27,8 +27,7 @@ router = APIRouter(
                                                  "is unreachable (retry)."},
     },
 )
-_NOT_FOUND = {404: {"model": ErrorBody, "description": "No such run, or one of another user's."},
-              422: {"description": "The name is not a run name."}}
+_NOT_FOUND = {404: {"model": ErrorBody, "description": "No such run, or one of another user's."}}
 
 
 @router.get("", response_model=RunList, summary="List the caller's runs (an admin: all; newest first)")
@@ -104,6 +103,7 @@ async def list_artifacts(name: str, gateway: GatewayDep, root: StorageRootDep,
 
 @router.get(
     "/{name}/artifacts/{path:path}",
+    response_class=StreamingResponse,
     summary="Download one file of final/ (single byte ranges: 206, 416)",
     responses={
         200: {"description": "The whole file.", "content": {"application/octet-stream": {}}},
@@ -111,7 +111,6 @@ async def list_artifacts(name: str, gateway: GatewayDep, root: StorageRootDep,
               "content": {"application/octet-stream": {}}},
         404: {"model": ErrorBody, "description": "No such run or file, or one outside the run folder."},
         416: {"model": ErrorBody, "description": "The range starts past the file's end."},
-        422: {"description": "The path is absolute or has '.', '..' or empty parts."},
     },
 )
 async def get_artifact(name: str, path: str, request: Request, gateway: GatewayDep, root: StorageRootDep,
