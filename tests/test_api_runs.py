@@ -23,7 +23,7 @@ import pytest
 
 from api.auth import META_OWNER
 from api.ray_jobs import RayJob
-from api.services.run_resources import byte_range, RangeNotSatisfiable
+from api.services.run_resources import RangeNotSatisfiable, byte_range
 from api.settings import Settings
 from cli.token import issue
 from tests.test_api_support import API_TOKEN, LiveServer, MemoryGateway, data_root_for, in_process, make_settings, tiny_spec
@@ -89,6 +89,19 @@ def writing_job(storage: Path, name: str, status: str = "RUNNING", owner: str | 
 
 
 # ----------------------------------------------------------------------------- list and detail
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/v1/runs"), ("GET", "/v1/runs/done"), ("GET", "/v1/runs/done/report"),
+    ("GET", "/v1/runs/done/artifacts"), ("GET", "/v1/runs/done/artifacts/config.json"), ("DELETE", "/v1/runs/done"),
+])
+async def test_every_run_endpoint_needs_the_api_token(storage, method, path):
+    make_run(storage, "done")
+    async with in_process(settings_for(storage), token=None) as api:
+        r = await api.request(method, path)
+    assert r.status_code == 401, r.text
+    assert (storage / "done").is_dir()
 
 
 @pytest.mark.anyio
