@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,40 +23,29 @@ from typing import Any, Iterator
 from pydantic import ValidationError
 
 from api.schemas import MetricRecord
+from leviathan.run.folder import RunFolder
 from leviathan.run.progress import RunProgress
-from leviathan.run.records import METRICS_FILE
-from leviathan.run.storage import AppendLog, LogCursor, join, read_bytes
+from leviathan.run.records import MetricsLog
+from leviathan.run.storage import LogCursor, read_bytes
 
 log = logging.getLogger(__name__)
 
 _LATEST_FIELDS = ("train_loss", "val_loss", "mixed_val_loss", "lr", "tokens_per_s")
 
 
-def _log(run_dir: str) -> AppendLog:
-    return AppendLog(join(run_dir, METRICS_FILE))
-
-
 def read_run_spec(run_dir: str) -> dict[str, Any] | None:
     """`<run_dir>/spec.json` (the job writes it when it starts) as a dict; None if absent or unreadable."""
     try:
-        spec = json.loads(read_bytes(join(run_dir, "spec.json")))
+        spec = json.loads(read_bytes(RunFolder(run_dir).spec))
     except (OSError, ValueError):
         return None
     return spec if isinstance(spec, dict) else None
 
 
-def _finite_float(text: str) -> float | None:
-    x = float(text)
-    return x if math.isfinite(x) else None
-
-
-def _parse_lines(data: bytes) -> Iterator[dict[str, Any]]:
-    for line in data.splitlines():
-        if not line.strip():
-            continue
+def _valid(records: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The records that are valid metric lines (`MetricsLog` already read NaN as null)."""
+    for raw in records:
         try:
-            # NaN/Infinity (a diverged loss) -> null: JSON responses cannot carry them.
-            raw = json.loads(line, parse_constant=lambda _: None, parse_float=_finite_float)
             yield MetricRecord.model_validate(raw).model_dump()
         except (ValueError, ValidationError, TypeError):
             continue
@@ -113,7 +101,7 @@ class MetricsSummary:
 class _Run:
     """A followed run: its log, the summary folded so far, and the snapshot last handed out."""
 
-    log: AppendLog
+    log: MetricsLog
     state: MetricsSummary = field(default_factory=MetricsSummary)
     snapshot: MetricsSummary | None = None
 
@@ -134,11 +122,11 @@ class MetricsReader:
     def summary(self, run_dir: str) -> MetricsSummary | None:
         """A snapshot of the run's latest figures; None while it has no metrics file."""
         with self._lock:
-            run = self._runs.get(run_dir) or _Run(_log(run_dir))
+            run = self._runs.get(run_dir) or _Run(MetricsLog(run_dir))
             try:
                 got = run.log.read_from(run.state.cursor)
             except (OSError, ValueError) as e:  # status pages still show Ray's view
-                log.warning("cannot read %s/%s: %s", run_dir, METRICS_FILE, e)
+                log.warning("cannot read %s: %s", RunFolder(run_dir).metrics, e)
                 got = None
             if got is None:
                 self._runs.pop(run_dir, None)
@@ -147,7 +135,7 @@ class MetricsReader:
             if cursor < run.state.cursor:  # the log was replaced and read from its start
                 run.state, run.snapshot = MetricsSummary(), None
             if run.snapshot is None or cursor != run.state.cursor:
-                for rec in _parse_lines(data):
+                for rec in _valid(data):
                     run.state.fold(rec)
                 run.state.cursor = cursor
                 run.snapshot = run.state.snapshot()
@@ -160,7 +148,7 @@ class MetricsReader:
 
 def read_records(run_dir: str, since_step: int | None = None) -> list[dict[str, Any]]:
     """All complete records (file order), those with step > since_step when given."""
-    records = list(_parse_lines(_log(run_dir).read_all()))
+    records = list(_valid(MetricsLog(run_dir).read()))
     if since_step is not None:
         records = [r for r in records if r.get("step") is not None and r["step"] > since_step]
     return records

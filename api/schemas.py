@@ -55,9 +55,9 @@ class JobList(BaseModel):
 
 
 class MemberProgress(BaseModel):
-    """Latest figures of one member (or of the merger / uniform mixture)."""
+    """Latest figures of one member (or of the merged model / uniform mixture)."""
 
-    member: str = Field(description="m<module>.<slot>, 'merger' or 'uniform'.")
+    member: str = Field(description="m<module>.<slot>, 'merged' or 'uniform'.")
     module: int | None = None
     phase: str | None = None
     step: int | None = None

@@ -37,7 +37,8 @@ from cluster.merge import Exchange, local_parameters, merged_loss, reduce_and_cl
 from cluster.schedule import lr_at, set_lr  # noqa: E402
 from jobs.plan import build_plan  # noqa: E402
 from jobs.spec import JobSpec  # noqa: E402
-from leviathan.data.shards import MixedBatchSampler, load_manifest  # noqa: E402
+from leviathan.data.shards import MixedBatchSampler  # noqa: E402
+from leviathan.data.staging import load_manifest  # noqa: E402
 from leviathan.model.ensemble import CorrelationMerger, LeviathanEnsemble  # noqa: E402
 from leviathan.evaluation import evaluate_ensemble  # noqa: E402
 

@@ -14,6 +14,10 @@ from collections.abc import Callable
 
 
 def _prepare(argv: list[str]) -> int:
+    if "--ray" in argv:
+        from jobs.prepare_ray import main as main_ray
+
+        return main_ray(argv)
     from jobs.prepare import main
 
     return main(argv)

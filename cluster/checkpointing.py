@@ -12,7 +12,7 @@ directory (Ray merges the ranks' files):
     ensemble.json     by rank 0: the EnsembleConfig (to rebuild without the spec)
     state.json        by rank 0: {"phase": "members" | "merge", "step": n, ...}
     final_table.json  by rank 0, in the job's last checkpoint only: the closing
-                      evaluation table (cluster.worker.final_table)
+                      evaluation table (leviathan.run.report.final_table, the report under "report")
     files_rank_{r}.json  by rank r, written last: size and sha256 of every file
                       the rank wrote (its seal)
 

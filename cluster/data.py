@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from cluster.plan import RunPlan
-from leviathan.data.shards import Manifest, MixedBatchSampler, TokenShard, eval_batches, switch_batches
+from leviathan.data.shards import MixedBatchSampler, TokenShard, eval_batches, switch_batches
+from leviathan.data.staging import PreparedData
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -62,12 +63,12 @@ class AbsentShard:
         return f"AbsentShard({self.path!r}, tokens={len(self)})"
 
 
-def rank_shards(manifest: Manifest, plan: RunPlan, rank: int, split: str) -> list[TokenShard | AbsentShard]:
+def rank_shards(manifest: PreparedData, plan: RunPlan, rank: int, split: str) -> list[TokenShard | AbsentShard]:
     """`split` of every plan domain in module order: the real shard (staged) for the
     domains `rank` owns, an `AbsentShard` for the others (nothing staged)."""
     return [
         manifest.shard(d, split) if plan.owner_of(d) == rank
-        else AbsentShard(f"{manifest.location}/{manifest.split(d, split)['file']}", manifest.tokens(d, split))
+        else AbsentShard(f"{manifest.location}/{manifest.manifest.split(d, split).file}", manifest.tokens(d, split))
         for d in plan.domains
     ]
 
@@ -116,7 +117,7 @@ def shared_batches(batches: list[Batch], world_size: int, device: torch.device) 
 
 
 def validation_sets(
-    manifest: Manifest, plan: RunPlan, rank: int, world_size: int, device: torch.device
+    manifest: PreparedData, plan: RunPlan, rank: int, world_size: int, device: torch.device
 ) -> tuple[dict[str, list[Batch]], list[Batch] | None]:
     """Every domain's validation batches and the domain-switch set (None with one domain),
     the same on every rank, each domain's windows read only by its owner."""

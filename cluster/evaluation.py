@@ -31,17 +31,32 @@ import torch.nn as nn
 from cluster.members import Member
 from cluster.merge import Exchange, gather_outputs, rank_outputs
 from leviathan.model.ensemble import merge_members
-from leviathan.evaluation import MIXED, RUNNING_POSTERIOR, SWITCH, column_losses, score_windows
+from leviathan.evaluation import column_nll, column_sizes, score_windows
+from leviathan.run.names import MIXED, SWITCH, row_order
+from leviathan.run.report import build_report
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class EvalResult:
-    """Loss (nats per scored token) of every row on every column (each domain, MIXED, SWITCH)."""
+    """Every row's summed NLL on every column (each domain, MIXED, SWITCH) and its loss per scored token."""
 
     rows: list[str]  # merged (with a merger), the members in module-major order, uniform, the posteriors
-    losses: dict[str, list[float]]  # column -> loss of each row
+    nll: dict[str, list[float]]  # column -> summed NLL of each row
+    windows_per_domain: int
+    switch_windows: int
+    seq_len: int
+    prefix_tokens: int
+
+    @property
+    def losses(self) -> dict[str, list[float]]:
+        """Column -> loss (nats per scored token) of each row."""
+        scored = self.seq_len - self.prefix_tokens
+        domains = [c for c in self.nll if c not in (MIXED, SWITCH)]
+        windows = {c: self.windows_per_domain for c in domains} | {MIXED: self.windows_per_domain * len(domains)}
+        windows[SWITCH] = self.switch_windows
+        return {c: [v / (windows[c] * scored) for v in sums] for c, sums in self.nll.items()}
 
     def by_domain(self, row: str) -> dict[str, float]:
         """Row `row`'s loss per domain (the MIXED and SWITCH columns left out)."""
@@ -53,6 +68,32 @@ class EvalResult:
 
     def switch(self, row: str) -> float | None:
         return self.losses[SWITCH][self.rows.index(row)] if SWITCH in self.losses else None
+
+    def report(
+        self,
+        member_modules: dict[str, int],
+        bytes_per_token: dict[str, float],
+        settings: dict[str, Any],
+        evidence: dict[str, list[float]] | None = None,
+    ) -> dict[str, Any]:
+        """The report dict `leviathan.evaluation.evaluate_ensemble` gives for the same windows
+        (`leviathan.run.report.build_report`); bytes_per_token: each domain's val split, in
+        module order."""
+        domains = list(bytes_per_token)
+        tokens, nbytes = column_sizes(
+            bytes_per_token, self.windows_per_domain, self.seq_len, self.prefix_tokens, self.switch_windows
+        )
+        settings = {
+            "seq_len": self.seq_len,
+            "prefix_tokens": self.prefix_tokens,
+            "scored_tokens_per_window": self.seq_len - self.prefix_tokens,
+            "windows_per_domain": self.windows_per_domain,
+            "windows": {d: self.windows_per_domain for d in domains},
+            "switch_windows": self.switch_windows,
+            **settings,
+        }
+        return build_report(rows=self.rows, member_modules=member_modules, domains=domains, nll=self.nll,
+                            tokens=tokens, nbytes=nbytes, settings=settings, evidence=evidence)
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -97,8 +138,15 @@ def evaluate(
         if merger is not None:
             merger.train()
     seq_len = next(iter(val_sets.values()))[0][1].shape[1]
-    rows = (["merged"] if merger is not None else []) + [*member_names, "uniform", "posterior", RUNNING_POSTERIOR]
-    return EvalResult(rows, column_losses(nll, seq_len - prefix_tokens, switch_nll))
+    sums, k = column_nll(nll, switch_nll)
+    return EvalResult(
+        rows=row_order(list(member_names), merger is not None),
+        nll={c: v.tolist() for c, v in sums.items()},
+        windows_per_domain=k,
+        switch_windows=0 if switch_nll is None else switch_nll.shape[1],
+        seq_len=seq_len,
+        prefix_tokens=prefix_tokens,
+    )
 
 
 def _score(

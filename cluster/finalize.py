@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from cluster.plan import RunPlan
 from leviathan.run import storage
+from leviathan.run.folder import REPORT_MD
 
 EVALUATION_TASK = "leviathan-final-evaluation"
 
@@ -52,11 +53,12 @@ def failure_line(error: Exception) -> str:
 def assemble_final(checkpoint, plan: RunPlan) -> dict[str, Any]:
     """`final/` = the ensemble from the last checkpoint + tokenizer + spec.json.
 
-    Returns the final evaluation table the workers left in that checkpoint.
+    Returns the final evaluation table the workers left in that checkpoint (the
+    `leviathan.run.report.final_table` view, with the report dict under "report").
     """
     from cluster.checkpointing import assemble
     from cluster.worker import FINAL_TABLE_FILE
-    from leviathan.data.shards import load_manifest
+    from leviathan.data.staging import load_manifest
     from leviathan.run.folder import FINAL_DIR, SPEC_FILE
 
     with checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="leviathan-final-") as tmp:
@@ -125,7 +127,7 @@ def finalize(plan: RunPlan, result, started: float, evaluate: Evaluate) -> dict[
     MetricsLog(plan.run_dir).append([done_record(plan.training.phase2_steps)])
     start_report(plan, evaluate)
     report = storage.read_text(folder.report_md)
-    end_run(plan.tracking, plan.run_dir, "FINISHED", {"report.md": report} if report is not None else {})
+    end_run(plan.tracking, plan.run_dir, "FINISHED", {REPORT_MD: report} if report is not None else {})
     return out
 
 

@@ -12,43 +12,12 @@ multi-node cluster). On an object store the log is a folder of part files,
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any, Iterable
 
+from leviathan.run.names import MERGED
 from leviathan.run.progress import RunProgress, format_duration
-from leviathan.run.records import METRICS_FILE, PHASES
-from leviathan.run.storage import AppendLog, join
-
-
-class MetricsLog:
-    """Appends records to `<run_dir>/metrics.jsonl` (local path or URI)."""
-
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir.rstrip("/")
-        self.log = AppendLog(join(self.run_dir, METRICS_FILE))
-
-    def read(self) -> list[dict[str, Any]]:
-        """Every complete record so far (lines that are not JSON are skipped)."""
-        out = []
-        for line in self.log.read_all().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
-
-    def logged_steps(self) -> dict[str, int]:
-        """Largest step already logged per phase ({} for a fresh run)."""
-        steps: dict[str, int] = {}
-        for r in self.read():
-            phase, step = r.get("phase"), r.get("step")
-            if phase in PHASES and isinstance(step, int):
-                steps[phase] = max(steps.get(phase, -1), step)
-        return steps
-
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        self.log.append("".join(json.dumps(r) + "\n" for r in records).encode())
+from leviathan.run.records import PHASES, MetricsLog  # noqa: F401  (MetricsLog: the one reader and writer)
 
 
 def format_line(r: dict[str, Any]) -> str:
@@ -70,7 +39,7 @@ def format_line(r: dict[str, Any]) -> str:
 GAUGES = {
     "train_loss": "Training loss (nats/token) of a member or the merger",
     "val_loss": "Validation loss on the member's own domain",
-    "mixed_val_loss": "Validation loss on the mixed-domain validation set (member 'merger': the merged model)",
+    "mixed_val_loss": "Validation loss on the mixed-domain validation set (member 'merged': the merged model)",
     "tokens_per_s": "Training throughput of a member or the merger (tokens/s)",
     "step": "Current step within the phase",
 }
@@ -174,8 +143,8 @@ class ProgressBar:
                     postfix["member"] = f"{r['train_loss']:.3f}"
             elif r.get("phase") == "merge":
                 done = max(done, self.phase1_steps + r["step"])
-                if r.get("member") == "merger" and r.get("train_loss") is not None:
-                    postfix["merger"] = f"{r['train_loss']:.3f}"
+                if r.get("member") == MERGED and r.get("train_loss") is not None:
+                    postfix[MERGED] = f"{r['train_loss']:.3f}"
         if progress.current_tokens_per_s:
             postfix["tok/s"] = f"{progress.current_tokens_per_s / 1000:.1f}k"
         eta = progress.eta_s(self.phase1_steps, self.total - self.phase1_steps)

@@ -14,11 +14,12 @@ import logging
 import os
 import socket
 
+from leviathan.run import env
 from leviathan.run.ray_address import ray_address
 
-STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
-HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"
+STATE_TRACKING = env.RAY_TRAIN_STATE_TRACKING
+HEALTH_CHECK_INTERVAL = env.RAY_TRAIN_HEALTH_CHECK_INTERVAL
+API_SERVER_ADDRESS = env.RAY_API_SERVER_ADDRESS
 
 
 def _free_port() -> int:

@@ -34,7 +34,6 @@ extra (`pip install leviathan[tracking]`), imported only when a spec asks for th
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -47,11 +46,12 @@ from typing import Any, Iterable
 
 from cluster.plan import Tracking
 from leviathan.run import storage
+from leviathan.run.folder import TENSORBOARD_DIR
 from leviathan.run.progress import RunProgress
+from leviathan.run.records import MetricsLog
 
 RUN_KEY_TAG = "leviathan.run_key"
 RUN_DIR_TAG = "leviathan.run_dir"
-TENSORBOARD_DIR = "tensorboard"
 _FIGURES = ("train_loss", "val_loss", "mixed_val_loss", "lr", "tokens_per_s")
 _MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 QUEUE_SIZE = 256  # reports a courier holds while its server is away; more are dropped (replayed at the end)
@@ -70,7 +70,7 @@ def global_step(phase: str, step: int, phase1_steps: int) -> int:
 
 def scalars(records: Iterable[dict[str, Any]], phase1_steps: int) -> dict[int, dict[str, float]]:
     """Global step -> {tag: value} of the records' figures: `m0.1/val_loss`,
-    `merger/mixed_val_loss`, `uniform/mixed_val_loss`; the final evaluation's under `final/`."""
+    `merged/mixed_val_loss`, `uniform/mixed_val_loss`; the final evaluation's under `final/`."""
     out: dict[int, dict[str, float]] = defaultdict(dict)
     for r in records:
         prefix = "final/" if r["phase"] == "final" else ""
@@ -308,15 +308,8 @@ class Courier:
 
 
 def read_records(run_dir: str) -> list[dict[str, Any]]:
-    """Every complete record line of `<run>/metrics.jsonl` (what `finish` replays)."""
-    data = storage.AppendLog(storage.join(run_dir, "metrics.jsonl")).read_all()
-    out = []
-    for line in data.decode().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
+    """Every complete record of `<run>/metrics.jsonl` (what `finish` replays)."""
+    return MetricsLog(run_dir).read()
 
 
 class Tracker:

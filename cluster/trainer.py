@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.plan import Resources, RunPlan
+from leviathan.run.folder import CHECKPOINTS_DIR
 from leviathan.run.storage import join, normalize
 
-CHECKPOINTS_NAME = "checkpoints"
+CHECKPOINTS_NAME = CHECKPOINTS_DIR
 # Restarts of the controller itself (e.g. a worker group that cannot start):
 # bounded, so a job that lost its capacity fails instead of waiting forever.
 CONTROLLER_FAILURE_LIMIT = 2

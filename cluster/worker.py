@@ -38,7 +38,7 @@ import ray.train.torch
 import torch
 
 from cluster import checkpointing
-from cluster.evaluation import evaluate, gather_objects, mean
+from cluster.evaluation import EvalResult, evaluate, gather_objects, mean
 from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed, merger_adamw
 from cluster.merge import CommTimer, Exchange, local_parameters, merged_loss, reduce_and_clip
 from cluster.metrics import Gauges, MetricsLog, format_line, format_progress
@@ -51,8 +51,11 @@ from cluster.schedule import lr_at, set_lr
 from cluster.tracking import Tracker
 from cluster.verbosity import quiet_report_lines
 from cluster.data import SharedMixedSampler, rank_shards, validation_sets
-from leviathan.data.shards import BatchSampler, MixedBatchSampler, load_manifest
-from leviathan.evaluation import RUNNING_POSTERIOR, default_prefix_tokens, evidence_settings
+from leviathan.data.shards import BatchSampler, MixedBatchSampler
+from leviathan.data.staging import load_manifest
+from leviathan.evaluation import default_prefix_tokens, evidence_settings
+from leviathan.run.names import MERGED, UNIFORM
+from leviathan.run.report import final_table
 
 # Ray Train configures the workers' root logger (INFO, to the job's logs); a
 # print() there is teed to stdout and the logger, so each line would show twice.
@@ -116,6 +119,7 @@ class EnsembleWorker:
         )
         manifest = load_manifest(plan.manifest)
         self.domains: list[str] = list(plan.domains)
+        self.bytes_per_token = {d: manifest.bytes_per_token(d, "val") for d in self.domains}
         self.config = plan.ensemble
         k = self.config.members_per_module
         self.exchange = Exchange.for_placement(self.rank, self.world_size, self.config.modules, k)
@@ -162,7 +166,8 @@ class EnsembleWorker:
         self.interval_start = time.perf_counter()
         self.interval_cpu_start = time.process_time()
         self.interval_steps = 0
-        self.final_table: dict[str, Any] | None = None  # rank 0, after the last eval
+        self.report: dict[str, Any] | None = None  # rank 0, after the last eval: the report dict
+        self.final_table: dict[str, Any] | None = None  # rank 0, after the last eval: its final-table view, report embedded
         # Benchmarks: time phase-2 steps and the collectives inside them, count the bytes sent.
         self.profile = profile
         self.step_times: list[float] = []
@@ -284,7 +289,7 @@ class EnsembleWorker:
                 self.step_times.append(timer.sync() - t0)
                 self.comm_times.append(timer.total)
                 self.step_bytes.append(sum(timer.bytes_received.values()))
-            self.losses.setdefault("merger", []).append(loss)
+            self.losses.setdefault(MERGED, []).append(loss)
             self.interval_steps += 1
             self.after_step("merge", step, total, lr=self.t.merge_lr * factor)
 
@@ -319,7 +324,8 @@ class EnsembleWorker:
     def evaluate_and_log(
         self, phase: str, step: int, lr: float | None, elapsed: float, cpu: float, final: bool
     ) -> dict[str, Any]:
-        merger = self.merger if phase == "merge" else None
+        # Without phase 2 the merger never trained: no merged row, so no verdict on it.
+        merger = self.merger if phase == "merge" and self.t.phase2_steps > 0 else None
         result = evaluate(
             self.members, self.config.member_names, merger, self.val_sets, self.prefix_tokens,
             self.exchange, self.device, self.autocast, self.switch_set,
@@ -347,14 +353,14 @@ class EnsembleWorker:
         # The interval's training CPU time of every worker, on each of the step's lines.
         cpu_s = sum(c for _, c in everyone) if self.interval_steps else None
         records = [dict(r, replayed=replayed, cpu_s=cpu_s) for part, _ in everyone for r in part]
-        records.append(record(step=step, phase=phase, member="uniform", mixed_val_loss=result.mixed("uniform"),
-                              cpu_s=cpu_s, replayed=replayed, val_by_domain=result.by_domain("uniform")))
+        records.append(record(step=step, phase=phase, member=UNIFORM, mixed_val_loss=result.mixed(UNIFORM),
+                              cpu_s=cpu_s, replayed=replayed, val_by_domain=result.by_domain(UNIFORM)))
         if merger is not None:
-            train = self.losses.get("merger")
+            train = self.losses.get(MERGED)
             records.append(record(
-                step=step, phase=phase, member="merger", train_loss=mean(train) if train else None,
-                mixed_val_loss=result.mixed("merged"), lr=lr, tokens_per_s=tps, cpu_s=cpu_s,
-                replayed=replayed, val_by_domain=result.by_domain("merged"),
+                step=step, phase=phase, member=MERGED, train_loss=mean(train) if train else None,
+                mixed_val_loss=result.mixed(MERGED), lr=lr, tokens_per_s=tps, cpu_s=cpu_s,
+                replayed=replayed, val_by_domain=result.by_domain(MERGED),
             ))
         summary = summarise(records)
         if self.rank != 0:
@@ -366,18 +372,27 @@ class EnsembleWorker:
         if final:
             lines = records + [dict(r, phase="final", lr=None, tokens_per_s=None, cpu_s=None, train_loss=None)
                                for r in records]
-            posteriors = [
-                record(step=step, phase="final", member=name, mixed_val_loss=result.mixed(name),
-                       val_by_domain=result.by_domain(name))
-                for name in ("posterior", RUNNING_POSTERIOR)
-            ]
-            switch = {r: result.switch(r) for r in result.rows}
-            switch["merger"] = switch.pop("merged", None)
-            self.final_table = final_table(records + posteriors, self.plan, switch, evidence_settings(self.merger))
+            self.report = self.final_report(result, merger is not None)
+            self.final_table = {**final_table(self.report), "report": self.report}
         lines = [{k: v for k, v in r.items() if k != "val_by_domain"} for r in lines]
         self.metrics.append(lines)
         self.track(lines, final)
         return summary
+
+    def final_report(self, result: EvalResult, merged: bool) -> dict[str, Any]:
+        """The closing evaluation as `leviathan.evaluation.evaluate_ensemble`'s report dict,
+        plus the run's merge mode, joint flag and steps (what the final table shows)."""
+        cfg = self.config
+        return result.report(
+            member_modules={n: cfg.module_of(i) for i, n in enumerate(cfg.member_names)},
+            bytes_per_token=self.bytes_per_token,
+            settings={
+                "batch_size": self.t.batch_size, "max_batches": self.t.eval_batches, "merge": cfg.merge,
+                "mixer": cfg.mixer, "joint": self.t.joint,
+                "steps": {"members": self.t.phase1_steps, "merge": self.t.phase2_steps},
+            },
+            evidence=evidence_settings(self.merger) if merged else None,
+        )
 
     def track(self, lines: list[dict[str, Any]], final: bool) -> None:
         """Rank 0, once the lines are in metrics.jsonl: the progress line and the tracking runs
@@ -451,63 +466,14 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     mixed val loss is the merger's in phase 2 and the uniform mixture's in phase 1."""
     by = {r["member"]: r for r in records}
     members = [r for r in records if r["module"] is not None]
-    out: dict[str, Any] = {"uniform_mixed_val_loss": by["uniform"]["mixed_val_loss"]}
+    out: dict[str, Any] = {"uniform_mixed_val_loss": by[UNIFORM]["mixed_val_loss"]}
     if members:
         out["best_member_mixed_val_loss"] = min(r["mixed_val_loss"] for r in members)
         trains = [r["train_loss"] for r in members if r["train_loss"] is not None]
         if trains:
             out["member_train_loss"] = mean(trains)
-    if "merger" in by:
-        out["merged_mixed_val_loss"] = by["merger"]["mixed_val_loss"]
-        out["merger_train_loss"] = by["merger"]["train_loss"]
+    if MERGED in by:
+        out["merged_mixed_val_loss"] = by[MERGED]["mixed_val_loss"]
+        out["merged_train_loss"] = by[MERGED]["train_loss"]
     out["mixed_val_loss"] = out.get("merged_mixed_val_loss", out["uniform_mixed_val_loss"])
-    return out
-
-
-def final_table(
-    records: list[dict[str, Any]],
-    plan: RunPlan,
-    switch: dict[str, float | None] | None = None,
-    evidence: dict[str, list[float]] | None = None,
-) -> dict[str, Any]:
-    """The job's closing evaluation: every member on its own domain, on the mixed val
-    set and on the domain-switch set, the uniform mixture, the BTM prefix posterior,
-    the running posterior and the merged model (per domain, mixed and switch). The
-    figures are the report's (`leviathan.evaluation`): loss per scored token, the
-    dev prefix excluded, k windows per domain. evidence: the merger's beta and gamma."""
-    switch = switch or {}
-    rows = []
-    for r in records:
-        rows.append({
-            "name": r["member"],
-            "kind": r["member"] if r["member"] in ("uniform", "posterior", RUNNING_POSTERIOR, "merger") else "member",
-            "module": r["module"],
-            "domain": r["domain"],
-            "own_val_loss": r["val_loss"],
-            "mixed_val_loss": r["mixed_val_loss"],
-            "switch_val_loss": switch.get(r["member"]),
-            "val_by_domain": r.get("val_by_domain"),
-        })
-    order = ("member", "uniform", "posterior", RUNNING_POSTERIOR, "merger")  # members, baselines, the merged model
-    rows.sort(key=lambda r: order.index(r["kind"]))
-    members = [r for r in rows if r["kind"] == "member"]
-    merged = next((r for r in rows if r["kind"] == "merger"), None)
-    uniform = next(r for r in rows if r["kind"] == "uniform")
-    out = {
-        "merge": plan.ensemble.merge,
-        "evidence": evidence,
-        "joint": plan.training.joint,
-        "domains": list(plan.domains),
-        "steps": {"members": plan.training.phase1_steps, "merge": plan.training.phase2_steps},
-        "rows": rows,
-    }
-    if merged is not None and members:
-        out["merged_beats_every_member"] = all(merged["mixed_val_loss"] < m["mixed_val_loss"] for m in members)
-        out["merged_beats_uniform"] = merged["mixed_val_loss"] < uniform["mixed_val_loss"]
-        posteriors = [r for r in rows if r["kind"] in ("posterior", RUNNING_POSTERIOR)]
-        out["merged_beats_both_posteriors"] = all(merged["mixed_val_loss"] < r["mixed_val_loss"] for r in posteriors)
-        if merged["switch_val_loss"] is not None:
-            out["merged_beats_both_posteriors_on_switch"] = all(
-                merged["switch_val_loss"] < r["switch_val_loss"] for r in posteriors
-            )
     return out

@@ -53,7 +53,10 @@ from jobs.evaluate import add_twin, evaluate_run, write_reports
 from jobs.entry import add_spec_overrides, load_spec_with_overrides
 from jobs.spec import JobSpec, SpecError, with_values
 from leviathan.config import MIXERS
+from leviathan.run.folder import RunFolder
+from leviathan.run.names import MERGED, MIXED, UNIFORM
 from leviathan.run.storage import is_uri
+from leviathan.run.tables import markdown_table
 
 
 BUDGETS = ("steps", "time", "flops")
@@ -115,10 +118,10 @@ def curves(records: list[dict[str, Any]], phase1_steps: int) -> dict[str, list[t
             continue
         x = r["step"] + (phase1_steps if phase == "merge" else 0)
         member = r.get("member")
-        if member == "merger" and r.get("mixed_val_loss") is not None:
-            out.setdefault("merged", []).append((x, r["mixed_val_loss"]))
-        elif member == "uniform" and r.get("mixed_val_loss") is not None:
-            out.setdefault("uniform", []).append((x, r["mixed_val_loss"]))
+        if member == MERGED and r.get("mixed_val_loss") is not None:
+            out.setdefault(MERGED, []).append((x, r["mixed_val_loss"]))
+        elif member == UNIFORM and r.get("mixed_val_loss") is not None:
+            out.setdefault(UNIFORM, []).append((x, r["mixed_val_loss"]))
         elif phase == "members" and r.get("val_loss") is not None:
             out.setdefault(member, []).append((x, r["val_loss"]))
             by_step.setdefault(x, []).append(r["val_loss"])
@@ -141,7 +144,7 @@ def plot_curves(runs: dict[str, dict[str, Any]], folder: Path, phase1_steps: int
                 continue
             xs, ys = zip(*pts)
             style = {"members": dict(lw=2.5, color="black"), "uniform": dict(lw=2, ls="--"),
-                     "merged": dict(lw=2.5, marker="o", ms=4)}.get(name, dict(lw=1, alpha=0.6))
+                     MERGED: dict(lw=2.5, marker="o", ms=4)}.get(name, dict(lw=1, alpha=0.6))
             ax.plot(xs, ys, label=name if name != "members" else "members (mean, own domain)", **style)
         ax.axvline(phase1_steps, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="step (phase 1 members, then phase 2 merge)", ylabel="val loss (nats/token)",
@@ -156,13 +159,13 @@ def plot_curves(runs: dict[str, dict[str, Any]], folder: Path, phase1_steps: int
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mixer, run in runs.items():
         line = None
-        for name, ls in (("members", "-"), ("uniform", "--"), ("merged", "-")):
+        for name, ls in (("members", "-"), (UNIFORM, "--"), (MERGED, "-")):
             pts = run["curves"].get(name)
             if not pts:
                 continue
             xs, ys = zip(*pts)
             kw = {"color": line.get_color()} if line is not None else {}
-            (h,) = ax.plot(xs, ys, ls=ls, lw=2.5 if name == "merged" else 1.5, marker="o" if name == "merged" else None,
+            (h,) = ax.plot(xs, ys, ls=ls, lw=2.5 if name == MERGED else 1.5, marker="o" if name == MERGED else None,
                            ms=4, label=f"{mixer}: {name}", **kw)
             line = line or h
     ax.axvline(phase1_steps, color="grey", lw=0.8, ls=":")
@@ -278,7 +281,7 @@ def phase1_flops_per_step(ensemble, spec: JobSpec) -> int:
 def _report_for(run_dir: str, max_batches: int | None) -> dict[str, Any]:
     """The run's report.json when the training already wrote it with these settings
     (max_batches None: the run's own), else a fresh one."""
-    path = Path(run_dir) / "report.json"
+    path = Path(RunFolder(run_dir).report_json)
     if path.is_file():
         report = json.loads(path.read_text())
         if max_batches is None or report.get("settings", {}).get("max_batches") == max_batches:
@@ -290,7 +293,7 @@ def summarise_run(spec: JobSpec, wall_s: float, report: dict[str, Any]) -> dict[
     """One run's line of the comparison: evaluation, speed, wall time, parameters."""
     records = _read_metrics(spec.run_dir)
     times = [r["time"] for r in records if r.get("time") is not None]
-    merged = next(r for r in report["rows"] if r["name"] == "merged")
+    merged = next((r for r in report["rows"] if r["name"] == MERGED), None)  # none without phase 2
     ensemble = _load_ensemble(spec.run_dir)
     flops_per_step = phase1_flops_per_step(ensemble, spec)
     phase1_cpu = [r["cpu_s"] for r in records
@@ -307,11 +310,11 @@ def summarise_run(spec: JobSpec, wall_s: float, report: dict[str, Any]) -> dict[
         "train_span_s": (max(times) - min(times)) if len(times) > 1 else None,
         "tokens_per_s": {
             "members": _median([r.get("tokens_per_s") for r in records
-                                if r.get("phase") == "members" and r.get("member") not in ("uniform", "merger")]),
+                                if r.get("phase") == "members" and r.get("member") not in (UNIFORM, MERGED)]),
             "merge": _median([r.get("tokens_per_s") for r in records
-                              if r.get("phase") == "merge" and r.get("member") == "merger"]),
+                              if r.get("phase") == "merge" and r.get("member") == MERGED]),
         },
-        "merged": {"loss": merged["loss"], "bpb": merged["bpb"]},
+        "merged": None if merged is None else {"loss": merged["loss"], "bpb": merged["bpb"]},
         "rows": {r["name"]: {"loss": r["loss"], "bpb": r["bpb"], "domain": r["domain"]}
                  for r in report["rows"] if r["kind"] != "twin"},
         "curves": curves(records, spec.training.phase1_steps),
@@ -324,8 +327,6 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 def format_compare(result: dict[str, Any]) -> str:
     """compare.md: the merged model per mixer, then every evaluation row's mixed loss per mixer."""
-    from leviathan.evaluation import MIXED
-
     runs = result["runs"]
     cols = result["columns"]
     t = result["training"]
@@ -343,12 +344,13 @@ def format_compare(result: dict[str, Any]) -> str:
     head = ["mixer", "params", *(f"{c} loss" for c in cols), f"{MIXED} bpb", "member tok/s", "merge tok/s", "wall s"]
     body = []
     for mixer, run in runs.items():
+        merged = run["merged"] or {"loss": {}, "bpb": {}}  # no merged row: a run without phase 2
         body.append([
-            mixer, f"{run['params']['total']:,}", *(_fmt(run["merged"]["loss"][c]) for c in cols),
-            _fmt(run["merged"]["bpb"][MIXED]), _fmt(run["tokens_per_s"]["members"], 0),
+            mixer, f"{run['params']['total']:,}", *(_fmt(merged["loss"].get(c)) for c in cols),
+            _fmt(merged["bpb"].get(MIXED)), _fmt(run["tokens_per_s"]["members"], 0),
             _fmt(run["tokens_per_s"]["merge"], 0), _fmt(run["wall_s"], 1),
         ])
-    lines += [_table(head, body), ""]
+    lines += [markdown_table(head, body), ""]
     first = next(iter(runs.values()))
     lines += ["## Every row, mixed val set (loss / bits per byte)", ""]
     body = []
@@ -358,7 +360,7 @@ def format_compare(result: dict[str, Any]) -> str:
             f"{_fmt(run['rows'][name]['loss'][MIXED])} / {_fmt(run['rows'][name]['bpb'][MIXED])}"
             for run in runs.values()
         ])
-    lines += [_table(["model", *runs], body), ""]
+    lines += [markdown_table(["model", *runs], body), ""]
     p = {m: run["params"] for m, run in runs.items()}
     lines.append(
         "Parameters: " + "; ".join(f"{m} {v['total']:,} ({v['lag_weights']:,} lag weights)" for m, v in p.items())
@@ -393,17 +395,11 @@ def format_budgets(result: dict[str, Any]) -> list[str]:
     return [
         f"## Members at equal budgets (phase 1, {chosen} chosen)",
         "",
-        _table(head, body),
+        markdown_table(head, body),
         "",
         f"Members' val loss: the mean over members of their own-domain val loss, read at the largest budget "
         f"both runs reached, interpolated between evaluation points. Cost: {per_step}.",
     ]
-
-
-def _table(header: list[str], body: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
-    row = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([row(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(row(r) for r in body)])
 
 
 def compare(
@@ -447,7 +443,7 @@ def compare(
         "mixers": list(mixers),
         "budget": budget,
         "equal": {b: equal_budget(runs, b) for b in BUDGETS},
-        "columns": list(first["merged"]["loss"]),
+        "columns": list(next(iter(reports.values()))["columns"]),
         "training": spec.training.model_dump(),
         "eval": {"max_batches": next(iter(reports.values()))["settings"]["max_batches"]},
         "runs": runs,

@@ -37,11 +37,11 @@ import yaml
 from cluster.session import STATE_TRACKING
 from jobs.entry import add_spec_overrides, load_spec_with_overrides
 from jobs.spec import JobSpec, SpecError
+from leviathan.run.folder import SPEC_FILE
 
 TARGETS = ("kuberay", "ray-up")
 DEFAULT_IMAGE = "leviathan:latest"  # cluster/deploy/Dockerfile: Ray's image with this package installed
 SPEC_DIR = "/etc/leviathan"  # where the head pod mounts the spec's ConfigMap
-SPEC_FILE = "spec.json"
 JOB_ENV = {STATE_TRACKING: "1"}  # the dashboard's Train view (Ray Train V2 state tracking)
 TTL_AFTER_FINISHED_S = 600  # keeps the finished cluster's logs readable for ten minutes
 METRICS_PORT = 8080  # every node's Prometheus export port (ray start --metrics-export-port)

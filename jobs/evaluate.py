@@ -23,6 +23,8 @@ from typing import Any
 from jobs.entry import run_cli
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, load_spec
 from leviathan.run import storage
+from leviathan.run.folder import REPORT_JSON, REPORT_MD, SPEC_FILE, RunFolder
+from leviathan.run.names import MERGED
 
 
 class RunError(ValueError):
@@ -34,7 +36,7 @@ def resolve_final(run_dir: str | Path) -> Path:
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise RunError(f"run folder not found: {run}")
-    final = run / "final"
+    final = Path(RunFolder(str(run)).final)
     if not final.is_dir():
         raise RunError(f"{final}: no final/ folder (the run has not finished training)")
     return final
@@ -43,7 +45,8 @@ def resolve_final(run_dir: str | Path) -> Path:
 def load_run_spec(run_dir: str | Path) -> JobSpec:
     """The run's JobSpec: `<run>/spec.json`, else the copy in `<run>/final/spec.json`."""
     run = Path(run_dir).expanduser()
-    for path in (run / "spec.json", run / "final" / "spec.json"):
+    folder = RunFolder(str(run))
+    for path in (Path(folder.spec), Path(folder.final_file(SPEC_FILE))):
         if path.is_file():
             return load_spec(path)
     raise RunError(f"{run}: no spec.json in the run folder or in final/")
@@ -68,7 +71,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _manifest_for(spec: JobSpec, manifest: str | None):
-    from leviathan.data.shards import load_manifest
+    from leviathan.data.staging import load_manifest
 
     if manifest is None:
         manifest = spec.data.manifest
@@ -114,7 +117,8 @@ def _evaluate_local(
         device=device or _default_device(),
     )
     try:
-        report = evaluate_ensemble(ensemble, m, domains, **settings)
+        # Without phase 2 the merger never trained: the report has no merged row.
+        report = evaluate_ensemble(ensemble, m, domains, merged=spec.training.phase2_steps > 0, **settings)
         report["run"] = {
             "name": spec.name, "dir": str(run), "manifest": m.location, "time": time.time(), "device": settings["device"],
         }
@@ -122,8 +126,11 @@ def _evaluate_local(
             twin_ensemble, _ = load_final(twin)
             if twin_ensemble.config.vocab_size != ensemble.config.vocab_size:
                 raise RunError(f"--twin {twin}: vocab size {twin_ensemble.config.vocab_size} is not the run's")
-            twin_report = evaluate_ensemble(twin_ensemble, m, report["domains"], **settings)
-            twin_report["run"] = {"name": load_run_spec(twin).name, "dir": str(twin)}
+            twin_spec = load_run_spec(twin)
+            twin_report = evaluate_ensemble(
+                twin_ensemble, m, report["domains"], merged=twin_spec.training.phase2_steps > 0, **settings
+            )
+            twin_report["run"] = {"name": twin_spec.name, "dir": str(twin)}
             add_twin(report, twin_report)
     except RunError:
         raise
@@ -137,14 +144,17 @@ def add_twin(report: dict[str, Any], twin_report: dict[str, Any]) -> dict[str, A
     """Add the twin run's merged row (e.g. the attention twin of a correlation run) to `report`.
 
     Both reports must come from the same windows (same domains and settings);
-    the row is named "twin" and carries the twin's mixer and run name.
+    the row is named "twin" and carries the twin's mixer and run name. A twin without a
+    merged row (no phase 2) adds nothing.
     """
     same = ("batch_size", "seq_len", "max_batches", "prefix_tokens", "windows")
     if report["domains"] != twin_report["domains"] or any(
         report["settings"][k] != twin_report["settings"][k] for k in same
     ):
         raise RunError("twin: its evaluation used other domains or windows than the run's")
-    merged = next(r for r in twin_report["rows"] if r["name"] == "merged")
+    merged = next((r for r in twin_report["rows"] if r["name"] == MERGED), None)
+    if merged is None:
+        return report
     twin_row = {
         **merged,
         "name": "twin",
@@ -159,10 +169,11 @@ def add_twin(report: dict[str, Any], twin_report: dict[str, Any]) -> dict[str, A
 
 def write_reports(run: Path, report: dict[str, Any]) -> None:
     """`report.json` and `report.md` into the (local) run folder."""
-    from leviathan.evaluation import format_report
+    from leviathan.run.report import format_report
 
-    (run / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (run / "report.md").write_text(format_report(report, title=f"Evaluation of run {report['run']['name']}"))
+    folder = RunFolder(str(run))
+    Path(folder.report_json).write_text(json.dumps(report, indent=2) + "\n")
+    Path(folder.report_md).write_text(format_report(report, title=f"Evaluation of run {report['run']['name']}"))
 
 
 def _default_device() -> str:
@@ -207,20 +218,21 @@ def evaluate_run(
     if not storage.is_uri(run_dir):
         return _evaluate_local(Path(run_dir).expanduser(), **kwargs)
     try:
-        if not storage.is_dir(storage.join(run_dir, "final")):
-            raise RunError(f"{run_dir}/final: no final/ folder (the run has not finished training)")
+        remote = RunFolder(run_dir)
+        if not storage.is_dir(remote.final):
+            raise RunError(f"{remote.final}: no final/ folder (the run has not finished training)")
         with tempfile.TemporaryDirectory(prefix="leviathan-eval-") as tmp:
             local = Path(tmp) / "run"
             local.mkdir()
-            storage.download(storage.join(run_dir, "final"), local / "final")
-            spec_file = storage.join(run_dir, "spec.json")
-            if storage.is_file(spec_file):
-                storage.download(spec_file, local / "spec.json")
+            mine = RunFolder(str(local))
+            storage.download(remote.final, mine.final)
+            if storage.is_file(remote.spec):
+                storage.download(remote.spec, mine.spec)
             report = _evaluate_local(local, **kwargs)
             report["run"]["dir"] = run_dir
             write_reports(local, report)
-            for name in ("report.json", "report.md"):
-                storage.write_bytes(storage.join(run_dir, name), (local / name).read_bytes())
+            for name in (REPORT_JSON, REPORT_MD):
+                storage.write_bytes(remote.path(name), Path(mine.path(name)).read_bytes())
             return report
     except OSError as e:
         raise RunError(f"{run_dir}: {_one_line(e)}") from None
@@ -268,10 +280,11 @@ def _evaluate_and_print(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        from leviathan.evaluation import format_report
+        from leviathan.run.report import format_report
 
         print(format_report(report, title=f"Evaluation of run {report['run']['name']}"), end="")
-        print(f"wrote {args.run.rstrip('/')}/report.md and report.json")
+        folder = RunFolder(args.run)
+        print(f"wrote {folder.report_md} and {folder.report_json}")
 
 
 def main(argv: list[str] | None = None) -> int:

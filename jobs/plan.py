@@ -15,6 +15,7 @@ from typing import Any
 from cluster.plan import Resources, RunPlan, Tracking
 from jobs.spec import BUILTIN_MANIFEST, JobSpec, SpecError, check_manifest, resolve_manifest_path
 from leviathan.config import EnsembleConfig
+from leviathan.run.manifest import MANIFEST_FILE
 
 
 def ensure_data(spec: JobSpec) -> None:
@@ -33,13 +34,13 @@ def resolve_data(spec: JobSpec) -> tuple[str, list[str]]:
     if spec.data.manifest == BUILTIN_MANIFEST:
         from jobs.prepare import builtin_data_dir
 
-        path = builtin_data_dir(spec.data.tokenizer) / "manifest.json"
+        path = builtin_data_dir(spec.data.tokenizer) / MANIFEST_FILE
         if not path.is_file():
             raise SpecError(f"data.manifest: the built-in corpus is not prepared ({path}); run `leviathan prepare`")
         spec = spec.model_copy(update={"data": spec.data.model_copy(update={"manifest": str(path)})})
     manifest = check_manifest(spec)
     assert manifest is not None
-    names = [d["name"] for d in manifest["domains"]]
+    names = manifest.domain_names
     domains = spec.data.domains or names[: spec.ensemble.modules]
     return resolve_manifest_path(spec.data.manifest), list(domains)
 
@@ -89,7 +90,7 @@ def build_plan(spec: JobSpec) -> RunPlan:
     """The spec's `RunPlan`: data resolved and checked against the manifest, the
     ensemble and training configs built. The built-in corpus must be prepared
     (`ensure_data`)."""
-    from leviathan.data.shards import load_manifest
+    from leviathan.data.staging import load_manifest
 
     manifest, domains = resolve_data(spec)
     return RunPlan(

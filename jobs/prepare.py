@@ -36,7 +36,6 @@ line and returns 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -54,7 +53,9 @@ import numpy as np
 
 from jobs.spec import default_home
 from leviathan.data.corpus import BUILTIN_DOMAINS, capped, corpus_version
-from leviathan.data.shards import FORMAT_VERSION, MANIFEST_FILE, DataError, load_manifest, sha256_file, token_dtype, write_shard
+from leviathan.data.shards import DataError, sha256_file, token_dtype, write_shard
+from leviathan.data.staging import load_manifest
+from leviathan.run.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
 from leviathan.run import storage
 from leviathan.data.tokenizer import BPETokenizer, ByteTokenizer
 
@@ -98,7 +99,7 @@ def _read(name: str, path: Path) -> bytes:
         raise PrepareError(f"domain {name}: cannot read {path}: {e.strerror or e}") from None
 
 
-def _folder_files(root: Path, glob: str | None) -> list[Path]:
+def folder_files(root: Path, glob: str | None) -> list[Path]:
     files = []
     for p in root.rglob(glob or "*"):
         rel = p.relative_to(root)
@@ -154,7 +155,7 @@ def file_source(name: str, path: str | os.PathLike, glob: str | None = None, tex
         raise PrepareError(f"domain {name}: path not found: {p}")
     p = p.resolve()
     if p.is_dir():
-        files = _folder_files(p, glob)
+        files = folder_files(p, glob)
         if not files:
             what = f" matching {glob!r}" if glob else ""
             raise PrepareError(f"domain {name}: no files{what} in {p}")
@@ -228,7 +229,7 @@ def split_documents(documents: Iterable[bytes], cut: tuple[int, int]) -> Iterato
 # ---------------------------------------------------------------- encoding
 
 
-class _SplitWriter:
+class SplitWriter:
     """Appends token ids to `<name>.<split>.bin`, then turns it into the Arrow shard."""
 
     def __init__(self, folder: Path, domain: str, split: str, dtype: np.dtype) -> None:
@@ -258,7 +259,7 @@ class _SplitWriter:
                 "documents": self.documents, "sha256": sha256_file(self.path)}
 
 
-def _byte_ids(pieces: list[bytes], eos: int, dtype: np.dtype) -> np.ndarray:
+def byte_ids(pieces: list[bytes], eos: int, dtype: np.dtype) -> np.ndarray:
     """Documents -> one (sum(len) + len(pieces),) array: each document's bytes, then eos."""
     data = np.frombuffer(b"".join(pieces), dtype=np.uint8)
     ends = np.cumsum([len(p) for p in pieces])  # insertion points (before index = after document)
@@ -279,7 +280,7 @@ def _text_pieces(doc: bytes) -> list[str]:
     return pieces
 
 
-def _bpe_ids(tokenizer: BPETokenizer, pieces: list[bytes], dtype: np.dtype) -> np.ndarray:
+def bpe_ids(tokenizer: BPETokenizer, pieces: list[bytes], dtype: np.dtype) -> np.ndarray:
     texts, owner = [], []
     for i, doc in enumerate(pieces):
         parts = _text_pieces(doc)
@@ -296,7 +297,7 @@ def _bpe_ids(tokenizer: BPETokenizer, pieces: list[bytes], dtype: np.dtype) -> n
 
 
 def _encode_domain(source: DomainSource, cut: tuple[int, int], tokenizer: Any, folder: Path, dtype: np.dtype) -> dict[str, dict]:
-    writers = {s: _SplitWriter(folder, source.name, s, dtype) for s in ("train", "val")}
+    writers = {s: SplitWriter(folder, source.name, s, dtype) for s in ("train", "val")}
     chunk = BYTE_CHUNK if tokenizer.kind == "byte" else BPE_CHUNK
     pending: list[bytes] = []
     pending_split, pending_bytes = "train", 0
@@ -306,9 +307,9 @@ def _encode_domain(source: DomainSource, cut: tuple[int, int], tokenizer: Any, f
         if not pending:
             return
         if tokenizer.kind == "byte":
-            ids = _byte_ids(pending, tokenizer.eos_id, dtype)
+            ids = byte_ids(pending, tokenizer.eos_id, dtype)
         else:
-            ids = _bpe_ids(tokenizer, pending, dtype)
+            ids = bpe_ids(tokenizer, pending, dtype)
         writers[pending_split].write(ids, pending_bytes, len(pending))
         pending, pending_bytes = [], 0
 
@@ -470,7 +471,7 @@ def prepare_sources(
         if spec.get("file"):
             tok.save(tmp)
             spec["sha256"] = sha256_file(tmp / spec["file"])
-        manifest = {
+        manifest = Manifest.from_dict({
             "format_version": FORMAT_VERSION,
             "tokenizer": spec,
             "vocab_size": tok.vocab_size,
@@ -478,8 +479,8 @@ def prepare_sources(
             "val_fraction": val_fraction,
             "seq_len": seq_len,
             "domains": domains,
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        })
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json())
         _publish(tmp, out, force)
     except OSError as e:
         raise PrepareError(f"--out {out}: {e.strerror or e} ({e.filename or tmp})") from None
@@ -569,7 +570,7 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _parser() -> argparse.ArgumentParser:
+def base_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="leviathan prepare", description="Tokenize text per domain into memory-mapped token shards.")
     p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH[:GLOB]",
                    help="a domain from a text file, a folder (recursive; GLOB picks its files, at any depth) "
@@ -592,7 +593,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_domains(values: list[str], default_glob: str | None = None) -> list[tuple[str, str, str | None]]:
+def parse_domains(values: list[str], default_glob: str | None = None) -> list[tuple[str, str, str | None]]:
     """`--domain NAME=PATH[:GLOB]` values as (name, path, glob); a domain without its own
     GLOB takes `default_glob` (`--glob`). The text after the last ':' is a GLOB when it
     holds no '/' (a pattern matches file names); a path holding ':' ends with ':'."""
@@ -635,8 +636,8 @@ def run_prepare_cli(prepare: Callable[[], Path | str]) -> int:
 
 def _prepare_from_args(argv: list[str]) -> Path | str:
     """The manifest path `prepare` writes (or finds already prepared) for command-line `argv`."""
-    args = _parser().parse_args(argv)
-    pairs = _parse_domains(args.domain, args.glob)
+    args = base_parser().parse_args(argv)
+    pairs = parse_domains(args.domain, args.glob)
     names = [n for n, _, _ in pairs]
     use_builtin = args.builtin or not pairs
     if use_builtin:
@@ -662,10 +663,10 @@ def _prepare_from_args(argv: list[str]) -> Path | str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--ray" in argv:
-        from jobs.prepare_ray import main as main_ray
-
-        return main_ray(argv)
+    if "--ray" in argv:  # jobs.prepare_ray builds on this module, so it is reached from above it
+        print("prepare: --ray runs in jobs.prepare_ray: `python -m jobs.prepare_ray ...` or `leviathan prepare --ray ...`",
+              file=sys.stderr)
+        return 2
     return run_prepare_cli(lambda: _prepare_from_args(argv))
 
 

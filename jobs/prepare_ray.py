@@ -46,12 +46,12 @@ from jobs.prepare import (
     PARQUET_SUFFIXES,
     DomainSource,
     PrepareError,
-    _bpe_ids,
-    _byte_ids,
-    _folder_files,
-    _parse_domains,
-    _parser,
-    _SplitWriter,
+    bpe_ids,
+    byte_ids,
+    folder_files,
+    parse_domains,
+    base_parser,
+    SplitWriter,
     builtin_data_dir,
     builtin_sources,
     file_source,
@@ -142,7 +142,7 @@ def ray_source(name: str, path: str | os.PathLike, glob: str | None = None, text
     base = file_source(name, path, glob, text_column)
     p = Path(path).expanduser().resolve()
     if p.is_dir():
-        return _files_source(base, _folder_files(p, glob))
+        return _files_source(base, folder_files(p, glob))
     if p.suffix.lower() in PARQUET_SUFFIXES:
         return _parquet_source(base, p, text_column or DEFAULT_TEXT_COLUMN)
     return _files_source(base, [p])
@@ -203,9 +203,9 @@ class Encoder:
             if not docs:
                 continue
             if self.tokenizer.kind == "byte":
-                ids = _byte_ids(docs, self.tokenizer.eos_id, self.dtype)
+                ids = byte_ids(docs, self.tokenizer.eos_id, self.dtype)
             else:
-                ids = _bpe_ids(self.tokenizer, docs, self.dtype)
+                ids = bpe_ids(self.tokenizer, docs, self.dtype)
             out["first"].append(first)
             out["split"].append(split)
             out["ids"].append(ids.tobytes())
@@ -230,7 +230,7 @@ def encode_domain(source: RaySource, cut: tuple[int, int], tokenizer: Any, folde
         # One actor per CPU: the tokenizers library's own thread pool would only oversubscribe it.
         runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}},
     )
-    writers = {s: _SplitWriter(folder, source.name, s, dtype) for s in ("train", "val")}
+    writers = {s: SplitWriter(folder, source.name, s, dtype) for s in ("train", "val")}
     last = -1
     for row in encoded.iter_rows():
         if row["first"] < last:
@@ -287,7 +287,7 @@ def prepare_ray(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _parser()
+    p = base_parser()
     p.prog = "leviathan prepare --ray"
     p.description = "Tokenize text per domain into token shards, in parallel with Ray Data."
     p.add_argument("--tokenizer-file", default=None,
@@ -301,11 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _prepare_from_args(argv: list[str] | None) -> Path:
     """The manifest path `prepare --ray` writes for command-line `argv`."""
     args = build_parser().parse_args(argv)
-    pairs = _parse_domains(args.domain, args.glob)
+    pairs = parse_domains(args.domain, args.glob)
     use_builtin = args.builtin or not pairs
     if args.out is None and pairs:
         raise PrepareError("--out is required with --domain")
-    names = [n for n, _ in pairs] + ([d.name for d in BUILTIN_DOMAINS] if use_builtin else [])
+    names = [n for n, *_ in pairs] + ([d.name for d in BUILTIN_DOMAINS] if use_builtin else [])
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise PrepareError(f"duplicate domain name {dupes[0]!r}")

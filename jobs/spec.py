@@ -15,9 +15,12 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from leviathan.run.manifest import Manifest
 
 from leviathan.config import (
     BYTE_VOCAB_SIZE, FLAVOURS, MERGE_MODES, MIXERS, PRESETS, SIZE_FIELDS, ComponentConfig, EnsembleConfig,
@@ -48,7 +51,9 @@ def refuse_placeholder(value: str, what: str) -> str:
 
 def default_home() -> Path:
     """Where runs and prepared data live unless a spec says otherwise."""
-    return Path(os.environ.get("LEVIATHAN_HOME", Path.home() / "leviathan")).expanduser()
+    from leviathan.run.env import leviathan_home
+
+    return leviathan_home()
 
 
 def default_storage() -> str:
@@ -372,34 +377,27 @@ def load_spec(path: str | os.PathLike) -> JobSpec:
 def resolve_manifest_path(manifest: str) -> str:
     """A manifest given as a folder or a file (local path or pyarrow.fs URI) -> the
     manifest.json location (not checked to exist)."""
-    from leviathan.run.storage import is_uri, join
+    from leviathan.run.manifest import manifest_file
+    from leviathan.run.storage import is_uri
 
-    location = manifest if is_uri(manifest) else str(Path(manifest).expanduser())
-    return location if location.endswith(".json") else join(location, "manifest.json")
+    return manifest_file(manifest if is_uri(manifest) else str(Path(manifest).expanduser()))
 
 
-def check_manifest(spec: JobSpec) -> dict[str, Any] | None:
+def check_manifest(spec: JobSpec) -> "Manifest | None":
     """Check the spec's data against its manifest before any worker starts.
 
-    Returns the manifest dict, or None for the built-in corpus when it is not
+    Returns the `Manifest`, or None for the built-in corpus when it is not
     prepared yet (the job prepares it). Raises SpecError naming the problem.
     """
-    from leviathan.run.storage import read_text
+    from leviathan.run.manifest import ManifestError, read_manifest
 
     if spec.data.manifest == BUILTIN_MANIFEST:
         return None
-    path = resolve_manifest_path(spec.data.manifest)
     try:
-        text = read_text(path)
-    except OSError as e:
-        raise SpecError(f"data.manifest: cannot read {path} ({' '.join(str(e).split())})") from None
-    if text is None:
-        raise SpecError(f"data.manifest: no manifest at {path}")
-    try:
-        manifest = json.loads(text)
-        domains = [d["name"] for d in manifest["domains"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SpecError(f"data.manifest: {path} is not a Leviathan manifest ({e})") from None
+        manifest = read_manifest(resolve_manifest_path(spec.data.manifest))
+    except ManifestError as e:
+        raise SpecError(f"data.manifest: {e}") from None
+    domains = manifest.domain_names
     wanted = spec.data.domains or domains[: spec.ensemble.modules]
     unknown = [d for d in wanted if d not in domains]
     if unknown:

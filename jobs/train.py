@@ -28,6 +28,7 @@ from cluster.finalize import EVALUATION_TASK, TrainError, failure_line  # noqa: 
 from jobs.spec import JobSpec, SpecError, load_spec_dict, with_values
 from leviathan.run import storage
 from leviathan.run.folder import RunFolder
+from leviathan.run.report import format_final_table
 
 DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "demo.toml"
 
@@ -56,35 +57,6 @@ def check_run_folder(spec: JobSpec) -> bool:
     return old is not None
 
 
-def format_table(table: dict[str, Any]) -> str:
-    """The final table as text: one row per member, then the uniform mixture, the BTM prefix
-    posterior, the running posterior and the merged model, on the own domain, the mixed
-    set and the domain-switch set. Losses per scored token, as in report.md."""
-    head = f"{'model':<18} {'module':>6} {'domain':<12} {'own-domain val':>14} {'mixed val':>10} {'switch':>8}"
-    lines = [head, "-" * len(head)]
-    for r in table["rows"]:
-        name = {"merger": f"merged ({table['merge']})", "posterior": "posterior (BTM)"}.get(r["kind"], r["name"])
-        own = "" if r["own_val_loss"] is None else f"{r['own_val_loss']:.4f}"
-        module = "" if r["module"] is None else str(r["module"])
-        switch = "" if r.get("switch_val_loss") is None else f"{r['switch_val_loss']:.4f}"
-        lines.append(
-            f"{name:<18} {module:>6} {r['domain'] or '':<12} {own:>14} {r['mixed_val_loss']:>10.4f} {switch:>8}"
-        )
-    if "merged_beats_every_member" in table:
-        lines.append(
-            f"merged model beats every member on the mixed val set: {table['merged_beats_every_member']}; "
-            f"beats the uniform mixture: {table['merged_beats_uniform']}; "
-            f"beats both posteriors: {table['merged_beats_both_posteriors']}"
-            + (f" (on the switch set: {table['merged_beats_both_posteriors_on_switch']})"
-               if "merged_beats_both_posteriors_on_switch" in table else "")
-        )
-    if table.get("evidence"):
-        ev = table["evidence"]
-        lines.append("merger evidence per head: beta " + " ".join(f"{v:.3f}" for v in ev["beta"])
-                     + ", gamma " + " ".join(f"{v:.3f}" for v in ev["gamma"]))
-    return "\n".join(lines)
-
-
 def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -> dict[str, Any]:
     """Plan a job once and run it to its end (fit, final/, report); print its table and
     return train_result.json's dict.
@@ -98,7 +70,7 @@ def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -
     ensure_data(spec)
     plan = build_plan(spec)
     out = run_plan(plan, evaluate_run, write_spec=not has_spec, progress=progress, verbose=verbose)
-    print(format_table(out), flush=True)
+    print(format_final_table(out), flush=True)
     print(f"run folder: {plan.run_dir} ({out['wall_time_s']:.0f} s)", flush=True)
     return out
 

@@ -56,14 +56,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from leviathan.data.shards import Manifest, eval_batches, switch_batches
+from leviathan.data.shards import eval_batches, switch_batches
+from leviathan.data.staging import PreparedData
 from leviathan.model.ensemble import LeviathanEnsemble, merge_members, run_members
-
-LN2 = math.log(2.0)
-MIXED = "mixed"
-SWITCH = "switch"
-RUNNING_POSTERIOR = "running posterior"
-REPORT_FORMAT_VERSION = 1
+from leviathan.run.names import MIXED, RUNNING_POSTERIOR, SWITCH, row_order
+from leviathan.run.report import build_report, format_report, row  # noqa: F401  (the report's API, re-exported)
 
 
 class EvaluationError(ValueError):
@@ -84,9 +81,9 @@ class _Scores:
     merger_weights: torch.Tensor  # (M,): the merger's mean routing weight per member
 
 
-def row_names(ensemble: LeviathanEnsemble) -> list[str]:
+def row_names(ensemble: LeviathanEnsemble, merged: bool = True) -> list[str]:
     """Row order of every table: merged, the members (module-major), uniform, the two posteriors."""
-    return ["merged", *ensemble.member_names, "uniform", "posterior", RUNNING_POSTERIOR]
+    return row_order(list(ensemble.member_names), merged)
 
 
 def mix_members(member_lp: torch.Tensor, prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,17 +159,6 @@ def column_nll(
     return sums, k
 
 
-def column_losses(
-    nll_by_domain: dict[str, torch.Tensor], scored_tokens_per_window: int, switch_nll: torch.Tensor | None = None
-) -> dict[str, list[float]]:
-    """Loss (nats per scored token) per column and row: {column: [loss of row r]}."""
-    sums, k = column_nll(nll_by_domain, switch_nll)
-    windows = {c: k for c in nll_by_domain} | {MIXED: k * len(nll_by_domain)}
-    if switch_nll is not None:
-        windows[SWITCH] = switch_nll.shape[1]
-    return {c: (s / (windows[c] * scored_tokens_per_window)).tolist() for c, s in sums.items()}
-
-
 @torch.no_grad()
 def score_batch(
     ensemble: LeviathanEnsemble, x: torch.Tensor, y: torch.Tensor, prefix_tokens: int
@@ -226,16 +212,33 @@ def switch_scored_tokens(seq_len: int, prefix_tokens: int) -> tuple[int, int]:
     return first, seq_len - prefix_tokens - first
 
 
-def _metrics(nll: float, tokens: int, bytes_: float) -> dict[str, float]:
-    loss = nll / tokens
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": nll / bytes_ / LN2}
+def column_sizes(
+    bytes_per_token: dict[str, float], windows_per_domain: int, seq_len: int, prefix_tokens: int, switch_windows: int
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Scored tokens and their source bytes per column (each domain, mixed, and switch when
+    `switch_windows` > 0): every domain is scored on `windows_per_domain` windows of
+    seq_len - prefix_tokens targets; bytes are tokens times the domain's val bytes per token."""
+    domains = list(bytes_per_token)
+    scored = seq_len - prefix_tokens
+    tokens = {d: windows_per_domain * scored for d in domains}
+    nbytes = {d: tokens[d] * bytes_per_token[d] for d in domains}
+    tokens[MIXED] = sum(tokens[d] for d in domains)
+    nbytes[MIXED] = sum(nbytes[d] for d in domains)
+    if switch_windows:
+        # Every ordered pair has the same number of windows: each domain is first (and second) in D - 1 pairs.
+        first, second = switch_scored_tokens(seq_len, prefix_tokens)
+        per_domain = switch_windows // len(domains)
+        tokens[SWITCH] = switch_windows * scored
+        nbytes[SWITCH] = sum(per_domain * (first + second) * bytes_per_token[d] for d in domains)
+    return tokens, nbytes
 
 
 def evaluate_ensemble(
     ensemble: LeviathanEnsemble,
-    manifest: Manifest,
+    manifest: PreparedData,
     domains: list[str] | None = None,
     *,
+    merged: bool = True,
     batch_size: int = 8,
     seq_len: int = 128,
     max_batches: int = 4,
@@ -254,7 +257,10 @@ def evaluate_ensemble(
     two or more domains the switch column scores `switch_batches` of the val
     splits, on the same positions.
 
-    Returns a JSON-safe dict (the content of report.json): `columns`, `rows`
+    merged=False leaves the merged row out (an ensemble whose merger never trained:
+    phase2_steps = 0), and with it the merger's weights and evidence.
+
+    Returns a JSON-safe dict (the content of report.json, `leviathan.run.report.build_report`): `columns`, `rows`
     (name, kind, domain, and loss/ppl/bpb per column), scored `tokens` and
     `bytes_per_token` per column, the mean `posterior_weights` and
     `merger_weights` per domain and member, and the `settings` used.
@@ -300,51 +306,35 @@ def evaluate_ensemble(
     finally:
         ensemble.train(was_training)
 
-    names = row_names(ensemble)
-    member_domain = {n: domains[cfg.module_of(i)] for i, n in enumerate(ensemble.member_names)}
+    names = row_names(ensemble, merged)
+    if not merged:
+        scores = {d: _drop_merged(sc) for d, sc in scores.items()}
+        switch = None if switch is None else _drop_merged(switch)
+    member_modules = {n: cfg.module_of(i) for i, n in enumerate(ensemble.member_names)}
     bpt = {d: manifest.bytes_per_token(d, "val") for d in domains}
-
     sums, k = column_nll({d: s.nll for d, s in scores.items()}, None if switch is None else switch.nll)
-    columns = [*domains, MIXED] + ([] if switch is None else [SWITCH])
-    tokens = {d: k * (seq_len - prefix_tokens) for d in domains}
-    nbytes = {d: tokens[d] * bpt[d] for d in domains}
-    tokens[MIXED] = sum(tokens[d] for d in domains)
-    nbytes[MIXED] = sum(nbytes[d] for d in domains)
-    if switch is not None:
-        # Every ordered pair has the same number of windows: each domain is first (and second) in D - 1 pairs.
-        first, second = switch_scored_tokens(seq_len, prefix_tokens)
-        per_domain = switch.nll.shape[1] // len(domains)
-        tokens[SWITCH] = switch.nll.shape[1] * (seq_len - prefix_tokens)
-        nbytes[SWITCH] = sum(per_domain * (first + second) * bpt[d] for d in domains)
-
-    rows = []
-    for r, name in enumerate(names):
-        kind = "member" if name in member_domain else name
-        per_col = {c: _metrics(float(sums[c][r]), tokens[c], nbytes[c]) for c in columns}
-        rows.append(
-            {
-                "name": name,
-                "kind": kind,
-                "domain": member_domain.get(name),
-                **{m: {c: per_col[c][m] for c in columns} for m in ("loss", "ppl", "bpb")},
-            }
-        )
+    switch_windows = 0 if switch is None else switch.nll.shape[1]
+    tokens, nbytes = column_sizes(bpt, k, seq_len, prefix_tokens, switch_windows)
 
     members = ensemble.member_names
-    return {
-        "format_version": REPORT_FORMAT_VERSION,
-        "columns": columns,
-        "domains": domains,
-        "rows": rows,
-        "tokens": tokens,
-        "bytes_per_token": {**bpt, MIXED: nbytes[MIXED] / tokens[MIXED]},
+    weights = {
         "posterior_weights": {
             d: dict(zip(members, s.posterior_weights.mean(dim=0).tolist())) for d, s in scores.items()
         },
         "running_posterior_weights": {d: dict(zip(members, s.running_weights.tolist())) for d, s in scores.items()},
-        "merger_weights": {d: dict(zip(members, s.merger_weights.tolist())) for d, s in scores.items()},
-        "evidence": evidence_settings(ensemble.merger),
-        "settings": {
+    }
+    if merged:
+        weights["merger_weights"] = {d: dict(zip(members, s.merger_weights.tolist())) for d, s in scores.items()}
+    return build_report(
+        rows=names,
+        member_modules=member_modules,
+        domains=domains,
+        nll={c: v.tolist() for c, v in sums.items()},
+        tokens=tokens,
+        nbytes=nbytes,
+        weights=weights,
+        evidence=evidence_settings(ensemble.merger) if merged else None,
+        settings={
             "batch_size": batch_size,
             "seq_len": seq_len,
             "max_batches": max_batches,
@@ -354,9 +344,15 @@ def evaluate_ensemble(
             "windows": {d: k for d in domains},
             "merge": cfg.merge,
             "mixer": cfg.mixer,
-            "switch_windows": 0 if switch is None else switch.nll.shape[1],
+            "switch_windows": switch_windows,
         },
-    }
+    )
+
+
+def _drop_merged(scores: _Scores) -> _Scores:
+    """The scores without the merged row (row 0): a report of an ensemble whose merger never trained."""
+    return _Scores(scores.nll[1:], scores.tokens_per_window, scores.posterior_weights, scores.running_weights,
+                   scores.merger_weights)
 
 
 def evidence_settings(merger: Any) -> dict[str, list[float]] | None:
@@ -364,79 +360,3 @@ def evidence_settings(merger: Any) -> dict[str, list[float]] | None:
     if not merger.evidence:
         return None
     return {"beta": merger.beta.detach().cpu().tolist(), "gamma": merger.gamma().detach().cpu().tolist()}
-
-
-def row(report: dict[str, Any], name: str) -> dict[str, Any]:
-    """The row called `name` ("merged", "m0.1", "uniform", "posterior") of a report."""
-    for r in report["rows"]:
-        if r["name"] == name:
-            return r
-    raise KeyError(f"no row {name!r} in report (rows: {[r['name'] for r in report['rows']]})")
-
-
-def _label(r: dict[str, Any]) -> str:
-    if r["kind"] == "twin":
-        return f"twin: merged, {r['mixer']}"
-    return f"{r['name']} ({r['domain']})" if r["domain"] else r["name"]
-
-
-def _markdown_table(header: list[str], body: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(header)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([fmt(header), sep, *(fmt(line) for line in body)])
-
-
-def format_report(report: dict[str, Any], title: str | None = None) -> str:
-    """The report as markdown: one table per metric (rows x columns), then the routing weights.
-
-    The best value of every column is marked with `*`.
-    """
-    cols = report["columns"]
-    s = report["settings"]
-    out = []
-    if title:
-        out += [f"# {title}", ""]
-    out.append(
-        f"Val windows of {s['seq_len']} tokens, the first {s['prefix_tokens']} of each are the "
-        f"posterior's dev prefix and are not scored (every row is scored on the same "
-        f"{s['scored_tokens_per_window']} tokens per window); every domain is scored on "
-        f"{s['windows_per_domain']} windows and the mixed set is all of them."
-    )
-    if s.get("switch_windows"):
-        out[-1] += (
-            f" The switch set is {s['switch_windows']} windows whose first half comes from one domain "
-            "and second half from another (every ordered pair, fixed seed), scored on the same positions."
-        )
-    if report.get("evidence"):
-        ev = report["evidence"]
-        out.append(
-            "\nMerger evidence per head: beta "
-            + ", ".join(f"{v:.3f}" for v in ev["beta"])
-            + "; gamma "
-            + ", ".join(f"{v:.3f}" for v in ev["gamma"])
-            + "."
-        )
-    for metric, heading, digits in (
-        ("loss", "Loss (nats per token)", 4),
-        ("bpb", "Bits per byte", 4),
-        ("ppl", "Perplexity", 2),
-    ):
-        best = {c: min(r[metric][c] for r in report["rows"]) for c in cols}
-        body = [
-            [_label(r)]
-            + [f"{r[metric][c]:.{digits}f}" + ("*" if r[metric][c] == best[c] else "") for c in cols]
-            for r in report["rows"]
-        ]
-        out += ["", f"## {heading}", "", _markdown_table(["model", *cols], body)]
-    members = list(next(iter(report["posterior_weights"].values())))
-    for key, heading in (
-        ("merger_weights", "Merger weight per member (mean over tokens and heads)"),
-        ("posterior_weights", "Posterior weight per member (mean over windows)"),
-        ("running_posterior_weights", "Running posterior weight per member (mean over tokens)"),
-    ):
-        if key not in report:
-            continue
-        body = [[d] + [f"{report[key][d][m]:.3f}" for m in members] for d in report["domains"]]
-        out += ["", f"## {heading}", "", _markdown_table(["domain", *members], body)]
-    return "\n".join(out) + "\n"

@@ -196,12 +196,12 @@ def test_metrics_reader_folds_appended_lines_and_skips_bad_ones(tmp_path):
     assert (s.members["m0.0"]["train_loss"], s.members["m0.0"]["val_loss"]) == (3.0, 2.5)
     assert s.members["m1.0"]["train_loss"] is None  # NaN cannot travel as JSON
     with open(path, "a") as f:  # the writer finishes the torn line, then more
-        f.write('ss": 1.5}\n' + json.dumps(_record(5, "merger", phase="merge", module=None, train_loss=1.0)) + "\n")
+        f.write('ss": 1.5}\n' + json.dumps(_record(5, "merged", phase="merge", module=None, train_loss=1.0)) + "\n")
         f.write(json.dumps({"phase": "done", "time": 2000.0, "step": 5}) + "\n")
     s = reader.summary(str(tmp_path))
     assert s.records == 6 and s.phase == "done" and s.step == 5
     assert s.members["m0.0"]["train_loss"] == 1.5 and s.members["m0.0"]["step"] == 3
-    assert s.members["merger"]["phase"] == "merge"
+    assert s.members["merged"]["phase"] == "merge"
     assert [r["step"] for r in read_records(str(tmp_path), since_step=2)] == [3, 5, 5]
     assert not any(isinstance(v, float) and math.isnan(v) for r in read_records(str(tmp_path)) for v in r.values())
 

@@ -78,7 +78,18 @@ def test_prepare_refuses_a_repeated_glob(tmp_path, capsys):
     ],
 )
 def test_domain_values_split_name_path_and_pattern(value, expected):
-    from jobs.prepare import _parse_domains
+    from jobs.prepare import parse_domains
 
-    assert _parse_domains([value]) == [expected]
-    assert _parse_domains([value], "*.rst")[0][2] == (expected[2] or "*.rst")
+    assert parse_domains([value]) == [expected]
+    assert parse_domains([value], "*.rst")[0][2] == (expected[2] or "*.rst")
+
+
+def test_prepare_ray_is_reached_from_the_cli_and_the_plain_module_points_there(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--ray", "--help"])
+    assert e.value.code == 0 and "leviathan prepare --ray" in capsys.readouterr().out
+    from jobs.prepare import main as prepare_main
+
+    assert prepare_main(["--ray", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m jobs.prepare_ray" in err

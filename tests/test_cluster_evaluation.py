@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from leviathan.config import ComponentConfig, EnsembleConfig
-from leviathan.data.shards import load_manifest
+from leviathan.data.staging import load_manifest
 from leviathan.model.ensemble import LeviathanEnsemble
 from leviathan.evaluation import MIXED, SWITCH, evaluate_ensemble
 
@@ -52,7 +52,8 @@ def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, sm
         from cluster.members import Member
         from cluster.merge import Exchange
         from cluster.placement import members_for_rank
-        from leviathan.data.shards import eval_batches, load_manifest, switch_batches
+        from leviathan.data.shards import eval_batches, switch_batches
+        from leviathan.data.staging import load_manifest
         from leviathan.model.ensemble import LeviathanEnsemble
 
         ctx = ray.train.get_context()

@@ -74,12 +74,33 @@ def test_metrics_log_appends_records_and_reads_logged_steps(tmp_path):
     log.append([record(step=10, phase="members", member="m0.0", module=0, domain="a", train_loss=2.0,
                        val_loss=float("nan"), mixed_val_loss=3.0, lr=1e-3, tokens_per_s=100.0)])
     log.append([record(step=20, phase="members", member="m0.0", module=0),
-                record(step=5, phase="merge", member="merger")])
+                record(step=5, phase="merge", member="merged")])
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     assert tuple(first) == RECORD_FIELDS, "a record has exactly the contract's fields, in order"
     assert first["val_loss"] is None, "non-finite numbers are written as null"
     assert log.logged_steps() == {"members": 20, "merge": 5}
+
+
+def test_metrics_log_has_one_nan_policy_for_writers_and_readers(tmp_path):
+    """Training and the API share one reader and writer: a NaN or Infinity becomes null whether
+    a record carries it (a hand-made line) or a file holds it (an older writer), and a torn or
+    non-JSON line is skipped."""
+    from api.metrics import read_records
+
+    run = tmp_path / "run"
+    log = MetricsLog(str(run))
+    log.append([{"phase": "members", "step": 1, "member": "m0.0", "train_loss": float("inf"),
+                 "val_by_domain": {"a": float("nan")}}])
+    assert "NaN" not in (run / "metrics.jsonl").read_text() and "Infinity" not in (run / "metrics.jsonl").read_text()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"phase": "members", "step": 2, "member": "m0.0", "train_loss": NaN, "val_loss": -Infinity}\n')
+        f.write("not json\n")
+    got = log.read()
+    assert [r["step"] for r in got] == [1, 2]
+    assert got[0]["train_loss"] is None and got[0]["val_by_domain"] == {"a": None}
+    assert got[1]["train_loss"] is None and got[1]["val_loss"] is None
+    assert [(r["step"], r["train_loss"]) for r in read_records(str(run))] == [(1, None), (2, None)]
 
 
 def test_check_placement_fails_fast_with_a_clear_message():
@@ -246,14 +267,14 @@ def test_progress_bar_follows_the_metrics_log(tmp_path, capsys):
     from cluster.metrics import ProgressBar
 
     log = MetricsLog(str(tmp_path))
-    log.append([record(step=99, phase="merge", member="merger", train_loss=9.0)])  # an earlier run's line
+    log.append([record(step=99, phase="merge", member="merged", train_loss=9.0)])  # an earlier run's line
     # A long interval: the bar's first look may come before the appends, its last one after the stop.
     with ProgressBar(str(tmp_path), phase1_steps=10, phase2_steps=4, interval_s=60):
         log.append([record(step=10, phase="members", member="m0.0", module=0, train_loss=2.5)])
-        log.append([record(step=4, phase="merge", member="merger", train_loss=1.25)])
+        log.append([record(step=4, phase="merge", member="merged", train_loss=1.25)])
     err = capsys.readouterr().err
-    assert "14/14" in err and "merger=1.250" in err, err[-500:]
-    assert "merger=9.000" not in err, "records of an earlier run are skipped"
+    assert "14/14" in err and "merged=1.250" in err, err[-500:]
+    assert "merged=9.000" not in err, "records of an earlier run are skipped"
 
 
 def test_rng_checkpoint_holds_only_the_ranks_own_gpu(tmp_path, monkeypatch):

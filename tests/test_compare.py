@@ -50,9 +50,9 @@ def test_curves_put_phase_two_after_phase_one():
         {"phase": "members", "step": 2, "member": "m0.0", "val_loss": 5.0},
         {"phase": "members", "step": 2, "member": "m1.0", "val_loss": 4.0},
         {"phase": "members", "step": 2, "member": "uniform", "mixed_val_loss": 4.8},
-        {"phase": "merge", "step": 2, "member": "merger", "mixed_val_loss": 4.5},
+        {"phase": "merge", "step": 2, "member": "merged", "mixed_val_loss": 4.5},
         {"phase": "merge", "step": 2, "member": "uniform", "mixed_val_loss": 4.7},
-        {"phase": "final", "step": 2, "member": "merger", "mixed_val_loss": 4.5},
+        {"phase": "final", "step": 2, "member": "merged", "mixed_val_loss": 4.5},
         {"phase": "done", "step": 2},
     ]
     c = curves(records, phase1_steps=4)
@@ -71,7 +71,7 @@ def _phase1(step: int, losses: list[float], cpu_s: float) -> list[dict]:
 
 def test_budget_curves_sum_cpu_time_and_count_flops_per_step():
     records = [*_phase1(10, [5.0, 4.0], 2.0), *_phase1(20, [4.0, 3.0], 3.0), *_phase1(30, [3.0, 2.0], 1.5),
-               {"phase": "merge", "step": 5, "member": "merger", "mixed_val_loss": 2.0, "cpu_s": 99.0}]
+               {"phase": "merge", "step": 5, "member": "merged", "mixed_val_loss": 2.0, "cpu_s": 99.0}]
     c = budget_curves(records, flops_per_step=1000)
     assert c["steps"] == [(10, 4.5), (20, 3.5), (30, 2.5)]
     assert c["flops"] == [(10_000, 4.5), (20_000, 3.5), (30_000, 2.5)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from jobs.corpora.make_custom import DOMAINS, custom_sources, main
 from jobs.spec import load_spec
 from leviathan.data.corpus import builtin_corpus
-from leviathan.data.shards import load_manifest
+from leviathan.data.staging import load_manifest
 
 
 def test_prepares_four_domains_in_spec_order(tmp_path):

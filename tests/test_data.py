@@ -17,10 +17,10 @@ from leviathan.data.shards import (
     switch_batches,
     TokenShard,
     eval_batches,
-    load_manifest,
     token_dtype,
     write_shard,
 )
+from leviathan.data.staging import load_manifest
 
 
 def make_shard(tmp_path, tokens, name="s.arrow") -> TokenShard:
@@ -308,3 +308,28 @@ def test_manifest_errors_name_the_file(tmp_path):
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(DataError, match="manifest.json"):
         load_manifest(tmp_path)
+
+
+def test_manifest_field_errors_name_the_field(tmp_path):
+    """A manifest with a wrong or missing field is an error naming the file and the field."""
+    bad_split = {"file": "a.val.arrow", "tokens": "many", "bytes": 240}
+    split = {"file": "a.train.arrow", "tokens": 300, "bytes": 240}
+    write_manifest(tmp_path, domains=[{"name": "a", "splits": {"train": split, "val": bad_split}}])
+    with pytest.raises(DataError, match=r"manifest\.json: domains\[0\]\.splits\.val\.tokens: expected an integer"):
+        load_manifest(tmp_path)
+    write_manifest(tmp_path, vocab_size=None)
+    with pytest.raises(DataError, match="vocab_size: missing"):
+        load_manifest(tmp_path)
+    write_manifest(tmp_path, domains=[{"name": "a", "splits": {"train": split}}])
+    with pytest.raises(DataError, match=r"domains\[0\]\.splits\.val: missing"):
+        load_manifest(tmp_path)
+
+
+def test_manifest_writes_what_it_reads(tmp_path):
+    from leviathan.run.manifest import Manifest, read_manifest, write_manifest as write
+
+    m = read_manifest(str(write_manifest(tmp_path)))
+    assert m.domain_names == ["a"] and m.split("a", "val").tokens == 300 and m.vocab_size == 260
+    assert Manifest.from_dict(m.to_dict()) == m
+    out = tmp_path / "copy"
+    assert read_manifest(write(m, str(out))) == m

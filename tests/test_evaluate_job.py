@@ -11,7 +11,7 @@ import torch
 from jobs.plan import ensemble_config
 from jobs.evaluate import evaluate_run, main
 from jobs.spec import JobSpec
-from leviathan.data.shards import load_manifest
+from leviathan.data.staging import load_manifest
 from leviathan.model.ensemble import LeviathanEnsemble
 
 

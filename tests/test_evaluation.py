@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from leviathan.config import ComponentConfig, EnsembleConfig
-from leviathan.data.shards import load_manifest
+from leviathan.data.staging import load_manifest
 from leviathan.model.ensemble import LeviathanEnsemble
 from leviathan.evaluation import (
     MIXED,
@@ -195,3 +195,28 @@ def test_bad_settings_name_the_problem(manifest):
         evaluate_ensemble(ens, manifest, ["prose", "poetry"], seq_len=16)
     with pytest.raises(EvaluationError, match="vocab_size"):
         evaluate_ensemble(tiny_ensemble(vocab_size=300), manifest, seq_len=16)
+
+
+def test_without_phase_2_the_report_has_no_merged_row_and_no_verdict(manifest):
+    """phase2_steps = 0 (every comparison run): the merger never trained, so the report,
+    its final-table view and the printed table leave the merged model out entirely."""
+    from leviathan.run.report import final_table, format_final_table
+
+    ens = tiny_ensemble()
+    rep = evaluate_ensemble(ens, manifest, seq_len=16, batch_size=2, max_batches=1, merged=False)
+    assert [r["name"] for r in rep["rows"]] == [*ens.member_names, "uniform", "posterior", RUNNING_POSTERIOR]
+    assert "merger_weights" not in rep and rep["evidence"] is None
+    table = final_table(rep)
+    assert not any(k.startswith("merged_beats") for k in table)
+    text = format_final_table(table)
+    assert "merged" not in text and "uniform" in text
+    assert "merged" not in format_report(rep)
+
+    # With the merger, the same member figures, a merged row first and the verdicts.
+    full = evaluate_ensemble(ens, manifest, seq_len=16, batch_size=2, max_batches=1)
+    assert full["rows"][0]["name"] == "merged" and full["rows"][1:] == rep["rows"]
+    table = final_table(full)
+    assert table["rows"][0]["kind"] == "merged" and "merged_beats_every_member" in table
+    assert "merged model beats every member" in format_final_table(table)
+    member = table["rows"][1]
+    assert member["own_val_loss"] == row(full, member["name"])["loss"][member["domain"]]

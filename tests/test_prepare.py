@@ -22,7 +22,8 @@ from jobs.prepare import (
     prepare_sources,
 )
 from leviathan.data.corpus import BUILTIN_DOMAINS, DOMAIN_CAP, builtin_corpus
-from leviathan.data.shards import DataError, TokenShard, load_manifest
+from leviathan.data.shards import DataError, TokenShard
+from leviathan.data.staging import load_manifest
 from leviathan.data.tokenizer import BPETokenizer, ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,17 +73,17 @@ def test_byte_prepare_decodes_back_to_the_source(corpus, tmp_path):
     m.verify()
     tok = ByteTokenizer()
     for name, docs in source_documents(corpus).items():
-        entry = m.domain(name)
+        entry = m.manifest.domain(name)
         pieces = {s: [p[:-1] for p in split_on(np.asarray(m.shard(name, s).tokens), tok.eos_id)] for s in ("train", "val")}
         assert b"".join(tok.decode_bytes(p) for s in ("train", "val") for p in pieces[s]) == b"".join(docs)
         for s in ("train", "val"):
-            info = entry["splits"][s]
-            assert info["tokens"] == len(m.shard(name, s))
-            assert info["bytes"] == sum(len(p) for p in pieces[s]) == info["tokens"] - info["documents"]
-            assert info["documents"] == len(pieces[s])
-            assert info["sha256"] == hashlib.sha256((out / info["file"]).read_bytes()).hexdigest()
-        assert entry["bytes"] == sum(map(len, docs)) and entry["documents"] == len(docs)
-        val_share = entry["splits"]["val"]["bytes"] / entry["bytes"]
+            info = entry.splits[s]
+            assert info.tokens == len(m.shard(name, s))
+            assert info.bytes == sum(len(p) for p in pieces[s]) == info.tokens - info.documents
+            assert info.documents == len(pieces[s])
+            assert info.sha256 == hashlib.sha256((out / info.file).read_bytes()).hexdigest()
+        assert entry.bytes == sum(map(len, docs)) and entry.documents == len(docs)
+        val_share = entry.splits["val"].bytes / entry.bytes
         assert 0.15 < val_share <= 0.2 + 0.05, f"{name}: val holds {val_share:.2f} of the bytes"
         # the cut sits at a line start: the last train piece ends a line
         assert tok.decode_bytes(pieces["train"][-1]).endswith(b"\n")
@@ -92,7 +93,7 @@ def test_byte_prepare_decodes_back_to_the_source(corpus, tmp_path):
 def test_glob_filters_folder_files(corpus, tmp_path):
     prepare({"code": corpus["code"]}, tmp_path / "out", glob="*.py", val_fraction=0.2, seq_len=16)
     m = load_manifest(tmp_path / "out")
-    assert m.domain("code")["documents"] == 2  # a.py, sub/b.py; empty.py has no text, .hidden/c.py skipped
+    assert m.manifest.domain("code").documents == 2  # a.py, sub/b.py; empty.py has no text, .hidden/c.py skipped
     text = b"".join(ByteTokenizer().decode_bytes(m.shard("code", s).tokens) for s in ("train", "val"))
     assert b"notes" not in text and b"SECRET" not in text and b"class B" in text
 
@@ -271,9 +272,9 @@ def test_prepare_to_a_uri_uploads_shards_that_workers_stage_and_map(remote_manif
     assert m.root.parent == tmp_path / "staged" and not m.root.exists(), "nothing is staged before it is used"
 
     shard = m.shard("code", "train")  # staged, verified, memory-mapped
-    staged = m.root / m.split("code", "train")["file"]
+    staged = m.root / m.manifest.split("code", "train").file
     assert shard.path == staged and sorted(p.name for p in m.root.iterdir()) == [staged.name]
-    assert hashlib.sha256(staged.read_bytes()).hexdigest() == m.split("code", "train")["sha256"]
+    assert hashlib.sha256(staged.read_bytes()).hexdigest() == m.manifest.split("code", "train").sha256
     assert isinstance(shard._mmap, pa.MemoryMappedFile) and not shard.tokens.flags.owndata
 
     # Staged once: with the remote copy gone, the node still opens its verified copy.
@@ -284,7 +285,7 @@ def test_prepare_to_a_uri_uploads_shards_that_workers_stage_and_map(remote_manif
 
 def test_a_corrupt_remote_shard_is_refused_and_never_staged(remote_manifest, s3_server):
     m = load_manifest(remote_manifest)
-    name = m.split("prose", "val")["file"]
+    name = m.manifest.split("prose", "val").file
     key = f"{remote_manifest}/{name}".removeprefix("s3://")
     fs = s3_server.filesystem()
     with fs.open_input_stream(key) as f:
@@ -302,7 +303,7 @@ def test_prepare_to_a_uri_refuses_a_non_empty_folder_and_missing_files_are_named
     assert main(["--domain", f"prose={corpus['prose']}", "--out", remote_manifest, "--seq-len", "16"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     m = load_manifest(remote_manifest)
-    name = m.split("code", "val")["file"]
+    name = m.manifest.split("code", "val").file
     s3_server.filesystem().delete_file(f"{remote_manifest}/{name}".removeprefix("s3://"))
     with pytest.raises(DataError, match=f"missing file {remote_manifest}/{name}"):
         load_manifest(remote_manifest)

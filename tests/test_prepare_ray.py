@@ -14,7 +14,7 @@ import pytest
 
 from jobs.prepare import PrepareError, prepare
 from jobs.prepare_ray import prepare_ray, ray_source
-from leviathan.data.shards import load_manifest
+from leviathan.data.staging import load_manifest
 from leviathan.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ def _members_report(t: float, step: int, tps: tuple[float, float] = (1000.0, 300
 def _merge_report(t: float, step: int, tps: float = 8000.0) -> list[dict]:
     return [
         _at(t, step=step, phase="merge", member="uniform", mixed_val_loss=2.5),
-        _at(t, step=step, phase="merge", member="merger", train_loss=1.5, tokens_per_s=tps),
+        _at(t, step=step, phase="merge", member="merged", train_loss=1.5, tokens_per_s=tps),
     ]
 
 

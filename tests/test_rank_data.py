@@ -11,7 +11,8 @@ import torch
 
 from cluster.data import AbsentShard, rank_shards, validation_sets
 from jobs.plan import build_plan
-from leviathan.data.shards import MixedBatchSampler, TokenShard, load_manifest
+from leviathan.data.shards import MixedBatchSampler, TokenShard
+from leviathan.data.staging import load_manifest
 from tests.scripts.common import builtin_manifest, tiny_spec
 
 CPU = torch.device("cpu")
@@ -73,7 +74,7 @@ def test_validation_and_switch_sets_summed_over_ranks_are_the_full_ones(plan):
 
 
 def test_a_rank_stages_only_its_own_domains_from_a_remote_manifest(plan, manifest, s3_bucket, tmp_path, monkeypatch):
-    from leviathan.data.shards import STAGING_ENV
+    from leviathan.run.env import STAGING_DIR as STAGING_ENV
     from leviathan.run import storage
 
     remote = storage.join(s3_bucket, "corpus")
@@ -89,4 +90,4 @@ def test_a_rank_stages_only_its_own_domains_from_a_remote_manifest(plan, manifes
     MixedBatchSampler(rank_shards(remote_manifest, plan, 1, "train"), B, T, seed=1).next()
     validation_sets(remote_manifest, plan, 1, 1, CPU)
     files = sorted(p.name for p in staged.rglob("*") if p.is_file())
-    assert files == sorted(local.split("codecs", s)["file"] for s in ("train", "val")), files
+    assert files == sorted(local.manifest.split("codecs", s).file for s in ("train", "val")), files

@@ -30,7 +30,7 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     from jobs import compare, deploy, evaluate, generate, prepare, prepare_ray, train, tune
 
     return {
-        "prepare": prepare._parser,
+        "prepare": prepare.base_parser,
         "prepare --ray": prepare_ray.build_parser,
         "train": train.build_parser,
         "evaluate": evaluate.build_parser,

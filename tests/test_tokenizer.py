@@ -131,6 +131,15 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer": {"kind": "bpe", "file": "missing.json"}}))
+    with pytest.raises(TokenizerError, match=r"manifest.json: format_version: None"):
+        load_tokenizer(tmp_path / "manifest.json")  # not a manifest `prepare` writes: the field is named
+
+    from leviathan.run.manifest import Domain, Manifest, Split, write_manifest
+
+    split = Split(file="d/train.arrow", tokens=10, bytes=10)
+    domain = Domain(name="d", splits={"train": split, "val": split})
+    write_manifest(Manifest(tokenizer={"kind": "bpe", "file": "missing.json"}, vocab_size=300, dtype="uint16",
+                            domains=[domain]), str(tmp_path))
     with pytest.raises(TokenizerError, match="missing.json"):
         load_tokenizer(tmp_path / "manifest.json")
 

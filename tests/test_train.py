@@ -35,10 +35,10 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(trained_
     p1, p2 = spec.training.phase1_steps, spec.training.phase2_steps
     members = ["m0.0", "m0.1", "m1.0", "m1.1"]
 
-    # The table: 4 members, the uniform mixture, the two posteriors, the merged model.
+    # The table: the merged model, 4 members, the uniform mixture, the two posteriors.
     kinds = [r["kind"] for r in result["rows"]]
-    assert kinds == ["member"] * 4 + ["uniform", "posterior", "running posterior", MERGED], kinds
-    assert [r["name"] for r in result["rows"][:4]] == members
+    assert kinds == [MERGED] + ["member"] * 4 + ["uniform", "posterior", "running posterior"], kinds
+    assert [r["name"] for r in result["rows"][1:5]] == members
 
     # final/ loads without Ray and predicts.
     ensemble = LeviathanEnsemble.load(run / "final")
@@ -58,12 +58,20 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(trained_
     # One evaluator: the final table (scored on the workers) and report.json (one process) agree.
     report = {r["name"]: r["loss"] for r in json.loads((run / "report.json").read_text())["rows"]}
     for r in result["rows"]:
-        figures = report["merged" if r["kind"] == MERGED else r["name"]]
+        figures = report[r["name"]]
         assert r["mixed_val_loss"] == pytest.approx(figures["mixed"], rel=1e-5), r["name"]
         assert r["switch_val_loss"] == pytest.approx(figures["switch"], rel=1e-5), r["name"]
         for domain, loss in r["val_by_domain"].items():
             assert loss == pytest.approx(figures[domain], rel=1e-5), (r["name"], domain)
     assert result["evidence"] == json.loads((run / "report.json").read_text())["evidence"]
+    # train_result.json embeds the workers' report: the same rows, columns and figures as report.json.
+    single = json.loads((run / "report.json").read_text())
+    assert [r["name"] for r in result["report"]["rows"]] == [r["name"] for r in single["rows"]]
+    assert result["report"]["columns"] == single["columns"] and result["report"]["tokens"] == single["tokens"]
+    for ours, theirs in zip(result["report"]["rows"], single["rows"]):
+        assert (ours["kind"], ours["module"], ours["domain"]) == (theirs["kind"], theirs["module"], theirs["domain"])
+        for metric in ("loss", "bpb"):
+            assert ours[metric] == pytest.approx(theirs[metric], rel=1e-5), (ours["name"], metric)
     logits, loss = ensemble(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
     assert logits.shape == (1, 8, ensemble.config.vocab_size) and torch.isfinite(loss)
 
@@ -97,6 +105,21 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(trained_
     # The finished run is not silently trained again.
     with pytest.raises(SpecError, match="already finished"):
         train.run(spec, progress=False)
+
+
+def test_without_phase_2_no_merged_row_or_verdict_is_printed(ray_cluster, manifest, tmp_path, capsys):
+    """phase2_steps = 0 (every comparison run): the merger never trained, so neither the workers'
+    table, nor train_result.json, nor report.json, nor the printed table shows a merged row or verdict."""
+    spec = tiny_spec(manifest, tmp_path, "no-merge", ensemble={"members_per_module": 1, "members": [{"preset": "tiny"}]},
+                     training={"phase1_steps": 2, "phase2_steps": 0, "eval_interval": 2, "checkpoint_interval": 2})
+    result = train.run(spec, progress=False)
+    run = Path(spec.run_dir)
+    assert [r["kind"] for r in result["rows"]] == ["member"] * 2 + ["uniform", "posterior", "running posterior"]
+    assert not any(k.startswith("merged_beats") for k in result) and result["evidence"] is None
+    assert MERGED not in {r["name"] for r in json.loads((run / "report.json").read_text())["rows"]}
+    assert MERGED not in {r["member"] for r in _records(run)}
+    out = capsys.readouterr().out
+    assert "| uniform" in out and f"| {MERGED}" not in out and "merged model beats" not in out, out[-2000:]
 
 
 def test_run_folder_with_another_spec_is_refused(manifest, tmp_path):

@@ -31,6 +31,7 @@ from leviathan.config import BYTE_VOCAB_SIZE
 from leviathan.run import storage
 from leviathan.run.env import RAY_TRAIN_STATE_TRACKING
 from leviathan.run.folder import METRICS_FILE, SPEC_FILE, RunFolder
+from leviathan.run.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,9 @@ def _limit_errors(spec: JobSpec, settings: Settings) -> list[dict]:
     ]
 
 
-def _vocab_size(manifest: Any) -> int | None:
-    """The manifest's vocabulary size, whether `check_manifest` gave a typed Manifest or a dict."""
-    if manifest is None:
-        return None
-    return manifest["vocab_size"] if isinstance(manifest, dict) else manifest.vocab_size
+def _vocab_size(manifest: Manifest | None) -> int | None:
+    """The manifest's vocabulary size (None while the built-in corpus is not prepared)."""
+    return None if manifest is None else manifest.vocab_size
 
 
 def validate_for_submission(spec: JobSpec, settings: Settings) -> JobSpec:

@@ -1,4 +1,4 @@
-"""Token shards, the prepared-data manifest, and batch samplers.
+"""Token shards and batch samplers (the manifest: `leviathan.run.manifest`; staging: `leviathan.data.staging`).
 
 A prepared data folder (written by `jobs.prepare`) holds one Arrow IPC file per
 domain and split with a single column `tokens` of the smallest unsigned integer
@@ -21,11 +21,6 @@ yields exactly the batches the original would have.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import secrets
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +28,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from leviathan.run import storage
-
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-SPLITS = ("train", "val")
 TOKEN_COLUMN = "tokens"
 
 
@@ -114,177 +104,6 @@ def sha256_file(path: str | Path) -> str:
     """The file's sha256, hex (manifests and model folders record it to detect damage)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-STAGING_ENV = "LEVIATHAN_STAGING_DIR"
-
-
-def staging_root() -> Path:
-    """Where manifests on remote storage are staged: `$LEVIATHAN_STAGING_DIR`, else
-    `<temp dir>/leviathan-staged` (node-local disk, shared by the workers of a node)."""
-    return Path(os.environ.get(STAGING_ENV) or Path(tempfile.gettempdir()) / "leviathan-staged")
-
-
-@dataclass
-class Manifest:
-    """A prepared data folder, as described by its manifest.json (format in DESIGN section 6).
-
-    `root` is the local folder the files are read from. A manifest on remote
-    storage (`source`: its folder's pyarrow.fs URI) gets a local staging folder as
-    root: a file is downloaded there on first use, checked against the manifest's
-    sha256 and only then renamed into place, so a file present in root is a
-    verified copy and each node downloads it once.
-    """
-
-    root: Path
-    data: dict[str, Any] = field(repr=False)
-    source: str | None = None
-
-    @property
-    def location(self) -> str:
-        """The manifest's folder as the user named it (the URI for remote manifests)."""
-        return self.source or str(self.root)
-
-    @property
-    def domains(self) -> list[str]:
-        return [d["name"] for d in self.data["domains"]]
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.data["vocab_size"])
-
-    @property
-    def tokenizer_spec(self) -> dict[str, Any]:
-        return dict(self.data["tokenizer"])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.data["dtype"])
-
-    def domain(self, name: str) -> dict[str, Any]:
-        for d in self.data["domains"]:
-            if d["name"] == name:
-                return d
-        raise DataError(f"domain {name!r} not in {self.location}/{MANIFEST_FILE} (has {self.domains})")
-
-    def split(self, domain: str, split: str) -> dict[str, Any]:
-        if split not in SPLITS:
-            raise DataError(f"split {split!r}: expected one of {SPLITS}")
-        return self.domain(domain)["splits"][split]
-
-    def shard_path(self, domain: str, split: str) -> Path:
-        """The shard's local path (staged first when the manifest is remote)."""
-        return self.local_file(self.split(domain, split)["file"])
-
-    def shard(self, domain: str, split: str) -> TokenShard:
-        return TokenShard(self.shard_path(domain, split))
-
-    def tokens(self, domain: str, split: str) -> int:
-        return int(self.split(domain, split)["tokens"])
-
-    def bytes_per_token(self, domain: str | None = None, split: str = "val") -> float:
-        """Source bytes per token, for bits per byte = loss / ln 2 / bytes_per_token.
-
-        Over one domain's split, or over all domains' `split` when domain is None.
-        """
-        names = [domain] if domain is not None else self.domains
-        nbytes = sum(int(self.split(d, split)["bytes"]) for d in names)
-        ntokens = sum(int(self.split(d, split)["tokens"]) for d in names)
-        return nbytes / max(ntokens, 1)
-
-    def tokenizer(self):
-        from leviathan.data.tokenizer import tokenizer_from_spec
-
-        if self.tokenizer_spec.get("file"):
-            self.local_file(self.tokenizer_spec["file"])
-        return tokenizer_from_spec(self.tokenizer_spec, self.root)
-
-    def checksums(self) -> dict[str, str | None]:
-        """File name (relative to the folder) -> recorded sha256, for every file the manifest
-        names: the shards, and the tokenizer file when it has one."""
-        out = {self.split(d, s)["file"]: self.split(d, s)["sha256"] for d in self.domains for s in SPLITS}
-        tok = self.tokenizer_spec
-        if tok.get("file"):
-            out[tok["file"]] = tok.get("sha256")
-        return out
-
-    def local_file(self, name: str) -> Path:
-        """`root / name`; for a remote manifest, downloaded and verified first unless already staged."""
-        path = self.root / name
-        if self.source is None or path.is_file():
-            return path
-        expected = self.checksums().get(name)
-        if expected is None:
-            raise DataError(f"{self.location}/{MANIFEST_FILE}: no sha256 for {name}, so it cannot be staged safely")
-        _stage(storage.join(self.source, name), path, expected)
-        return path
-
-    def verify(self) -> None:
-        """Recompute every sha256 the manifest records; raises DataError naming the first mismatch."""
-        for name, expected in self.checksums().items():
-            if expected is None:
-                continue
-            got = sha256_file(self.local_file(name))
-            if got != expected:
-                raise DataError(f"{self.root / name}: sha256 mismatch (manifest {expected[:12]}..., file {got[:12]}...)")
-
-
-def _stage(source: str, dest: Path, sha256: str) -> None:
-    """Download `source` to `dest` through a private temp file, renamed into place only
-    when its sha256 matches (concurrent stagers each rename a verified copy)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
-    try:
-        storage.download(source, tmp)
-        got = sha256_file(tmp)
-        if got != sha256:
-            raise DataError(f"{source}: sha256 mismatch (manifest {sha256[:12]}..., downloaded {got[:12]}...); not staged")
-        os.replace(tmp, dest)
-    except OSError as e:
-        raise DataError(f"{source}: cannot stage it to {dest} ({e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_manifest(path: str | Path) -> Manifest:
-    """Read a manifest and check that every file it names exists.
-
-    `path` is the prepared folder or its manifest.json, a local path or a
-    pyarrow.fs URI. A remote manifest is read in place; its files are staged to
-    `staging_root()` when first used.
-    """
-    location = str(path)
-    file = location if location.endswith(".json") else storage.join(location, MANIFEST_FILE)
-    try:
-        text = storage.read_text(file)
-    except OSError as e:
-        raise DataError(f"{file}: cannot read ({e})") from None
-    if text is None:
-        raise DataError(f"no manifest at {file}")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{file}: cannot parse ({e})") from None
-    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
-        got = data.get("format_version") if isinstance(data, dict) else None
-        raise DataError(f"{file}: format_version {got!r}, expected {FORMAT_VERSION}")
-    local = storage.local_path(file)
-    if local is not None:
-        manifest = Manifest(root=local.parent.resolve(), data=data)
-    else:
-        folder = file.rsplit("/", 1)[0]
-        key = hashlib.sha256(f"{folder}\n{text}".encode()).hexdigest()[:16]
-        manifest = Manifest(root=staging_root() / key, data=data, source=folder)
-    try:
-        if not manifest.domains:
-            raise DataError(f"{file}: no domains")
-        names = list(manifest.checksums())
-    except (KeyError, TypeError) as e:
-        raise DataError(f"{file}: not a Leviathan manifest (missing {e})") from None
-    for name in names:
-        if not storage.is_file(storage.join(manifest.location, name)):
-            raise DataError(f"{file}: missing file {storage.join(manifest.location, name)}")
-    return manifest
 
 
 class MixedBatchSampler:

@@ -300,16 +300,18 @@ def load_tokenizer(path: str | Path) -> AnyTokenizer:
     `ByteTokenizer.save` or a Hugging Face BPE file.
     """
     p = Path(path).expanduser()
-    manifest = p if p.suffix == ".json" and p.name != TOKENIZER_FILE else p / "manifest.json"
+    from leviathan.run.manifest import MANIFEST_FILE, ManifestError, read_manifest
+
+    manifest = p if p.suffix == ".json" and p.name != TOKENIZER_FILE else p / MANIFEST_FILE
     if manifest.is_file():
         try:
-            spec = json.loads(manifest.read_text())["tokenizer"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise TokenizerError(f"{manifest}: no tokenizer entry ({e})") from None
+            spec = read_manifest(str(manifest)).tokenizer
+        except ManifestError as e:
+            raise TokenizerError(str(e)) from None
         return tokenizer_from_spec(spec, manifest.parent)
     file = p if p.name == TOKENIZER_FILE else p / TOKENIZER_FILE
     if not file.is_file():
-        raise TokenizerError(f"no manifest.json or {TOKENIZER_FILE} at {p}")
+        raise TokenizerError(f"no {MANIFEST_FILE} or {TOKENIZER_FILE} at {p}")
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -1,5 +1,9 @@
 """A run's contracts, torch-free: what every layer (the API included) may import.
 
-The storage layer over pyarrow.fs, the metrics record, the markdown table
-renderer and the progress fold. Nothing here imports torch or Ray.
+The run folder (`folder`), the prepared-data manifest (`manifest`), the metrics
+record and its one reader and writer (`records`), the evaluation report and its
+final-table view (`report`), row and column names (`names`), the markdown table
+renderer (`tables`), the progress fold (`progress`), environment variable names
+(`env`) and the storage layer over pyarrow.fs (`storage`). Nothing here imports
+torch or Ray.
 """

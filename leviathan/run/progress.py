@@ -8,7 +8,7 @@ module is torch-free and importable by every layer):
   phase 1 every module trains on its own batch, so the job's figure is the sum
   over modules of each module's latest `tokens_per_s` (the members of one module
   share a batch and report the same figure). In phase 2 the whole job trains on
-  one mixed batch per step: the merger's `tokens_per_s`.
+  one mixed batch per step: the merged row's `tokens_per_s`.
 - ETA: the steps left in the schedule (phase1_steps + phase2_steps minus the
   steps done) at the recent step rate, i.e. steps per second between the two
   latest reports of the phase. That rate includes evaluation and checkpoints,
@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from leviathan.run.names import MERGED
 from leviathan.run.records import DONE_PHASE
 
 TRAINING_PHASES = ("members", "merge")
@@ -52,7 +53,7 @@ class RunProgress:
         if phase == "members" and r.get("module") is not None:
             self._module_tps[r["module"]] = tps
             self.tokens_per_s["members"] = sum(self._module_tps.values())
-        elif phase == "merge" and r.get("member") == "merger":
+        elif phase == "merge" and r.get("member") == MERGED:
             self.tokens_per_s["merge"] = tps
 
     def _fold_rate(self, phase: str, step: int, t: float | None) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.spec import JobSpec
+from leviathan.run import names
 
 
 def builtin_manifest(folder: Path) -> Path:
@@ -88,8 +89,8 @@ def latest_checkpoint_step(run: Path, phase: str | None = None) -> int:
     return max(steps)
 
 
-# The merged model's row kind and member name in a run's result and metrics (spelled once here).
-MERGED = "merger"
+# The merged model's row kind and member name in a run's result and metrics.
+MERGED = names.MERGED
 
 # The schedule of the session's `trained_run` and `faulted_run`: long enough that a worker
 # can be killed inside each phase after a checkpoint, with logged steps past it to replay.
