@@ -129,8 +129,8 @@ class RunFigures(BaseModel):
 
     wall_time_s: float | None = None
     mixed_val_loss: dict[str, float] = Field(
-        default_factory=dict, description="Loss per token on the mixed val set, per report row (members, "
-                                          "'uniform', 'merger', ...)."
+        default_factory=dict, description="Loss per token on the mixed val set, per report row ('merged', "
+                                          "members, 'uniform', ...)."
     )
     switch_val_loss: dict[str, float] = Field(
         default_factory=dict, description="Loss per token on the domain-switch set, per report row."

@@ -24,6 +24,7 @@ from api.schemas import RunSummary
 from api.services import run_resources as service
 from api.services.runs import storage_root
 from api.settings import Settings
+from leviathan.run.names import MERGED
 
 OPERATOR = Principal("operator", "admin")
 
@@ -58,8 +59,8 @@ def ray_jobs(settings: Settings) -> list[RayJob]:
 
 
 def _row(run: RunSummary) -> str:
-    merger = (run.figures.mixed_val_loss.get("merger") if run.figures else None)
-    figure = f"{merger:.4f}" if merger is not None else "-"
+    merged = run.figures.mixed_val_loss.get(MERGED) if run.figures else None
+    figure = f"{merged:.4f}" if merged is not None else "-"
     return "\t".join([run.name, run.state, run.phase or "-", str(run.step if run.step is not None else "-"),
                       run.owner or "-", figure])
 

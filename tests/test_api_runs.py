@@ -26,6 +26,7 @@ from api.ray_jobs import RayJob
 from api.services.run_resources import RangeNotSatisfiable, byte_range
 from api.settings import Settings
 from cli.token import issue
+from leviathan.run.names import MERGED
 from tests.test_api_support import API_TOKEN, LiveServer, MemoryGateway, data_root_for, in_process, make_settings, tiny_spec
 
 MODEL_BYTES = bytes(range(256)) * 40  # 10240 bytes, each offset's byte known
@@ -67,7 +68,7 @@ def make_run(storage: Path, name: str, state: str = "finished", owner: str | Non
     if state == "finished":
         records.append({"time": 1.7e9 + 5, "step": 8, "phase": "done"})
         rows = [{"name": "m0.0", "mixed_val_loss": 3.0, "switch_val_loss": 3.5},
-                {"name": "merger", "mixed_val_loss": 2.0, "switch_val_loss": float("nan")}]
+                {"name": MERGED, "mixed_val_loss": 2.0, "switch_val_loss": float("nan")}]
         (run / "train_result.json").write_text(json.dumps(
             {"name": name, "wall_time_s": 12.5, "rows": rows, "merged_beats_every_member": True}))
         (run / "report.json").write_text(json.dumps({"format_version": 1, "rows": rows}))
@@ -126,7 +127,7 @@ async def test_list_reads_state_phase_and_figures_from_the_storage(storage):
     assert runs["done"]["phase"] == "done" and runs["done"]["step"] == 8
     assert runs["broken"]["phase"] == "members" and runs["broken"]["step"] == 3
     figures = runs["done"]["figures"]
-    assert figures["mixed_val_loss"] == {"m0.0": 3.0, "merger": 2.0}
+    assert figures["mixed_val_loss"] == {"m0.0": 3.0, MERGED: 2.0}
     assert figures["switch_val_loss"] == {"m0.0": 3.5}  # NaN left out
     assert figures["wall_time_s"] == 12.5 and figures["merged_beats_every_member"] is True
     assert runs["halted"]["figures"] is None
@@ -357,7 +358,7 @@ def test_cli_lists_shows_and_deletes_runs_from_the_storage_root(storage, monkeyp
     assert "cannot ask Ray" in err
     assert main(["runs", "list", "--storage", str(storage), "--state", "finished", "--json"]) == 0
     (line,) = capsys.readouterr().out.splitlines()
-    assert json.loads(line)["figures"]["mixed_val_loss"]["merger"] == 2.0
+    assert json.loads(line)["figures"]["mixed_val_loss"][MERGED] == 2.0
     assert main(["runs", "show", "done", "--storage", str(storage)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["owner"] == "alice" and shown["checkpoints"] == ["checkpoint_000001"]
@@ -402,10 +403,10 @@ def test_live_finished_run_lists_reports_and_downloads_with_a_range(live, traine
             for chunk in whole.iter_bytes():
                 digest.update(chunk)
         climb = api.get(f"/v1/runs/{COPY}/artifacts/%2E%2E/spec.json")
-    merger = next(r for r in trained_run.result["rows"] if r["name"] == "merger")
+    merged = next(r for r in trained_run.result["rows"] if r["name"] == MERGED)
     summary = listed[COPY]
     assert summary["state"] == "finished" and summary["phase"] == "done" and summary["job_id"] is None
-    assert summary["figures"]["mixed_val_loss"]["merger"] == pytest.approx(merger["mixed_val_loss"])
+    assert summary["figures"]["mixed_val_loss"][MERGED] == pytest.approx(merged["mixed_val_loss"])
     assert detail["checkpoints"] and detail["has_report"] and detail["spec"]["name"] == trained_run.spec.name
     assert report.json() == json.loads((run / "report.json").read_text())
     assert markdown.headers["content-type"].startswith("text/markdown")
