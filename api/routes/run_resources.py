@@ -8,6 +8,8 @@ Each handler checks the caller may see the run, calls `api.services.run_resource
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -51,7 +53,7 @@ async def list_runs(
 async def get_run(name: str, gateway: GatewayDep, reader: MetricsDep, root: StorageRootDep,
                   principal: PrincipalDep) -> RunDetail:
     folder, owner, job = await off_loop(service.visible_run, root, name, await gateway.jobs(), principal)
-    return await off_loop(service.summarize, folder, owner, job, reader, True)
+    return await off_loop(partial(service.summarize, detailed=True), folder, owner, job, reader)
 
 
 def _wants_markdown(accept: str | None) -> bool:

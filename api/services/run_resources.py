@@ -178,7 +178,15 @@ def _created_at(folder: RunFolder) -> datetime | None:
 
 def summarize(folder: RunFolder, owner: str | None, job: RunJob | None, reader: MetricsReader,
               detailed: bool = False) -> RunSummary | RunDetail:
-    """One run's summary (or detail) from its folder: a few small reads."""
+    """One run's summary (or detail) from its folder: a few small reads (500 when they fail)."""
+    try:
+        return _summarize(folder, owner, job, reader, detailed)
+    except OSError as e:
+        raise StorageError(f"cannot read {folder.root}: {e}") from None
+
+
+def _summarize(folder: RunFolder, owner: str | None, job: RunJob | None, reader: MetricsReader,
+               detailed: bool) -> RunSummary | RunDetail:
     names = set(storage.list_dir(folder.root))
     state = _state(names, folder, job)
     metrics = reader.summary(folder.root)
