@@ -40,10 +40,19 @@ class NotFound(ApiError):
     status = 404
 
 
+class Conflict(ApiError):
+    """The resource is in a state that forbids the request (a finished run, a run a job writes)."""
+
+    status = 409
+
+
 class TooManyJobs(ApiError):
-    """max_concurrent_jobs Leviathan jobs are pending or running already."""
+    """max_concurrent_jobs Leviathan jobs are pending or running already. A slot frees
+    when one ends, which for a training job is minutes away: Retry-After says to ask
+    again in 30 s."""
 
     status = 429
+    headers = {"Retry-After": "30"}
 
 
 class AuthUnavailable(ApiError):

@@ -1,6 +1,7 @@
 """Everything the API says to Ray, through Ray's Jobs API.
 
-Status, lists, logs and stops go to the Jobs REST API (`/api/jobs/...`) through
+Status, lists, logs and stops go to the Jobs REST API (`/api/jobs/...`), the
+nodes' resources (for admission) to the state API (`/api/v0/nodes`), through
 one long-lived async HTTP client (an `aiohttp.ClientSession`, the client Ray's own
 tools use): its connections stay open, so a status call costs Ray one request on
 a warm connection and the API no thread. aiohttp rather than httpx because on these
@@ -41,6 +42,8 @@ TERMINAL = {"STOPPED", "SUCCEEDED", "FAILED"}
 # Ids the Jobs server can address: Ray builds `/api/jobs/{id}` without quoting,
 # so anything else cannot name a job there either.
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,255}$")
+# Nodes asked of the state API at once (its own default is 100).
+_MAX_NODES = 10_000
 
 
 def _no_job(job_id: str) -> NotFound:
@@ -114,6 +117,11 @@ class JobsGateway(Protocol):
         ...
 
     async def stop(self, job_id: str) -> bool: ...
+
+    async def node_resources(self) -> list[dict[str, float]]:
+        """Each alive node's total resources ({"CPU": 4.0, "GPU": 1.0, ...}): what
+        `ray.cluster_resources()` sums, per node, so a worker's shape can be fitted."""
+        ...
 
     def submit(self, *, entrypoint: str, submission_id: str, runtime_env: dict[str, Any],
                metadata: dict[str, str]) -> None:
@@ -245,6 +253,19 @@ class RayGateway:
         stopped = bool((await self._call("POST", f"/api/jobs/{job_id}/stop", job_id))["stopped"])
         self._drop(job_id)  # polls after the stop ask Ray again
         return stopped
+
+    async def node_resources(self) -> list[dict[str, float]]:
+        """Ray's state API (`GET /api/v0/nodes`, the dashboard's answer to `ray list
+        nodes`): every ALIVE node's `resources_total`."""
+        body = await self._call("GET", f"/api/v0/nodes?limit={_MAX_NODES}&detail=false")
+        try:
+            rows = body["data"]["result"]["result"]
+            return [
+                {k: float(v) for k, v in (row.get("resources_total") or {}).items()}
+                for row in rows if row.get("state") == "ALIVE"
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise RayFailed("Ray state API error: an unexpected answer to GET /api/v0/nodes") from None
 
     def _client(self) -> JobSubmissionClient:
         """Ray's client, rebuilt when the token changes. Blocking (building one costs

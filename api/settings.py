@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         1_000_000_000, ge=1, description="Parameters of one member (its preset and sizes, at the data's vocabulary)."
     )
     max_concurrent_jobs: int = Field(4, ge=0, description="Leviathan jobs PENDING or RUNNING at once.")
+    allow_unschedulable: bool = Field(
+        False,
+        description="Accept jobs the cluster's nodes cannot hold today (an autoscaling cluster adds nodes), "
+        "and let their drivers wait for the nodes; unset: such a job gets 422 naming the resource.",
+    )
     status_cache_s: float = Field(
         0.5, ge=0, le=1,
         description="How long a job's status from Ray answers further polls (0: every poll asks Ray).",

@@ -80,7 +80,7 @@ def _token(argv: list[str]) -> int:
 # name -> (entry, one-line help)
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "prepare": (_prepare, "Tokenise text into per-domain token shards (jobs.prepare)."),
-    "train": (_train, "Train an ensemble on Ray Train (jobs.train); no spec: the built-in demo."),
+    "train": (_train, "Train an ensemble on Ray Train (jobs.train); no spec: the demo; --resume NAME continues."),
     "evaluate": (_evaluate, "Evaluate a finished run: merged vs members vs mixtures (jobs.evaluate)."),
     "compare": (_compare, "Train one spec per mixer (correlation vs attention) and compare (jobs.compare)."),
     "generate": (_generate, "Sample text from a trained ensemble or one member (jobs.generate)."),

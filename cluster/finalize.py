@@ -2,7 +2,7 @@
 and the report task.
 
     run_plan(plan, evaluate)
-      checks tracking and placement, writes spec.json (unless already there),
+      checks tracking and placement (unless LEVIATHAN_ALLOW_UNSCHEDULABLE=1), writes spec.json (unless already there),
       fits the job's one TorchTrainer (cluster.trainer), then
       assemble_final   <run>/final/: the ensemble of the last checkpoint, the
                        tokenizer and spec.json, loadable without Ray;
@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from cluster.plan import RunPlan
 from leviathan.run import storage
+from leviathan.run.capacity import allow_unschedulable
 from leviathan.run.folder import REPORT_MD
 
 EVALUATION_TASK = "leviathan-final-evaluation"
@@ -149,7 +150,8 @@ def run_plan(
     started = time.time()
     check_tracking(plan.tracking)
     init_ray()
-    check_placement(plan.resources, plan.name)
+    if not allow_unschedulable():  # an autoscaling cluster adds the nodes (leviathan.run.capacity)
+        check_placement(plan.resources, plan.name)
     if write_spec:
         storage.write_text(plan.folder.spec, plan.spec_json + "\n")
     trainer = build_trainer(plan, verbose=verbose)

@@ -3,11 +3,17 @@
     TorchTrainer(train_loop_per_worker,
                  train_loop_config={"plan": RunPlan, "metrics_dir": folder of metrics.jsonl, "profile": bool, "verbose": bool},
                  scaling_config=ScalingConfig(num_workers=W, use_gpu=..., resources_per_worker=...),
-                 run_config=RunConfig(name="checkpoints", storage_path=<run dir>, failure_config=..., checkpoint_config=...),
+                 run_config=RunConfig(name="<run name>/checkpoints", storage_path=<storage root>, failure_config=..., checkpoint_config=...),
                  torch_config=TorchConfig(backend="gloo" | "nccl"))
 
 Members are different models, so there is no DDP and no `prepare_model`: the
 workers use torch.distributed collectives directly (cluster.merge).
+
+The Train run is named after the run. In Ray Train V2 `RunConfig.name` is also the
+run's folder under `storage_path` (`<storage_path>/<name>`), with no separate display
+name, so "<run name>/checkpoints" under the storage root both names the run in
+Ray's Train state API and dashboard and keeps the checkpoints in `<run>/checkpoints/`.
+A re-run with the same spec reaches the same folder, so it resumes there.
 """
 
 from __future__ import annotations
@@ -15,10 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.plan import Resources, RunPlan
+from leviathan.run.capacity import capacity, describe
 from leviathan.run.folder import CHECKPOINTS_DIR
 from leviathan.run.storage import join, normalize
 
-CHECKPOINTS_NAME = CHECKPOINTS_DIR
 # Restarts of the controller itself (e.g. a worker group that cannot start):
 # bounded, so a job that lost its capacity fails instead of waiting forever.
 CONTROLLER_FAILURE_LIMIT = 2
@@ -43,19 +49,14 @@ def check_placement(resources: Resources, name: str, nodes: list[dict[str, Any]]
         nodes = [n for n in ray.nodes() if n.get("Alive")]
     need = resources.per_worker()
     W = resources.num_workers
-    slots = 0
-    for n in nodes:
-        res = n.get("Resources", {})
-        slots += int(min(res.get(k, 0.0) / v for k, v in need.items()) + 1e-9)
-    if slots >= W:
+    cap = capacity(need, (n.get("Resources", {}) for n in nodes))
+    if cap.fits(W):
         return
-    totals = {k: sum(n.get("Resources", {}).get(k, 0.0) for n in nodes) for k in need}
-    asked = ", ".join(f"{v:g} {k}" for k, v in need.items())
-    have = ", ".join(f"{v:g} {k}" for k, v in totals.items())
+    totals = cap.totals
     hint = " (set resources.use_gpu = false to train on CPUs)" if resources.use_gpu and totals.get("GPU", 0) == 0 else ""
     raise PlacementError(
-        f"cannot place job {name!r}: {W} workers x ({asked}) each, but the cluster "
-        f"({len(nodes)} node(s), {have} in total) fits only {slots}{hint}"
+        f"cannot place job {name!r}: {W} workers x ({describe(need)}) each, but the cluster "
+        f"({cap.nodes} node(s), {describe(totals)} in total) fits only {cap.slots}{hint}"
     )
 
 
@@ -71,8 +72,9 @@ def build_trainer(
     """The job's `ray.train.torch.TorchTrainer`.
 
     Default layout: checkpoints in `<plan.run_dir>/checkpoints`, metrics.jsonl in
-    `<plan.run_dir>`. With `run_name` (one trainer per Tune trial), checkpoints
-    and metrics.jsonl both go to `<storage_path or plan.run_dir>/<run_name>`.
+    `<plan.run_dir>`; the Train run is called "<run name>/checkpoints" (module doc).
+    With `run_name` (one trainer per Tune trial), checkpoints and metrics.jsonl both
+    go to `<storage_path or plan.run_dir>/<run_name>`.
     `profile` (benchmarks) times phase-2 steps and their collectives and adds
     the medians to the last report's metrics under "profile". `verbose` shows
     Ray Train's own per-report and checkpoint INFO lines (cluster.verbosity).
@@ -86,9 +88,14 @@ def build_trainer(
 
     configure_train_env()
 
-    storage = normalize(storage_path or plan.run_dir)
-    name = run_name or CHECKPOINTS_NAME
-    metrics_dir = storage if run_name is None else join(storage, run_name)
+    if run_name is None:
+        storage = normalize(plan.folder.storage_root)
+        name = f"{plan.folder.name}/{CHECKPOINTS_DIR}"
+        metrics_dir = normalize(plan.run_dir)
+    else:
+        storage = normalize(storage_path or plan.run_dir)
+        name = run_name
+        metrics_dir = join(storage, run_name)
     r = plan.resources
     return TorchTrainer(
         train_loop_per_worker,

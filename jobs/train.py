@@ -15,6 +15,14 @@ A thin entry: parse the arguments, plan, run, print.
    mixed val set, the baselines and the merged model) and the run folder.
 
 Without `--spec` it runs the built-in demo (jobs/specs/demo.toml).
+
+`--resume NAME` continues a failed or stopped run from its latest checkpoint: the
+spec is the one in `<storage>/NAME/spec.json` (`--storage`, default the spec's
+default storage), so `ray job submit ... -- python -m jobs.train --resume NAME
+--storage S` needs nothing else. Given `--spec` as well, that spec must equal the
+run's (the differing fields are named). A finished run is not resumed. Resuming
+is the ordinary re-run of the same spec in the same folder: Ray Train finds the
+run's checkpoints in `<run>/checkpoints/` and the workers continue from the latest.
 """
 
 from __future__ import annotations
@@ -25,12 +33,28 @@ from pathlib import Path
 from typing import Any
 
 from cluster.finalize import EVALUATION_TASK, TrainError, failure_line  # noqa: F401  (this entry's errors)
-from jobs.spec import JobSpec, SpecError, load_spec_dict, with_values
+from jobs.spec import JobSpec, SpecError, default_storage, load_spec_dict, with_values
 from leviathan.run import storage
 from leviathan.run.folder import RunFolder
 from leviathan.run.report import format_final_table
 
 DEMO_SPEC = Path(__file__).resolve().parent / "specs" / "demo.toml"
+
+
+def spec_differences(old: JobSpec, new: JobSpec) -> list[str]:
+    """The dotted fields (`training.phase1_steps`, `ensemble.members.0.preset`) whose
+    values differ between two specs, sorted; `storage` is where the run lies, not
+    what it trains, and is left out."""
+    from jobs.plan import flatten
+
+    a = flatten(old.model_dump(mode="json", exclude={"storage"}))
+    b = flatten(new.model_dump(mode="json", exclude={"storage"}))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def _fields(names: list[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def check_run_folder(spec: JobSpec) -> bool:
@@ -47,14 +71,42 @@ def check_run_folder(spec: JobSpec) -> bool:
     old = storage.read_text(folder.spec)
     if old is not None:
         try:
-            same = JobSpec.model_validate_json(old) == spec
+            differing = spec_differences(JobSpec.model_validate_json(old), spec)
         except ValueError:
-            same = False
-        if not same:
+            differing = ["spec.json (unreadable)"]
+        if differing:
             raise SpecError(
-                f"name: {folder.root} holds run {spec.name!r} with a different spec; pick another --name or remove the folder"
+                f"name: {folder.root} holds run {spec.name!r} with a different spec "
+                f"(differs in {_fields(differing)}); pick another --name or remove the folder"
             )
     return old is not None
+
+
+def resume_spec(name: str, storage_root: str | None, given: JobSpec | None = None) -> JobSpec:
+    """The spec that resumes run `name` under `storage_root` (default: `given`'s storage,
+    else the default storage): the run folder's spec.json, placed where it was found.
+
+    Raises SpecError (one line) when there is no such run, when it finished, or when
+    `given` (a --spec file) differs from it, naming the differing fields."""
+    root = storage_root or (given.storage if given is not None else default_storage())
+    folder = RunFolder.of(root, name)
+    text = storage.read_text(folder.spec)
+    if text is None:
+        raise SpecError(f"resume: no run {name!r} under {root} (no {folder.spec})")
+    if folder.is_finished():
+        raise SpecError(f"resume: run {name!r} already finished in {folder.root}; nothing to resume")
+    try:
+        spec = JobSpec.model_validate_json(text)
+    except ValueError as e:
+        raise SpecError(f"resume: {folder.spec} is not a valid spec: {str(e).splitlines()[0]}") from None
+    if given is not None:
+        differing = spec_differences(spec, given.model_copy(update={"name": name}))
+        if differing:
+            raise SpecError(
+                f"resume: --spec differs from the spec.json of run {name!r} in {_fields(differing)}; "
+                "resume with the run's own spec (leave out --spec)"
+            )
+    return spec.model_copy(update={"storage": folder.storage_root})
 
 
 def run(spec: JobSpec, *, progress: bool | None = None, verbose: bool = False) -> dict[str, Any]:
@@ -82,7 +134,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="leviathan train", description="Train a Leviathan ensemble on Ray.")
-    p.add_argument("--spec", default=str(DEMO_SPEC), help="JobSpec file (.toml or .json); default: the built-in demo")
+    p.add_argument("--spec", default=None, help="JobSpec file (.toml or .json); default: the built-in demo")
+    p.add_argument("--resume", default=None, metavar="NAME",
+                   help="continue the failed or stopped run NAME (under --storage) from its latest checkpoint, "
+                        "with the spec in its run folder")
     p.add_argument("--storage", default=None, help="override the spec's storage (runs go to <storage>/<name>)")
     p.add_argument("--name", default=None, help="override the spec's run name")
     p.add_argument("--manifest", default=None, help="override the spec's data.manifest (a prepared corpus)")
@@ -91,12 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _spec_of(args: argparse.Namespace) -> JobSpec:
+    """The spec to run: the --spec file (or the demo) with the command line's overrides,
+    or with --resume the run folder's own spec."""
+    if args.resume is not None:
+        if args.name is not None or args.manifest is not None:
+            raise SpecError("--resume: the run's spec.json fixes its name and data; leave out --name and --manifest")
+        given = None
+        if args.spec is not None:
+            given = with_values(load_spec_dict(args.spec), {"name": args.resume} | (
+                {"storage": args.storage} if args.storage is not None else {}))
+        spec = resume_spec(args.resume, args.storage, given)
+        print(f"resuming run {spec.name!r} in {spec.run_dir} from its latest checkpoint", flush=True)
+        return spec
+    overrides = {"name": args.name, "storage": args.storage, "data.manifest": args.manifest}
+    # Overrides apply before validation, so they can replace a spec file's placeholders.
+    return with_values(load_spec_dict(args.spec or str(DEMO_SPEC)),
+                       {k: v for k, v in overrides.items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        overrides = {"name": args.name, "storage": args.storage, "data.manifest": args.manifest}
-        # Overrides apply before validation, so they can replace a spec file's placeholders.
-        spec = with_values(load_spec_dict(args.spec), {k: v for k, v in overrides.items() if v is not None})
+        spec = _spec_of(args)
         run(spec, progress=False if args.no_progress else None, verbose=args.verbose)
     except ValueError as e:  # SpecError, PlacementError, data errors: the job cannot start
         print(f"leviathan train: error: {e}", file=sys.stderr)

@@ -55,6 +55,7 @@ class MemoryGateway:
         self.records: dict[str, RayJob] = {}
         self.texts: dict[str, str] = {}
         self.submitted: list[dict[str, Any]] = []
+        self.nodes: list[dict[str, float]] = [{"CPU": 256.0, "GPU": 16.0}]  # holds any valid spec
 
     def add(self, job: RayJob, logs: str = "") -> None:
         assert job.submission_id is not None
@@ -99,6 +100,9 @@ class MemoryGateway:
             return False
         self.records[job_id] = RayJob(**{**job.__dict__, "status": "STOPPED"})
         return True
+
+    async def node_resources(self) -> list[dict[str, float]]:
+        return [dict(n) for n in self.nodes]
 
     def submit(self, *, entrypoint: str, submission_id: str, runtime_env: dict[str, Any],
                metadata: dict[str, str]) -> None:

@@ -40,7 +40,7 @@ _FORBIDDEN = {403: {"model": ErrorBody, "description": "The token's role is 'rea
     responses={
         413: {"description": "The body is larger than LEVIATHAN_MAX_BODY_BYTES (not read)."},
         500: {"model": ErrorBody, "description": "The API cannot write to its storage."},
-        429: {"model": ErrorBody, "description": "max_concurrent_jobs reached."},
+        429: {"model": ErrorBody, "description": "max_concurrent_jobs reached (Retry-After says when to ask again)."},
         **_FORBIDDEN,
     },
 )

@@ -1,5 +1,6 @@
-"""The API's job policy: what may be submitted, how a run folder is created and
-submitted as a Ray job, and what a job's details say.
+"""The API's job policy: what may be submitted, what the cluster admits (job slots,
+capacity), how a run folder is created and submitted as a Ray job, how a stopped
+or failed run resumes, and what a job's details say.
 
 Free of FastAPI: every failure is an `api.errors.ApiError` (422s as `InvalidField`
 naming the spec field), which the app's one exception handler answers. The
@@ -12,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shlex
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from api.auth import META_OWNER, Principal, visible_to
-from api.errors import ApiError, InvalidField, NotFound, StorageError, TooManyJobs, field_error
+from api.errors import ApiError, Conflict, InvalidField, NotFound, StorageError, TooManyJobs, field_error
 from api.metrics import MetricsReader, MetricsSummary, read_records, read_run_spec
 from api.ray_jobs import TERMINAL, JobsGateway, RayJob, ms_to_datetime
 from api.schemas import JobDetail, JobSubmitted, JobSummary, MemberProgress, MetricsPage
@@ -26,9 +28,10 @@ from api.services.run_resources import write_owner
 from api.services.runs import RunRef, data_root, job_metadata, manifest_allowed, run_of, storage_root, under_root
 from api.settings import Settings
 from api.strict_json import shorten
-from jobs.spec import JobSpec, SpecError, check_manifest
+from jobs.spec import RUN_NAME_PATTERN, JobSpec, SpecError, check_manifest
 from leviathan.config import BYTE_VOCAB_SIZE
 from leviathan.run import storage
+from leviathan.run.capacity import ALLOW_UNSCHEDULABLE_ENV, capacity, describe, short_resource, worker_shape
 from leviathan.run.env import RAY_TRAIN_STATE_TRACKING
 from leviathan.run.folder import METRICS_FILE, SPEC_FILE, RunFolder
 from leviathan.run.manifest import Manifest
@@ -238,9 +241,17 @@ def ensure_storage(spec: JobSpec, chose_storage: bool) -> None:
 
 
 def entrypoint(settings: Settings, spec_path: str) -> str:
-    """The only command this API ever runs: the training entry on a typed spec."""
-    python = " ".join(shlex.quote(p) for p in shlex.split(settings.job_python))
-    return f"{python} -m jobs.train --spec {shlex.quote(spec_path)}"
+    """The training entry on a typed spec: the command this API runs for a new run."""
+    return f"{_python(settings)} -m jobs.train --spec {shlex.quote(spec_path)}"
+
+
+def resume_entrypoint(settings: Settings, name: str, root: str) -> str:
+    """The training entry resuming run `name` under the storage root, with its own spec.json."""
+    return f"{_python(settings)} -m jobs.train --resume {shlex.quote(name)} --storage {shlex.quote(root)}"
+
+
+def _python(settings: Settings) -> str:
+    return " ".join(shlex.quote(p) for p in shlex.split(settings.job_python))
 
 
 def runtime_env(settings: Settings) -> dict:
@@ -256,14 +267,100 @@ def runtime_env(settings: Settings) -> dict:
             "PYTHONUNBUFFERED": "1",
         }
     }
+    if settings.allow_unschedulable:  # the driver then waits for an autoscaler's nodes too
+        env["env_vars"][ALLOW_UNSCHEDULABLE_ENV] = "1"
     if settings.working_dir:
         env["working_dir"] = settings.working_dir
         env["excludes"] = list(UPLOAD_EXCLUDES)
     return env
 
 
+# ----------------------------------------------------------------------------- admission
+
+
+def _active_jobs(jobs: list[RayJob], root: str) -> list[RayJob]:
+    """Leviathan jobs (under this API's storage root) that are PENDING or RUNNING."""
+    return [j for j in jobs if j.status not in TERMINAL and run_of(j, root) is not None]
+
+
+def check_job_slots(jobs: list[RayJob], root: str, settings: Settings) -> None:
+    """429 with Retry-After once max_concurrent_jobs Leviathan jobs are pending or running."""
+    active = len(_active_jobs(jobs, root))
+    if active >= settings.max_concurrent_jobs:
+        raise TooManyJobs(
+            f"{active} Leviathan jobs are pending or running; this API allows "
+            f"{settings.max_concurrent_jobs} at once (max_concurrent_jobs); retry when one ends"
+        )
+
+
+async def check_schedulable(spec: JobSpec, settings: Settings, gateway: JobsGateway) -> None:
+    """422 when the cluster's nodes cannot hold the job's workers, instead of a job that
+    Ray Train keeps waiting for resources that never come.
+
+    Each worker needs its CPUs (and GPU) on one node (`leviathan.run.capacity`), compared
+    with the alive nodes' totals: resources other jobs hold free up, missing ones do not.
+    An autoscaling cluster can add nodes the count cannot see: its operator sets
+    `allow_unschedulable` (LEVIATHAN_ALLOW_UNSCHEDULABLE=1) and the check is skipped."""
+    if settings.allow_unschedulable:
+        return
+    r = spec.resources
+    need = worker_shape(r.cpus_per_worker, r.use_gpu, r.gpus_per_worker)
+    nodes = await gateway.node_resources()
+    cap = capacity(need, nodes)
+    workers = spec.num_workers
+    if cap.fits(workers):
+        return
+    short = short_resource(need, nodes)
+    if short == "CPU":
+        loc, value = ("resources", "cpus_per_worker"), r.cpus_per_worker
+        why = f"no node has {need['CPU']:g} CPU"
+    elif short is not None:
+        loc, value = ("resources", "use_gpu"), r.use_gpu
+        why = f"no node has {need[short]:g} {short}"
+    else:
+        loc, value = ("resources", "workers"), workers
+        why = f"the nodes hold only {cap.slots} such worker(s)"
+    largest = max(nodes, key=lambda n: capacity(need, [n]).slots, default={})
+    raise InvalidField([field_error(
+        loc,
+        f"cannot be scheduled: {workers} worker(s) x ({describe(need)}) each, but {why}; the cluster has "
+        f"{describe(cap.totals)} in total over {cap.nodes} node(s) (largest: "
+        f"{describe({k: largest.get(k, 0.0) for k in need})}). To run it anyway on an autoscaling "
+        "cluster, which adds nodes on demand, start the API with LEVIATHAN_ALLOW_UNSCHEDULABLE=1",
+        value,
+    )])
+
+
+async def _admit(spec: JobSpec, settings: Settings, gateway: JobsGateway, jobs: list[RayJob]) -> None:
+    """Inside the submit lock: the job slots (429), then the cluster's capacity (422).
+
+    Slots come first: they are answered from the job list alone, so a request at the
+    limit costs the cluster no further question."""
+    check_job_slots(jobs, storage_root(settings), settings)
+    await check_schedulable(spec, settings, gateway)
+
+
+def _submit_job(run_spec: JobSpec, settings: Settings, gateway: JobsGateway, *, entry: str,
+                submission_id: str, spec_name: str, owner: Principal) -> None:
+    """Submit to Ray (blocking: it may upload the working_dir first). The owner's user
+    name travels in the metadata with the run's."""
+    gateway.submit(entrypoint=entry, submission_id=submission_id, runtime_env=runtime_env(settings),
+                   metadata={**job_metadata(run_spec, spec_name), META_OWNER: owner.user})
+
+
+def _submitted(run_spec: JobSpec, submission_id: str, gateway: JobsGateway) -> JobSubmitted:
+    return JobSubmitted(
+        job_id=submission_id,
+        run_name=run_spec.name,
+        run_dir=run_spec.run_dir,
+        status="PENDING",
+        dashboard_url=gateway.dashboard_link(submission_id),
+    )
+
+
 async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway, owner: Principal) -> JobSubmitted:
-    """Validate, create the run folder, submit it to Ray; a failed submission leaves no folder.
+    """Validate, create the run folder, submit it to Ray; a refused or failed submission
+    leaves no folder.
 
     Ray is the only record of a job: the run folder, the spec's name and the owner's
     user name travel in the job's metadata, so a restarted API recovers every job, and
@@ -272,37 +369,77 @@ async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway, owner:
     chose_storage = "storage" in spec.model_fields_set
     spec = await asyncio.to_thread(validate_for_submission, spec, settings)
     await asyncio.to_thread(ensure_storage, spec, chose_storage)
-    root = storage_root(settings)
     async with gateway.submit_lock:
-        jobs = await gateway.jobs()
-        active = sum(1 for j in jobs if j.status not in TERMINAL and run_of(j, root) is not None)
-        if active >= settings.max_concurrent_jobs:
-            raise TooManyJobs(
-                f"{active} Leviathan jobs are pending or running; this API allows "
-                f"{settings.max_concurrent_jobs} at once (max_concurrent_jobs)"
-            )
+        await _admit(spec, settings, gateway, await gateway.jobs())  # refused before a run folder exists
         run_spec, spec_path = await asyncio.to_thread(new_run_folder, spec, owner.user)
         submission_id = SUBMISSION_PREFIX + run_spec.name
         try:
-            await asyncio.to_thread(
-                gateway.submit,
-                entrypoint=entrypoint(settings, spec_path),
-                submission_id=submission_id,
-                runtime_env=runtime_env(settings),
-                metadata={**job_metadata(run_spec, spec.name), META_OWNER: owner.user},
-            )
+            await asyncio.to_thread(_submit_job, run_spec, settings, gateway, entry=entrypoint(settings, spec_path),
+                                    submission_id=submission_id, spec_name=spec.name, owner=owner)
         except ApiError:
             with contextlib.suppress(OSError):  # nothing ran: leave no empty run behind
                 storage.remove_dir(run_spec.run_dir)
             raise
     log.info("submitted %s (%s)", submission_id, run_spec.run_dir)
-    return JobSubmitted(
-        job_id=submission_id,
-        run_name=run_spec.name,
-        run_dir=run_spec.run_dir,
-        status="PENDING",
-        dashboard_url=gateway.dashboard_link(submission_id),
-    )
+    return _submitted(run_spec, submission_id, gateway)
+
+
+# ----------------------------------------------------------------------------- resume
+
+_RUN_NAME = re.compile(RUN_NAME_PATTERN)
+
+
+def _resumable_spec(name: str, settings: Settings) -> JobSpec:
+    """The spec.json of run `name` under the storage root, validated as a submission,
+    with its storage set to where it lies. NotFound / Conflict (finished) / InvalidField."""
+    root = storage_root(settings)
+    folder = RunFolder.of(root, name)
+    try:
+        text = storage.read_text(folder.spec)
+    except (OSError, ValueError) as e:
+        raise StorageError(f"cannot read {folder.spec}: {e}") from None
+    if text is None:
+        raise NotFound(f"no run {name!r} under the storage root")
+    if folder.is_finished():
+        raise Conflict(f"run {name!r} already finished; nothing to resume (its report and final/ stand)")
+    try:
+        spec = JobSpec.model_validate_json(text)
+    except ValueError as e:
+        raise Conflict(f"run {name!r} has an invalid {SPEC_FILE}: {str(e).splitlines()[0]}") from None
+    return validate_for_submission(spec.model_copy(update={"storage": root}), settings)
+
+
+def _jobs_of_run(jobs: list[RayJob], root: str, run_dir: str) -> list[RayJob]:
+    return [j for j in jobs if (ref := run_of(j, root)) is not None and ref.run_dir == run_dir]
+
+
+async def resume(name: str, settings: Settings, gateway: JobsGateway, owner: Principal) -> JobSubmitted:
+    """Continue a failed or stopped run from its latest checkpoint, as a new Ray job
+    running `jobs.train --resume NAME` on the run folder's own spec.json.
+
+    404: no such run, or one whose earlier jobs `owner` may not see (the same answer,
+    so a run's existence is told only to its owner and admins); 409: it finished, or
+    a job of this run is still pending or running; then the same 429 / 422 admission
+    as a new job. The new job belongs to `owner`."""
+    if not _RUN_NAME.match(name):
+        raise NotFound(f"no run {name[:80]!r}")
+    root = storage_root(settings)
+    run_dir = RunFolder.of(root, name).root
+    if any(not visible_to(owner, j.metadata) for j in _jobs_of_run(await gateway.jobs(), root, run_dir)):
+        raise NotFound(f"no run {name!r} under the storage root")
+    spec = await asyncio.to_thread(_resumable_spec, name, settings)
+    async with gateway.submit_lock:
+        jobs = await gateway.jobs()
+        for job in _jobs_of_run(jobs, root, run_dir):
+            if job.status not in TERMINAL:
+                raise Conflict(f"run {name!r} is still being written by job {job.submission_id} ({job.status}); "
+                               "stop it first or wait for it to end")
+        await _admit(spec, settings, gateway, jobs)
+        submission_id = f"{SUBMISSION_PREFIX}{name}-resume-{secrets.token_hex(3)}"
+        await asyncio.to_thread(_submit_job, spec, settings, gateway, entry=resume_entrypoint(settings, name, root),
+                                submission_id=submission_id, spec_name=name, owner=owner)
+    log.info("submitted %s resuming %s", submission_id, spec.run_dir)
+    return _submitted(spec, submission_id, gateway)
 
 
 # ----------------------------------------------------------------------------- ownership

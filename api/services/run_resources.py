@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import pyarrow.fs as pafs
 
 from api.auth import META_OWNER, Principal
-from api.errors import ApiError, InvalidField, NotFound, StorageError
+from api.errors import ApiError, Conflict, InvalidField, NotFound, StorageError
 from api.metrics import MetricsReader, read_run_spec
 from api.ray_jobs import TERMINAL, RayJob
 from api.schemas import Artifact, RunDetail, RunFigures, RunSummary
@@ -44,12 +44,6 @@ from leviathan.run.folder import CHECKPOINTS_DIR, FINAL_DIR, REPORT_JSON, RESULT
 _RUN_NAME = re.compile(RUN_NAME_PATTERN)
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 CHUNK_BYTES = 1 << 20
-
-
-class RunInUse(ApiError):
-    """A Ray job that has not ended writes the run: it may not be deleted."""
-
-    status = 409
 
 
 class RangeNotSatisfiable(ApiError):
@@ -264,7 +258,7 @@ def report(folder: RunFolder, markdown: bool) -> Any:
 def delete_run(folder: RunFolder, job: RunJob | None) -> None:
     """Remove the run folder, local or on an object store; 409 while a job writes it."""
     if job is not None and job.active:
-        raise RunInUse(f"job {job.job_id} ({job.status}) is writing run {folder.name!r}; stop it first")
+        raise Conflict(f"job {job.job_id} ({job.status}) is writing run {folder.name!r}; stop it first")
     try:
         storage.remove_dir(folder.root)
     except OSError as e:

@@ -69,7 +69,7 @@ class RunFolder:
 
     @property
     def checkpoints(self) -> str:
-        """Ray Train's run folder: `RunConfig(storage_path=root, name=CHECKPOINTS_DIR)`."""
+        """Ray Train's run folder: `RunConfig(storage_path=<storage root>, name="<name>/checkpoints")`."""
         return self.path(CHECKPOINTS_DIR)
 
     @property
