@@ -117,3 +117,69 @@ class StopResult(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     ray: Literal["ok", "unreachable", "unauthorized"]
+
+
+# ----------------------------------------------------------------------------- runs
+
+RunState = Literal["running", "finished", "stopped", "failed"]
+
+
+class RunFigures(BaseModel):
+    """The headline figures of a finished run, from its train_result.json."""
+
+    wall_time_s: float | None = None
+    mixed_val_loss: dict[str, float] = Field(
+        default_factory=dict, description="Loss per token on the mixed val set, per report row ('merged', "
+                                          "members, 'uniform', ...)."
+    )
+    switch_val_loss: dict[str, float] = Field(
+        default_factory=dict, description="Loss per token on the domain-switch set, per report row."
+    )
+    merged_beats_every_member: bool | None = None
+    merged_beats_uniform: bool | None = None
+
+
+class RunSummary(BaseModel):
+    name: str = Field(description="The run folder's name: <storage root>/<name>.")
+    run_dir: str
+    state: RunState = Field(
+        description=(
+            "running: a Ray job that has not ended writes it; finished: train_result.json exists; "
+            "stopped: it has checkpoints but no result (it failed or was stopped, and can resume); "
+            "failed: neither (it ended before its first checkpoint)."
+        )
+    )
+    owner: str | None = Field(None, description="Who submitted it through the API; null: an admin's run.")
+    job_id: str | None = Field(None, description="The Ray job writing it now (state running), else null.")
+    job_status: str | None = None
+    phase: str | None = Field(None, description="members | merge | final | done, from the metrics log.")
+    step: int | None = Field(None, description="Step of the metrics log's latest record.")
+    created_at: datetime | None = Field(None, description="When spec.json was written.")
+    updated_at: datetime | None = Field(None, description="Time of the metrics log's latest record.")
+    figures: RunFigures | None = Field(None, description="Null until the run is finished.")
+
+
+class RunList(BaseModel):
+    runs: list[RunSummary]
+    total: int = Field(description="Runs matching the filter, before pagination.")
+    limit: int
+    offset: int
+
+
+class RunDetail(RunSummary):
+    spec: dict | None = Field(None, description="The run's spec.json.")
+    checkpoints: list[str] = Field(default_factory=list, description="Ray Train checkpoint folders, oldest first.")
+    metrics_records: int | None = None
+    has_report: bool = Field(False, description="report.json exists: GET /v1/runs/{name}/report.")
+    has_final: bool = Field(False, description="final/ exists: GET /v1/runs/{name}/artifacts.")
+
+
+class Artifact(BaseModel):
+    path: str = Field(description="Relative to final/: GET /v1/runs/{name}/artifacts/{path}.")
+    size: int
+    sha256: str
+
+
+class ArtifactList(BaseModel):
+    name: str
+    artifacts: list[Artifact]

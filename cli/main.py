@@ -65,6 +65,12 @@ def _serve(argv: list[str]) -> int:
     return serve(argv)
 
 
+def _runs(argv: list[str]) -> int:
+    from cli.runs import main
+
+    return main(argv)
+
+
 def _token(argv: list[str]) -> int:
     from cli.token import main
 
@@ -81,6 +87,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "tune": (_tune, "Sweep a spec's hyper-parameters with Ray Tune (jobs.tune)."),
     "deploy": (_deploy, "Write KubeRay / `ray up` files that run a spec on a cluster (jobs.deploy)."),
     "serve": (_serve, "Run the REST API (uvicorn)."),
+    "runs": (_runs, "List, show and delete the runs under a storage root (GET/DELETE /v1/runs)."),
     "token": (_token, "Issue, revoke and list the REST API's per-user tokens (LEVIATHAN_API_TOKENS)."),
 }
 

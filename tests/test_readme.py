@@ -26,7 +26,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     """Each command's argument parser, by the name the README runs it under."""
-    from cli import serve, token
+    from cli import runs, serve, token
     from jobs import compare, deploy, evaluate, generate, prepare, prepare_ray, train, tune
 
     return {
@@ -40,6 +40,7 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
         "deploy": deploy.build_parser,
         "serve": serve.build_parser,
         "token": token.build_parser,
+        "runs": runs.build_parser,
     }
 
 

@@ -24,6 +24,7 @@ from api.errors import ApiError, Conflict, InvalidField, NotFound, StorageError,
 from api.metrics import MetricsReader, MetricsSummary, read_records, read_run_spec
 from api.ray_jobs import TERMINAL, JobsGateway, RayJob, ms_to_datetime
 from api.schemas import JobDetail, JobSubmitted, JobSummary, MemberProgress, MetricsPage
+from api.services.run_resources import write_owner
 from api.services.runs import RunRef, data_root, job_metadata, manifest_allowed, run_of, storage_root, under_root
 from api.settings import Settings
 from api.strict_json import shorten
@@ -209,12 +210,15 @@ def write_spec(spec: JobSpec) -> str:
     return spec_path
 
 
-def new_run_folder(spec: JobSpec) -> tuple[JobSpec, str]:
-    """A fresh `<name>-<6 hex>` run folder holding spec.json: (run spec, spec.json path)."""
+def new_run_folder(spec: JobSpec, owner: str) -> tuple[JobSpec, str]:
+    """A fresh `<name>-<6 hex>` run folder holding spec.json and owner.json (the run stays
+    its owner's after Ray forgets the job): (run spec, spec.json path)."""
     for _ in range(5):
         run_spec = spec.model_copy(update={"name": new_run_name(spec.name)})
         try:
-            return run_spec, write_spec(run_spec)
+            spec_path = write_spec(run_spec)
+            write_owner(run_spec.run_dir, owner)
+            return run_spec, spec_path
         except FileExistsError:
             continue
         except (OSError, ValueError) as e:
@@ -367,7 +371,7 @@ async def submit(spec: JobSpec, settings: Settings, gateway: JobsGateway, owner:
     await asyncio.to_thread(ensure_storage, spec, chose_storage)
     async with gateway.submit_lock:
         await _admit(spec, settings, gateway, await gateway.jobs())  # refused before a run folder exists
-        run_spec, spec_path = await asyncio.to_thread(new_run_folder, spec)
+        run_spec, spec_path = await asyncio.to_thread(new_run_folder, spec, owner.user)
         submission_id = SUBMISSION_PREFIX + run_spec.name
         try:
             await asyncio.to_thread(_submit_job, run_spec, settings, gateway, entry=entrypoint(settings, spec_path),

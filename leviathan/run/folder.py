@@ -2,6 +2,7 @@
 
     <storage>/<name>/
       spec.json            the validated JobSpec
+      owner.json           who submitted it through the API ({"user": ...}); absent otherwise
       metrics.jsonl        one metrics record per line (metrics/part-*.jsonl on object stores)
       checkpoints/         Ray Train's run folder (checkpoint_*/, its snapshot)
       final/               the ensemble, tokenizer and spec: loadable without Ray
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from leviathan.run import storage
 
 SPEC_FILE = "spec.json"
+OWNER_FILE = "owner.json"
 METRICS_FILE = "metrics.jsonl"
 METRICS_PARTS_DIR = "metrics"
 CHECKPOINTS_DIR = "checkpoints"
@@ -56,6 +58,10 @@ class RunFolder:
     @property
     def spec(self) -> str:
         return self.path(SPEC_FILE)
+
+    @property
+    def owner(self) -> str:
+        return self.path(OWNER_FILE)
 
     @property
     def metrics(self) -> str:
