@@ -271,3 +271,28 @@ async def test_only_a_submitter_who_may_see_the_runs_jobs_resumes_it(tmp_path):
         assert r.json()["run_dir"] == spec.run_dir and r.json()["job_id"].startswith("leviathan-alices-run-resume-")
         r = await resume("admin")
         assert r.status_code == 409 and "still being written" in r.json()["detail"], r.text
+
+
+@pytest.mark.anyio
+async def test_a_run_whose_jobs_ray_forgot_stays_its_owners(tmp_path):
+    """owner.json answers when Ray no longer lists the run's jobs: another submitter gets the
+    404 of an unknown run, the owner may resume."""
+    from api.app import create_app
+    from jobs.spec import JobSpec
+    from leviathan.run.folder import RunFolder
+    from tests.test_api_support import MemoryGateway
+    from tests.test_api_support import tiny_spec as api_spec
+    from tests.test_api_tokens import headers, issue_tokens, make_memory_settings, memory_client
+
+    storage = tmp_path / "runs"
+    spec = JobSpec.model_validate({**api_spec("alices-run"), "storage": str(storage)})
+    Path(spec.run_dir).mkdir(parents=True)
+    Path(spec.run_dir, "spec.json").write_text(spec.to_json())
+    Path(RunFolder.of(str(storage), "alices-run").owner).write_text('{"user": "alice"}')
+    tokens = issue_tokens(tmp_path / "tokens.jsonl")
+    app = create_app(make_memory_settings(storage, tmp_path / "tokens.jsonl"), MemoryGateway())
+    async with memory_client(app) as api:
+        r = await api.post("/v1/runs/alices-run/resume", headers=headers(tokens["bob"]))
+        assert r.status_code == 404, r.text
+        r = await api.post("/v1/runs/alices-run/resume", headers=headers(tokens["alice"]))
+        assert r.status_code == 201, r.text

@@ -425,6 +425,11 @@ async def resume(name: str, settings: Settings, gateway: JobsGateway, owner: Pri
         raise NotFound(f"no run {name[:80]!r}")
     root = storage_root(settings)
     run_dir = RunFolder.of(root, name).root
+    from api.services.run_resources import may_see, read_owner
+
+    recorded = await asyncio.to_thread(read_owner, RunFolder.of(root, name))  # owner.json outlives Ray's job list
+    if recorded is not None and not may_see(owner, recorded):
+        raise NotFound(f"no run {name!r} under the storage root")
     if any(not visible_to(owner, j.metadata) for j in _jobs_of_run(await gateway.jobs(), root, run_dir)):
         raise NotFound(f"no run {name!r} under the storage root")
     spec = await asyncio.to_thread(_resumable_spec, name, settings)
