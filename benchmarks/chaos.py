@@ -268,8 +268,8 @@ def api_run(services: Services, spec: JobSpec, folder: Path, phase: str, at: int
         body.pop("storage", None)
         r = httpx.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=60)
         r.raise_for_status()
-        job = r.json()["job_id"]
-        wait_until(lambda: logged_step(spec.run_dir, phase) >= at, 1800, f"{phase} step {at}")
+        job, run_dir = r.json()["job_id"], r.json()["run_dir"]  # the API gives every submission its own run name
+        wait_until(lambda: logged_step(run_dir, phase) >= at, 1800, f"{phase} step {at}")
         os.killpg(api.pid, signal.SIGKILL)
         api.wait()
         time.sleep(2)
@@ -280,7 +280,7 @@ def api_run(services: Services, spec: JobSpec, folder: Path, phase: str, at: int
 
         wait_until(lambda: status() in ("SUCCEEDED", "FAILED", "STOPPED"), 3600, "the job's end", poll_s=2)
         metrics = httpx.get(f"{url}/v1/jobs/{job}/metrics", headers=headers, timeout=30)
-        return {"api_status": status(), "api_metrics_served": metrics.status_code == 200}
+        return {"run_dir": run_dir, "api_status": status(), "api_metrics_served": metrics.status_code == 200}
     finally:
         os.killpg(api.pid, signal.SIGKILL)
 
