@@ -151,8 +151,10 @@ class EnsembleWorker:
             ),
             self.world_size, self.device,
         )
-        # The same windows and dev prefix `jobs.evaluate` scores by default.
-        self.val_sets, self.switch_set = validation_sets(manifest, plan, self.rank, self.world_size, self.device)
+        # The same windows and dev prefix `jobs.evaluate` scores by default; drawn in `run`, after the
+        # collective check, since merging the ranks' rows is itself a collective.
+        self.manifest = manifest
+        self.val_sets = self.switch_set = None
         self.prefix_tokens = default_prefix_tokens(T)
         self.metrics = MetricsLog(metrics_dir) if self.rank == 0 else None
         self.logged = self.metrics.logged_steps() if self.metrics else {}
@@ -178,6 +180,7 @@ class EnsembleWorker:
 
     def run(self) -> None:
         self.check_collectives()
+        self.val_sets, self.switch_set = validation_sets(self.manifest, self.plan, self.rank, self.world_size, self.device)
         checkpoint = self.intact_checkpoint()
         phase, step = "members", 0
         if checkpoint is not None:

@@ -1,7 +1,7 @@
 """Prepare token shards with Ray Data: jobs.prepare's shards, tokenised in parallel.
 
     leviathan prepare --ray --domain law=corpus/law --domain news=news.parquet --tokenizer bpe --out data/big
-    ray job submit --working-dir . -- python -m jobs.prepare --ray --domain ... --out /shared/data
+    ray job submit --working-dir . -- python -m jobs.prepare_ray --domain ... --out /shared/data
 
 The same inputs (a text file, a folder, or a Parquet text column per domain,
 or `--builtin`), splits and output as `jobs.prepare` (its checks, writers and

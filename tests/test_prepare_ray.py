@@ -91,12 +91,12 @@ def test_bad_options_are_one_line_errors(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_prepare_ray_runs_under_ray_job_submit(ray_cluster, corpus, tmp_path):
-    """`python -m jobs.prepare --ray` as a Ray job writes the single-process path's shards."""
+    """`python -m jobs.prepare_ray` as a Ray job writes the single-process path's shards."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     single = prepare(corpus, tmp_path / "single", tokenizer="bpe", vocab_size=300, seq_len=16)
     domains = " ".join(f"--domain {name}={path}" for name, path in corpus.items())
-    entrypoint = (f"{sys.executable} -m jobs.prepare --ray {domains} --tokenizer bpe --seq-len 16 "
+    entrypoint = (f"{sys.executable} -m jobs.prepare_ray {domains} --tokenizer bpe --seq-len 16 "
                   f"--tokenizer-file {single.parent / 'tokenizer.json'} --out {tmp_path / 'job'}")
     client = JobSubmissionClient(ray_cluster.dashboard_url, headers=ray_cluster.auth_headers())
     job_id = client.submit_job(entrypoint=entrypoint)

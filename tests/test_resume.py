@@ -26,7 +26,6 @@ from jobs.spec import SpecError
 from tests.conftest import REPO_ROOT
 from tests.scripts.common import (
     builtin_manifest,
-    latest_checkpoint_step,
     read_metric_records,
     tiny_spec,
     wait_for,
@@ -131,11 +130,21 @@ def _figures(result: dict) -> dict:
             for r in result["rows"]}
 
 
+def _registered_phase_1_step(run: Path) -> int:
+    """The step of Ray's latest registered checkpoint if it is of phase 1 (-1: none yet). A
+    checkpoint folder on disk may still lack a rank's files; the snapshot names only whole ones."""
+    try:
+        snapshot = json.loads((run / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
+        metrics = snapshot["latest_checkpoint_result"]["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+    return int(metrics["step"]) if metrics.get("phase") == "members" else -1
+
+
 def _checkpointed_in_phase_1(run: Path) -> int:
     """Wait for a registered phase-1 checkpoint past step 0; returns its step."""
-    wait_for(lambda: (run / "checkpoints" / "checkpoint_manager_snapshot.json").is_file()
-             and latest_checkpoint_step(run, "members") > 0, 300, "a registered phase-1 checkpoint")
-    return latest_checkpoint_step(run, "members")
+    wait_for(lambda: _registered_phase_1_step(run) > 0, 300, "a registered phase-1 checkpoint")
+    return _registered_phase_1_step(run)
 
 
 def _assert_interrupted_in_phase_1(run: Path) -> None:

@@ -159,7 +159,8 @@ def test_api_refuses_a_local_mlflow_store_outside_its_storage_root(ray_cluster, 
     from tests.test_api_support import API_TOKEN, make_settings, tiny_spec
 
     root = tmp_path / "runs"
-    app = create_app(make_settings(ray_cluster, root, max_concurrent_jobs=0))
+    settings = make_settings(ray_cluster, root, max_concurrent_jobs=0, tracking_uris=["http://mlflow.example:5000"])
+    app = create_app(settings)
     with TestClient(app, headers={"Authorization": f"Bearer {API_TOKEN}"}) as client:
         def post(uri: str):
             return client.post("/v1/jobs", json={**tiny_spec("tracked"), "tracking": {"mlflow_uri": uri}})
@@ -169,7 +170,9 @@ def test_api_refuses_a_local_mlflow_store_outside_its_storage_root(ray_cluster, 
             assert r.status_code == 422, (outside, r.text)
             assert r.json()["detail"][0]["loc"] == ["body", "tracking", "mlflow_uri"], r.text
         assert post(f"sqlite:///{root / 'mlflow.db'}").status_code == 429
-        assert post("http://mlflow.example:5000").status_code == 429
+        assert post("http://mlflow.example:5000").status_code == 429  # a server the API is configured for
+        r = post("http://169.254.169.254/latest")  # any other server is refused
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "tracking", "mlflow_uri"], r.text
 
 
 def test_tensorboard_event_files_reach_a_run_folder_on_an_object_store(s3_bucket, tmp_path):

@@ -96,7 +96,7 @@ def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_clust
     from api.metrics import MetricsReader, read_records
     from api.services.jobs import write_spec as api_write_spec
     from leviathan.run import storage
-    from leviathan.data.shards import load_manifest
+    from leviathan.data.staging import load_manifest
     from leviathan.model.ensemble import LeviathanEnsemble
 
     monkeypatch.setenv("LEVIATHAN_STAGING_DIR", str(tmp_path / "driver-staged"))
@@ -112,8 +112,8 @@ def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_clust
     remote = load_manifest(spec.data.manifest)
     staged = ray_cluster.staging_dir / remote.root.name
     for domain in result["domains"]:
-        entry = remote.split(domain, "train")
-        assert hashlib.sha256((staged / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
+        entry = remote.manifest.split(domain, "train")
+        assert hashlib.sha256((staged / entry.file).read_bytes()).hexdigest() == entry.sha256
 
     run_dir = spec.run_dir
     assert fs.get_file_info(key(spec_uri)).mtime == written, "spec.json was written again"
