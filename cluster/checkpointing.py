@@ -320,8 +320,10 @@ def newest_intact(latest: "Any") -> tuple["Any | None", list[str]]:
     if not candidates:
         return None, skipped
     with latest.as_directory() as d:
-        latest_state = None if verify(Path(d)) else read_state(Path(d))
-    limit = _position(latest_state) if latest_state else max(c[0] for c in candidates)
+        try:  # a broken latest usually still says where it was; one that cannot is no bound
+            limit = _position(read_state(Path(d)))
+        except (CheckpointLayoutError, ValueError, KeyError, OSError):
+            limit = max(c[0] for c in candidates)
     usable = [c for c in candidates if c[0] <= limit]
     if not usable:
         return None, skipped

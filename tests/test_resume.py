@@ -153,12 +153,28 @@ def _assert_interrupted_in_phase_1(run: Path) -> None:
     assert {r["phase"] for r in records} == {"members"}, "the interruption landed past phase 1; make it longer"
 
 
-def _assert_resumed_past(run: Path, checkpoint_step: int) -> None:
-    """The second attempt continued from a checkpoint: the only steps it ran again are past
-    one (a fresh start would replay from step 1), and it ran to the end."""
+def _break_latest_checkpoint(run: Path, how: str) -> int:
+    """Damage Ray's latest registered checkpoint of the interrupted run ("truncate": a module
+    file loses its bytes; "unseal": rank 0's seal is deleted); returns its step. The resume must
+    see it is not intact and restore the one before (cluster.checkpointing.newest_intact)."""
+    from cluster.checkpointing import module_file, seal_file
+
+    snapshot = json.loads((run / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
+    latest = snapshot["latest_checkpoint_result"]
+    folder = run / "checkpoints" / latest["checkpoint_dir_name"]
+    if how == "truncate":
+        (folder / module_file(1)).write_bytes(b"\0" * 10)
+    else:
+        (folder / seal_file(0)).unlink()
+    return int(latest["metrics"]["step"])
+
+
+def _assert_resumed_before(run: Path, broken_step: int) -> None:
+    """The second attempt restored a checkpoint before the broken one: it ran the broken
+    checkpoint's step again (a resume from it would not), and it ran to the end."""
     records = read_metric_records(run)
-    replayed = [r["step"] for r in records if r["replayed"]]
-    assert all(step > checkpoint_step for step in replayed), (checkpoint_step, replayed)
+    replayed = {r["step"] for r in records if r["replayed"] and r["phase"] == "members"}
+    assert broken_step in replayed, (broken_step, sorted(replayed))
     assert records[-1]["phase"] == "done"
 
 
@@ -177,7 +193,7 @@ def test_a_job_stopped_in_phase_1_resumes_through_the_api_to_the_uninterrupted_f
         assert r.status_code == 201, r.text
         first, name = r.json()["job_id"], r.json()["run_name"]
         run = storage / name
-        checkpoint_step = _checkpointed_in_phase_1(run)
+        _checkpointed_in_phase_1(run)
 
         r = c.post(f"/v1/runs/{name}/resume")
         assert r.status_code == 409 and first in r.json()["detail"], r.text  # its job still writes it
@@ -185,6 +201,7 @@ def test_a_job_stopped_in_phase_1_resumes_through_the_api_to_the_uninterrupted_f
         assert c.post(f"/v1/jobs/{first}/stop").json()["stopped"] is True
         assert wait_for_status(c, first, {"STOPPED"}, timeout=60)["status"] == "STOPPED"
         _assert_interrupted_in_phase_1(run)
+        broken_step = _break_latest_checkpoint(run, "unseal")
 
         r = c.post(f"/v1/runs/{name}/resume")
         assert r.status_code == 201, r.text
@@ -202,7 +219,7 @@ def test_a_job_stopped_in_phase_1_resumes_through_the_api_to_the_uninterrupted_f
     r = httpx.get(f"{ray_cluster.dashboard_url}/api/train/v2/runs/v1", headers=ray_cluster.auth_headers(), timeout=30)
     assert [t["name"] for t in r.json()["train_runs"]].count(f"{name}/checkpoints") == 2, r.text[:2000]
 
-    _assert_resumed_past(run, checkpoint_step)
+    _assert_resumed_before(run, broken_step)
     result = json.loads((run / "train_result.json").read_text())
     assert _figures(result) == _figures(uninterrupted)
 
@@ -220,11 +237,12 @@ def test_a_killed_driver_resumes_with_python_m_jobs_train_resume(ray_cluster, ma
     )
     run = Path(spec.run_dir)
     try:
-        checkpoint_step = _checkpointed_in_phase_1(run)
+        _checkpointed_in_phase_1(run)
     finally:
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     _assert_interrupted_in_phase_1(run)
+    broken_step = _break_latest_checkpoint(run, "truncate")
 
     resumed = subprocess.run(
         [sys.executable, "-m", "jobs.train", "--resume", "killed", "--storage", str(tmp_path), "--no-progress"],
@@ -232,7 +250,7 @@ def test_a_killed_driver_resumes_with_python_m_jobs_train_resume(ray_cluster, ma
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming run 'killed' in {run}" in resumed.stdout
-    _assert_resumed_past(run, checkpoint_step)
+    _assert_resumed_before(run, broken_step)
     assert _figures(json.loads((run / "train_result.json").read_text())) == _figures(uninterrupted)
 
 

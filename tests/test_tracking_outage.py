@@ -54,16 +54,22 @@ class MlflowServer:
         self.proc.wait()
 
 
-@pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One server for the module (each test its own experiment); a test that stops it starts it again."""
     # MLflow's own HTTP retries would hold a courier for minutes per call; ours retry instead.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    server = MlflowServer(tmp_path)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="30")
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     server.start()
     yield server
     if server.proc.poll() is None:
         server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def records_for(steps: range, phase: str = "members") -> list[dict]:

@@ -9,12 +9,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from jobs import train
-from tests.scripts.common import MERGED, read_metric_records, tiny_spec
+from tests.scripts.common import MERGED, logged_steps, read_metric_records, tiny_spec, wait_for
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,8 @@ def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_clust
     """Data and run folder on S3 (moto). Workers stage the shards from the remote
     manifest (sha256-checked) and memory-map the copies; the API's spec.json is the
     only copy (the driver does not write it again); metrics are part files the API's
-    reader follows; final/ and the report land in the bucket."""
+    reader follows; final/ and the report land in the bucket. The store is cut off for
+    4 s twice while checkpoints are uploaded: the writes retry, and no line is lost."""
     import hashlib
 
     import pyarrow.fs as pafs
@@ -107,7 +109,23 @@ def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_clust
     key = lambda uri: uri.removeprefix("s3://")  # noqa: E731
     written = fs.get_file_info(key(spec_uri)).mtime
 
-    result = train.run(spec, progress=False)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(result=train.run(spec, progress=False)), daemon=True)
+    thread.start()
+
+    def checkpoints() -> int:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(f"{key(spec.run_dir)}/checkpoints", allow_not_found=True))
+        except OSError:  # the store is cut off for this process too
+            return 0
+        return sum(1 for i in infos if i.base_name.startswith("checkpoint_"))
+
+    for seen in (1, 2):
+        wait_for(lambda: checkpoints() >= seen or not thread.is_alive(), 300, f"checkpoint {seen}", poll_s=0.1)
+        s3_server.pause(4)
+    thread.join(timeout=600)
+    assert "result" in out, "the run did not finish"
+    result = out["result"]
 
     remote = load_manifest(spec.data.manifest)
     staged = ray_cluster.staging_dir / remote.root.name
@@ -126,6 +144,10 @@ def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_clust
 
     records = read_records(run_dir)
     assert records[-1]["phase"] == "done" and len(parts) > 3
+    t = spec.training
+    for phase, last in (("members", t.phase1_steps), ("merge", t.phase2_steps)):
+        steps = {r["step"] for r in records if r["phase"] == phase}
+        assert steps == logged_steps(last, t.eval_interval, t.checkpoint_interval), (phase, steps)
     summary = MetricsReader().summary(run_dir)
     assert summary.phase == "done" and summary.records == len(records)
     assert json.loads(storage.read_text(f"{run_dir}/train_result.json"))["rows"] == result["rows"]
