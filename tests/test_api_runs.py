@@ -27,7 +27,7 @@ from api.services.run_resources import RangeNotSatisfiable, byte_range
 from api.settings import Settings
 from cli.token import issue
 from leviathan.run.names import MERGED
-from tests.test_api_support import API_TOKEN, LiveServer, MemoryGateway, data_root_for, in_process, make_settings, tiny_spec
+from tests.test_api_support import LiveServer, MemoryGateway, in_process, make_settings, memory_settings, tiny_spec
 
 MODEL_BYTES = bytes(range(256)) * 40  # 10240 bytes, each offset's byte known
 
@@ -45,13 +45,7 @@ def storage(tmp_path: Path) -> Path:
 
 
 def settings_for(storage: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(
-        ray_address="http://ray.test:8265", api_token=API_TOKEN, storage=str(storage),
-        data_root=str(data_root_for(storage)), working_dir="", ray_auth_token=None,
-        ray_auth_token_path=storage / "no-token",
-    )
-    values.update(overrides)
-    return Settings(**values)
+    return memory_settings(storage, **overrides)
 
 
 def make_run(storage: Path, name: str, state: str = "finished", owner: str | None = None) -> Path:

@@ -25,6 +25,17 @@ API_TOKEN = "test-api-token-0123456789"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+def memory_settings(storage: Path, **overrides: Any) -> Settings:
+    """Settings for an app on an in-memory gateway: no Ray, no token file, storage in tmp."""
+    values: dict[str, Any] = dict(
+        ray_address="http://ray.test:8265", api_token=API_TOKEN, storage=str(storage),
+        data_root=str(data_root_for(storage)), working_dir="", ray_auth_token=None,
+        ray_auth_token_path=storage / "no-token",
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
 def make_settings(ray_cluster: RayCluster, storage: Path, **overrides: Any) -> Settings:
     """Test settings: the session's Ray, storage in tmp (the data root beside it), this
     checkout uploaded, and the default job entrypoint (`python` is the venv's on the

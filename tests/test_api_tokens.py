@@ -32,7 +32,7 @@ from api.settings import Settings
 from cli.token import issue, revoke
 from tests.conftest import REPO_ROOT
 from tests.test_api_support import (
-    API_TOKEN, LiveServer, MemoryGateway, data_root_for, make_settings, submit, tiny_spec,
+    API_TOKEN, LiveServer, MemoryGateway, data_root_for, make_settings, memory_settings, submit, tiny_spec,
 )
 
 CALLERS = ["reader", "alice", "bob", "admin", "single", "none"]
@@ -194,9 +194,7 @@ def memory_api(tmp_path):
 
 
 def make_memory_settings(storage: Path, token_file: Path) -> Settings:
-    return Settings(ray_address="http://ray.test:8265", api_token=API_TOKEN, api_tokens=token_file,
-                    storage=str(storage), data_root=str(data_root_for(storage)), working_dir="",
-                    ray_auth_token=None, ray_auth_token_path=storage / "no-token", max_concurrent_jobs=100)
+    return memory_settings(storage, api_tokens=token_file, max_concurrent_jobs=100)
 
 
 def memory_client(app) -> httpx.AsyncClient:

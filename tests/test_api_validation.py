@@ -21,7 +21,7 @@ from api.settings import Settings
 from jobs.spec import JobSpec
 from leviathan.config import ComponentConfig
 from leviathan.run.folder import RunFolder
-from tests.test_api_support import API_TOKEN, MemoryGateway, data_root_for, in_process, tiny_spec
+from tests.test_api_support import API_TOKEN, MemoryGateway, data_root_for, in_process, memory_settings, tiny_spec
 
 pytestmark = pytest.mark.anyio
 
@@ -48,17 +48,7 @@ def storage(tmp_path: Path) -> Path:
 
 
 def settings_for(storage: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(
-        ray_address="http://ray.test:8265",
-        api_token=API_TOKEN,
-        storage=str(storage),
-        data_root=str(data_root_for(storage)),
-        working_dir="",
-        ray_auth_token=None,
-        ray_auth_token_path=storage / "no-token",
-    )
-    values.update(overrides)
-    return Settings(**values)
+    return memory_settings(storage, **overrides)
 
 
 async def post_422(storage: Path, body: Any, **overrides: Any) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
+from api.routes import RAY_ERRORS
 from api.deps import GatewayDep, MetricsDep, PrincipalDep, SettingsDep, StorageRootDep, SubmitterDep, require_api_token
 from api.schemas import ErrorBody, JobDetail, JobList, JobStatusName, JobSubmitted, MetricsPage, StopResult
 from api.services import jobs as service
@@ -21,12 +22,7 @@ router = APIRouter(
     tags=["jobs"],
     dependencies=[Depends(require_api_token)],
     route_class=StrictJSONRoute,
-    responses={
-        401: {"model": ErrorBody, "description": "Missing or wrong API token."},
-        502: {"model": ErrorBody, "description": "The Ray Jobs server answered with an error."},
-        503: {"model": ErrorBody, "description": "The Ray Jobs server is unreachable or not ready, or the "
-                                                 "API's token file is unreadable (retry)."},
-    },
+    responses=RAY_ERRORS,
 )
 _NOT_FOUND = {404: {"model": ErrorBody, "description": "No such job, or one of another user's."}}
 _FORBIDDEN = {403: {"model": ErrorBody, "description": "The token's role is 'read'."}}

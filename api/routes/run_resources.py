@@ -13,6 +13,7 @@ from functools import partial
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from api.routes import UNAUTHORIZED
 from api.deps import GatewayDep, MetricsDep, PrincipalDep, StorageRootDep, SubmitterDep, require_api_token
 from api.schemas import ArtifactList, ErrorBody, RunDetail, RunList, RunState
 from api.services import run_resources as service
@@ -23,7 +24,7 @@ router = APIRouter(
     tags=["runs"],
     dependencies=[Depends(require_api_token)],
     responses={
-        401: {"model": ErrorBody, "description": "Missing or wrong API token."},
+        **UNAUTHORIZED,
         500: {"model": ErrorBody, "description": "The storage root cannot be read."},
         503: {"model": ErrorBody, "description": "The Ray Jobs server (asked which runs are being written) "
                                                  "is unreachable (retry)."},

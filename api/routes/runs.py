@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
+from api.routes import RAY_ERRORS
 from api.deps import GatewayDep, SettingsDep, SubmitterDep, require_api_token
 from api.schemas import ErrorBody, JobSubmitted
 from api.services import jobs as service
@@ -18,12 +19,7 @@ router = APIRouter(
     tags=["runs"],
     dependencies=[Depends(require_api_token)],
     route_class=StrictJSONRoute,
-    responses={
-        401: {"model": ErrorBody, "description": "Missing or wrong API token."},
-        502: {"model": ErrorBody, "description": "The Ray Jobs server answered with an error."},
-        503: {"model": ErrorBody, "description": "The Ray Jobs server is unreachable or not ready, or the "
-                                                 "API's token file is unreadable (retry)."},
-    },
+    responses=RAY_ERRORS,
 )
 
 
