@@ -1,6 +1,6 @@
 """Sparse routing on a finished run: tokens per second and val loss, top-k members against all.
 
-    python benchmarks/sparse_routing.py --run ~/leviathan/runs/demo --k 2 --every 8,16,32
+    python benchmarks/sparse_routing.py --run ~/leviathan/runs/demo --k 2 --every 4,8,16,32 --probe 0,1
 
 Loss: the run's own val windows (each domain's eval windows, the mixed set,
 and the domain-switch set), scored teacher-forced by `routed_target_logprobs`
@@ -10,10 +10,11 @@ mixed windows, one token at a time with decode caches, through every member
 (the ensemble's own cached step) and through `RoutedDecoder`, interleaved so
 both see the same machine; the ratio is the figure, not either time.
 
-`member_token_forwards` counts the members' work: the idle members still run
-every token, in one chunk per block when they catch up, so routing saves the
-per-token decode steps of M - k members (what dominates a batch-1 decode),
-not their arithmetic.
+`member_token_forwards` counts the members' work: a held member runs only
+when it enters the chosen set again or is probed (`--probe N`: before each
+re-choice the N held members that weigh most catch up, one chunk over what
+they missed), so routing saves the held members' per-token decode steps
+(what dominates a batch-1 decode) and most of their arithmetic.
 """
 
 from __future__ import annotations
@@ -46,14 +47,20 @@ def member_outputs(ensemble, batches):
     return torch.cat(states), torch.cat(target_lp)
 
 
-def losses(ensemble, columns: dict[str, tuple], prefix: int, settings: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
-    """Mean NLL per column on the scored positions prefix..T-1, for all members and each (k, R)."""
+def setting_name(k: int, every: int, probe: int) -> str:
+    return f"k={k} R={every} probe={probe}"
+
+
+def losses(ensemble, columns: dict[str, tuple], prefix: int, settings: list[tuple[int, int, int]]) -> dict[str, dict[str, float]]:
+    """Mean NLL per column on the scored positions prefix..T-1, for all members and each (k, R, probe)."""
     M = ensemble.config.num_members
     out: dict[str, dict[str, float]] = {}
-    for k, every in [(M, 1), *settings]:
-        name = "all" if k == M else f"k={k} R={every}"
+    for k, every, probe in [(M, 1, 0), *settings]:
+        name = "all" if k == M else setting_name(k, every, probe)
         out[name] = {
-            column: -routed_target_logprobs(ensemble.merger, states, target_lp, k, every, prefix)[:, prefix:].mean().item()
+            column: -routed_target_logprobs(ensemble.merger, states, target_lp, k, every, prefix, probe)[:, prefix:]
+            .mean()
+            .item()
             for column, (states, target_lp) in columns.items()
         }
     return out
@@ -68,8 +75,8 @@ def decode_all(ensemble, window: torch.Tensor, prefix: int) -> int:
     return ensemble.config.num_members * window.size(1)
 
 
-def decode_routed(ensemble, window: torch.Tensor, prefix: int, k: int, every: int) -> int:
-    decoder = RoutedDecoder(ensemble, k, every)
+def decode_routed(ensemble, window: torch.Tensor, prefix: int, k: int, every: int, probe: int) -> int:
+    decoder = RoutedDecoder(ensemble, k, every, probe)
     decoder.prefill(window[:, :prefix])
     for t in range(prefix, window.size(1)):
         decoder.step(window[:, t : t + 1])
@@ -87,14 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="a finished run folder (holds final/)")
     p.add_argument("--k", default="2", help="members kept, comma-separated")
-    p.add_argument("--every", default="8,16,32", help="re-choose every R tokens, comma-separated")
+    p.add_argument("--every", default="4,8,16,32", help="re-choose every R tokens, comma-separated")
+    p.add_argument("--probe", default="1", help="held members caught up before each re-choice, comma-separated")
     p.add_argument("--decode-windows", type=int, default=4, help="mixed windows decoded for the timing")
     p.add_argument("--rounds", type=int, default=2, help="timing rounds (interleaved, best kept)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="also write the JSON report here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = [(int(k), int(r)) for k in args.k.split(",") for r in args.every.split(",")]
+    settings = [(int(k), int(r), int(f)) for k in args.k.split(",") for r in args.every.split(",") for f in args.probe.split(",")]
 
     run = Path(args.run).expanduser()
     spec = load_run_spec(run)
@@ -115,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
 
     windows = torch.cat([torch.cat([x[:, :1], y], dim=1) for x, y in mixed])  # (N, T + 1)
     pick = windows[torch.linspace(0, len(windows) - 1, args.decode_windows).long()]
-    rows = {"all": [], **{f"k={k} R={r}": [] for k, r in settings}}
+    rows = {"all": [], **{setting_name(*s): [] for s in settings}}
     for _ in range(args.rounds):
         for w in pick:
             w = w[None]
             rows["all"].append(timed(decode_all, ensemble, w, prefix))
-            for k, r in settings:
-                rows[f"k={k} R={r}"].append(timed(decode_routed, ensemble, w, prefix, k, r))
+            for s in settings:
+                rows[setting_name(*s)].append(timed(decode_routed, ensemble, w, prefix, *s))
     tokens = args.decode_windows * (windows.size(1) - prefix)
 
     def summary(samples):
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for r in table:
         print(
-            f"{r['setting']:>12}  {r['tokens_per_s']:8.1f} tok/s  x{r['speedup_wall']:.2f} wall  x{r['speedup_cpu']:.2f} cpu  "
+            f"{r['setting']:>20}  {r['tokens_per_s']:8.1f} tok/s  x{r['speedup_wall']:.2f} wall  x{r['speedup_cpu']:.2f} cpu  "
             + "  ".join(f"{c} {r[f'loss_{c}']:.4f} ({r[f'delta_{c}']:+.4f})" for c in columns),
             file=sys.stderr,
         )

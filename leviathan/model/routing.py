@@ -3,33 +3,40 @@
 A mixture merger says, at every position, how much each member counts. When a
 few members carry most of the weight, running the others is wasted work. A
 routed decode runs k of the M members per sequence and re-chooses them every
-`every` (R) tokens:
+`every` (R) tokens after the prompt, where every member runs:
 
-- Block start t0 (every R tokens after the prompt): the members that sat out
-  the last block catch up on the tokens they missed, in one chunked forward
-  through their decode caches, so every member's state and evidence up to
-  t0 - 1 is exact. The merger's weights at t0 - 1 pick the top k.
-- Inside the block only the chosen members run. The merger's softmax runs
-  over them alone (`member_mask`); the others' states are held at their last
-  known value t0 - 1, which is all the consensus query sees of them.
+- Inside a block only the chosen members run. The merger's softmax runs over
+  them alone; every other member is held: its state is its last computed one,
+  and its evidence a[s] = log p_m(x_s | x_<s), which it cannot know without
+  running, is taken to be the routed model's own log-prob of x_s (a member
+  that sat out is assumed to have done as well as the ensemble did). The
+  merger's cache runs on over these rows, one position at a time, never
+  rebuilt.
+- At a block start the merger's unmasked weights at the last position pick
+  the top k. Members that stay out do no work at all. A member that enters
+  catches up on the tokens it missed in one chunked forward (its decode cache
+  must be exact to go on), and its evidence is corrected to the exact value
+  from the log-probs that chunk gives, so inside the block the chosen members
+  are weighed on what they really predicted.
 
-So the routed model is the trained merger restricted to the chosen members,
-and with k = M it is the merged model. `routed_target_logprobs` scores it
-teacher-forced from the full members' outputs (for evaluation) and
-`RoutedDecoder` decodes it for real, running only what it needs; the two give
-the same log-probs (tests/test_routing.py). Mixture merge only: a fusion
-merge has no member distributions to restrict.
+With k = M nobody is held and this is the merged model. `routed_target_logprobs`
+scores it teacher-forced from every member's full outputs (for evaluation) and
+`RoutedDecoder` decodes it for real, running only what it needs; both drive
+the same `RouteState`, and give the same log-probs (tests/test_routing.py).
+Mixture merge only: a fusion merge has no member distributions to restrict.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-from .ensemble import CorrelationMerger, LeviathanEnsemble, MergeCache, _at_least_float, run_members
+from .ensemble import CorrelationMerger, LeviathanEnsemble, MergeCache, _at_least_float, input_logprobs, run_members
 
 
-def check_routing(merger: CorrelationMerger, k: int, every: int, prefix: int) -> None:
+def check_routing(merger: CorrelationMerger, k: int, every: int, prefix: int, probe: int = 1) -> None:
     """Raise ValueError naming the first routing setting that cannot be used."""
     M = merger.config.num_members
     if merger.merge_mode != "mixture":
@@ -40,6 +47,8 @@ def check_routing(merger: CorrelationMerger, k: int, every: int, prefix: int) ->
         raise ValueError(f"every: must be >= 1 token, got {every}")
     if prefix < 1:
         raise ValueError(f"prefix: routing chooses from at least one token of context, got {prefix}")
+    if probe < 0:
+        raise ValueError(f"probe: must be >= 0 held members, got {probe}")
 
 
 def mix(log_pi: Tensor, member_logprobs: Tensor) -> Tensor:
@@ -64,29 +73,128 @@ def top_members(weights: Tensor, k: int) -> Tensor:
     return chosen.scatter(-1, pi.topk(k, dim=-1).indices, True)
 
 
+class RouteState:
+    """The routed merger over a batch of sequences (B): choice, held members, merge cache.
+
+    Fed one position at a time with the chosen members' exact outputs, it fills
+    in the held members and returns the routed merge weights. Whoever feeds it
+    (the decoder, or the teacher-forced scorer from full outputs) supplies the
+    exact evidence of entering members; it holds nothing else about them.
+    """
+
+    def __init__(
+        self, merger: CorrelationMerger, k: int, every: int, states: Tensor, input_lp: Tensor, probe: int = 1
+    ) -> None:
+        """Run the prompt: states (B, P, M, D) and a[s] (B, P, M) of every member; see `prompt_log_weights`."""
+        B, P, M, _ = states.shape
+        check_routing(merger, k, every, P, probe)
+        self.merger, self.k, self.every = merger, k, every
+        self.cache = MergeCache()
+        self.prompt_log_weights = merger.log_weights(states, None, self.cache, input_lp)  # (B, P, M, H)
+        self.last_log_weights = self.prompt_log_weights[:, -1]  # (B, M, H) unmasked, at the last position
+        self.held = states[:, -1]  # (B, M, D)
+        self.chosen = torch.ones(B, M, dtype=torch.bool, device=states.device)
+        self.current = self.chosen.clone()  # the members whose decode caches have read every token
+        self.probe = probe
+        self.filled = every  # the first position after the prompt starts a block
+        # sum over a held member's missing positions of gamma^(t - s) * (imputed a[s]), per head
+        self.imputed = self.last_log_weights.new_zeros(B, M, merger.n_head)
+        # each member's summed a[s] - (the model's log-prob of x_s) over the positions it ran, and their count
+        merged = mix(log_pi(self.prompt_log_weights[:, :-1].exp()), input_lp[:, 1:])  # (B, P - 1)
+        self.excess = (input_lp[:, 1:] - merged[..., None]).sum(dim=1).to(self.imputed.dtype)  # (B, M)
+        self.runs = torch.full_like(self.excess, max(P - 1, 1))
+
+    @property
+    def block_start(self) -> bool:
+        return self.filled == self.every
+
+    def decay(self) -> Tensor:
+        """gamma (H,) of the evidence (1 without evidence: nothing uses it then)."""
+        return self.merger.gamma().to(self.imputed.dtype) if self.merger.evidence else self.imputed.new_ones(self.merger.n_head)
+
+    def start_block(self, catch_up: Callable[[Tensor], tuple[Tensor, Tensor]]) -> None:
+        """Re-choose the members. catch_up(members (B, M) bool) brings those members up to date and
+        returns their exact evidence (B, M, H) over what they missed and their last states (B, M, D). First the `probe` held members
+        that weigh most catch up, so the strongest contenders are weighed on exact evidence; then the
+        top k are chosen, and those of them still held catch up to enter."""
+        if self.probe and not self.current.all():
+            pi = self.last_log_weights.exp().mean(dim=-1).masked_fill(self.current, -1.0)  # (B, M), held only
+            top = pi.topk(min(self.probe, pi.size(1)), dim=-1)
+            probed = torch.zeros_like(self.current).scatter(-1, top.indices, top.values >= 0)
+            if probed.any():
+                self.enter(probed, *catch_up(probed))
+        chosen = top_members(self.last_log_weights.exp(), self.k)
+        entering = chosen & ~self.current
+        self.chosen, self.filled = chosen, 0
+        if entering.any():
+            self.enter(entering, *catch_up(entering))
+
+    def enter(self, members: Tensor, exact: Tensor, states: Tensor) -> None:
+        """Swap the caught-up members' (B, M) imputed evidence for the exact one (B, M, H), the
+        sum over their missed positions of gamma^(t - s) a[s], and hold their last states (B, M, D);
+        the last weights follow the evidence."""
+        self.held = torch.where(members[..., None], states.to(self.held.dtype), self.held)
+        if self.merger.evidence and self.cache.evidence is not None:
+            fix = torch.where(members[..., None], exact.to(self.imputed.dtype) - self.imputed, 0.0)
+            self.cache.evidence = self.cache.evidence + fix.to(self.cache.evidence.dtype)
+            score = self.last_log_weights + self.merger.beta * fix  # log w + the score's change
+            self.last_log_weights = torch.log_softmax(score, dim=1)
+        self.imputed = self.imputed.masked_fill(members[..., None], 0.0)
+        self.current = self.current | members
+
+    def impute(self, input_lp: Tensor, routed_lp: Tensor) -> Tensor:
+        """a[t] (B, M) taken for the held members: the routed model's own log-prob of x_t plus the
+        member's mean excess over the model while it ran (a member keeps its standing while held)."""
+        return routed_lp[:, None] + self.excess / self.runs
+
+    def advance(self, states: Tensor, input_lp: Tensor, routed_lp: Tensor) -> Tensor:
+        """One position: the chosen members' states (B, M, D) and a[t] (B, M) (other rows are
+        ignored), and the routed model's log-prob of x_t (B,). Returns log w (B, M, H) over the chosen."""
+        chosen = self.chosen[..., None]
+        self.held = torch.where(chosen, states, self.held)
+        guess = self.impute(input_lp, routed_lp)  # (B, M)
+        self.excess = self.excess + torch.where(self.chosen, input_lp.to(self.excess.dtype) - routed_lp[:, None], 0.0)
+        self.runs = self.runs + self.chosen.to(self.runs.dtype)
+        a = torch.where(self.chosen, input_lp, guess.to(input_lp.dtype))
+        self.imputed = torch.where(chosen, 0.0, self.decay() * self.imputed + guess[..., None].to(self.imputed.dtype))
+        log_w = self.merger.log_weights(self.held[:, None], None, self.cache, a[:, None])[:, 0]  # (B, M, H)
+        self.last_log_weights = log_w
+        self.filled += 1
+        self.current = self.chosen.clone()
+        masked = log_w.masked_fill(~chosen, float("-inf"))
+        return masked - torch.logsumexp(masked, dim=1, keepdim=True)  # softmax over the chosen alone
+
+
 @torch.no_grad()
 def routed_target_logprobs(
-    merger: CorrelationMerger, states: Tensor, target_logprobs: Tensor, k: int, every: int, prefix: int
+    merger: CorrelationMerger, states: Tensor, target_logprobs: Tensor, k: int, every: int, prefix: int, probe: int = 1
 ) -> Tensor:
     """Teacher-forced log-probs of the targets (B, T) under routing.
 
     states (B, T, M, D) and target_logprobs (B, T, M) are every member's true
     outputs (`run_members`). Positions before `prefix` are the prompt, where all
-    members run, so they get the merged model's values; each block after it is
-    scored as `RoutedDecoder` would decode it.
+    members run, so they get the merged model's values; after it each position
+    is scored as `RoutedDecoder` decodes it, through the same `RouteState`.
     """
     B, T, M, _ = states.shape
-    check_routing(merger, k, every, prefix)
-    result = mix(log_pi(merger.log_weights(states, target_logprobs).exp()), target_logprobs)  # (B, T)  # (B, T)
-    for t0 in range(prefix, T, every):
-        t1 = min(t0 + every, T)
-        chosen = top_members(merger.log_weights(states[:, :t0], target_logprobs[:, :t0])[:, -1].exp(), k)  # (B, M)
-        held = states[:, t0 - 1 : t0].expand(B, t1 - t0, M, states.size(-1))
-        block = torch.where(chosen[:, None, :, None], states[:, t0:t1], held)
-        mask = torch.ones(B, t1, M, dtype=torch.bool, device=states.device)
-        mask[:, t0:] = chosen[:, None]
-        w = merger.log_weights(torch.cat([states[:, :t0], block], dim=1), target_logprobs[:, :t1], member_mask=mask).exp()
-        result[:, t0:t1] = mix(log_pi(w[:, t0:]), target_logprobs[:, t0:t1])
+    check_routing(merger, k, every, prefix, probe)
+    a = input_logprobs(target_logprobs)  # (B, T, M)
+    route = RouteState(merger, k, every, states[:, :prefix], a[:, :prefix], probe)
+    result = target_logprobs.new_empty(B, T, dtype=torch.promote_types(route.prompt_log_weights.dtype, target_logprobs.dtype))
+    result[:, :prefix] = mix(log_pi(route.prompt_log_weights.exp()), target_logprobs[:, :prefix])
+    exact = torch.zeros_like(route.imputed)  # the held members' true evidence since they left
+
+    def catch_up(members: Tensor) -> tuple[Tensor, Tensor]:
+        caught = torch.where(members[..., None], exact, 0.0)
+        exact.masked_fill_(members[..., None], 0.0)
+        return caught, states[:, t - 1]
+
+    for t in range(prefix, T):
+        if route.block_start:
+            route.start_block(catch_up)
+        log_w = route.advance(states[:, t], a[:, t], result[:, t - 1])
+        exact.copy_(torch.where(route.current[..., None], 0.0, route.decay() * exact + a[:, t, :, None].to(exact.dtype)))
+        result[:, t] = mix(log_pi(log_w.exp()), target_logprobs[:, t])
     return result
 
 
@@ -98,14 +206,15 @@ class RoutedDecoder:
     (1, 1) and returns the routed mixture's log-probs (1, V). One sequence per
     decoder: members are chosen per sequence, and a batched decode cache
     cannot skip rows. `member_steps` counts member-token forwards (catch-up
-    included), the work routing saves.
+    included), the work routing saves; `entries` counts members that came back
+    in and caught up.
     """
 
-    def __init__(self, ensemble: LeviathanEnsemble, k: int, every: int) -> None:
-        self.ensemble, self.merger, self.k, self.every = ensemble, ensemble.merger, k, every
+    def __init__(self, ensemble: LeviathanEnsemble, k: int, every: int, probe: int = 1) -> None:
+        self.ensemble, self.merger, self.k, self.every, self.probe = ensemble, ensemble.merger, k, every, probe
         self.M = ensemble.config.num_members
         self.caches = [m.new_cache() for m in ensemble.members]
-        self.member_steps = 0
+        self.member_steps = self.entries = 0
 
     def _run(self, members: list[int], tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Run the given members on tokens (1, n): states (1, n, m, D), log-probs (1, n, m, V)."""
@@ -119,65 +228,55 @@ class RoutedDecoder:
         self.member_steps += len(members) * tokens.size(1)
         return out.states.permute(1, 2, 0, 3), out.logprobs.permute(1, 2, 0, 3)
 
-    def _input_logprobs(self, tokens: Tensor, logprobs: Tensor, members: list[int]) -> Tensor:
-        """a[s] = log p_m(x_s | x_<s) (1, n, m) of tokens (1, n) from the log-probs before each."""
-        before = torch.cat([self.last_logprobs[:, None, members], logprobs[:, :-1]], dim=1)  # (1, n, m, V)
-        return before.gather(-1, tokens[:, :, None, None].expand(*before.shape[:3], 1)).squeeze(-1)
-
     @torch.no_grad()
     def prefill(self, prompt: Tensor) -> Tensor:
         if prompt.dim() != 2 or prompt.size(0) != 1:
             raise ValueError(f"prompt: one sequence (1, P) per decoder, got {tuple(prompt.shape)}")
-        check_routing(self.merger, self.k, self.every, prompt.size(1))
-        everyone = list(range(self.M))
-        states, logprobs = self._run(everyone, prompt)
+        check_routing(self.merger, self.k, self.every, prompt.size(1), self.probe)
+        states, logprobs = self._run(list(range(self.M)), prompt)
         first = logprobs.new_zeros(1, 1, self.M)
         rest = logprobs[:, :-1].gather(-1, prompt[:, 1:, None, None].expand(1, prompt.size(1) - 1, self.M, 1))
-        self.states = states  # (1, t, M, D): every member's state so far (held ones replaced at catch-up)
-        self.input_lp = torch.cat([first, rest.squeeze(-1)], dim=1)  # (1, t, M)
-        self.last_logprobs = logprobs[:, -1]  # (1, M, V)
-        self.missed: list[Tensor] = []
-        self.chosen = everyone
-        self._choose()
-        return mix(log_pi(self.prompt_weights), logprobs[:, -1])
+        self.route = RouteState(
+            self.merger, self.k, self.every, states, torch.cat([first, rest.squeeze(-1)], dim=1), self.probe
+        )
+        self.tokens = [prompt]
+        self.last_logprobs = logprobs[:, -1]  # (1, M, V): each member's log-probs after the last token it read
+        self.out = mix(log_pi(self.route.prompt_log_weights[:, -1].exp()), logprobs[:, -1])  # (1, V)
+        return self.out
 
-    def _choose(self) -> None:
-        """Block start: rebuild the merger's cache over exact history, then pick the top k."""
-        self.merge_cache = MergeCache()
-        weights = self.merger.log_weights(self.states, cache=self.merge_cache, input_lp=self.input_lp).exp()
-        self.prompt_weights = weights[:, -1]  # (1, M, H) at t0 - 1
-        mask = top_members(self.prompt_weights, self.k)[0]
-        self.chosen = [m for m in range(self.M) if mask[m]]
-        self.mask = mask.view(1, 1, self.M)
-        self.block_start, self.filled = self.states.size(1), 0
-
-    def _catch_up(self) -> None:
-        """The members that sat out the block run its tokens in one chunk: exact history again."""
-        idle = [m for m in range(self.M) if m not in self.chosen]
-        tokens = torch.cat(self.missed, dim=1)  # (1, n)
-        states, logprobs = self._run(idle, tokens)
-        t0 = self.block_start
-        self.states[:, t0:, idle] = states
-        self.input_lp[:, t0:, idle] = self._input_logprobs(tokens, logprobs, idle)
-        self.last_logprobs[:, idle] = logprobs[:, -1]
-        self.missed = []
+    def _catch_up(self, members: Tensor) -> tuple[Tensor, Tensor]:
+        """The members (1, M) bool read the tokens they missed, one chunk each: their exact
+        evidence over them (1, M, H) and their last states (1, M, D)."""
+        exact = torch.zeros_like(self.route.imputed)
+        last_states = self.route.held.clone()
+        history = torch.cat(self.tokens, dim=1)  # (1, t)
+        gamma = self.route.decay()
+        for m in members[0].nonzero().flatten().tolist():
+            missed = history[:, self.caches[m].length :]  # (1, n)
+            states, logprobs = self._run([m], missed)  # (1, n, 1, D), (1, n, 1, V)
+            last_states[:, m] = states[:, -1, 0]
+            before = torch.cat([self.last_logprobs[:, None, m], logprobs[:, :-1, 0]], dim=1)  # (1, n, V)
+            a = before.gather(-1, missed[..., None])[0, :, 0].to(exact.dtype)  # (n,)
+            ages = torch.arange(a.size(0) - 1, -1, -1, dtype=exact.dtype)  # t - s of each missed position
+            exact[0, m] = (gamma[:, None] ** ages * a).sum(dim=-1)  # sum_s gamma^(t - s) a[s] per head
+            self.last_logprobs[:, m] = logprobs[:, -1, 0]
+            self.entries += 1
+        return exact, last_states
 
     @torch.no_grad()
     def step(self, token: Tensor) -> Tensor:
-        if self.filled == self.every:
-            self._catch_up()
-            self._choose()
-        chosen = self.chosen
+        route = self.route
+        if route.block_start:
+            route.start_block(self._catch_up)
+        chosen = route.chosen[0].nonzero().flatten().tolist()
         states, logprobs = self._run(chosen, token)  # (1, 1, k, D), (1, 1, k, V)
-        a = self._input_logprobs(token, logprobs, chosen)  # (1, 1, k)
-        step_states = self.states[:, self.block_start - 1 : self.block_start].clone()  # held: last known
-        step_states[:, :, chosen] = states
-        step_a = torch.zeros(1, 1, self.M, dtype=self.input_lp.dtype)
-        step_a[:, :, chosen] = a.to(step_a.dtype)
-        self.states = torch.cat([self.states, step_states], dim=1)
-        self.input_lp = torch.cat([self.input_lp, step_a], dim=1)
-        self.last_logprobs[:, chosen] = logprobs[:, -1]
-        self.missed.append(token)
-        self.filled += 1
-        weights = self.merger.log_weights(step_states, None, self.merge_cache, step_a, self.mask).exp()
-        return mix(log_pi(weights[:, -1, chosen]), logprobs[:, -1])  # (1, V)
+        a = self.last_logprobs[:, chosen].gather(-1, token[:, None].expand(1, len(chosen), 1)).squeeze(-1)  # (1, k)
+        full_states = route.held.clone()
+        full_states[:, chosen] = states[:, 0]
+        full_a = a.new_zeros(1, self.M)
+        full_a[:, chosen] = a
+        self.last_logprobs[:, chosen] = logprobs[:, 0]
+        self.tokens.append(token)
+        log_w = route.advance(full_states, full_a, self.out.gather(-1, token)[:, 0])
+        self.out = mix(log_pi(log_w[:, chosen].exp()), logprobs[:, 0])  # (1, V)
+        return self.out
