@@ -1,4 +1,5 @@
-"""Sparse routing: the routed decode equals its teacher-forced score, k = M is the merged model."""
+"""Sparse routing: the routed decode equals its teacher-forced score, k = M is the merged model,
+and held members catch up exactly when they come back."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from leviathan import ComponentConfig, EnsembleConfig, LeviathanEnsemble
-from leviathan.model.ensemble import merge_members
+from leviathan.model.ensemble import EnsembleCache, merge_members, run_members
 from leviathan.model.routing import RoutedDecoder, check_routing, routed_target_logprobs, top_members
 
 V = 61
@@ -31,9 +32,9 @@ def member_outputs(model: LeviathanEnsemble, idx: torch.Tensor):
     return out.states.permute(1, 2, 0, 3), out.target_logprobs.permute(1, 2, 0)  # (B, T, M, D), (B, T, M)
 
 
-def decode_teacher_forced(model: LeviathanEnsemble, seq: torch.Tensor, k: int, every: int, prefix: int):
+def decode_teacher_forced(model: LeviathanEnsemble, seq: torch.Tensor, k: int, every: int, prefix: int, probe: int = 1):
     """The routed decoder fed seq (1, T+1); log-probs of each next token from position prefix - 1 on."""
-    decoder = RoutedDecoder(model, k, every)
+    decoder = RoutedDecoder(model, k, every, probe)
     logprobs = [decoder.prefill(seq[:, :prefix])]
     for t in range(prefix, seq.size(1) - 1):
         logprobs.append(decoder.step(seq[:, t : t + 1]))
@@ -41,18 +42,40 @@ def decode_teacher_forced(model: LeviathanEnsemble, seq: torch.Tensor, k: int, e
     return lp.gather(-1, seq[:, prefix:, None]).squeeze(-1), decoder
 
 
-@pytest.mark.parametrize("k,every", [(1, 3), (2, 4), (3, 1)])
-def test_decode_equals_teacher_forced_score(k, every):
-    model = ensemble()
+@pytest.mark.parametrize("k,every,probe", [(1, 3, 0), (2, 4, 1), (3, 1, 1), (2, 3, 2)])
+def test_decode_equals_teacher_forced_score(k, every, probe):
+    model = ensemble(seed=1)
     seq = torch.randint(0, V, (1, 25), generator=torch.Generator().manual_seed(3))
     prefix = 5
     states, target_lp = member_outputs(model, seq)
-    scored = routed_target_logprobs(model.merger, states, target_lp, k, every, prefix)
-    decoded, _ = decode_teacher_forced(model, seq, k, every, prefix)
+    scored = routed_target_logprobs(model.merger, states, target_lp, k, every, prefix, probe)
+    decoded, decoder = decode_teacher_forced(model, seq, k, every, prefix, probe)
+    assert decoder.entries > 0  # held members came back: their catch-up and evidence fix are in the comparison
     # Members take log_softmax in float32, where a cached decode and a full forward round apart.
     torch.testing.assert_close(decoded, scored[:, prefix - 1 :], rtol=0, atol=1e-5)
     full = routed_target_logprobs(model.merger, states, target_lp, 4, every, prefix)
     assert (full - scored)[:, prefix:].abs().max() > 1e-3  # routing really changed the model
+
+
+@pytest.mark.parametrize("probe", [0, 1])
+def test_lazy_catch_up_is_exact(probe):
+    """However long a member was held, after catching up it is where a full forward would be."""
+    model = ensemble(seed=2)
+    seq = torch.randint(0, V, (1, 41), generator=torch.Generator().manual_seed(7))
+    _, decoder = decode_teacher_forced(model, seq, k=1, every=4, prefix=6, probe=probe)
+    lengths = [c.length for c in decoder.caches]
+    assert min(lengths) < seq.size(1) - 1 and decoder.entries > 0  # some held now, some came back
+    with torch.no_grad():
+        evidence, states = decoder._catch_up(torch.ones(1, 4, dtype=torch.bool))
+    full = run_members(model.members, model.projections, seq[:, :-1], full_logprobs=True)
+    torch.testing.assert_close(decoder.last_logprobs[0], full.logprobs[:, 0, -1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(states[0].float(), full.states[:, 0, -1].float(), rtol=0, atol=1e-5)
+    # the evidence a held member brings back is its true decayed log-likelihood over what it missed
+    m, n = lengths.index(min(lengths)), seq.size(1) - 1 - min(lengths)
+    a = full.logprobs[m, 0, -n - 1 : -1].gather(-1, seq[0, -n - 1 : -1, None]).squeeze(-1).double()  # (n,)
+    ages = torch.arange(n - 1, -1, -1, dtype=torch.float64)
+    expected = (model.merger.gamma()[:, None] ** ages * a).sum(dim=-1)
+    torch.testing.assert_close(evidence[0, m], expected, rtol=0, atol=1e-5)
 
 
 def test_all_members_is_the_merged_model():
@@ -61,15 +84,34 @@ def test_all_members_is_the_merged_model():
     states, target_lp = member_outputs(model, seq)
     merged = merge_members(model.merger, model.member_outputs(seq[:, :-1], seq[:, 1:]), seq[:, 1:]).target_logprobs
     routed = routed_target_logprobs(model.merger, states, target_lp, k=4, every=3, prefix=2)
-    torch.testing.assert_close(routed, merged, rtol=0, atol=1e-9)
+    # The evidence is summed in float32 (the members' log-probs): one position at a time here,
+    # as one product in the full merge, so the two round apart.
+    torch.testing.assert_close(routed, merged, rtol=0, atol=1e-6)
 
 
-def test_routing_does_less_member_work():
+def test_all_members_decode_is_the_merged_decode():
+    model = ensemble(seed=1)
+    seq = torch.randint(0, V, (1, 20), generator=torch.Generator().manual_seed(4))
+    decoder, cache = RoutedDecoder(model, k=4, every=3), EnsembleCache(model.members)
+    routed = [decoder.prefill(seq[:, :5])]
+    merged = [model._step(seq[:, :5], cache)[0]]
+    for t in range(5, seq.size(1)):
+        routed.append(decoder.step(seq[:, t : t + 1]))
+        merged.append(model._step(seq[:, t : t + 1], cache)[0])
+    torch.testing.assert_close(torch.cat(routed), torch.cat(merged).to(routed[0].dtype), rtol=0, atol=1e-9)
+    assert decoder.member_steps == 4 * seq.size(1) and decoder.entries == 0
+
+
+def test_held_members_do_no_work():
     model = ensemble()
     seq = torch.randint(0, V, (1, 41), generator=torch.Generator().manual_seed(5))
-    _, decoder = decode_teacher_forced(model, seq, k=1, every=8, prefix=8)
-    # prompt: 4 x 8; 32 steps: 1 member each, plus 3 x 8 catch-up tokens at each of the 3 later block starts
-    assert decoder.member_steps == 4 * 8 + 32 + 3 * 3 * 8
+    _, decoder = decode_teacher_forced(model, seq, k=1, every=8, prefix=8, probe=0)
+    lengths = [c.length for c in decoder.caches]
+    assert decoder.member_steps == sum(lengths)  # every member-token forward is counted once
+    assert lengths.count(8) == 3  # three members never came back: they read the prompt and nothing else
+    assert decoder.member_steps == 4 * 8 + 32  # and the one chosen ran every step
+    _, probing = decode_teacher_forced(model, seq, k=1, every=8, prefix=8, probe=1)
+    assert decoder.member_steps < probing.member_steps < 4 * 40
 
 
 def test_routing_is_causal():
@@ -90,7 +132,8 @@ def test_top_members_picks_the_heaviest():
 
 
 @pytest.mark.parametrize(
-    "kw,field", [({"k": 0}, "k"), ({"k": 5}, "k"), ({"every": 0}, "every"), ({"prefix": 0}, "prefix")]
+    "kw,field",
+    [({"k": 0}, "k"), ({"k": 5}, "k"), ({"every": 0}, "every"), ({"prefix": 0}, "prefix"), ({"probe": -1}, "probe")],
 )
 def test_bad_settings_name_the_field(kw, field):
     model = ensemble()

@@ -253,6 +253,8 @@ class RoutedDecoder:
         gamma = self.route.decay()
         for m in members[0].nonzero().flatten().tolist():
             missed = history[:, self.caches[m].length :]  # (1, n)
+            if missed.size(1) == 0:
+                continue  # already up to date: nothing missed, its held state is its last
             states, logprobs = self._run([m], missed)  # (1, n, 1, D), (1, n, 1, V)
             last_states[:, m] = states[:, -1, 0]
             before = torch.cat([self.last_logprobs[:, None, m], logprobs[:, :-1, 0]], dim=1)  # (1, n, V)
