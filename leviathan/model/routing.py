@@ -8,16 +8,18 @@ routed decode runs k of the M members per sequence and re-chooses them every
 - Inside a block only the chosen members run. The merger's softmax runs over
   them alone; every other member is held: its state is its last computed one,
   and its evidence a[s] = log p_m(x_s | x_<s), which it cannot know without
-  running, is taken to be the routed model's own log-prob of x_s (a member
-  that sat out is assumed to have done as well as the ensemble did). The
-  merger's cache runs on over these rows, one position at a time, never
-  rebuilt.
-- At a block start the merger's unmasked weights at the last position pick
-  the top k. Members that stay out do no work at all. A member that enters
-  catches up on the tokens it missed in one chunked forward (its decode cache
-  must be exact to go on), and its evidence is corrected to the exact value
-  from the log-probs that chunk gives, so inside the block the chosen members
-  are weighed on what they really predicted.
+  running, is imputed as the routed model's own log-prob of x_s plus the
+  member's mean excess over the model on the positions it did run (a held
+  member keeps its standing). The merger's cache runs on over these rows, one
+  position at a time, never rebuilt.
+- At a block start the `probe` held members that weigh most catch up first
+  (one chunked forward each over the tokens they missed), so the strongest
+  contenders are weighed on exact evidence; then the merger's unmasked weights
+  at the last position pick the top k. A chosen member that is still held
+  catches up the same way (its decode cache must be exact to go on). Whoever
+  catches up has its imputed evidence swapped for the exact one from the
+  log-probs of that chunk (the merger's lag window of past state scores is
+  left as it was). Members that stay out do no work at all.
 
 With k = M nobody is held and this is the merged model. `routed_target_logprobs`
 scores it teacher-forced from every member's full outputs (for evaluation) and
@@ -99,6 +101,7 @@ class RouteState:
         self.filled = every  # the first position after the prompt starts a block
         # sum over a held member's missing positions of gamma^(t - s) * (imputed a[s]), per head
         self.imputed = self.last_log_weights.new_zeros(B, M, merger.n_head)
+        self._gamma: Tensor | None = None
         # each member's summed a[s] - (the model's log-prob of x_s) over the positions it ran, and their count
         merged = mix(log_pi(self.prompt_log_weights[:, :-1].exp()), input_lp[:, 1:])  # (B, P - 1)
         self.excess = (input_lp[:, 1:] - merged[..., None]).sum(dim=1).to(self.imputed.dtype)  # (B, M)
@@ -109,14 +112,18 @@ class RouteState:
         return self.filled == self.every
 
     def decay(self) -> Tensor:
-        """gamma (H,) of the evidence (1 without evidence: nothing uses it then)."""
-        return self.merger.gamma().to(self.imputed.dtype) if self.merger.evidence else self.imputed.new_ones(self.merger.n_head)
+        """gamma (H,) of the evidence (1 without evidence: nothing uses it then), read once per sequence."""
+        if self._gamma is None:
+            g = self.merger.gamma() if self.merger.evidence else torch.ones(self.merger.n_head)
+            self._gamma = g.to(self.imputed)
+        return self._gamma
 
     def start_block(self, catch_up: Callable[[Tensor], tuple[Tensor, Tensor]]) -> None:
-        """Re-choose the members. catch_up(members (B, M) bool) brings those members up to date and
-        returns their exact evidence (B, M, H) over what they missed and their last states (B, M, D). First the `probe` held members
-        that weigh most catch up, so the strongest contenders are weighed on exact evidence; then the
-        top k are chosen, and those of them still held catch up to enter."""
+        """Re-choose the members (see the module docstring): probe, choose, catch up the entering.
+
+        catch_up(members (B, M) bool) brings those members up to date and returns their exact
+        evidence over what they missed (B, M, H) and their last states (B, M, D).
+        """
         if self.probe and not self.current.all():
             pi = self.last_log_weights.exp().mean(dim=-1).masked_fill(self.current, -1.0)  # (B, M), held only
             top = pi.topk(min(self.probe, pi.size(1)), dim=-1)
@@ -270,7 +277,9 @@ class RoutedDecoder:
         route = self.route
         if route.block_start:
             route.start_block(self._catch_up)
-        chosen = route.chosen[0].nonzero().flatten().tolist()
+        if route.filled == 0:
+            self.chosen = route.chosen[0].nonzero().flatten().tolist()
+        chosen = self.chosen
         states, logprobs = self._run(chosen, token)  # (1, 1, k, D), (1, 1, k, V)
         a = self.last_logprobs[:, chosen].gather(-1, token[:, None].expand(1, len(chosen), 1)).squeeze(-1)  # (1, k)
         full_states = route.held.clone()
