@@ -192,6 +192,7 @@ def routed_target_logprobs(
     exact = torch.zeros_like(route.imputed)  # the held members' true evidence since they left
 
     def catch_up(members: Tensor) -> tuple[Tensor, Tensor]:
+        """What a chunked catch-up gives at block start t: the evidence since they left, states at t - 1."""
         caught = torch.where(members[..., None], exact, 0.0)
         exact.masked_fill_(members[..., None], 0.0)
         return caught, states[:, t - 1]
