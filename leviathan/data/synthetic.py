@@ -113,25 +113,32 @@ def key_len(task: str) -> int:
     return 1 if task == "mqar" else int(task[3:])
 
 
-def _randperm(n: int, g: torch.Generator) -> Tensor:
-    return torch.randperm(n, generator=g)
+def _perms(rows: int, n: int, g: torch.Generator) -> Tensor:
+    """`rows` independent random permutations of range(n): (rows, n)."""
+    return torch.rand(rows, n, generator=g).argsort(dim=1)
 
 
-def _shared_keys(k: int, n: int, lo: int, hi: int, g: torch.Generator) -> Tensor:
-    """n distinct k-token keys (n, k) from tokens [lo, hi). For k >= 2, each position's
-    tokens come from a pool of n // 2 tokens, each used by at least two keys there."""
+def _shared_keys(rows: int, k: int, n: int, lo: int, hi: int, g: torch.Generator) -> Tensor:
+    """Per row, n distinct k-token keys (rows, n, k) from tokens [lo, hi). For k >= 2, each
+    position's tokens come from a pool of n // 2 tokens, each used by at least two keys there."""
     if k == 1:
-        return (lo + _randperm(hi - lo, g)[:n]).unsqueeze(1)
+        return (lo + _perms(rows, hi - lo, g)[:, :n]).unsqueeze(2)
     pool = max(2, n // 2)
-    while True:
+    keys = torch.empty(rows, n, k, dtype=torch.long)
+    todo = torch.arange(rows)
+    while todo.numel():
+        m = todo.numel()
         cols = []
         for _ in range(k):
-            tokens = lo + _randperm(hi - lo, g)[:pool]
-            column = tokens[torch.arange(n) % pool]  # every pool token at least twice (n >= 2 * pool)
-            cols.append(column[_randperm(n, g)])
-        keys = torch.stack(cols, dim=1)  # (n, k)
-        if len({tuple(row.tolist()) for row in keys}) == n:
-            return keys
+            tokens = lo + _perms(m, hi - lo, g)[:, :pool]  # (m, pool)
+            column = tokens[:, torch.arange(n) % pool]  # every pool token at least twice (n >= 2 * pool)
+            cols.append(column.gather(1, _perms(m, n, g)))
+        drawn = torch.stack(cols, dim=2)  # (m, n, k)
+        keys[todo] = drawn
+        code = (drawn * hi ** torch.arange(k)).sum(dim=2).sort(dim=1).values  # (m, n), one id per key
+        repeated = (code[:, 1:] == code[:, :-1]).any(dim=1)
+        todo = todo[repeated]  # rows with two equal keys are drawn again
+    return keys
 
 
 def _recall(task: str, batch: int, s: TaskSettings, g: torch.Generator) -> SyntheticBatch:
@@ -140,25 +147,23 @@ def _recall(task: str, batch: int, s: TaskSettings, g: torch.Generator) -> Synth
     half = s.vocab_size // 2
     if task != "mqar" and k >= 2 and n < 4:
         raise ValueError(f"pairs: {task} needs >= 4 pairs so that every key token is shared, got {n}")
+    keys = _shared_keys(batch, k, n, 1, half, g)  # (B, n, k)
+    values = half + torch.randint(0, s.vocab_size - half, (batch, n), generator=g)  # (B, n)
+    pairs = torch.cat([keys, values.unsqueeze(2)], dim=2)  # (B, n, k + 1)
+    order = _perms(batch, n, g)
+    queried = pairs.gather(1, order.unsqueeze(2).expand(-1, -1, k + 1))  # (B, n, k + 1)
+    if task == "mqar":  # n of the 2n two-token slots after the pairs, in order
+        slots = _perms(batch, 2 * n, g)[:, :n].sort(dim=1).values
+    else:
+        slots = torch.arange(n).expand(batch, n)
+    query_at = n * (k + 1) + slots * (k + 1)  # (B, n) first token of each query
     inputs = torch.full((batch, T), FILLER, dtype=torch.long)
-    targets = torch.full((batch, T), FILLER, dtype=torch.long)
-    mask = torch.zeros(batch, T, dtype=torch.bool)
-    for b in range(batch):
-        keys = _shared_keys(k, n, 1, half, g)  # (n, k)
-        values = half + torch.randint(0, s.vocab_size - half, (n,), generator=g)
-        pairs = torch.cat([keys, values.unsqueeze(1)], dim=1)  # (n, k + 1)
-        order = _randperm(n, g)
-        inputs[b, : n * (k + 1)] = pairs.reshape(-1)
-        if task == "mqar":  # n of the 2n two-token slots after the pairs, in order
-            slots = _randperm(2 * n, g)[:n].sort().values
-        else:
-            slots = torch.arange(n)
-        query_at = n * (k + 1) + slots * (k + 1)  # (n,) first token of each query
-        for j in range(k + 1):
-            inputs[b, query_at + j] = pairs[order, j]
-        answer_at = query_at + k - 1  # last key token of each query
-        targets[b, answer_at] = values[order]
-        mask[b, answer_at] = True
+    inputs[:, : n * (k + 1)] = pairs.reshape(batch, -1)
+    for j in range(k + 1):
+        inputs.scatter_(1, query_at + j, queried[:, :, j])
+    answer_at = query_at + k - 1  # last key token of each query
+    targets = torch.full((batch, T), FILLER, dtype=torch.long).scatter_(1, answer_at, queried[:, :, k])
+    mask = torch.zeros(batch, T, dtype=torch.bool).scatter_(1, answer_at, True)
     return SyntheticBatch(inputs, targets, mask)
 
 
@@ -169,13 +174,13 @@ def _block(batch: int, s: TaskSettings, g: torch.Generator) -> SyntheticBatch:
     targets = torch.full((batch, T), FILLER, dtype=torch.long)
     mask = torch.zeros(batch, T, dtype=torch.bool)
     for b in range(batch):
-        blocks = [1 + _randperm(LETTERS, g)[: s.block_len] for _ in range(s.n_blocks)]
+        blocks = [1 + torch.randperm(LETTERS, generator=g)[: s.block_len] for _ in range(s.n_blocks)]
         target = int(torch.randint(0, s.n_blocks, (1,), generator=g))
-        query = blocks[target][_randperm(s.block_len, g)[: s.query_len]]
+        query = blocks[target][torch.randperm(s.block_len, generator=g)[: s.query_len]]
         wanted = set(query.tolist())
         for i in range(s.n_blocks):
             while i != target and wanted <= set(blocks[i].tolist()):
-                blocks[i] = 1 + _randperm(LETTERS, g)[: s.block_len]
+                blocks[i] = 1 + torch.randperm(LETTERS, generator=g)[: s.block_len]
         body = torch.cat([torch.cat([blk, torch.tensor([sep])]) for blk in blocks])
         seq = torch.cat([body, torch.tensor([query_mark]), query, torch.tensor([answer_mark]), blocks[target]])
         inputs[b] = seq[:T]
@@ -205,7 +210,8 @@ def _induction(batch: int, s: TaskSettings, g: torch.Generator) -> SyntheticBatc
             clean = True
             for i in range(T - w + 1):
                 if i not in (start, T - w) and torch.equal(row[i : i + w], gram):
-                    p = next(j for j in range(i, i + w) if j not in planted)
+                    # Inside the planted spans only by overlapping the first gram: change its answer.
+                    p = next((j for j in range(i, i + w) if j not in planted), start + w)
                     row[p] = 1 + (int(row[p]) % (V - 1))
                     clean = False
         targets[b, T - 1] = row[start + w]
