@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from leviathan.config import MIXERS, ComponentConfig, _check_choice, _check_int
-from leviathan.data.synthetic import SyntheticBatch, TaskSettings, check_task, make_batch
+from leviathan.data.synthetic import SyntheticBatch, TaskSettings, check_task, key_len, make_batch
 from leviathan.model.component import LeviathanComponent, configure_adamw
 
 EVAL_SEED = 2**40 + 7
@@ -50,6 +50,8 @@ class SyntheticRun:
 
     def __post_init__(self) -> None:
         check_task(self.task)
+        if self.task.startswith("mtk") and key_len(self.task) >= 2 and self.settings.pairs < 4:
+            raise ValueError(f"pairs: {self.task} needs >= 4 pairs so that every key token is shared, got {self.settings.pairs}")
         _check_choice("mixer", self.mixer, MIXERS)
         for name in ("window", "n_layer", "n_embd", "steps", "batch_size", "eval_rows"):
             _check_int(name, getattr(self, name), 1)
