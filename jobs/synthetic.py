@@ -9,8 +9,9 @@ and prints one result line. `--grid` runs the comparison grid:
        x --widths x --seeds, each at its mixer's lr
 
 Both stages are Ray Tune grids (`tune.Tuner` over a function trainable, one CPU
-per trial) on the cluster `RAY_ADDRESS` names; with `--local`, or without
-RAY_ADDRESS, they run one after another in this process. Into --out go
+per trial) on the Ray cluster this process is joined to or `RAY_ADDRESS`
+names (so also under `ray job submit`); with `--local`, or with no cluster,
+they run one after another in this process. Into --out go
 results.json (every row, the chosen lrs, goal 4(a) below, the CPU time),
 table.md (task x mixer x layers x width: accuracy mean +- sd over seeds,
 parameters, CPU ms per step) and plot.png (accuracy against width per task;
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -88,6 +88,15 @@ def _tune_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     tune.report(_one(config["run"]))
+
+
+def _ray_reachable() -> bool:
+    """Whether a Ray cluster is there to join: this process is connected, or RAY_ADDRESS names one."""
+    import ray
+
+    from leviathan.run.ray_address import ray_address
+
+    return ray.is_initialized() or bool(ray_address("cluster"))
 
 
 def run_all(runs: list, local: bool, folder: Path, stage: str, max_concurrent: int | None = None) -> list[dict]:
@@ -224,7 +233,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     settings = _settings(args)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
-    local = args.local or not os.environ.get("RAY_ADDRESS")
+    local = args.local or not _ray_reachable()
 
     def make(task: str, mixer: str, w: int, layers: int, width: int, seed: int, lr: float) -> SyntheticRun:
         return _checked(SyntheticRun, task=task, mixer=mixer, window=w, n_layer=layers, n_embd=width, seed=seed,
