@@ -91,7 +91,7 @@ def test_a_tiny_model_learns_easy_recall_well_above_chance():
     row = train_synthetic(SyntheticRun(task="mtk1", mixer="correlation", window=2, n_layer=2, n_embd=32,
                                        steps=300, lr=1e-2, eval_rows=128, settings=settings))
     assert row["accuracy"] > 2 / 8, f"accuracy {row['accuracy']:.3f} is not well above chance 0.125"
-    assert row["params"] == SyntheticRun(task="mtk1", n_layer=2, n_embd=32, settings=settings).component_config().num_params
+    assert row["params"] == SyntheticRun(task="mtk1", window=2, n_layer=2, n_embd=32, settings=settings).component_config().num_params
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -122,13 +122,16 @@ def test_one_run_prints_one_result_line(capsys, tmp_path):
 
 def test_the_grid_runs_as_a_ray_tune_grid(ray_cluster, tmp_path, capsys):
     argv = ["synthetic", "--grid", "--out", str(tmp_path), "--tasks", "mtk2", "--windows", "2",
-            "--layer-counts", "1", "--widths", "16", "--seeds", "2", "--lrs", "1e-3,1e-2", "--steps", "3"]
+            "--layer-counts", "1", "--widths", "16", "--seeds", "1", "--lrs", "1e-3,1e-2", "--steps", "3"]
     assert cli_main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["runner"] == "ray tune"
-    assert len(results["sweep"]) == 4 and len(results["rows"]) == 4  # 2 mixers x 2 lrs, then 2 mixers x 2 seeds
-    assert {(r["mixer"], r["seed"]) for r in results["rows"]} == {(m, s) for m in ("attention", "correlation") for s in (0, 1)}
-    assert [c["seeds"] for c in results["cells"]] == [2, 2]
+    assert len(results["sweep"]) == 4 and len(results["rows"]) == 2  # 2 mixers x 2 lrs, then 2 mixers x 1 seed
+    assert {r["mixer"] for r in results["rows"]} == {"attention", "correlation"}
+    chosen = {c["mixer"]: c["lr"] for c in results["chosen_lr"]}
+    for r in results["rows"]:  # each mixer trains at the lr its own sweep picked
+        best = max((s for s in results["sweep"] if s["mixer"] == r["mixer"]), key=lambda s: s["accuracy"])
+        assert r["lr"] == best["lr"] == chosen["attention" if r["mixer"] == "attention" else "correlation w=2"]
     assert [g["window"] for g in results["goal_4a"]] == [2]  # w = 2 >= k = 2 is compared with attention
     assert "| mtk2 | attention" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "plot.png").stat().st_size > 0
