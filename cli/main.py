@@ -53,6 +53,12 @@ def _tune(argv: list[str]) -> int:
     return main(argv)
 
 
+def _synthetic(argv: list[str]) -> int:
+    from jobs.synthetic import main
+
+    return main(argv)
+
+
 def _deploy(argv: list[str]) -> int:
     from jobs.deploy import main
 
@@ -85,6 +91,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "compare": (_compare, "Train one spec per mixer (correlation vs attention) and compare (jobs.compare)."),
     "generate": (_generate, "Sample text from a trained ensemble or one member (jobs.generate)."),
     "tune": (_tune, "Sweep a spec's hyper-parameters with Ray Tune (jobs.tune)."),
+    "synthetic": (_synthetic, "Synthetic recall tasks: attention against correlation, one run or a grid (jobs.synthetic)."),
     "deploy": (_deploy, "Write KubeRay / `ray up` files that run a spec on a cluster (jobs.deploy)."),
     "serve": (_serve, "Run the REST API (uvicorn)."),
     "runs": (_runs, "List, show and delete the runs under a storage root (GET/DELETE /v1/runs)."),

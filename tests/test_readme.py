@@ -27,7 +27,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     """Each command's argument parser, by the name the README runs it under."""
     from cli import runs, serve, token
-    from jobs import compare, deploy, evaluate, generate, prepare, prepare_ray, train, tune
+    from jobs import compare, deploy, evaluate, generate, prepare, prepare_ray, synthetic, train, tune
 
     return {
         "prepare": prepare.base_parser,
@@ -37,6 +37,7 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
         "compare": compare.build_parser,
         "generate": generate.build_parser,
         "tune": tune.build_parser,
+        "synthetic": synthetic.build_parser,
         "deploy": deploy.build_parser,
         "serve": serve.build_parser,
         "token": token.build_parser,
