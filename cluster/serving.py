@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,10 +119,11 @@ class BatchDecode:
     def __init__(self, ensemble: LeviathanEnsemble, tokenizer: Any, requests: list[SampleRequest]) -> None:
         self.ensemble, self.tokenizer = ensemble, tokenizer
         self.block_size = ensemble.config.block_size
+        self.device = next(ensemble.parameters()).device
         self.sequences: list[_Sequence] = []
         for r in requests:
             ids = (tokenizer.encode(r.prompt) or [tokenizer.eos_id])[-self.block_size :]
-            generator = torch.Generator().manual_seed(r.seed)
+            generator = torch.Generator(device=self.device).manual_seed(r.seed)
             self.sequences.append(_Sequence(r, ids, generator, prompt_tokens=len(ids)))
         self.logits: dict[int, torch.Tensor] = {}  # sequence index -> next-token log-probs or logits (1, V)
         self.groups: dict[int, list[int]] = {}  # prompt length -> indices of its all-member sequences
@@ -131,20 +132,23 @@ class BatchDecode:
         for i, s in enumerate(self.sequences):
             if s.request.k is not None and s.request.k < M:
                 s.routed = RoutedDecoder(ensemble, s.request.k, s.request.every)
-                self.logits[i] = s.routed.prefill(torch.tensor([s.ids]))
+                self.logits[i] = s.routed.prefill(self._tensor([s.ids]))
             else:
                 self.groups.setdefault(len(s.ids), []).append(i)
         for length, rows in self.groups.items():
             self._run_group(length, rows, fresh=True)
 
+    def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
     @torch.no_grad()
     def _run_group(self, length: int, rows: list[int], fresh: bool) -> None:
         """Run a group's rows: the whole (cropped) context when fresh, else each row's newest token."""
         if fresh:
-            tokens = torch.tensor([self.sequences[i].ids[-self.block_size :] for i in rows])  # (B, T)
+            tokens = self._tensor([self.sequences[i].ids[-self.block_size :] for i in rows])  # (B, T)
             cache = None
         else:
-            tokens = torch.tensor([[self.sequences[i].ids[-1]] for i in rows])  # (B, 1)
+            tokens = self._tensor([[self.sequences[i].ids[-1]] for i in rows])  # (B, 1)
             cache = self.caches[length]
         logits, self.caches[length] = self.ensemble._step(tokens, cache)  # (B, V)
         for row, i in enumerate(rows):
@@ -171,7 +175,7 @@ class BatchDecode:
                 line["text"] += s.decoder.decode(b"", final=True)
             lines.append(line)
             if s.routed is not None and not s.finished:
-                self.logits[i] = s.routed.step(torch.tensor([[token]]))
+                self.logits[i] = s.routed.step(self._tensor([[token]]))
         for length, rows in self.groups.items():
             if all(self.sequences[i].finished for i in rows):
                 continue
@@ -209,7 +213,8 @@ class EnsembleServer:
 
     def __init__(self, final_dir: str, k: int | None, every: int, max_batch_size: int) -> None:
         final = Path(final_dir)
-        self.ensemble = LeviathanEnsemble.load(final, map_location="cpu").eval()
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a replica sees a GPU only with num_gpus > 0
+        self.ensemble = LeviathanEnsemble.load(final, map_location=device).eval()
         self.tokenizer = load_tokenizer(final)
         self.k, self.every = k, every
         self._decode_batch.set_max_batch_size(max_batch_size)
@@ -253,13 +258,3 @@ class EnsembleServer:
             return JSONResponse({"detail": [{"loc": ["body", e.field], "msg": str(e)}]}, status_code=422)
         return StreamingResponse(self._lines(request), media_type="application/x-ndjson")
 
-
-def lines_of(chunks: Iterator[bytes]) -> Iterator[dict[str, Any]]:
-    """The JSON lines of a streamed answer (what a Python client of the deployment reads)."""
-    buffer = b""
-    for chunk in chunks:
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            if raw.strip():
-                yield json.loads(raw)

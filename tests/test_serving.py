@@ -19,6 +19,8 @@ import httpx
 import pytest
 
 from jobs import serve_model
+from jobs.evaluate import load_final
+from jobs.generate import generate_text
 from leviathan.run.folder import RunFolder
 from leviathan.run.serving import app_name
 from tests.conftest import free_port
@@ -72,6 +74,46 @@ def test_serve_model_refuses_bad_flags_and_a_run_without_final(tmp_path, capsys)
         assert serve_model.main([*argv, "--storage", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _decode_all(run: Path, requests: list) -> list[str]:
+    from cluster.serving import BatchDecode
+
+    ensemble, tokenizer = load_final(run)
+    decode = BatchDecode(ensemble.eval(), tokenizer, requests)
+    texts = [""] * len(requests)
+    while not decode.finished:
+        for i, line in enumerate(decode.step()):
+            texts[i] += line["text"] if line else ""
+    return texts
+
+
+def test_a_batch_decodes_each_request_as_the_cli_generates_it(tmp_path, small_corpus) -> None:
+    """Requests of equal and unequal prompt lengths, lengths and samplers share one batch; each
+    gets the CLI's text for its seed, and k = M (no routing) is the merged model."""
+    from cluster.serving import SampleRequest
+    from tests.test_evaluate_job import make_run
+
+    run = make_run(tmp_path, small_corpus, merge="mixture")
+    requests = [SampleRequest(prompt="def f(x):", max_new_tokens=40, seed=3),  # past the block size (32)
+                SampleRequest(prompt="import os", max_new_tokens=12, seed=4, top_k=5),
+                SampleRequest(prompt="def g(y):", max_new_tokens=20, temperature=0.0),
+                SampleRequest(prompt="", max_new_tokens=8, seed=2, k=4, every=4)]
+    texts = _decode_all(run, requests)
+    for r, text in zip(requests, texts):
+        assert text == generate_text(run, r.prompt, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                     top_k=r.top_k, seed=r.seed), r
+
+
+def test_a_routed_request_runs_its_own_decoder_and_keeps_its_seed(tmp_path, small_corpus) -> None:
+    from cluster.serving import SampleRequest
+    from tests.test_evaluate_job import make_run
+
+    run = make_run(tmp_path, small_corpus, merge="mixture")
+    routed = SampleRequest(prompt="class A:", max_new_tokens=16, seed=7, k=2, every=4)
+    alone = _decode_all(run, [routed])[0]
+    shared = _decode_all(run, [routed, SampleRequest(prompt="x", max_new_tokens=3, seed=1)])[0]
+    assert alone and alone == shared, (alone, shared)
 
 
 # ----------------------------------------------------------------------------- live: Ray Serve + uvicorn
