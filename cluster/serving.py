@@ -17,7 +17,9 @@ finish early stay in their group's cache until the group ends (their outputs are
 dropped): simpler than shrinking a cache, and a group's rows differ only in
 max_new_tokens. Requests with routing (k < M members) decode one sequence per
 `RoutedDecoder`, which chooses members per sequence and cannot batch rows; they
-still share the batch's iterations with the rest. A routed sequence must fit the
+still share the batch's iterations with the rest. Serve runs one batch at a time
+per replica: a request that arrives while a batch decodes waits for that batch to
+end, which is what its time to first token pays under steady load. A routed sequence must fit the
 block size (prompt + max_new_tokens), because routing keeps every member's cache.
 
 Sampling is per row with its own seeded `torch.Generator`, so a request's text

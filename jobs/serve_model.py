@@ -12,6 +12,7 @@ storage must be a local (or shared) folder every node sees.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from jobs.entry import run_cli
@@ -47,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> str:
     """The run's final/ folder, after checking every flag (before Ray is touched)."""
-    import re
-
     if not re.match(RUN_NAME_PATTERN, args.run):
         raise ServeModelError(f"--run: a run name must match {RUN_NAME_PATTERN}, got {args.run!r}")
     for flag, value, low in (("--replicas", args.replicas, 1), ("--max-ongoing-requests", args.max_ongoing_requests, 1),
@@ -72,7 +71,11 @@ def _connect() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=ray_address("cluster") or "auto", logging_level=logging.WARNING)
+        try:
+            address = ray_address("cluster") or "auto"
+        except ValueError as e:  # a Jobs server URL in RAY_ADDRESS
+            raise ServeModelError(str(e)) from None
+        ray.init(address=address, logging_level=logging.WARNING)
 
 
 def deploy(args: argparse.Namespace, final_dir: str) -> str:

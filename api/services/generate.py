@@ -76,7 +76,7 @@ class Stream:
         await self.client.aclose()
 
 
-def _not_usable(name: str, body: Any) -> InvalidField:
+def _not_usable(body: Any) -> InvalidField:
     """The deployment's 422 in the API's shape, each error at its body field."""
     errors = body.get("detail") if isinstance(body, dict) else None
     if not isinstance(errors, list) or not errors:
@@ -107,7 +107,7 @@ async def open_stream(serve_url: str, name: str, request: GenerateRequest) -> St
     if response.status_code == 404:
         raise NotFound(f"run {name!r} has no deployment (`leviathan serve-model --run {name}` serves it)")
     if response.status_code == 422:
-        raise _not_usable(name, body)
+        raise _not_usable(body)
     if response.status_code == 503:
         raise ServeUnavailable(f"the deployment of run {name!r} has no replica ready (retry)")
     raise ServeFailed(f"the deployment of run {name!r} answered HTTP {response.status_code}")
