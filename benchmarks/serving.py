@@ -10,8 +10,10 @@ tokens per second over the wall time of all N requests, and p50 / p99 time to fi
 token. The CLI row runs `jobs.generate.generate_text` (which loads final/ and
 decodes one request, every member every token) N times one after another in this
 process, as N users of the CLI on one machine would wait for each other; it does
-not stream, so its "first token" is its whole answer. The deployment is removed at
-the end.
+not stream, so its "first token" is its whole answer, and each call loads final/
+first, as the command does. The `decode_only` row is the same decode with final/
+loaded once (`ensemble.generate` per request): what batching alone adds. The
+deployment is removed at the end.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import emit_report, machine_info  # noqa: E402
 from jobs import serve_model  # noqa: E402
+from jobs.evaluate import load_final  # noqa: E402
 from jobs.generate import generate_text  # noqa: E402
 from leviathan.run.folder import RunFolder  # noqa: E402
 from leviathan.run.serving import app_name  # noqa: E402
@@ -77,6 +80,22 @@ def cli(run_dir: str, clients: int, tokens: int) -> dict[str, float]:
             "ttft_p99_s": round(percentile(done, 0.99), 3), "wall_s": round(wall, 2)}
 
 
+def decode_only(run_dir: str, clients: int, tokens: int) -> dict[str, float]:
+    """The CLI's decode without its per-call load: final/ loaded once, then `generate` per request."""
+    import torch
+
+    ensemble, tokenizer = load_final(run_dir)
+    idx = torch.tensor([tokenizer.encode(PROMPT)])
+    done: list[float] = []
+    start = time.perf_counter()
+    for seed in range(clients):
+        ensemble.generate(idx, tokens, generator=torch.Generator().manual_seed(seed))
+        done.append(time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return {"tokens_per_s": round(clients * tokens / wall, 1), "ttft_p50_s": round(percentile(done, 0.5), 3),
+            "ttft_p99_s": round(percentile(done, 0.99), 3), "wall_s": round(wall, 2)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run name")
@@ -106,11 +125,13 @@ def main() -> int:
         asyncio.run(served(url, 1, 4))  # warm the replicas and the proxy
         for n in (int(c) for c in args.clients.split(",")):
             rows.append({"clients": n, "serve": asyncio.run(served(url, n, args.tokens)),
-                         "cli_generate": cli(run_dir, n, args.tokens)})
+                         "cli_generate": cli(run_dir, n, args.tokens),
+                         "decode_only": decode_only(run_dir, n, args.tokens)})
     finally:
         serve.delete(app_name(args.run))
     for row in rows:
-        row["speedup"] = round(row["serve"]["tokens_per_s"] / row["cli_generate"]["tokens_per_s"], 2)
+        for base in ("cli_generate", "decode_only"):
+            row[f"speedup_vs_{base}"] = round(row["serve"]["tokens_per_s"] / row[base]["tokens_per_s"], 2)
     report = {"machine": machine_info(load_avg=os.getloadavg()), "run": args.run, "tokens": args.tokens,
               "replicas": args.replicas, "max_ongoing_requests": args.max_ongoing_requests, "rows": rows}
     return emit_report(report, args.out)
