@@ -25,7 +25,7 @@ from api.auth import Authenticator, read_token_file
 from api.errors import ApiError, InvalidField, encodable
 from api.metrics import MetricsReader
 from api.ray_jobs import JobsGateway, RayGateway
-from api.routes import health, jobs, run_resources, runs
+from api.routes import generate, health, jobs, run_resources, runs
 from api.services.runs import storage_root
 from api.settings import Settings
 from api.strict_json import MAX_MESSAGE_CHARS, safe_errors, shorten
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, gateway: JobsGateway | None = N
     app.include_router(jobs.router)
     app.include_router(runs.router)
     app.include_router(run_resources.router)
+    app.include_router(generate.router)
     return app
 
 

@@ -183,3 +183,30 @@ class Artifact(BaseModel):
 class ArtifactList(BaseModel):
     name: str
     artifacts: list[Artifact]
+
+
+class GenerateRequest(BaseModel):
+    """`POST /v1/runs/{name}/generate`: what to sample from the run's Serve deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field("", max_length=65536, description="Text to continue; empty: a new document.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens to generate (at most the API's max_new_tokens).")
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False, description="0 = greedy.")
+    top_k: int | None = Field(None, ge=1, description="Sample from the k most likely tokens only.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="The same seed gives the same text.")
+    k: int | None = Field(None, ge=1, description="Sparse routing: members run per sequence (default: the "
+                                                   "deployment's; all members = no routing).")
+    every: int | None = Field(None, ge=1, description="Sparse routing: tokens between routing choices "
+                                                       "(default: the deployment's).")
+
+
+class GenerateAnswer(BaseModel):
+    """The whole continuation, for a client that did not ask for `text/event-stream`."""
+
+    name: str = Field(description="The run.")
+    text: str = Field(description="The generated text only (not the prompt).")
+    tokens: list[int] = Field(description="The generated token ids.")
+    prompt_tokens: int = Field(description="Tokens of the prompt the model saw (cropped to its block size).")
+    finish_reason: str
+    routed_members: int | None = Field(description="k when the sequence was routed; null: every member ran.")

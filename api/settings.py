@@ -117,6 +117,11 @@ class Settings(BaseSettings):
         description="Accept jobs the cluster's nodes cannot hold today (an autoscaling cluster adds nodes), "
         "and let their drivers wait for the nodes; unset: such a job gets 422 naming the resource.",
     )
+    serve_url: str = Field(
+        "http://127.0.0.1:8001",
+        description="Ray Serve's HTTP proxy (`leviathan serve-model --http-port`), which the generate route calls.",
+    )
+    max_new_tokens: int = Field(1024, ge=1, description="The most tokens one generate request may ask for.")
     status_cache_s: float = Field(
         0.5, ge=0, le=1,
         description="How long a job's status from Ray answers further polls (0: every poll asks Ray).",
@@ -128,6 +133,13 @@ class Settings(BaseSettings):
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError(f"must be the Ray Jobs server URL (http://host:8265), got {v!r}")
         return v.rstrip("/") if v else v
+
+    @field_validator("serve_url")
+    @classmethod
+    def _serve_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must be Ray Serve's HTTP URL (http://host:port), got {v!r}")
+        return v.rstrip("/")
 
     @field_validator("tracking_uris", mode="before")
     @classmethod

@@ -71,6 +71,12 @@ def _serve(argv: list[str]) -> int:
     return serve(argv)
 
 
+def _serve_model(argv: list[str]) -> int:
+    from jobs.serve_model import main
+
+    return main(argv)
+
+
 def _runs(argv: list[str]) -> int:
     from cli.runs import main
 
@@ -94,6 +100,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "synthetic": (_synthetic, "Synthetic recall tasks: attention against correlation, one run or a grid (jobs.synthetic)."),
     "deploy": (_deploy, "Write KubeRay / `ray up` files that run a spec on a cluster (jobs.deploy)."),
     "serve": (_serve, "Run the REST API (uvicorn)."),
+    "serve-model": (_serve_model, "Deploy a trained run on Ray Serve for POST /v1/runs/{name}/generate (jobs.serve_model)."),
     "runs": (_runs, "List, show and delete the runs under a storage root (GET/DELETE /v1/runs)."),
     "token": (_token, "Issue, revoke and list the REST API's per-user tokens (LEVIATHAN_API_TOKENS)."),
 }
@@ -102,7 +109,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        listing = "\n".join(f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items())
+        listing = "\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items())
         print(f"usage: leviathan COMMAND [ARGS]\n\ncommands:\n{listing}\n\n`leviathan COMMAND --help` for each.")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]

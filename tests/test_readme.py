@@ -27,7 +27,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     """Each command's argument parser, by the name the README runs it under."""
     from cli import runs, serve, token
-    from jobs import compare, deploy, evaluate, generate, prepare, prepare_ray, synthetic, train, tune
+    from jobs import compare, deploy, evaluate, generate, prepare, prepare_ray, serve_model, synthetic, train, tune
 
     return {
         "prepare": prepare.base_parser,
@@ -40,6 +40,7 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
         "synthetic": synthetic.build_parser,
         "deploy": deploy.build_parser,
         "serve": serve.build_parser,
+        "serve-model": serve_model.build_parser,
         "token": token.build_parser,
         "runs": runs.build_parser,
     }
@@ -72,7 +73,7 @@ def code_snippets(text: str) -> list[str]:
 def commands_in(snippet: str) -> Iterator[tuple[str, list[str]]]:
     """(command, flags) of each `leviathan CMD ...` / `python -m jobs.CMD ...` in a snippet;
     a command runs to the end of the line, a shell separator or a comment."""
-    pattern = r"(?:(?<![\w.-])(?<!from )leviathan +(?P<cli>[a-z]+)|python -m jobs\.(?P<module>[a-z_]+))(?P<rest>[^;&|#`]*)"
+    pattern = r"(?:(?<![\w.-])(?<!from )leviathan +(?P<cli>[a-z]+(?:-[a-z]+)*)|python -m jobs\.(?P<module>[a-z_]+))(?P<rest>[^;&|#`]*)"
     for m in re.finditer(pattern, snippet):
         name = m.group("cli") or m.group("module")
         if m.group("module") == "prepare_ray":
