@@ -15,6 +15,8 @@ from leviathan.data.shards import (
     DataError,
     MixedBatchSampler,
     switch_batches,
+    switch_cuts,
+    switch_pairs,
     TokenShard,
     eval_batches,
     token_dtype,
@@ -196,7 +198,7 @@ def test_switch_rows_change_domain_once_and_resume_bit_identically(tmp_path):
         MixedBatchSampler(shards, batch_size=B, seq_len=T).load_state_dict(state)
 
 
-def test_switch_batches_cover_every_ordered_pair_half_and_half(tmp_path):
+def test_switch_batches_cover_every_ordered_pair_with_random_cuts(tmp_path):
     D, T = 3, 16
     shards = [make_shard(tmp_path, np.arange(3000, dtype=np.uint16) + 3000 * d, f"d{d}.arrow") for d in range(D)]
     batches = switch_batches(shards, batch_size=5, seq_len=T, per_pair=2)
@@ -206,10 +208,12 @@ def test_switch_batches_cover_every_ordered_pair_half_and_half(tmp_path):
     y = torch.cat([b[1] for b in batches])
     assert x.shape == (D * (D - 1) * 2, T) and [b[0].shape[0] for b in batches] == [5, 5, 2]
     assert torch.equal(x[:, 1:], y[:, :-1])
-    first, second = x[:, : T // 2] // 3000, y[:, T // 2 :] // 3000
-    assert (first == first[:, :1]).all() and (second == second[:, :1]).all()
-    pairs = [(int(a), int(b)) for a, b in zip(first[:, 0], second[:, 0])]
-    assert sorted(set(pairs)) == [(a, b) for a in range(D) for b in range(D) if a != b]
+    cuts = switch_cuts(D, T, per_pair=2)
+    assert ((cuts >= T // 4) & (cuts <= 3 * T // 4)).all() and len(set(cuts.tolist())) > 1
+    window = torch.cat([x, y[:, -1:]], dim=1) // 3000  # (W, T + 1) domain of every token
+    for w, ((a, b), cut) in enumerate(zip(switch_pairs(D, per_pair=2), cuts)):
+        assert (window[w, :cut] == a).all() and (window[w, cut:] == b).all(), w
+    assert sorted(set(switch_pairs(D, 2))) == [(a, b) for a in range(D) for b in range(D) if a != b]
 
 
 def test_load_state_dict_rejects_other_shapes(tmp_path):

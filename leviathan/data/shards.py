@@ -224,22 +224,41 @@ def switch_window(first: TokenShard, second: TokenShard, seq_len: int, cut: int,
     return np.concatenate([first.tokens[sa : sa + cut], second.tokens[sb : sb + rest]]).astype(np.int64)
 
 
-SWITCH_WINDOWS_PER_PAIR = 8
+SWITCH_WINDOWS_PER_PAIR = 32
 SWITCH_SEED = 1234
+
+
+def switch_pairs(num_domains: int, per_pair: int = SWITCH_WINDOWS_PER_PAIR) -> list[tuple[int, int]]:
+    """(first, second) domain of every switch window, in `switch_batches` order: every ordered
+    pair a != b (a-major), `per_pair` windows each."""
+    return [(a, b) for a in range(num_domains) for b in range(num_domains) if a != b for _ in range(per_pair)]
+
+
+def switch_cuts(
+    num_domains: int, seq_len: int, per_pair: int = SWITCH_WINDOWS_PER_PAIR, seed: int = SWITCH_SEED
+) -> np.ndarray:
+    """(W,) int64 cut of every switch window (tokens 0 .. cut-1 come from the first domain), uniform
+    in [T/4, 3T/4] from their own fixed seed, so a scorer can recompute them without the tokens."""
+    rng = np.random.Generator(np.random.PCG64([seed, 1]))
+    low, high = max(1, seq_len // 4), max(1, (3 * seq_len) // 4)
+    return rng.integers(low, high + 1, size=len(switch_pairs(num_domains, per_pair))).astype(np.int64)
 
 
 def switch_batches(
     shards: list[TokenShard], batch_size: int, seq_len: int, per_pair: int = SWITCH_WINDOWS_PER_PAIR, seed: int = SWITCH_SEED
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The domain-switch evaluation set: `per_pair` windows for every ordered pair of domains
-    (a, b), a != b, the first T // 2 tokens from a and the rest from b, random starts from a
-    fixed seed (the same windows for every caller), in batches of at most `batch_size`."""
+    (a, b), a != b (`switch_pairs` order), the first `cut` tokens from a and the rest from b, the
+    cuts drawn at random in [T/4, 3T/4] (`switch_cuts`) so that no fixed switch point can be
+    learned, random starts from a fixed seed (the same windows for every caller), in batches
+    of at most `batch_size`."""
     if len(shards) < 2:
         raise DataError("switch windows need at least two domains")
     rng = np.random.Generator(np.random.PCG64(seed))
+    cuts = switch_cuts(len(shards), seq_len, per_pair, seed)
     windows = np.stack([
-        switch_window(shards[a], shards[b], seq_len, seq_len // 2, rng)
-        for a in range(len(shards)) for b in range(len(shards)) if a != b for _ in range(per_pair)
+        switch_window(shards[a], shards[b], seq_len, int(cut), rng)
+        for (a, b), cut in zip(switch_pairs(len(shards), per_pair), cuts)
     ])  # (pairs * per_pair, T + 1)
     return [
         (torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:])))
