@@ -108,6 +108,7 @@ class EvalResult:
             "windows_per_domain": self.windows_per_domain,
             "windows": {d: self.windows_per_domain for d in domains},
             "switch_windows": self.switch_windows,
+            "split": "val",
             **settings,
         }
         return build_report(rows=self.rows, member_modules=member_modules, domains=domains, nll=self.nll,

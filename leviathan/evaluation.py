@@ -57,7 +57,9 @@ import torch
 import torch.nn.functional as F
 
 from leviathan.baselines import BaselineSettings, decayed_posterior, fixed_share, tune_baselines
-from leviathan.data.shards import TokenShard, eval_batches, switch_batches, switch_cuts, switch_pairs
+from leviathan.data.shards import (
+    TokenShard, dev_batches, eval_batches, switch_batches, switch_cuts, switch_pairs, train_part,
+)
 from leviathan.data.staging import PreparedData
 from leviathan.model.ensemble import LeviathanEnsemble, MemberOutputs, input_logprobs, merge_members, run_members
 from leviathan.run.names import BASELINES, MERGED, MIXED, RUNNING_POSTERIOR, SWITCH, SWITCH_PRE, row_order  # noqa: F401
@@ -298,9 +300,10 @@ def merged_gaps(columns: Columns, rows: list[str], resamples: int = BOOTSTRAP_RE
 def tuning_batches(
     train_shards: list[TokenShard], batch_size: int, seq_len: int, max_batches: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The windows the baselines are tuned on, all from the train split (never val): every
-    domain's `eval_batches` of its train shard, and with two or more domains the
-    `switch_batches` cut from the train shards."""
+    """The windows the baselines are tuned on, all from the train split (never val, never its
+    dev tail): every domain's `eval_batches` of its train shard's `train_part`, and with two or
+    more domains the `switch_batches` cut from those parts."""
+    train_shards = [train_part(s) for s in train_shards]
     batches = [b for shard in train_shards for b in eval_batches(shard, batch_size, seq_len, max_batches)]
     if len(train_shards) > 1:
         batches += switch_batches(train_shards, batch_size, seq_len)
@@ -390,6 +393,7 @@ def evaluate_ensemble(
     prefix_tokens: int | None = None,
     device: str | torch.device | None = None,
     baselines: BaselineSettings | None = None,
+    split: str = "val",
 ) -> dict[str, Any]:
     """Evaluate every row of the table on every domain's val split and the mixed set.
 
@@ -403,7 +407,9 @@ def evaluate_ensemble(
     two or more domains the switch column scores `switch_batches` of the val
     splits, on the same positions.
 
-    baselines: the settings of fixed share and the decayed posterior; None tunes
+    split: "val" (the run's figures) or "dev" (the same windows cut from the dev
+    tail of every train shard, `leviathan.data.shards.dev_batches`: what recipe
+    choices are made on). baselines: the settings of fixed share and the decayed posterior; None tunes
     them on the train split (`tune_on_train`, the windows a training run tunes on).
 
     merged=False leaves the merged row out (an ensemble whose merger never trained:
@@ -437,25 +443,29 @@ def evaluate_ensemble(
         raise EvaluationError(f"prefix_tokens: {prefix_tokens} must be in 0..{seq_len - 1}")
     if batch_size < 1 or max_batches < 1:
         raise EvaluationError(f"batch_size and max_batches must be >= 1, got {batch_size}, {max_batches}")
+    if split not in ("val", "dev"):
+        raise EvaluationError(f"split: must be 'val' or 'dev', got {split!r}")
 
     if device is None:
         device = next(ensemble.parameters()).device
     device = torch.device(device)
     was_training = ensemble.training
     ensemble.to(device).eval()
-    shards = [manifest.shard(d, "val") for d in domains]
+    if split == "val":
+        shards = [manifest.shard(d, "val") for d in domains]
+        domain_sets = [eval_batches(shard, batch_size, seq_len, max_batches) for shard in shards]
+        switch_set = switch_batches(shards, batch_size, seq_len) if len(domains) > 1 else None
+    else:
+        domain_sets, switch_set = dev_batches([manifest.shard(d, "train") for d in domains], batch_size, seq_len,
+                                              max_batches)
     try:
         if baselines is None:
             baselines = tune_on_train(ensemble, manifest, domains, batch_size, seq_len, max_batches, prefix_tokens, device)
         scores = {
-            d: _score_batches(ensemble, eval_batches(shard, batch_size, seq_len, max_batches), prefix_tokens, device,
-                              baselines)
-            for d, shard in zip(domains, shards)
+            d: _score_batches(ensemble, batches, prefix_tokens, device, baselines)
+            for d, batches in zip(domains, domain_sets)
         }
-        switch = None
-        if len(domains) > 1:
-            switch = _score_batches(ensemble, switch_batches(shards, batch_size, seq_len), prefix_tokens, device,
-                                    baselines)
+        switch = None if switch_set is None else _score_batches(ensemble, switch_set, prefix_tokens, device, baselines)
     finally:
         ensemble.train(was_training)
 
@@ -464,7 +474,7 @@ def evaluate_ensemble(
         scores = {d: _drop_merged(sc) for d, sc in scores.items()}
         switch = None if switch is None else _drop_merged(switch)
     member_modules = {n: cfg.module_of(i) for i, n in enumerate(ensemble.member_names)}
-    bpt = {d: manifest.bytes_per_token(d, "val") for d in domains}
+    bpt = {d: manifest.bytes_per_token(d, "val" if split == "val" else "train") for d in domains}
     columns = build_columns({d: s.per_token for d, s in scores.items()}, seq_len, prefix_tokens,
                             None if switch is None else switch.per_token)
     k = columns.windows_per_domain
@@ -500,6 +510,7 @@ def evaluate_ensemble(
             "merge": cfg.merge,
             "mixer": cfg.mixer,
             "switch_windows": columns.switch_windows,
+            "split": split,
         },
     )
 

@@ -337,3 +337,21 @@ def test_manifest_writes_what_it_reads(tmp_path):
     assert Manifest.from_dict(m.to_dict()) == m
     out = tmp_path / "copy"
     assert read_manifest(write(m, str(out))) == m
+
+
+def test_samplers_never_draw_the_dev_tail(tmp_path):
+    """The dev split is the tail of every train shard: no training window (plain or switch)
+    reaches it, and the dev windows come from it alone."""
+    from leviathan.data.shards import dev_batches, dev_tokens
+
+    n, T = 20000, 16
+    shards = [make_shard(tmp_path, (np.arange(n) % 60000).astype(np.uint16) + 0, f"t{d}.arrow") for d in range(2)]
+    dev = dev_tokens(n)
+    assert dev == 4096
+    sampler = MixedBatchSampler(shards, batch_size=8, seq_len=T, seed=0, switch_fraction=0.5)
+    drawn = max(int(torch.cat(sampler.next()).max()) for _ in range(300))
+    assert n - dev - 200 < drawn < n - dev, "windows reach close to, never into, the dev tail"
+    per_domain, switch = dev_batches(shards, batch_size=4, seq_len=T, max_batches=2)
+    for batches in [*per_domain, switch]:
+        assert all(int(x.min()) >= n - dev and int(y.max()) < n for x, y in batches)
+    assert dev_tokens(1000) == 0, "a tiny shard has no dev split (it all trains)"

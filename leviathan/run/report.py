@@ -215,7 +215,7 @@ def format_report(report: dict[str, Any], title: str | None = None) -> str:
     if title:
         out += [f"# {title}", ""]
     out.append(
-        f"Val windows of {s['seq_len']} tokens, the first {s['prefix_tokens']} of each are the "
+        f"{'Dev' if s.get('split') == 'dev' else 'Val'} windows of {s['seq_len']} tokens, the first {s['prefix_tokens']} of each are the "
         f"posterior's dev prefix and are not scored (every row is scored on the same "
         f"{s['scored_tokens_per_window']} tokens per window); every domain is scored on "
         f"{s['windows_per_domain']} windows and the mixed set is all of them."
