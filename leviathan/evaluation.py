@@ -14,14 +14,25 @@ Rows of the table (what the merged model is compared with, DESIGN section 4):
 - ``running posterior``: the causal per-token Bayes posterior over members with
   a uniform prior, ``w_m[t] = softmax_m(sum_{s < t} log p_m(y_s | y_<s))``,
   ``p(y_t) = sum_m w_m[t] p_m(y_t)``: no dev prefix, it updates at every token.
+- ``fixed share`` and ``decayed posterior``: the classic expert-tracking mixtures
+  (`leviathan.baselines`), their settings tuned on train-split windows
+  (`tuning_batches`), recorded in the report's ``baselines``.
+- ``merged (no state)``: the trained merger with its state term (the correlation
+  of the members' projected states) zeroed, its evidence term alone
+  (`no_state_weights`): what the learned correlation adds.
+
+"Best baseline" is, per column, the best of the training-free rows (uniform,
+both posteriors, fixed share, decayed posterior); the report gives merged minus
+it with a paired bootstrap 95% CI over windows (`merged_gaps`).
 
 Columns: each domain's val split, the mixed val set, and the domain-switch
 set. Every domain is scored on the same fixed number of windows k and the
 mixed set is all of them, so the mixed loss is the mean of the domains'
-losses. The switch set (`leviathan.data.shards.switch_batches`) holds windows whose
-first half comes from one domain and second half from another, for every
-ordered pair of domains (fixed seed): per-token routing matters most where
-the domain changes mid-context.
+losses. The switch set (`leviathan.data.shards.switch_batches`) holds 32
+windows per ordered pair of domains that change domain at a cut drawn in
+[T/4, 3T/4] (fixed seed): per-token routing matters most where the domain
+changes mid-context. Its scored targets are split at the cut: ``switch`` is
+the loss after it, ``switch pre`` before it.
 
 One scoring function, `score_windows`, turns per-token log-probabilities into
 every row's figures. It runs here in one process and, on the same windows,
