@@ -308,6 +308,9 @@ def merged_gaps(columns: Columns, rows: list[str], resamples: int = BOOTSTRAP_RE
     return out
 
 
+TUNING_SWITCH_PER_PAIR = 8
+
+
 def tuning_batches(
     train_shards: list[TokenShard], batch_size: int, seq_len: int, max_batches: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -315,9 +318,11 @@ def tuning_batches(
     dev tail): every domain's `eval_batches` of its train shard's `train_part`, and with two or
     more domains the `switch_batches` cut from those parts."""
     train_shards = [train_part(s) for s in train_shards]
-    batches = [b for shard in train_shards for b in eval_batches(shard, batch_size, seq_len, max_batches)]
+    # Three settings need far fewer windows than the val set: a quarter of its batches and a
+    # quarter of its switch windows keep the closing evaluation cheap.
+    batches = [b for shard in train_shards for b in eval_batches(shard, batch_size, seq_len, max(1, max_batches // 4))]
     if len(train_shards) > 1:
-        batches += switch_batches(train_shards, batch_size, seq_len)
+        batches += switch_batches(train_shards, batch_size, seq_len, per_pair=TUNING_SWITCH_PER_PAIR)
     return batches
 
 
