@@ -7,13 +7,19 @@ scores with the same settings. For each batch every rank runs its members once
 (`leviathan.model.ensemble.run_members`) and gathers:
 
 - every member's log-probs of the targets (M, B, T), to every rank;
-- with a merger, the merged model's log-probs of the targets: rank r merges
-  its own rows R_r from the gathered states (`merge_members`), then the rows
-  are gathered back into (B, T).
+- with a merger, the merged model's log-probs of the targets and those of the
+  merger with its state term zeroed: rank r merges its own rows R_r from the
+  gathered states (`leviathan.evaluation.merged_logprobs`), then the rows are
+  gathered back into (B, T, 2).
 
-The per-token log-probs then go through the one scoring function,
-`leviathan.evaluation.score_windows` (dev prefix excluded from every row, a
-fixed number of windows per domain), so the figures equal the report's.
+The per-token log-probs then go through the one scoring path,
+`leviathan.evaluation.row_logprobs` and `build_columns` (dev prefix excluded
+from every row, a fixed number of windows per domain, the switch set split at
+its cuts), so the figures equal the report's.
+
+`tune` fits the tracking baselines (`leviathan.baselines.tune_baselines`) on the
+members' target log-probs of train-split windows (`tuning_set`), gathered the
+same way; the closing evaluation scores them with those settings.
 
 All ranks must call `evaluate` together (it runs collectives).
 """
@@ -28,11 +34,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from cluster.data import rank_shards, shared_batches
 from cluster.members import Member
 from cluster.merge import Exchange, gather_outputs, rank_outputs
-from leviathan.model.ensemble import merge_members
-from leviathan.evaluation import column_nll, column_sizes, score_windows
-from leviathan.run.names import MIXED, SWITCH, row_order
+from cluster.plan import RunPlan
+from leviathan.baselines import BaselineSettings, tune_baselines
+from leviathan.data.staging import PreparedData
+from leviathan.evaluation import (
+    Columns, build_columns, column_bytes, merged_gaps, merged_logprobs, row_logprobs, tuning_batches,
+)
+from leviathan.run.names import MIXED, SWITCH, SWITCH_PRE, row_order
 from leviathan.run.report import build_report
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -40,28 +51,38 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class EvalResult:
-    """Every row's summed NLL on every column (each domain, MIXED, SWITCH) and its loss per scored token."""
+    """Every row's per-window NLL on every column (each domain, MIXED, SWITCH, SWITCH_PRE) and its
+    loss per scored token."""
 
-    rows: list[str]  # merged (with a merger), the members in module-major order, uniform, the posteriors
-    nll: dict[str, list[float]]  # column -> summed NLL of each row
-    windows_per_domain: int
-    switch_windows: int
+    rows: list[str]  # merged rows (with a merger), the members in module-major order, the baselines
+    columns: Columns
     seq_len: int
     prefix_tokens: int
+    baselines: BaselineSettings
+
+    @property
+    def nll(self) -> dict[str, list[float]]:
+        """Column -> summed NLL of each row."""
+        return self.columns.sums()
+
+    @property
+    def windows_per_domain(self) -> int:
+        return self.columns.windows_per_domain
+
+    @property
+    def switch_windows(self) -> int:
+        return self.columns.switch_windows
 
     @property
     def losses(self) -> dict[str, list[float]]:
         """Column -> loss (nats per scored token) of each row."""
-        scored = self.seq_len - self.prefix_tokens
-        domains = [c for c in self.nll if c not in (MIXED, SWITCH)]
-        windows = {c: self.windows_per_domain for c in domains} | {MIXED: self.windows_per_domain * len(domains)}
-        windows[SWITCH] = self.switch_windows
-        return {c: [v / (windows[c] * scored) for v in sums] for c, sums in self.nll.items()}
+        tokens = self.columns.token_counts()
+        return {c: [v / max(tokens[c], 1) for v in sums] for c, sums in self.nll.items()}
 
     def by_domain(self, row: str) -> dict[str, float]:
         """Row `row`'s loss per domain (the MIXED and SWITCH columns left out)."""
         r = self.rows.index(row)
-        return {c: v[r] for c, v in self.losses.items() if c not in (MIXED, SWITCH)}
+        return {c: v[r] for c, v in self.losses.items() if c not in (MIXED, SWITCH, SWITCH_PRE)}
 
     def mixed(self, row: str) -> float:
         return self.losses[MIXED][self.rows.index(row)]
@@ -80,9 +101,6 @@ class EvalResult:
         (`leviathan.run.report.build_report`); bytes_per_token: each domain's val split, in
         module order."""
         domains = list(bytes_per_token)
-        tokens, nbytes = column_sizes(
-            bytes_per_token, self.windows_per_domain, self.seq_len, self.prefix_tokens, self.switch_windows
-        )
         settings = {
             "seq_len": self.seq_len,
             "prefix_tokens": self.prefix_tokens,
@@ -90,10 +108,49 @@ class EvalResult:
             "windows_per_domain": self.windows_per_domain,
             "windows": {d: self.windows_per_domain for d in domains},
             "switch_windows": self.switch_windows,
+            "split": "val",
             **settings,
         }
         return build_report(rows=self.rows, member_modules=member_modules, domains=domains, nll=self.nll,
-                            tokens=tokens, nbytes=nbytes, settings=settings, evidence=evidence)
+                            tokens=self.columns.token_counts(), nbytes=column_bytes(self.columns, bytes_per_token),
+                            settings=settings, evidence=evidence, baselines=self.baselines.to_dict(),
+                            gaps=merged_gaps(self.columns, self.rows))
+
+
+def tuning_set(
+    manifest: PreparedData, plan: RunPlan, rank: int, world_size: int, device: torch.device
+) -> list[Batch]:
+    """The train-split windows the baselines are tuned on (`leviathan.evaluation.tuning_batches`),
+    the same on every rank, each domain's windows read only by its owner."""
+    t = plan.training
+    shards = rank_shards(manifest, plan, rank, "train")
+    return shared_batches(tuning_batches(shards, t.batch_size, t.seq_len, t.eval_batches), world_size, device)
+
+
+@torch.no_grad()
+def tune(
+    members: Sequence[Member],
+    batches: list[Batch],
+    prefix_tokens: int,
+    exchange: Exchange,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> BaselineSettings:
+    """Fixed share's alpha and the decayed posterior's (beta, gamma) tuned on `batches`
+    (`tuning_set`), the same settings on every rank (all ranks must call it together)."""
+    was_training = [m.model.training for m in members]
+    for m in members:
+        m.model.eval()
+    try:
+        lps = []
+        for x, y in batches:
+            with autocast():
+                outputs = gather_outputs(rank_outputs(members, x.to(device), y.to(device), members_grad=False), exchange)
+            lps.append(outputs.target_logprobs.float().permute(1, 2, 0).cpu())  # (B, T, M)
+    finally:
+        for m, t in zip(members, was_training):
+            m.model.train(t)
+    return tune_baselines(torch.cat(lps), prefix_tokens)
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -120,32 +177,34 @@ def evaluate(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     switch_set: list[Batch] | None = None,
+    baselines: BaselineSettings | None = None,
 ) -> EvalResult:
     """Every row's loss on every domain, the mixed set and (given switch_set) the switch
-    set (member_names: all members, module-major)."""
+    set (member_names: all members, module-major); baselines: the tracking baselines'
+    settings (`tune`; None: their untuned defaults)."""
+    baselines = baselines or BaselineSettings()
     was_training = [m.model.training for m in members]
     for m in members:
         m.model.eval()
     if merger is not None:
         merger.eval()
     try:
-        score = lambda batches: _score(members, merger, batches, prefix_tokens, exchange, device, autocast)  # noqa: E731
-        nll = {domain: score(batches) for domain, batches in val_sets.items()}
-        switch_nll = score(switch_set) if switch_set else None
+        score = lambda batches: _score(members, merger, batches, prefix_tokens, exchange, device, autocast,  # noqa: E731
+                                       baselines)
+        per_token = {domain: score(batches) for domain, batches in val_sets.items()}
+        switch = score(switch_set) if switch_set else None
     finally:
         for m, t in zip(members, was_training):
             m.model.train(t)
         if merger is not None:
             merger.train()
     seq_len = next(iter(val_sets.values()))[0][1].shape[1]
-    sums, k = column_nll(nll, switch_nll)
     return EvalResult(
         rows=row_order(list(member_names), merger is not None),
-        nll={c: v.tolist() for c, v in sums.items()},
-        windows_per_domain=k,
-        switch_windows=0 if switch_nll is None else switch_nll.shape[1],
+        columns=build_columns(per_token, seq_len, prefix_tokens, switch),
         seq_len=seq_len,
         prefix_tokens=prefix_tokens,
+        baselines=baselines,
     )
 
 
@@ -157,8 +216,9 @@ def _score(
     exchange: Exchange,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    baselines: BaselineSettings,
 ) -> torch.Tensor:
-    """Every row's summed NLL (R, N) on the N windows of `batches`."""
+    """Every row's per-token log-probs (N, T, R) on the N windows of `batches` (on the CPU)."""
     parts = []
     for x, y in batches:
         x, y = x.to(device), y.to(device)
@@ -167,8 +227,8 @@ def _score(
             merged_lp = None
             if merger is not None:
                 rows = exchange.rows(x.shape[0])
-                mine = merge_members(merger, outputs, y[rows], rows).target_logprobs  # (b, T)
-                merged_lp = exchange.gather_rows(mine, x.shape[0])  # (B, T)
+                mine, _ = merged_logprobs(merger, outputs, y[rows], rows)  # (b, T, 2)
+                merged_lp = exchange.gather_rows(mine.contiguous(), x.shape[0])  # (B, T, 2)
         member_lp = outputs.target_logprobs.float().permute(1, 2, 0)  # (B, T, M)
-        parts.append(score_windows(member_lp, merged_lp, prefix_tokens))  # (R, B)
-    return torch.cat(parts, dim=1)
+        parts.append(row_logprobs(member_lp, merged_lp, prefix_tokens, baselines).cpu())  # (B, T, R)
+    return torch.cat(parts, dim=0)

@@ -38,7 +38,7 @@ import ray.train.torch
 import torch
 
 from cluster import checkpointing
-from cluster.evaluation import EvalResult, evaluate, gather_objects, mean
+from cluster.evaluation import EvalResult, evaluate, gather_objects, mean, tune, tuning_set
 from cluster.members import Member, Module, adamw, build_member, build_merger, derived_seed, merger_adamw
 from cluster.merge import CommTimer, Exchange, local_parameters, merged_loss, reduce_and_clip
 from cluster.metrics import Gauges, MetricsLog, format_line, format_progress
@@ -329,9 +329,14 @@ class EnsembleWorker:
     ) -> dict[str, Any]:
         # Without phase 2 the merger never trained: no merged row, so no verdict on it.
         merger = self.merger if phase == "merge" and self.t.phase2_steps > 0 else None
+        # The closing table's tracking baselines are tuned on train-split windows, once the members are final.
+        baselines = None
+        if final:
+            windows = tuning_set(self.manifest, self.plan, self.rank, self.world_size, self.device)
+            baselines = tune(self.members, windows, self.prefix_tokens, self.exchange, self.device, self.autocast)
         result = evaluate(
             self.members, self.config.member_names, merger, self.val_sets, self.prefix_tokens,
-            self.exchange, self.device, self.autocast, self.switch_set,
+            self.exchange, self.device, self.autocast, self.switch_set, baselines,
         )
         tokens = self.interval_steps * self.t.batch_size * self.t.seq_len
         tps = tokens / elapsed if elapsed > 0 and self.interval_steps else None

@@ -14,14 +14,25 @@ Rows of the table (what the merged model is compared with, DESIGN section 4):
 - ``running posterior``: the causal per-token Bayes posterior over members with
   a uniform prior, ``w_m[t] = softmax_m(sum_{s < t} log p_m(y_s | y_<s))``,
   ``p(y_t) = sum_m w_m[t] p_m(y_t)``: no dev prefix, it updates at every token.
+- ``fixed share`` and ``decayed posterior``: the classic expert-tracking mixtures
+  (`leviathan.baselines`), their settings tuned on train-split windows
+  (`tuning_batches`), recorded in the report's ``baselines``.
+- ``merged (no state)``: the trained merger with its state term (the correlation
+  of the members' projected states) zeroed, its evidence term alone
+  (`no_state_weights`): what the learned correlation adds.
+
+"Best baseline" is, per column, the best of the training-free rows (uniform,
+both posteriors, fixed share, decayed posterior); the report gives merged minus
+it with a paired bootstrap 95% CI over windows (`merged_gaps`).
 
 Columns: each domain's val split, the mixed val set, and the domain-switch
 set. Every domain is scored on the same fixed number of windows k and the
 mixed set is all of them, so the mixed loss is the mean of the domains'
-losses. The switch set (`leviathan.data.shards.switch_batches`) holds windows whose
-first half comes from one domain and second half from another, for every
-ordered pair of domains (fixed seed): per-token routing matters most where
-the domain changes mid-context.
+losses. The switch set (`leviathan.data.shards.switch_batches`) holds 32
+windows per ordered pair of domains that change domain at a cut drawn in
+[T/4, 3T/4] (fixed seed): per-token routing matters most where the domain
+changes mid-context. Its scored targets are split at the cut: ``switch`` is
+the loss after it, ``switch pre`` before it.
 
 One scoring function, `score_windows`, turns per-token log-probabilities into
 every row's figures. It runs here in one process and, on the same windows,
@@ -56,10 +67,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from leviathan.data.shards import eval_batches, switch_batches
+from leviathan.baselines import BaselineSettings, decayed_posterior, fixed_share, tune_baselines
+from leviathan.data.shards import (
+    TokenShard, dev_batches, eval_batches, switch_batches, switch_cuts, switch_pairs, train_part,
+)
 from leviathan.data.staging import PreparedData
-from leviathan.model.ensemble import LeviathanEnsemble, merge_members, run_members
-from leviathan.run.names import MIXED, RUNNING_POSTERIOR, SWITCH, row_order
+from leviathan.model.ensemble import LeviathanEnsemble, MemberOutputs, input_logprobs, merge_members, run_members
+from leviathan.run.names import BASELINES, MERGED, MIXED, RUNNING_POSTERIOR, SWITCH, SWITCH_PRE, row_order  # noqa: F401
 from leviathan.run.report import build_report, format_report, row  # noqa: F401  (the report's API, re-exported)
 
 
@@ -69,13 +83,12 @@ class EvaluationError(ValueError):
 
 @dataclass
 class _Scores:
-    """Summed negative log-likelihood per row and eval window of one domain.
+    """Every row's log-probs of one set of windows.
 
-    nll: (R, N) float64, R rows (merged, members..., uniform, posterior), N windows.
+    per_token: (N, T, R) float32 log p_row(y_t), R rows in `row_names` order, N windows.
     """
 
-    nll: torch.Tensor
-    tokens_per_window: int
+    per_token: torch.Tensor
     posterior_weights: torch.Tensor  # (N, M): each window's posterior over members
     running_weights: torch.Tensor  # (M,): the running posterior's mean weight per member
     merger_weights: torch.Tensor  # (M,): the merger's mean routing weight per member
@@ -120,49 +133,220 @@ def default_prefix_tokens(seq_len: int) -> int:
     return seq_len // 4
 
 
-def score_windows(member_lp: torch.Tensor, merged_lp: torch.Tensor | None, prefix_tokens: int) -> torch.Tensor:
-    """The one scoring function: per-token log-probs of a set of windows -> each row's NLL per window.
+def no_state_weights(merger: Any, member_lp: torch.Tensor) -> torch.Tensor:
+    """The merger's weights (B, T, M, H) with its state term zeroed: the correlation score of the
+    members' projected states (q . k, every lag) is 0, so only the evidence term is left,
+    w[t, m, h] = softmax_m beta_h e_m[t, h] (without evidence: uniform). member_lp: (B, T, M)."""
+    B, T, M = member_lp.shape
+    if not merger.evidence:
+        return member_lp.new_full((B, T, M, merger.n_head), 1.0 / M)
+    return torch.softmax(merger.evidence_term(input_logprobs(member_lp)), dim=2)
 
-    member_lp: (N, T, M) log p_m(y_t | y_<t) of every member; merged_lp: (N, T)
-    the merged model's, or None when there is no merger yet. Rows, in
-    `row_names` order: merged (when given), the members, then the mixtures of
-    the members (`mix_members`). A new row is one more (N, T) log-prob derived
-    here; a new column is one more set of windows. Returns (R, N) float64:
-    -sum_{t >= P} log p_row(y_t) for every window (the dev prefix t < P is
-    excluded from every row, so all rows are scored on the same tokens).
+
+def merged_logprobs(
+    merger: Any, outputs: MemberOutputs, targets: torch.Tensor, rows: slice = slice(None)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged rows' target log-probs (b, T, 2): the merger, then the merger with its state
+    term zeroed (`no_state_weights`, same merge otherwise); and the merger's weights (b, T, M, H)."""
+    out = merge_members(merger, outputs, targets, rows)
+    member_lp = outputs.target_logprobs[:, rows].permute(1, 2, 0)  # (b, T, M)
+    ablated = merge_members(merger, outputs, targets, rows, weights=no_state_weights(merger, member_lp))
+    return torch.stack([out.target_logprobs, ablated.target_logprobs], dim=-1), out.weights
+
+
+def row_logprobs(
+    member_lp: torch.Tensor,
+    merged_lp: torch.Tensor | None,
+    prefix_tokens: int,
+    baselines: BaselineSettings | None = None,
+) -> torch.Tensor:
+    """Every row's per-token log-probs (N, T, R) from the members' (N, T, M).
+
+    merged_lp: (N, T, K) the merged rows' (`merged_logprobs`: merged, merged (no
+    state)), or None when there is no merger yet. Rows, in `row_names` order: the
+    merged rows, the members, then the training-free mixtures of the members
+    (`mix_members`, `running_posterior`, and fixed share and the decayed posterior
+    with `baselines`' settings, `leviathan.baselines`). A new row is one more (N, T)
+    log-prob derived here.
     """
+    b = baselines or BaselineSettings()
+    member_lp = member_lp.float()
     uniform_lp, posterior_lp, _ = mix_members(member_lp, prefix_tokens)
     running_lp, _ = running_posterior(member_lp)
-    rows = [member_lp, uniform_lp.unsqueeze(-1), posterior_lp.unsqueeze(-1), running_lp.unsqueeze(-1)]
+    rows = [member_lp, uniform_lp, posterior_lp, running_lp, fixed_share(member_lp, b.alpha),
+            decayed_posterior(member_lp, b.beta, b.gamma)]
     if merged_lp is not None:
-        rows.insert(0, merged_lp.unsqueeze(-1))
-    per_token = torch.cat(rows, dim=-1)  # (N, T, R)
-    return -per_token[:, prefix_tokens:].double().sum(dim=1).T  # (R, N)
+        rows.insert(0, merged_lp.float() if merged_lp.dim() == 3 else merged_lp.float().unsqueeze(-1))
+    return torch.cat([r if r.dim() == 3 else r.unsqueeze(-1) for r in rows], dim=-1)
 
 
-def column_nll(
-    nll_by_domain: dict[str, torch.Tensor], switch_nll: torch.Tensor | None = None
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Summed NLL per row (R,) of every column: each domain, the mixed set, then the switch set.
+def window_nll(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(R, N) float64: -sum over the positions `mask` (N, T) of every row's log-probs (N, T, R)."""
+    return -(per_token.double() * mask.to(per_token.device).unsqueeze(-1)).sum(dim=1).T.cpu()
 
-    Every domain is scored on the same fixed number of windows k (the fewest
-    any domain gave: its first k), and the mixed set is all of them, so a
-    mixed-set loss is exactly the mean of the domains' losses. switch_nll
-    (R, N_switch): every switch window (the column is left out when None).
-    Returns ({column: (R,) summed NLL}, k).
+
+def prefix_mask(n: int, seq_len: int, prefix_tokens: int) -> torch.Tensor:
+    """(n, T) bool: the scored positions P..T-1 of every window."""
+    return (torch.arange(seq_len) >= prefix_tokens).expand(n, seq_len)
+
+
+def switch_masks(cuts: torch.Tensor, seq_len: int, prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(after, before) (W, T) bool: the scored targets (t >= P) of every switch window that come
+    from its second domain and from its first. Target t is token t + 1 of the window, from the
+    first domain when t + 1 < cut."""
+    t = torch.arange(seq_len)
+    scored = t >= prefix_tokens
+    before = t[None, :] < (torch.as_tensor(cuts)[:, None] - 1)
+    return scored & ~before, scored & before
+
+
+def switch_cuts_for(num_domains: int, windows: int, seq_len: int) -> torch.Tensor:
+    """The cuts of a switch set of `windows` windows (`switch_batches`, every ordered pair alike)."""
+    per_pair = windows // (num_domains * (num_domains - 1))
+    return torch.from_numpy(switch_cuts(num_domains, seq_len, per_pair))
+
+
+def score_windows(
+    member_lp: torch.Tensor, merged_lp: torch.Tensor | None, prefix_tokens: int,
+    baselines: BaselineSettings | None = None,
+) -> torch.Tensor:
+    """Each row's NLL per window (R, N) float64 on positions P..T-1 (`row_logprobs`, `window_nll`):
+    the dev prefix t < P is excluded from every row, so all rows are scored on the same tokens."""
+    N, T, _ = member_lp.shape
+    return window_nll(row_logprobs(member_lp, merged_lp, prefix_tokens, baselines), prefix_mask(N, T, prefix_tokens))
+
+
+@dataclass
+class Columns:
+    """Every column's per-window figures: nll column -> (R, N_c) float64, tokens column -> (N_c,)
+    scored tokens of each window. Columns: each domain (its first k windows), the mixed set
+    (all of them), the switch set after its cuts (`switch`) and before them (`switch pre`)."""
+
+    nll: dict[str, torch.Tensor]
+    tokens: dict[str, torch.Tensor]
+    windows_per_domain: int
+
+    def sums(self) -> dict[str, list[float]]:
+        return {c: v.sum(dim=1).tolist() for c, v in self.nll.items()}
+
+    def token_counts(self) -> dict[str, int]:
+        return {c: int(v.sum()) for c, v in self.tokens.items()}
+
+    @property
+    def switch_windows(self) -> int:
+        return int(self.tokens[SWITCH].shape[0]) if SWITCH in self.tokens else 0
+
+
+def build_columns(
+    by_domain: dict[str, torch.Tensor],
+    seq_len: int,
+    prefix_tokens: int,
+    switch_per_token: torch.Tensor | None = None,
+) -> Columns:
+    """The columns from each domain's per-token row log-probs (N_d, T, R) and the switch set's.
+
+    Every domain is scored on the same fixed number of windows k (the fewest any
+    domain gave: its first k), and the mixed set is all of them, so a mixed-set
+    loss is exactly the mean of the domains' losses.
     """
-    k = min(n.shape[1] for n in nll_by_domain.values())
-    sums = {d: n[:, :k].sum(dim=1) for d, n in nll_by_domain.items()}
-    sums[MIXED] = sum(sums.values())
-    if switch_nll is not None:
-        sums[SWITCH] = switch_nll.sum(dim=1)
-    return sums, k
+    k = min(v.shape[0] for v in by_domain.values())
+    nll, tokens = {}, {}
+    mask = prefix_mask(k, seq_len, prefix_tokens)
+    for d, per_token in by_domain.items():
+        nll[d], tokens[d] = window_nll(per_token[:k], mask), mask.sum(dim=1)
+    nll[MIXED] = torch.cat([nll[d] for d in by_domain], dim=1)
+    tokens[MIXED] = torch.cat([tokens[d] for d in by_domain])
+    if switch_per_token is not None:
+        cuts = switch_cuts_for(len(by_domain), switch_per_token.shape[0], seq_len)
+        for column, m in zip((SWITCH, SWITCH_PRE), switch_masks(cuts, seq_len, prefix_tokens)):
+            nll[column], tokens[column] = window_nll(switch_per_token, m), m.sum(dim=1)
+    return Columns(nll, tokens, k)
+
+
+def column_bytes(columns: Columns, bytes_per_token: dict[str, float]) -> dict[str, float]:
+    """Source bytes of every column's scored tokens: a domain's tokens times its val bytes per
+    token; a switch window's tokens after the cut count as its second domain's, before as its first's."""
+    domains = list(bytes_per_token)
+    out = {d: float(columns.tokens[d].sum()) * bytes_per_token[d] for d in domains}
+    out[MIXED] = sum(out[d] for d in domains)
+    if SWITCH in columns.tokens:
+        pairs = switch_pairs(len(domains), columns.switch_windows // (len(domains) * (len(domains) - 1)))
+        for column, side in ((SWITCH, 1), (SWITCH_PRE, 0)):
+            bpt = torch.tensor([bytes_per_token[domains[p[side]]] for p in pairs], dtype=torch.float64)
+            out[column] = float((columns.tokens[column].double() * bpt).sum())
+    return out
+
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+def merged_gaps(columns: Columns, rows: list[str], resamples: int = BOOTSTRAP_RESAMPLES,
+                seed: int = BOOTSTRAP_SEED) -> dict[str, dict[str, Any]]:
+    """Per column: the merged loss minus the best training-free baseline's (`names.BASELINES`,
+    the lowest loss on that column), with a paired bootstrap 95% CI over windows: `resamples`
+    draws of the column's windows with replacement (seeded), the gap of each draw its summed
+    NLL difference over its scored tokens, the CI the 2.5th and 97.5th percentiles.
+    Empty without a merged row."""
+    if MERGED not in rows:
+        return {}
+    merged = rows.index(MERGED)
+    baselines = [rows.index(b) for b in BASELINES]
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for column, nll in columns.nll.items():
+        tokens = columns.tokens[column].double()
+        if tokens.sum() == 0:
+            continue
+        best = min(baselines, key=lambda r: float(nll[r].sum()))
+        diff = nll[merged] - nll[best]  # (N,)
+        idx = torch.randint(0, diff.shape[0], (resamples, diff.shape[0]), generator=g)
+        draws = diff[idx].sum(dim=1) / tokens[idx].sum(dim=1).clamp(min=1)
+        low, high = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=draws.dtype)).tolist()
+        out[column] = {"best_baseline": rows[best], "gap": float(diff.sum() / tokens.sum()),
+                       "ci95": [low, high], "windows": int(diff.shape[0])}
+    return out
+
+
+TUNING_SWITCH_PER_PAIR = 8
+
+
+def tuning_batches(
+    train_shards: list[TokenShard], batch_size: int, seq_len: int, max_batches: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The windows the baselines are tuned on, all from the train split (never val, never its
+    dev tail): every domain's `eval_batches` of its train shard's `train_part`, and with two or
+    more domains the `switch_batches` cut from those parts."""
+    train_shards = [train_part(s) for s in train_shards]
+    # Three settings need far fewer windows than the val set: a quarter of its batches and a
+    # quarter of its switch windows keep the closing evaluation cheap.
+    batches = [b for shard in train_shards for b in eval_batches(shard, batch_size, seq_len, max(1, max_batches // 4))]
+    if len(train_shards) > 1:
+        batches += switch_batches(train_shards, batch_size, seq_len, per_pair=TUNING_SWITCH_PER_PAIR)
+    return batches
 
 
 @torch.no_grad()
+def _batch_logprobs(
+    ensemble: LeviathanEnsemble, x: torch.Tensor, y: torch.Tensor, prefix_tokens: int,
+    baselines: BaselineSettings | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every row's per-token log-probs (B, T, R) of one batch, posterior weights (B, M), and
+    the running posterior's and merger's weights (M,), each averaged over batch, time (and heads)."""
+    outputs = run_members(ensemble.members, ensemble.projections, x, y)
+    merged_lp, merged_w = merged_logprobs(ensemble.merger, outputs, y)
+    member_lp = outputs.target_logprobs.permute(1, 2, 0)  # (B, T, M)
+    per_token = row_logprobs(member_lp, merged_lp, prefix_tokens, baselines)
+    _, _, log_w = mix_members(member_lp, prefix_tokens)
+    running_w = running_posterior(member_lp)[1].exp().mean(dim=(0, 1))  # (M,)
+    merger_w = merged_w.float().mean(dim=(0, 1, 3))  # (M,)
+    return per_token.cpu(), log_w.exp().cpu(), running_w.cpu(), merger_w.cpu()
+
+
 def score_batch(
-    ensemble: LeviathanEnsemble, x: torch.Tensor, y: torch.Tensor, prefix_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ensemble: LeviathanEnsemble, x: torch.Tensor, y: torch.Tensor, prefix_tokens: int,
+    baselines: BaselineSettings | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score one batch of windows with every row of the table.
 
     x, y: (B, T) int64, y = x shifted by one. Each member runs once
@@ -173,64 +357,44 @@ def score_batch(
     posterior weights (B, M), running posterior and merger weights (M,) each
     averaged over batch, time (and heads)).
     """
-    outputs = run_members(ensemble.members, ensemble.projections, x, y)
-    merged = merge_members(ensemble.merger, outputs, y)
-    member_lp = outputs.target_logprobs.permute(1, 2, 0)  # (B, T, M)
-    nll = score_windows(member_lp, merged.target_logprobs, prefix_tokens)
-    _, _, log_w = mix_members(member_lp, prefix_tokens)
-    running_w = running_posterior(member_lp)[1].exp().mean(dim=(0, 1))  # (M,)
-    merger_w = merged.weights.float().mean(dim=(0, 1, 3))  # (M,)
-    return nll.cpu(), log_w.exp().cpu(), running_w.cpu(), merger_w.cpu()
+    per_token, *weights = _batch_logprobs(ensemble, x, y, prefix_tokens, baselines)
+    B, T = y.shape
+    return (window_nll(per_token, prefix_mask(B, T, prefix_tokens)), *weights)
 
 
 def _score_batches(
-    ensemble: LeviathanEnsemble, batches: list[tuple[torch.Tensor, torch.Tensor]], prefix_tokens: int, device: torch.device
+    ensemble: LeviathanEnsemble, batches: list[tuple[torch.Tensor, torch.Tensor]], prefix_tokens: int,
+    device: torch.device, baselines: BaselineSettings | None,
 ) -> _Scores:
-    nlls, post, running, merger = [], [], [], []
+    lps, post, running, merger = [], [], [], []
     for x, y in batches:
         x = torch.as_tensor(x, dtype=torch.long, device=device)  # (B, T)
         y = torch.as_tensor(y, dtype=torch.long, device=device)  # (B, T)
-        nll, w, rw, mw = score_batch(ensemble, x, y, prefix_tokens)
-        nlls.append(nll)
+        lp, w, rw, mw = _batch_logprobs(ensemble, x, y, prefix_tokens, baselines)
+        lps.append(lp)
         post.append(w)
         running.append(rw * x.shape[0])
         merger.append(mw * x.shape[0])
-    n_windows = sum(n.shape[1] for n in nlls)
+    n_windows = sum(lp.shape[0] for lp in lps)
     return _Scores(
-        nll=torch.cat(nlls, dim=1),
-        tokens_per_window=batches[0][0].shape[1] - prefix_tokens,
+        per_token=torch.cat(lps, dim=0),
         posterior_weights=torch.cat(post, dim=0),
         running_weights=torch.stack(running).sum(dim=0) / n_windows,
         merger_weights=torch.stack(merger).sum(dim=0) / n_windows,
     )
 
 
-def switch_scored_tokens(seq_len: int, prefix_tokens: int) -> tuple[int, int]:
-    """How many scored targets (P..T-1) of a switch window come from its first and second
-    domain: target t is token t + 1 of the window, from the first domain when t + 1 < T // 2."""
-    first = max(0, seq_len // 2 - 1 - prefix_tokens)
-    return first, seq_len - prefix_tokens - first
-
-
-def column_sizes(
-    bytes_per_token: dict[str, float], windows_per_domain: int, seq_len: int, prefix_tokens: int, switch_windows: int
-) -> tuple[dict[str, int], dict[str, float]]:
-    """Scored tokens and their source bytes per column (each domain, mixed, and switch when
-    `switch_windows` > 0): every domain is scored on `windows_per_domain` windows of
-    seq_len - prefix_tokens targets; bytes are tokens times the domain's val bytes per token."""
-    domains = list(bytes_per_token)
-    scored = seq_len - prefix_tokens
-    tokens = {d: windows_per_domain * scored for d in domains}
-    nbytes = {d: tokens[d] * bytes_per_token[d] for d in domains}
-    tokens[MIXED] = sum(tokens[d] for d in domains)
-    nbytes[MIXED] = sum(nbytes[d] for d in domains)
-    if switch_windows:
-        # Every ordered pair has the same number of windows: each domain is first (and second) in D - 1 pairs.
-        first, second = switch_scored_tokens(seq_len, prefix_tokens)
-        per_domain = switch_windows // len(domains)
-        tokens[SWITCH] = switch_windows * scored
-        nbytes[SWITCH] = sum(per_domain * (first + second) * bytes_per_token[d] for d in domains)
-    return tokens, nbytes
+@torch.no_grad()
+def tune_on_train(
+    ensemble: LeviathanEnsemble, manifest: PreparedData, domains: list[str], batch_size: int, seq_len: int,
+    max_batches: int, prefix_tokens: int, device: torch.device,
+) -> BaselineSettings:
+    """`tune_baselines` on the members' target log-probs of the train split's `tuning_batches`."""
+    lps = []
+    for x, y in tuning_batches([manifest.shard(d, "train") for d in domains], batch_size, seq_len, max_batches):
+        out = run_members(ensemble.members, ensemble.projections, x.to(device), y.to(device), members_grad=False)
+        lps.append(out.target_logprobs.permute(1, 2, 0).float().cpu())
+    return tune_baselines(torch.cat(lps), prefix_tokens)
 
 
 def evaluate_ensemble(
@@ -244,6 +408,8 @@ def evaluate_ensemble(
     max_batches: int = 4,
     prefix_tokens: int | None = None,
     device: str | torch.device | None = None,
+    baselines: BaselineSettings | None = None,
+    split: str = "val",
 ) -> dict[str, Any]:
     """Evaluate every row of the table on every domain's val split and the mixed set.
 
@@ -253,9 +419,14 @@ def evaluate_ensemble(
     `batch_size` windows of `seq_len` targets). prefix_tokens (default
     seq_len // 4) is the posterior's dev prefix P, excluded from every row's
     scored tokens. Every column uses the first k windows of every domain,
-    k = the smallest number of windows any domain gave (`column_nll`); with
+    k = the smallest number of windows any domain gave (`build_columns`); with
     two or more domains the switch column scores `switch_batches` of the val
     splits, on the same positions.
+
+    split: "val" (the run's figures) or "dev" (the same windows cut from the dev
+    tail of every train shard, `leviathan.data.shards.dev_batches`: what recipe
+    choices are made on). baselines: the settings of fixed share and the decayed posterior; None tunes
+    them on the train split (`tune_on_train`, the windows a training run tunes on).
 
     merged=False leaves the merged row out (an ensemble whose merger never trained:
     phase2_steps = 0), and with it the merger's weights and evidence.
@@ -288,21 +459,29 @@ def evaluate_ensemble(
         raise EvaluationError(f"prefix_tokens: {prefix_tokens} must be in 0..{seq_len - 1}")
     if batch_size < 1 or max_batches < 1:
         raise EvaluationError(f"batch_size and max_batches must be >= 1, got {batch_size}, {max_batches}")
+    if split not in ("val", "dev"):
+        raise EvaluationError(f"split: must be 'val' or 'dev', got {split!r}")
 
     if device is None:
         device = next(ensemble.parameters()).device
     device = torch.device(device)
     was_training = ensemble.training
     ensemble.to(device).eval()
-    shards = [manifest.shard(d, "val") for d in domains]
+    if split == "val":
+        shards = [manifest.shard(d, "val") for d in domains]
+        domain_sets = [eval_batches(shard, batch_size, seq_len, max_batches) for shard in shards]
+        switch_set = switch_batches(shards, batch_size, seq_len) if len(domains) > 1 else None
+    else:
+        domain_sets, switch_set = dev_batches([manifest.shard(d, "train") for d in domains], batch_size, seq_len,
+                                              max_batches)
     try:
+        if baselines is None:
+            baselines = tune_on_train(ensemble, manifest, domains, batch_size, seq_len, max_batches, prefix_tokens, device)
         scores = {
-            d: _score_batches(ensemble, eval_batches(shard, batch_size, seq_len, max_batches), prefix_tokens, device)
-            for d, shard in zip(domains, shards)
+            d: _score_batches(ensemble, batches, prefix_tokens, device, baselines)
+            for d, batches in zip(domains, domain_sets)
         }
-        switch = None
-        if len(domains) > 1:
-            switch = _score_batches(ensemble, switch_batches(shards, batch_size, seq_len), prefix_tokens, device)
+        switch = None if switch_set is None else _score_batches(ensemble, switch_set, prefix_tokens, device, baselines)
     finally:
         ensemble.train(was_training)
 
@@ -311,10 +490,10 @@ def evaluate_ensemble(
         scores = {d: _drop_merged(sc) for d, sc in scores.items()}
         switch = None if switch is None else _drop_merged(switch)
     member_modules = {n: cfg.module_of(i) for i, n in enumerate(ensemble.member_names)}
-    bpt = {d: manifest.bytes_per_token(d, "val") for d in domains}
-    sums, k = column_nll({d: s.nll for d, s in scores.items()}, None if switch is None else switch.nll)
-    switch_windows = 0 if switch is None else switch.nll.shape[1]
-    tokens, nbytes = column_sizes(bpt, k, seq_len, prefix_tokens, switch_windows)
+    bpt = {d: manifest.bytes_per_token(d, "val" if split == "val" else "train") for d in domains}
+    columns = build_columns({d: s.per_token for d, s in scores.items()}, seq_len, prefix_tokens,
+                            None if switch is None else switch.per_token)
+    k = columns.windows_per_domain
 
     members = ensemble.member_names
     weights = {
@@ -329,11 +508,13 @@ def evaluate_ensemble(
         rows=names,
         member_modules=member_modules,
         domains=domains,
-        nll={c: v.tolist() for c, v in sums.items()},
-        tokens=tokens,
-        nbytes=nbytes,
+        nll=columns.sums(),
+        tokens=columns.token_counts(),
+        nbytes=column_bytes(columns, bpt),
         weights=weights,
         evidence=evidence_settings(ensemble.merger) if merged else None,
+        baselines=baselines.to_dict(),
+        gaps=merged_gaps(columns, names),
         settings={
             "batch_size": batch_size,
             "seq_len": seq_len,
@@ -344,14 +525,16 @@ def evaluate_ensemble(
             "windows": {d: k for d in domains},
             "merge": cfg.merge,
             "mixer": cfg.mixer,
-            "switch_windows": switch_windows,
+            "switch_windows": columns.switch_windows,
+            "split": split,
         },
     )
 
 
 def _drop_merged(scores: _Scores) -> _Scores:
-    """The scores without the merged row (row 0): a report of an ensemble whose merger never trained."""
-    return _Scores(scores.nll[1:], scores.tokens_per_window, scores.posterior_weights, scores.running_weights,
+    """The scores without the merged rows (merged, merged (no state)): a report of an ensemble
+    whose merger never trained."""
+    return _Scores(scores.per_token[..., 2:], scores.posterior_weights, scores.running_weights,
                    scores.merger_weights)
 
 

@@ -15,9 +15,11 @@ import torch
 from leviathan.config import ComponentConfig, EnsembleConfig
 from leviathan.data.staging import load_manifest
 from leviathan.model.ensemble import LeviathanEnsemble
-from leviathan.evaluation import MIXED, SWITCH, evaluate_ensemble
+from leviathan.baselines import BaselineSettings
+from leviathan.evaluation import MIXED, SWITCH, SWITCH_PRE, evaluate_ensemble
 
 SETTINGS = dict(batch_size=3, seq_len=16, max_batches=2, prefix_tokens=4)
+BASELINES = BaselineSettings(alpha=0.02, beta=1.25, gamma=0.8)
 
 
 def _ensemble(merge: str, evidence: bool) -> LeviathanEnsemble:
@@ -72,14 +74,21 @@ def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, sm
             exchange = Exchange.for_placement(rank, world, c.modules, c.members_per_module)
             merger = None if name == "members-only" else ens.merger
             result = evaluate(members, c.member_names, merger, val_sets, s["prefix_tokens"], exchange,
-                              torch.device("cpu"), switch_set=switch_set)
+                              torch.device("cpu"), switch_set=switch_set, baselines=config["baselines"])
             out[name] = {"rows": result.rows, "losses": result.losses}
+        # Tuning on the train split gives every rank the settings the single process finds.
+        train = {d: m.shard(d, "train") for d in config["domains"]}
+        from cluster.evaluation import tune
+        from leviathan.evaluation import tuning_batches
+
+        windows = tuning_batches(list(train.values()), s["batch_size"], s["seq_len"], s["max_batches"])
+        out["tuned"] = tune(members, windows, s["prefix_tokens"], exchange, torch.device("cpu")).to_dict()
         torch.save(out, f"{config['dir']}/rank{rank}.pt")
 
     TorchTrainer(
         loop,
         train_loop_config={"dir": str(tmp_path), "cases": list(cases), "manifest": str(manifest),
-                           "domains": list(domains), "settings": SETTINGS},
+                           "domains": list(domains), "settings": SETTINGS, "baselines": BASELINES},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
     ).fit()
@@ -87,15 +96,19 @@ def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, sm
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name in cases:
         report = evaluate_ensemble(LeviathanEnsemble.load(tmp_path / name), load_manifest(manifest), list(domains),
-                                   **SETTINGS)
+                                   baselines=BASELINES, **SETTINGS)
         expected = {r["name"]: r["loss"] for r in report["rows"]}
         if name == "members-only":
-            del expected["merged"]
+            del expected["merged"], expected["merged (no state)"]
         for r, got in enumerate(ranks):
             assert got[name]["rows"] == list(expected), f"{name}: rank {r} rows"
-            assert list(got[name]["losses"]) == [*domains, MIXED, SWITCH]
-            for column in [*domains, MIXED, SWITCH]:
+            assert list(got[name]["losses"]) == [*domains, MIXED, SWITCH, SWITCH_PRE]
+            for column in [*domains, MIXED, SWITCH, SWITCH_PRE]:
                 for i, row_name in enumerate(got[name]["rows"]):
                     assert got[name]["losses"][column][i] == pytest.approx(expected[row_name][column], rel=1e-5, abs=1e-6), (
                         f"{name}: rank {r}, {row_name} on {column}"
                     )
+    ens = LeviathanEnsemble.load(tmp_path / "members-only")
+    tuned = evaluate_ensemble(ens, load_manifest(manifest), list(domains), merged=False, **SETTINGS)["baselines"]
+    for r, got in enumerate(ranks):
+        assert got["tuned"] == tuned, f"rank {r}: tuned baselines"

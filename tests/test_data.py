@@ -15,6 +15,8 @@ from leviathan.data.shards import (
     DataError,
     MixedBatchSampler,
     switch_batches,
+    switch_cuts,
+    switch_pairs,
     TokenShard,
     eval_batches,
     token_dtype,
@@ -196,7 +198,7 @@ def test_switch_rows_change_domain_once_and_resume_bit_identically(tmp_path):
         MixedBatchSampler(shards, batch_size=B, seq_len=T).load_state_dict(state)
 
 
-def test_switch_batches_cover_every_ordered_pair_half_and_half(tmp_path):
+def test_switch_batches_cover_every_ordered_pair_with_random_cuts(tmp_path):
     D, T = 3, 16
     shards = [make_shard(tmp_path, np.arange(3000, dtype=np.uint16) + 3000 * d, f"d{d}.arrow") for d in range(D)]
     batches = switch_batches(shards, batch_size=5, seq_len=T, per_pair=2)
@@ -206,10 +208,12 @@ def test_switch_batches_cover_every_ordered_pair_half_and_half(tmp_path):
     y = torch.cat([b[1] for b in batches])
     assert x.shape == (D * (D - 1) * 2, T) and [b[0].shape[0] for b in batches] == [5, 5, 2]
     assert torch.equal(x[:, 1:], y[:, :-1])
-    first, second = x[:, : T // 2] // 3000, y[:, T // 2 :] // 3000
-    assert (first == first[:, :1]).all() and (second == second[:, :1]).all()
-    pairs = [(int(a), int(b)) for a, b in zip(first[:, 0], second[:, 0])]
-    assert sorted(set(pairs)) == [(a, b) for a in range(D) for b in range(D) if a != b]
+    cuts = switch_cuts(D, T, per_pair=2)
+    assert ((cuts >= T // 4) & (cuts <= 3 * T // 4)).all() and len(set(cuts.tolist())) > 1
+    window = torch.cat([x, y[:, -1:]], dim=1) // 3000  # (W, T + 1) domain of every token
+    for w, ((a, b), cut) in enumerate(zip(switch_pairs(D, per_pair=2), cuts)):
+        assert (window[w, :cut] == a).all() and (window[w, cut:] == b).all(), w
+    assert sorted(set(switch_pairs(D, 2))) == [(a, b) for a in range(D) for b in range(D) if a != b]
 
 
 def test_load_state_dict_rejects_other_shapes(tmp_path):
@@ -333,3 +337,21 @@ def test_manifest_writes_what_it_reads(tmp_path):
     assert Manifest.from_dict(m.to_dict()) == m
     out = tmp_path / "copy"
     assert read_manifest(write(m, str(out))) == m
+
+
+def test_samplers_never_draw_the_dev_tail(tmp_path):
+    """The dev split is the tail of every train shard: no training window (plain or switch)
+    reaches it, and the dev windows come from it alone."""
+    from leviathan.data.shards import dev_batches, dev_tokens
+
+    n, T = 20000, 16
+    shards = [make_shard(tmp_path, (np.arange(n) % 60000).astype(np.uint16) + 0, f"t{d}.arrow") for d in range(2)]
+    dev = dev_tokens(n)
+    assert dev == 4096
+    sampler = MixedBatchSampler(shards, batch_size=8, seq_len=T, seed=0, switch_fraction=0.5)
+    drawn = max(int(torch.cat(sampler.next()).max()) for _ in range(300))
+    assert n - dev - 200 < drawn < n - dev, "windows reach close to, never into, the dev tail"
+    per_domain, switch = dev_batches(shards, batch_size=4, seq_len=T, max_batches=2)
+    for batches in [*per_domain, switch]:
+        assert all(int(x.min()) >= n - dev and int(y.max()) < n for x, y in batches)
+    assert dev_tokens(1000) == 0, "a tiny shard has no dev split (it all trains)"

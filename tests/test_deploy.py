@@ -172,5 +172,6 @@ def test_ray_job_submit_runs_the_rayjob_entrypoint_and_runtime_env(ray_cluster, 
         assert line in output, (line, output[-4000:])
     result = json.loads((shared / "kuberay-tiny" / "train_result.json").read_text())
     kinds = [r["kind"] for r in result["rows"]]
-    assert kinds[0] == MERGED and kinds[-3:] == ["uniform", "posterior", "running posterior"], kinds
+    assert kinds[0] == MERGED and kinds[-5:] == ["uniform", "posterior", "running posterior", "fixed share",
+                                                 "decayed posterior"], kinds
     assert (shared / "kuberay-tiny" / "final" / "model.safetensors").is_file()

@@ -57,7 +57,9 @@ def test_evaluate_run_writes_the_reports(tmp_path, corpus, capsys):
     out = capsys.readouterr().out
     report = json.loads((run / "report.json").read_text())
     md = (run / "report.md").read_text()
-    assert [r["name"] for r in report["rows"]] == ["merged", "m0.0", "m0.1", "m1.0", "m1.1", "uniform", "posterior", "running posterior"]
+    assert [r["name"] for r in report["rows"]] == ["merged", "merged (no state)", "m0.0", "m0.1", "m1.0", "m1.1",
+                                                   "uniform", "posterior", "running posterior", "fixed share",
+                                                   "decayed posterior"]
     assert report["settings"]["seq_len"] == 32 and report["settings"]["batch_size"] == 2  # the run's values
     assert report["run"]["name"] == "tiny"
     for text in (out, md):

@@ -26,6 +26,8 @@ from leviathan.evaluation import (
     running_posterior,
     score_batch,
 )
+from leviathan.baselines import ALPHA_GRID
+from leviathan.run.names import BASELINES, DECAYED_POSTERIOR, FIXED_SHARE, NO_STATE, SWITCH_PRE
 from tests.test_ensemble import naive_running_posterior
 
 WORDS = {
@@ -88,7 +90,7 @@ def test_rows_match_the_models_own_losses(merge):
         assert nll[0].sum() / y.numel() == pytest.approx(loss.item(), rel=1e-5)
         for i, member in enumerate(ens.members):
             _, member_loss = member(x, y)
-            assert nll[1 + i].sum() / y.numel() == pytest.approx(member_loss.item(), rel=1e-5), ens.member_names[i]
+            assert nll[2 + i].sum() / y.numel() == pytest.approx(member_loss.item(), rel=1e-5), ens.member_names[i]
 
 
 def test_prefix_tokens_are_excluded_from_every_row():
@@ -101,12 +103,15 @@ def test_prefix_tokens_are_excluded_from_every_row():
     with torch.no_grad():
         logits, _ = ens.members[0](x)
     per_token = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (B, T)
-    assert torch.allclose(nll[1], per_token[:, P:].sum(dim=1).double(), rtol=1e-5)
+    assert torch.allclose(nll[2], per_token[:, P:].sum(dim=1).double(), rtol=1e-5)
     y2 = y.clone()
     y2[:, :P] = (y2[:, :P] + 7) % 260  # other prefix targets change the posterior weights only
     nll2, *_ = score_batch(ens, x, y2, prefix_tokens=P)
-    # Members and uniform: no; both posteriors and the evidence merger read the earlier targets.
-    assert torch.equal(nll[1:-2], nll2[1:-2]), "member and uniform rows must not depend on the prefix targets"
+    # Members and uniform: no; the posteriors, the tracking baselines and the evidence merger read
+    # the earlier targets.
+    names = row_names(ens)
+    fixed = slice(names.index(ens.member_names[0]), names.index("uniform") + 1)
+    assert torch.equal(nll[fixed], nll2[fixed]), "member and uniform rows must not depend on the prefix targets"
 
 
 def test_posterior_follows_the_member_that_explains_the_prefix():
@@ -137,13 +142,24 @@ def test_report_on_a_prepared_corpus(manifest):
     ens = tiny_ensemble()
     rep = evaluate_ensemble(ens, manifest, batch_size=2, seq_len=32, max_batches=2, prefix_tokens=8)
     domains = manifest.domains[:2]
-    assert rep["columns"] == [*domains, MIXED, SWITCH]
-    names = ["merged", "m0.0", "m0.1", "m1.0", "m1.1", "uniform", "posterior", RUNNING_POSTERIOR]
+    assert rep["columns"] == [*domains, MIXED, SWITCH, SWITCH_PRE]
+    names = ["merged", NO_STATE, "m0.0", "m0.1", "m1.0", "m1.1", "uniform", "posterior", RUNNING_POSTERIOR,
+             FIXED_SHARE, DECAYED_POSTERIOR]
     assert [r["name"] for r in rep["rows"]] == names
-    assert [r["domain"] for r in rep["rows"]] == [None, domains[0], domains[0], domains[1], domains[1], None, None, None]
+    assert [r["domain"] for r in rep["rows"]] == [None, None, domains[0], domains[0], domains[1], domains[1]] + [None] * 5
     k = rep["settings"]["windows_per_domain"]
     assert rep["tokens"][MIXED] == 2 * k * 24 and rep["tokens"][domains[0]] == k * 24
-    assert rep["settings"]["switch_windows"] == 2 * 8 and rep["tokens"][SWITCH] == 16 * 24
+    # 32 windows per ordered pair; every scored target is either before or after its window's cut.
+    assert rep["settings"]["switch_windows"] == 2 * 32
+    assert rep["tokens"][SWITCH] + rep["tokens"][SWITCH_PRE] == 64 * 24
+    assert 0 < rep["tokens"][SWITCH_PRE] < rep["tokens"][SWITCH]
+    assert rep["baselines"]["tuned"] and rep["baselines"]["alpha"] in ALPHA_GRID
+    assert set(rep["gaps"]) == set(rep["columns"])
+    for c, gap in rep["gaps"].items():
+        best = min((r for r in rep["rows"] if r["kind"] in BASELINES), key=lambda r: r["loss"][c])
+        assert gap["best_baseline"] == best["name"]
+        assert gap["gap"] == pytest.approx(row(rep, "merged")["loss"][c] - best["loss"][c], abs=1e-9)
+        assert gap["ci95"][0] <= gap["gap"] <= gap["ci95"][1], (c, gap)
     for r in rep["rows"]:
         for c in rep["columns"]:
             loss = r["loss"][c]
@@ -151,11 +167,11 @@ def test_report_on_a_prepared_corpus(manifest):
             assert 4.0 < loss < 7.0, (r["name"], c, loss)
             assert r["ppl"][c] == pytest.approx(math.exp(loss))
             # Byte tokenizer: one token per byte plus one end-of-text token per document.
-            bpt = manifest.bytes_per_token(c, "val") if c in domains else sum(
-                manifest.bytes_per_token(d, "val") for d in domains
-            ) / 2
-            assert 0.9 < bpt <= 1.0
-            assert r["bpb"][c] == pytest.approx(loss / bpt / math.log(2)), (r["name"], c)
+            if c in domains:
+                bpt = manifest.bytes_per_token(c, "val")
+                assert r["bpb"][c] == pytest.approx(loss / bpt / math.log(2)), (r["name"], c)
+            bpt = loss / r["bpb"][c] / math.log(2)
+            assert 0.9 < bpt <= 1.0, (r["name"], c)
         # Every domain is scored on k windows: the mixed set's loss is the domains' mean.
         assert r["loss"][MIXED] == pytest.approx((r["loss"][domains[0]] + r["loss"][domains[1]]) / 2)
     # The uniform mixture is never worse than the average member (Jensen), per column.
@@ -170,7 +186,9 @@ def test_report_on_a_prepared_corpus(manifest):
     again = evaluate_ensemble(ens, manifest, batch_size=2, seq_len=32, max_batches=2, prefix_tokens=8)
     assert again["rows"] == rep["rows"], "evaluation must be deterministic"
     md = format_report(rep, title="t")
-    for name in ["merged", "m1.1", "uniform", "posterior", RUNNING_POSTERIOR, "Bits per byte", *domains, MIXED, SWITCH]:
+    for name in ["merged", "m1.1", "uniform", "posterior", RUNNING_POSTERIOR, FIXED_SHARE, DECAYED_POSTERIOR,
+                 NO_STATE, "Bits per byte", "Best baseline", "Merged minus best baseline", *domains, MIXED,
+                 SWITCH, SWITCH_PRE]:
         assert name in md
 
 
@@ -204,8 +222,8 @@ def test_without_phase_2_the_report_has_no_merged_row_and_no_verdict(manifest):
 
     ens = tiny_ensemble()
     rep = evaluate_ensemble(ens, manifest, seq_len=16, batch_size=2, max_batches=1, merged=False)
-    assert [r["name"] for r in rep["rows"]] == [*ens.member_names, "uniform", "posterior", RUNNING_POSTERIOR]
-    assert "merger_weights" not in rep and rep["evidence"] is None
+    assert [r["name"] for r in rep["rows"]] == [*ens.member_names, *BASELINES]
+    assert "merger_weights" not in rep and rep["evidence"] is None and rep["gaps"] == {}
     table = final_table(rep)
     assert not any(k.startswith("merged_beats") for k in table)
     text = format_final_table(table)
@@ -214,9 +232,9 @@ def test_without_phase_2_the_report_has_no_merged_row_and_no_verdict(manifest):
 
     # With the merger, the same member figures, a merged row first and the verdicts.
     full = evaluate_ensemble(ens, manifest, seq_len=16, batch_size=2, max_batches=1)
-    assert full["rows"][0]["name"] == "merged" and full["rows"][1:] == rep["rows"]
+    assert [r["name"] for r in full["rows"][:2]] == ["merged", NO_STATE] and full["rows"][2:] == rep["rows"]
     table = final_table(full)
     assert table["rows"][0]["kind"] == "merged" and "merged_beats_every_member" in table
     assert "merged model beats every member" in format_final_table(table)
-    member = table["rows"][1]
+    member = table["rows"][2]
     assert member["own_val_loss"] == row(full, member["name"])["loss"][member["domain"]]

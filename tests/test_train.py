@@ -13,6 +13,7 @@ from leviathan.run.records import RECORD_FIELDS
 from jobs import train
 from jobs.spec import SpecError
 from tests.scripts.common import MERGED, logged_steps, tiny_spec, write_spec
+from leviathan.run.names import BASELINES, NO_STATE
 
 
 @pytest.fixture
@@ -35,10 +36,11 @@ def test_small_job_trains_both_phases_and_leaves_a_loadable_final_model(trained_
     p1, p2 = spec.training.phase1_steps, spec.training.phase2_steps
     members = ["m0.0", "m0.1", "m1.0", "m1.1"]
 
-    # The table: the merged model, 4 members, the uniform mixture, the two posteriors.
+    # The table: the merged model and its no-state ablation, 4 members, the training-free baselines.
     kinds = [r["kind"] for r in result["rows"]]
-    assert kinds == [MERGED] + ["member"] * 4 + ["uniform", "posterior", "running posterior"], kinds
-    assert [r["name"] for r in result["rows"][1:5]] == members
+    assert kinds == [MERGED, NO_STATE] + ["member"] * 4 + list(BASELINES), kinds
+    assert [r["name"] for r in result["rows"][2:6]] == members
+    assert result["report"]["baselines"]["tuned"], "the closing table's baselines are tuned on train windows"
 
     # final/ loads without Ray and predicts.
     ensemble = LeviathanEnsemble.load(run / "final")
@@ -114,7 +116,7 @@ def test_without_phase_2_no_merged_row_or_verdict_is_printed(ray_cluster, manife
                      training={"phase1_steps": 2, "phase2_steps": 0, "eval_interval": 2, "checkpoint_interval": 2})
     result = train.run(spec, progress=False)
     run = Path(spec.run_dir)
-    assert [r["kind"] for r in result["rows"]] == ["member"] * 2 + ["uniform", "posterior", "running posterior"]
+    assert [r["kind"] for r in result["rows"]] == ["member"] * 2 + list(BASELINES)
     assert not any(k.startswith("merged_beats") for k in result) and result["evidence"] is None
     assert MERGED not in {r["name"] for r in json.loads((run / "report.json").read_text())["rows"]}
     assert MERGED not in {r["member"] for r in _records(run)}

@@ -11,6 +11,12 @@ pages count as file-backed RSS and can be dropped under memory pressure); no
 anonymous copy of the shard is ever made, which is what `RssAnon` in
 /proc/self/status measures and what the tests pin.
 
+The dev split is the last `DEV_FRACTION` of every train shard (`dev_part`;
+`train_part` is the rest): the samplers draw training windows from the train
+part only, so dev windows (`dev_batches`) are never trained on and, being train
+data, never scored as val. Recipe choices (merger settings, training settings)
+are made on dev; val is scored once per run.
+
 Samplers draw random windows of T + 1 tokens and return (x, y) int64 tensors of
 shape (B, T) with y[:, t] = x[:, t + 1] shifted (the next-token targets). Their
 randomness is one numpy `Generator(PCG64(seed))`, so `state_dict()` (the
@@ -100,6 +106,52 @@ class TokenShard:
         return f"TokenShard({str(self.path)!r}, tokens={len(self)}, dtype={self.dtype})"
 
 
+DEV_FRACTION = 0.05
+DEV_MIN_TOKENS = 4096  # shards with less than twice this have no dev part (tiny test corpora)
+
+
+class ShardPart:
+    """Tokens [start, stop) of a shard (or of anything shard-like: `tokens`, `path`, `len`), with
+    the same interface. A part from 0 keeps the shard's own `tokens` (indices below `stop`
+    are the same), so it also wraps shards whose tokens cannot be sliced."""
+
+    def __init__(self, shard: Any, start: int, stop: int) -> None:
+        self.shard = shard
+        self.start, self.stop = start, stop
+        self.tokens = shard.tokens if start == 0 else shard.tokens[start:stop]
+        self.path = shard.path
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __reduce__(self):
+        return (ShardPart, (self.shard, self.start, self.stop))
+
+    def __repr__(self) -> str:
+        return f"ShardPart({str(self.path)!r}, {self.start}, {self.stop})"
+
+
+def dev_tokens(n: int) -> int:
+    """How many tokens at the end of an n-token train shard are the dev split: DEV_FRACTION of
+    them, at least DEV_MIN_TOKENS, none when that would leave less than half the shard to train on."""
+    dev = max(DEV_MIN_TOKENS, int(n * DEV_FRACTION))
+    return dev if 2 * dev <= n else 0
+
+
+def train_part(shard: Any) -> Any:
+    """The train shard without its dev tail: what the samplers draw from."""
+    dev = dev_tokens(len(shard))
+    return ShardPart(shard, 0, len(shard) - dev) if dev else shard
+
+
+def dev_part(shard: TokenShard) -> ShardPart:
+    """The dev tail of a train shard (`dev_tokens`); a DataError when the shard is too small to have one."""
+    dev = dev_tokens(len(shard))
+    if not dev:
+        raise DataError(f"{shard.path}: {len(shard)} tokens, too few for a dev split (needs {2 * DEV_MIN_TOKENS})")
+    return ShardPart(shard, len(shard) - dev, len(shard))
+
+
 def sha256_file(path: str | Path) -> str:
     """The file's sha256, hex (manifests and model folders record it to detect damage)."""
     with open(path, "rb") as f:
@@ -120,6 +172,8 @@ class MixedBatchSampler:
     domains a != b, the switch point uniform in [T/4, 3T/4)), so a merger learns
     to follow a change of domain mid-context. They are drawn from the same
     generator, so `state_dict` covers them.
+
+    Every window comes from a shard's `train_part`: the dev tail is never drawn.
     """
 
     def __init__(
@@ -136,7 +190,8 @@ class MixedBatchSampler:
         for s in shards:
             if len(s) < seq_len + 1:
                 raise DataError(f"{s.path}: {len(s)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-        self.shards = list(shards)
+        self.shard_tokens = [len(s) for s in shards]
+        self.shards = [train_part(s) for s in shards]
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.seed = seed
@@ -184,14 +239,14 @@ class MixedBatchSampler:
             "seq_len": self.seq_len,
             "seed": self.seed,
             "switch_fraction": self.switch_fraction,
-            "shard_tokens": [len(s) for s in self.shards],
+            "shard_tokens": self.shard_tokens,
             "batches_drawn": self.batches_drawn,
             "rng": self._rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = {"kind": type(self).__name__, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "shard_tokens": [len(s) for s in self.shards]}
+                "shard_tokens": self.shard_tokens}
         if state.get("switch_fraction", 0.0) != self.switch_fraction:
             raise DataError(
                 f"sampler state: switch_fraction is {state.get('switch_fraction', 0.0)!r}, this sampler has {self.switch_fraction!r}"
@@ -224,27 +279,56 @@ def switch_window(first: TokenShard, second: TokenShard, seq_len: int, cut: int,
     return np.concatenate([first.tokens[sa : sa + cut], second.tokens[sb : sb + rest]]).astype(np.int64)
 
 
-SWITCH_WINDOWS_PER_PAIR = 8
+SWITCH_WINDOWS_PER_PAIR = 32
 SWITCH_SEED = 1234
+
+
+def switch_pairs(num_domains: int, per_pair: int = SWITCH_WINDOWS_PER_PAIR) -> list[tuple[int, int]]:
+    """(first, second) domain of every switch window, in `switch_batches` order: every ordered
+    pair a != b (a-major), `per_pair` windows each."""
+    return [(a, b) for a in range(num_domains) for b in range(num_domains) if a != b for _ in range(per_pair)]
+
+
+def switch_cuts(
+    num_domains: int, seq_len: int, per_pair: int = SWITCH_WINDOWS_PER_PAIR, seed: int = SWITCH_SEED
+) -> np.ndarray:
+    """(W,) int64 cut of every switch window (tokens 0 .. cut-1 come from the first domain), uniform
+    in [T/4, 3T/4] from their own fixed seed, so a scorer can recompute them without the tokens."""
+    rng = np.random.Generator(np.random.PCG64([seed, 1]))
+    low, high = max(1, seq_len // 4), max(1, (3 * seq_len) // 4)
+    return rng.integers(low, high + 1, size=len(switch_pairs(num_domains, per_pair))).astype(np.int64)
 
 
 def switch_batches(
     shards: list[TokenShard], batch_size: int, seq_len: int, per_pair: int = SWITCH_WINDOWS_PER_PAIR, seed: int = SWITCH_SEED
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The domain-switch evaluation set: `per_pair` windows for every ordered pair of domains
-    (a, b), a != b, the first T // 2 tokens from a and the rest from b, random starts from a
-    fixed seed (the same windows for every caller), in batches of at most `batch_size`."""
+    (a, b), a != b (`switch_pairs` order), the first `cut` tokens from a and the rest from b, the
+    cuts drawn at random in [T/4, 3T/4] (`switch_cuts`) so that no fixed switch point can be
+    learned, random starts from a fixed seed (the same windows for every caller), in batches
+    of at most `batch_size`."""
     if len(shards) < 2:
         raise DataError("switch windows need at least two domains")
     rng = np.random.Generator(np.random.PCG64(seed))
+    cuts = switch_cuts(len(shards), seq_len, per_pair, seed)
     windows = np.stack([
-        switch_window(shards[a], shards[b], seq_len, seq_len // 2, rng)
-        for a in range(len(shards)) for b in range(len(shards)) if a != b for _ in range(per_pair)
+        switch_window(shards[a], shards[b], seq_len, int(cut), rng)
+        for (a, b), cut in zip(switch_pairs(len(shards), per_pair), cuts)
     ])  # (pairs * per_pair, T + 1)
     return [
         (torch.from_numpy(np.ascontiguousarray(w[:, :-1])), torch.from_numpy(np.ascontiguousarray(w[:, 1:])))
         for w in (windows[i : i + batch_size] for i in range(0, len(windows), batch_size))
     ]
+
+
+def dev_batches(
+    train_shards: list[TokenShard], batch_size: int, seq_len: int, max_batches: int
+) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], list[tuple[torch.Tensor, torch.Tensor]] | None]:
+    """The dev set: every domain's `eval_batches` of its train shard's dev tail, and (two or more
+    domains) the `switch_batches` of those tails; the same shape as the val set."""
+    parts = [dev_part(s) for s in train_shards]
+    per_domain = [eval_batches(p, batch_size, seq_len, max_batches) for p in parts]
+    return per_domain, (switch_batches(parts, batch_size, seq_len) if len(parts) > 1 else None)
 
 
 def eval_batches(shard: TokenShard, batch_size: int, seq_len: int, max_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -18,7 +18,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from leviathan.run.names import BASELINES, MEMBER_KIND, MERGED, METRICS, MIXED, POSTERIOR, RUNNING_POSTERIOR, SWITCH, UNIFORM, row_kind
+from leviathan.run.names import (
+    BASELINES, MEMBER_KIND, MERGED, METRICS, MIXED, NO_STATE, POSTERIOR, RUNNING_POSTERIOR, SWITCH, SWITCH_PRE, UNIFORM,
+    row_kind,
+)
 from leviathan.run.tables import markdown_table
 
 REPORT_FORMAT_VERSION = 1
@@ -41,6 +44,8 @@ def build_report(
     settings: dict[str, Any],
     weights: dict[str, dict[str, dict[str, float]]] | None = None,
     evidence: dict[str, list[float]] | None = None,
+    baselines: dict[str, Any] | None = None,
+    gaps: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The report dict (the content of report.json).
 
@@ -48,10 +53,13 @@ def build_report(
     name -> its module, whose domain is `domains[module]`; nll: column -> each
     row's summed NLL over the column's scored tokens; tokens, nbytes: column ->
     scored tokens and their source bytes. Columns are the domains, the mixed set
-    and, when `nll` has it, the switch set. weights: e.g. {"merger_weights":
-    {domain: {member: weight}}}, added as they are.
+    and, when `nll` has them, the switch set after and before its cuts. weights: e.g.
+    {"merger_weights": {domain: {member: weight}}}, added as they are. baselines:
+    the settings fixed share and the decayed posterior were scored with
+    (`leviathan.baselines.BaselineSettings`); gaps: per column, merged minus the
+    best baseline with its bootstrap CI (`leviathan.evaluation.merged_gaps`).
     """
-    columns = [*domains, MIXED] + ([SWITCH] if SWITCH in nll else [])
+    columns = [*domains, MIXED] + [c for c in (SWITCH, SWITCH_PRE) if c in nll]
     missing = [c for c in columns if c not in tokens or c not in nbytes]
     if missing:
         raise ValueError(f"build_report: no token or byte count for columns {missing}")
@@ -76,6 +84,8 @@ def build_report(
         "bytes_per_token": {**bpt, MIXED: nbytes[MIXED] / tokens[MIXED]},
         **(weights or {}),
         "evidence": evidence,
+        "baselines": baselines,
+        "gaps": gaps or {},
         "settings": dict(settings),
     }
 
@@ -121,7 +131,7 @@ def final_table(report: dict[str, Any]) -> dict[str, Any]:
         "steps": s.get("steps"),
         "rows": rows,
     }
-    by_kind = {k: [r for r in rows if r["kind"] == k] for k in (MERGED, MEMBER_KIND, *BASELINES)}
+    by_kind = {k: [r for r in rows if r["kind"] == k] for k in (MERGED, NO_STATE, MEMBER_KIND, *BASELINES)}
     if by_kind[MERGED] and by_kind[MEMBER_KIND]:
         merged = by_kind[MERGED][0]
         posteriors = by_kind[POSTERIOR] + by_kind[RUNNING_POSTERIOR]
@@ -133,6 +143,10 @@ def final_table(report: dict[str, Any]) -> dict[str, Any]:
             out["merged_beats_both_posteriors_on_switch"] = all(
                 merged["switch_val_loss"] < r["switch_val_loss"] for r in posteriors
             )
+        gaps = report.get("gaps") or {}
+        for column, key in ((MIXED, "mixed"), (SWITCH, "switch")):
+            if column in gaps:
+                out[f"merged_minus_best_baseline_{key}"] = gaps[column]
     return out
 
 
@@ -158,11 +172,30 @@ def format_final_table(table: dict[str, Any]) -> str:
             + (f" (on the switch set: {table['merged_beats_both_posteriors_on_switch']})"
                if "merged_beats_both_posteriors_on_switch" in table else "")
         )
+    for key in ("mixed", "switch"):
+        gap = table.get(f"merged_minus_best_baseline_{key}")
+        if gap:
+            lines.append(f"merged minus best baseline ({gap['best_baseline']}) on {key}: {_gap(gap)}")
     if table.get("evidence"):
         ev = table["evidence"]
         lines.append("merger evidence per head: beta " + " ".join(f"{v:.3f}" for v in ev["beta"])
                      + ", gamma " + " ".join(f"{v:.3f}" for v in ev["gamma"]))
     return "\n".join(lines)
+
+
+def best_baselines(report: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    """Per column, the training-free row (`names.BASELINES`) with the lowest loss: (name, loss)."""
+    rows = [r for r in report["rows"] if r["kind"] in BASELINES]
+    out = {}
+    for c in report["columns"]:
+        best = min(rows, key=lambda r: r["loss"][c])
+        out[c] = (best["name"], best["loss"][c])
+    return out
+
+
+def _gap(gap: dict[str, Any]) -> str:
+    low, high = gap["ci95"]
+    return f"{gap['gap']:+.4f} (95% CI {low:+.4f} to {high:+.4f}, {gap['windows']} windows)"
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -182,15 +215,22 @@ def format_report(report: dict[str, Any], title: str | None = None) -> str:
     if title:
         out += [f"# {title}", ""]
     out.append(
-        f"Val windows of {s['seq_len']} tokens, the first {s['prefix_tokens']} of each are the "
+        f"{'Dev' if s.get('split') == 'dev' else 'Val'} windows of {s['seq_len']} tokens, the first {s['prefix_tokens']} of each are the "
         f"posterior's dev prefix and are not scored (every row is scored on the same "
         f"{s['scored_tokens_per_window']} tokens per window); every domain is scored on "
         f"{s['windows_per_domain']} windows and the mixed set is all of them."
     )
     if s.get("switch_windows"):
         out[-1] += (
-            f" The switch set is {s['switch_windows']} windows whose first half comes from one domain "
-            "and second half from another (every ordered pair, fixed seed), scored on the same positions."
+            f" The switch set is {s['switch_windows']} windows that start in one domain and change to "
+            "another at a cut drawn in [T/4, 3T/4] (every ordered pair, fixed seed), scored on the same "
+            f"positions: `{SWITCH}` is the loss after the cut, `{SWITCH_PRE}` before it."
+        )
+    if report.get("baselines"):
+        b = report["baselines"]
+        out.append(
+            f"\nFixed share alpha = {b['alpha']:g}; decayed posterior beta = {b['beta']:g}, gamma = {b['gamma']:g} "
+            + ("(tuned on train-split windows)." if b.get("tuned") else "(defaults, not tuned).")
         )
     if report.get("evidence"):
         ev = report["evidence"]
@@ -213,6 +253,14 @@ def format_report(report: dict[str, Any], title: str | None = None) -> str:
             for r in report["rows"]
         ]
         out += ["", f"## {heading}", "", markdown_table(["model", *cols], body)]
+        if metric == "loss":
+            out += ["", "Best baseline (the best training-free row) per column: " + "; ".join(
+                f"{c}: {name} ({value:.4f})" for c, (name, value) in best_baselines(report).items()) + "."]
+    if report.get("gaps"):
+        body = [[c, g["best_baseline"], f"{g['gap']:+.4f}", f"{g['ci95'][0]:+.4f} to {g['ci95'][1]:+.4f}",
+                 str(g["windows"])] for c, g in report["gaps"].items()]
+        out += ["", "## Merged minus best baseline (nats per token, paired bootstrap over windows)", "",
+                markdown_table(["column", "best baseline", "gap", "95% CI", "windows"], body)]
     for key, heading in (
         ("merger_weights", "Merger weight per member (mean over tokens and heads)"),
         ("posterior_weights", "Posterior weight per member (mean over windows)"),
