@@ -57,6 +57,9 @@ def _ensure_ray_token() -> str:
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = _ensure_ray_token()
 os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
+# Ray Train's preemption watcher polls for cloud spot-instance notices: one more actor process per
+# run that a local test cluster has no use for.
+os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
 # The suite runs beside its own Ray workers on two cores: one thread per process keeps
 # torch from oversubscribing them (set before torch is first imported).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -172,6 +175,7 @@ def _ray_env(dashboard_url: str) -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     return env
 
 

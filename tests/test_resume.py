@@ -3,10 +3,11 @@
 latest checkpoint with the run folder's own spec.
 
 The refusals (unknown run, finished run, a different --spec) need no Ray; the API's
-own (and a run a job still writes) run on the live server. The training tests stop a job in phase 1 through the API and kill a
-driver process, resume each, and check the final figures equal an uninterrupted run
-of the same spec under another name, and that the resumed attempt replayed only steps
-past a checkpoint (it did not start over).
+own (and a run a job still writes) run on the live server. One training run is stopped
+in phase 1 through the API, resumed by the CLI's path in a driver process that is then
+killed, and resumed through the API to the end: its final figures equal an uninterrupted
+run of the same spec under another name, and each resume replayed only steps past a
+checkpoint (it did not start over).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from tests.scripts.common import (
 )
 from tests.test_api_support import LiveServer, data_root_for, make_settings, submit, wait_for_status
 
-# Phase 1 long enough that a stop after its first checkpoints lands inside it.
-TRAINING = {"phase1_steps": 200, "phase2_steps": 6, "eval_interval": 50, "checkpoint_interval": 10}
+# Phase 1 long enough that two interruptions, each after a new checkpoint, land inside it.
+TRAINING = {"phase1_steps": 300, "phase2_steps": 6, "eval_interval": 50, "checkpoint_interval": 25}
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +184,17 @@ def uninterrupted(ray_cluster, manifest, storage) -> dict:
     return train.run(tiny_spec(manifest, storage / "clean", "clean", training=TRAINING), progress=False)
 
 
-def test_a_job_stopped_in_phase_1_resumes_through_the_api_to_the_uninterrupted_figures(
+def test_a_run_stopped_through_the_api_and_its_driver_killed_resumes_to_the_uninterrupted_figures(
     ray_cluster, manifest, storage, uninterrupted
 ):
+    """One run interrupted twice in phase 1, each time its latest checkpoint broken:
+    1. submitted through the API and stopped there, leaving an unsealed checkpoint;
+    2. resumed by `python -m jobs.train --resume NAME --storage S` (the CLI's path) in a driver
+       process of its own, which is SIGKILLed (not a Train worker: Ray cleans the workers up),
+       leaving a truncated module file;
+    3. resumed through `POST /v1/runs/{name}/resume` to the end.
+    Its figures equal an uninterrupted run's, and each resume restored the checkpoint before
+    the broken one."""
     body = tiny_spec(manifest, storage, "api-stop", training=TRAINING).model_dump(mode="json")
     del body["storage"]  # the API's root
     with LiveServer(make_settings(ray_cluster, storage)) as s, s.client() as c:
@@ -201,7 +210,25 @@ def test_a_job_stopped_in_phase_1_resumes_through_the_api_to_the_uninterrupted_f
         assert c.post(f"/v1/jobs/{first}/stop").json()["stopped"] is True
         assert wait_for_status(c, first, {"STOPPED"}, timeout=60)["status"] == "STOPPED"
         _assert_interrupted_in_phase_1(run)
-        broken_step = _break_latest_checkpoint(run, "unseal")
+        unsealed = _break_latest_checkpoint(run, "unseal")
+
+        env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONUNBUFFERED": "1"}
+        with open(storage / "driver.out", "w") as out:
+            driver = subprocess.Popen(
+                [sys.executable, "-m", "jobs.train", "--resume", name, "--storage", str(storage), "--no-progress"],
+                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_for(lambda: _registered_phase_1_step(run) > unsealed or driver.poll() is not None, 300,
+                     "a phase-1 checkpoint of the CLI's resume")
+        finally:
+            if driver.poll() is None:
+                os.kill(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        assert driver.returncode == -signal.SIGKILL, (storage / "driver.out").read_text()[-3000:]
+        assert f"resuming run '{name}' in {run}" in (storage / "driver.out").read_text()
+        _assert_interrupted_in_phase_1(run)
+        truncated = _break_latest_checkpoint(run, "truncate")
 
         r = c.post(f"/v1/runs/{name}/resume")
         assert r.status_code == 201, r.text
@@ -215,43 +242,14 @@ def test_a_job_stopped_in_phase_1_resumes_through_the_api_to_the_uninterrupted_f
 
         assert c.post(f"/v1/runs/{name}/resume").status_code == 409  # finished now
 
-    # Ray's Train state API names both attempts' Train runs after the run.
+    # Ray's Train state API names every attempt's Train run after the run.
     r = httpx.get(f"{ray_cluster.dashboard_url}/api/train/v2/runs/v1", headers=ray_cluster.auth_headers(), timeout=30)
-    assert [t["name"] for t in r.json()["train_runs"]].count(f"{name}/checkpoints") == 2, r.text[:2000]
+    assert [t["name"] for t in r.json()["train_runs"]].count(f"{name}/checkpoints") == 3, r.text[:2000]
 
-    _assert_resumed_before(run, broken_step)
+    _assert_resumed_before(run, unsealed)
+    _assert_resumed_before(run, truncated)
     result = json.loads((run / "train_result.json").read_text())
     assert _figures(result) == _figures(uninterrupted)
-
-
-def test_a_killed_driver_resumes_with_python_m_jobs_train_resume(ray_cluster, manifest, storage, uninterrupted,
-                                                                  tmp_path):
-    """SIGKILL the driver process (`python -m jobs.train`, not a Train worker): Ray cleans up
-    its workers; `python -m jobs.train --resume NAME --storage S` finishes the run."""
-    spec = tiny_spec(manifest, tmp_path, "killed", training=TRAINING)
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "jobs.train", "--spec", str(write_spec(spec, tmp_path / "killed.json")),
-         "--no-progress"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    run = Path(spec.run_dir)
-    try:
-        _checkpointed_in_phase_1(run)
-    finally:
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    _assert_interrupted_in_phase_1(run)
-    broken_step = _break_latest_checkpoint(run, "truncate")
-
-    resumed = subprocess.run(
-        [sys.executable, "-m", "jobs.train", "--resume", "killed", "--storage", str(tmp_path), "--no-progress"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resuming run 'killed' in {run}" in resumed.stdout
-    _assert_resumed_before(run, broken_step)
-    assert _figures(json.loads((run / "train_result.json").read_text())) == _figures(uninterrupted)
 
 
 # ----------------------------------------------------------------------------- who may resume

@@ -16,16 +16,20 @@ from leviathan.run import storage
 from leviathan.run.records import record
 from tests.conftest import free_port
 from tests.scripts.common import wait_for
+from tests.scripts.proxy import PausableProxy
 
 pytestmark = pytest.mark.slow
 
 
 class MlflowServer:
-    """A real `mlflow server` process on a SQLite store, that can be stopped and started again."""
+    """A real `mlflow server` process on a SQLite store behind a forwarder: `go_away` makes it
+    unreachable (open connections reset, new ones refused), as a crashed or partitioned server
+    looks to a client, and `come_back` reconnects it with its runs intact."""
 
     def __init__(self, folder: Path):
         self.folder, self.port, self.proc = folder, free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proxy = PausableProxy(self.port)
+        self.uri = f"http://127.0.0.1:{self.proxy.port}"
 
     def start(self) -> None:
         cmd = [
@@ -49,22 +53,30 @@ class MlflowServer:
         except OSError:
             return False
 
+    def go_away(self) -> None:
+        self.proxy.pause()
+        assert not self.answers()
+
+    def come_back(self) -> None:
+        self.proxy.resume()
+        wait_for(self.answers, 60, "the MLflow server back", poll_s=0.2)
+
     def stop(self) -> None:
+        self.proxy.close()
         os.killpg(self.proc.pid, 9)
         self.proc.wait()
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """One server for the module (each test its own experiment); a test that stops it starts it again."""
+    """One server for the module (each test its own experiment); a test that sends it away brings it back."""
     # MLflow's own HTTP retries would hold a courier for minutes per call; ours retry instead.
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="30")
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     server.start()
     yield server
-    if server.proc.poll() is None:
-        server.stop()
+    server.stop()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -107,9 +119,9 @@ def test_points_logged_while_the_server_is_down_arrive_once_after_it_returns(mlf
             return False
 
     wait_for(first_five_arrived, 120, "steps 1-5", poll_s=1)
-    mlflow_server.stop()
+    mlflow_server.go_away()
     report(range(6, 11))  # returns at once: the courier holds them
-    mlflow_server.start()
+    mlflow_server.come_back()
     report(range(11, 16))
     tracker.finish(timeout_s=120)
 
@@ -128,14 +140,14 @@ def test_a_full_queue_drops_instead_of_blocking_and_finish_replays_the_log(mlflo
     run_dir = str(tmp_path / "run")
     log = storage.AppendLog(storage.join(run_dir, "metrics.jsonl"))
     tracker = Tracker(Tracking(mlflow_uri=mlflow_server.uri, experiment="full"), run_dir, 40, 0)
-    mlflow_server.stop()
+    mlflow_server.go_away()
     for step in range(1, 41):
         records = records_for(range(step, step + 1))
         log.append("".join(json.dumps(r) + "\n" for r in records).encode())
         tracker.log(records, None)
     (courier,) = tracker.couriers
     assert courier.dropped > 0, "a queue of 2 cannot hold 40 reports while the server is away"
-    mlflow_server.start()
+    mlflow_server.come_back()
     tracker.finish(timeout_s=120)
     assert logged_points(mlflow_server.uri, "full")["m1.0/val_loss"] == list(range(1, 41))
 

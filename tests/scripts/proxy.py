@@ -14,7 +14,7 @@ import time
 
 
 class PausableProxy:
-    """Forward 127.0.0.1:<port> to 127.0.0.1:<target_port>; `pause(seconds)` cuts it off."""
+    """Forward 127.0.0.1:<port> to 127.0.0.1:<target_port>; `pause` cuts it off, `resume` reconnects."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
@@ -30,13 +30,17 @@ class PausableProxy:
     def paused(self) -> bool:
         return time.monotonic() < self._resume_at
 
-    def pause(self, seconds: float) -> None:
-        """Reset every open connection and refuse new ones for `seconds`."""
+    def pause(self, seconds: float = float("inf")) -> None:
+        """Reset every open connection and refuse new ones for `seconds` (default: until `resume`)."""
         self._resume_at = time.monotonic() + seconds
         with self._lock:
             for s in list(self._open):
                 _hard_close(s)
             self._open.clear()
+
+    def resume(self) -> None:
+        """Forward new connections again."""
+        self._resume_at = 0.0
 
     def close(self) -> None:
         self._closed = True
