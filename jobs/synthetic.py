@@ -114,7 +114,8 @@ def run_all(runs: list, local: bool, folder: Path, stage: str, max_concurrent: i
     tuner = tune.Tuner(
         tune.with_resources(_tune_trial, {"cpu": 1}),
         param_space={"run": tune.grid_search(dicts)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or max(1, cpus)),
+        # A trial is seconds of CPU; a fresh actor per trial would import torch hundreds of times.
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or max(1, cpus), reuse_actors=True),
         run_config=tune.RunConfig(storage_path=str(folder.resolve()), name=f"tune-{stage}", verbose=0),
     )
     grid = tuner.fit()

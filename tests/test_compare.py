@@ -21,6 +21,7 @@ from jobs.compare import (
 )
 from jobs.spec import JobSpec
 from leviathan.model.flops import flops
+from leviathan.run.names import MIXED, SWITCH, SWITCH_PRE
 
 
 def test_parse_mixers():
@@ -163,7 +164,7 @@ def test_compare_correlation_and_attention(ray_cluster, small_corpus, tmp_path, 
     for run in (corr, att):
         assert (tmp_path / "runs" / run["name"] / "final").is_dir()
         assert (tmp_path / "runs" / run["name"] / "report.json").is_file()
-        assert set(run["merged"]["loss"]) == {*manifest_domains(manifest), "mixed", "switch"}
+        assert set(run["merged"]["loss"]) == {*manifest_domains(manifest), MIXED, SWITCH, SWITCH_PRE}
         assert run["wall_s"] > 0 and run["tokens_per_s"]["members"] > 0
         assert run["curves"]["members"] and run["curves"]["merged"]
     # Both runs are scored on the same windows of the same data.
