@@ -35,6 +35,7 @@ variant needs, is reported once as `member_forward_cpu_s_per_step`.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -73,6 +74,12 @@ VARIANTS = {
     "long": ({}, {}, 2),
     "wide+features": ({"merge_width": 128, "merge_heads": 8, "merge_window": 8}, {"features": True}, 1),
     "long+features": ({}, {"features": True}, 2),
+    "residual-long": ({}, {"residual": True}, 2),
+    "residual-fast": ({}, {"residual": True, "extra_lr_scale": 10.0}, 1),
+    "features-fast": ({}, {"features": True, "extra_lr_scale": 10.0}, 1),
+    "share": ({}, {"share": True}, 1),
+    "share+residual": ({}, {"share": True, "residual": True}, 1),
+    "joint": ({}, {"joint": True}, 1),
 }
 
 
@@ -116,6 +123,11 @@ def window_sets(shards: list[SliceShard], T: int, per_domain: int, per_pair: int
 @torch.no_grad()
 def member_pass(members, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Frozen members on (B, T): hidden states (B, T, M, d), full log-probs (B, T, M, V), target log-probs (B, T, M)."""
+    return member_forward(members, x, y)
+
+
+def member_forward(members, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`member_pass` with gradients (joint training)."""
     hs, lps = [], []
     for m in members:
         h = m.hidden(x, None)
@@ -136,8 +148,15 @@ class DevMerger(nn.Module):
     head initialised to 0, so it starts as the mixture exactly.
     """
 
-    def __init__(self, config, member_dims: list[int], features: bool = False, residual: bool = False) -> None:
+    def __init__(self, config, member_dims: list[int], features: bool = False, residual: bool = False,
+                 share: bool = False, extra_lr_scale: float = 1.0, joint: bool = False, members=None) -> None:
         super().__init__()
+        self.extra_lr_scale = extra_lr_scale
+        self.share = share
+        if share:  # per-head floor alpha_h / M on the weights (fixed share's mixing), alpha = sigmoid(s) = 0.01 at init
+            self.share_logit = nn.Parameter(torch.full((config.merge_heads,), math.log(0.01 / 0.99)))
+        # joint: the variant trains its own copy of the members through the merge
+        self.members = nn.ModuleList(copy.deepcopy(m).requires_grad_(True) for m in members) if joint else None
         D, H, V = config.merge_width, config.merge_heads, config.vocab_size
         self.projections = nn.ModuleList(nn.Linear(d, D, bias=False) for d in member_dims)
         self.merger = CorrelationMerger(config)
@@ -163,6 +182,9 @@ class DevMerger(nn.Module):
             feats = torch.stack([ent - ent.mean(2, keepdim=True), agree - agree.mean(2, keepdim=True)], -1)
             log_w = F.log_softmax(log_w + feats @ self.feature_weight, dim=2)
         H = log_w.shape[-1]
+        if self.share:
+            alpha = torch.sigmoid(self.share_logit)  # (H,)
+            log_w = torch.logaddexp(torch.log1p(-alpha) + log_w, (alpha / log_w.shape[2]).log())
         log_pi = torch.logsumexp(log_w, dim=-1) - math.log(H)  # (B, T, M)
         if not self.residual:
             return torch.logsumexp(log_pi + target_lp, dim=2)
@@ -178,9 +200,12 @@ def optimizers(model: DevMerger, t) -> list[torch.optim.Optimizer]:
     """The product's groups: `merger_adamw` for the merger, `adamw` for projections and the extras."""
     opts = [merger_adamw(model.merger, t.merge_lr, t.weight_decay, t.evidence_lr_scale),
             adamw(model.projections, t.merge_lr, t.weight_decay)]
-    extras = nn.ParameterList([p for n, p in model.named_parameters() if not n.startswith(("merger.", "projections."))])
+    extras = nn.ParameterList([p for n, p in model.named_parameters()
+                               if not n.startswith(("merger.", "projections.", "members."))])
     if len(extras):
-        opts.append(adamw(extras, t.merge_lr, t.weight_decay))
+        opts.append(adamw(extras, t.merge_lr * model.extra_lr_scale, t.weight_decay))
+    if model.members is not None:
+        opts.append(adamw(model.members, t.lr * t.joint_lr_scale, t.weight_decay))
     return opts
 
 
@@ -291,7 +316,7 @@ def main() -> None:
             over, options, mult = VARIANTS[name]
             config = replace(trained.config, merge="mixture", evidence=True, **over)
             torch.manual_seed(seed)
-            models[name] = DevMerger(config, dims, **options).train()
+            models[name] = DevMerger(config, dims, members=members, **options).train()
             opts[name] = optimizers(models[name], t)
             steps[name] = t.phase2_steps * mult
             cpu[name] = 0.0
@@ -310,7 +335,10 @@ def main() -> None:
                 for opt in opts[name]:
                     set_lr(opt, factor)
                     opt.zero_grad(set_to_none=True)
-                loss = -model(h, full_lp, target_lp, y).mean()
+                if model.members is not None:
+                    loss = -model(*member_forward(model.members, x, y), y).mean()
+                else:
+                    loss = -model(h, full_lp, target_lp, y).mean()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 for opt in opts[name]:
@@ -319,20 +347,38 @@ def main() -> None:
         rows = {}
         for name, model in models.items():
             model.eval()
-            merged = {}
+            merged, own_lp = {}, {}
             with torch.no_grad():
                 for col in ("mixed", "switch"):
                     h_all, lp_all, y_all, _ = cached["dev", col]
-                    out = []
+                    x_all = sets["dev"][col][0]
+                    out, lps = [], []
                     for i in range(0, len(y_all), 32):
-                        hb = h_all[i : i + 32]
-                        full = torch.stack([F.log_softmax(m.logits_from_hidden(hb[:, :, j]).float(), -1)
-                                            for j, m in enumerate(members)], dim=2)
-                        out.append(model(hb, full, lp_all[i : i + 32], y_all[i : i + 32]))
+                        if model.members is not None:
+                            hb, full, lpb = member_pass(model.members, x_all[i : i + 32], y_all[i : i + 32])
+                            lps.append(lpb)
+                        else:
+                            hb, lpb = h_all[i : i + 32], lp_all[i : i + 32]
+                            full = torch.stack([F.log_softmax(m.logits_from_hidden(hb[:, :, j]).float(), -1)
+                                                for j, m in enumerate(members)], dim=2)
+                        out.append(model(hb, full, lpb, y_all[i : i + 32]))
                     merged[col] = torch.cat(out)
+                    if lps:
+                        own_lp[col] = torch.cat(lps).double()
             dev = columns(merged, cut)
+            base = baselines
+            if own_lp:  # the baselines on the variant's own (jointly trained) members, settings as tuned above
+                base = {"fixed share": {"dev": columns({k: fixed_share(v, **baselines["fixed share"]["settings"])
+                                                        for k, v in own_lp.items()}, cut)},
+                        "decayed posterior": {"dev": columns({k: decayed_posterior(v, **baselines["decayed posterior"]["settings"])
+                                                              for k, v in own_lp.items()}, cut)},
+                        "running posterior": {"dev": columns({k: decayed_posterior(v, 1.0, 1.0) for k, v in own_lp.items()}, cut)}}
+            own_best = {col: min(base, key=lambda r: base[r]["dev"][col]) for col in ("mixed", "switch")}
             rows[name] = {"dev": dev, "cpu_s_per_step": cpu[name] / steps[name], "phase2_steps": steps[name],
-                          "gap": {col: dev[col] - baselines[best[col]]["dev"][col] for col in ("mixed", "switch")},
+                          "gap": {col: dev[col] - base[own_best[col]]["dev"][col] for col in ("mixed", "switch")},
+                          "gap_to_frozen_members_baseline": {col: dev[col] - baselines[best[col]]["dev"][col]
+                                                             for col in ("mixed", "switch")},
+                          "own_baselines": {k: v["dev"] for k, v in base.items()} if own_lp else None,
                           "beta": model.merger.beta.tolist(), "gamma": model.merger.gamma().tolist()}
             print(json.dumps({"seed": seed, "variant": name, **{k: rows[name][k] for k in ("dev", "gap", "cpu_s_per_step")}}),
                   flush=True)
