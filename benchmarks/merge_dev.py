@@ -80,6 +80,8 @@ VARIANTS = {
     "share": ({}, {"share": True}, 1),
     "share+residual": ({}, {"share": True, "residual": True}, 1),
     "joint": ({}, {"joint": True}, 1),
+    "residual-detached": ({}, {"residual": True, "detach": True}, 1),
+    "residual-detached-long": ({}, {"residual": True, "detach": True}, 2),
 }
 
 
@@ -149,10 +151,11 @@ class DevMerger(nn.Module):
     """
 
     def __init__(self, config, member_dims: list[int], features: bool = False, residual: bool = False,
-                 share: bool = False, extra_lr_scale: float = 1.0, joint: bool = False, members=None) -> None:
+                 share: bool = False, detach: bool = False, extra_lr_scale: float = 1.0, joint: bool = False, members=None) -> None:
         super().__init__()
         self.extra_lr_scale = extra_lr_scale
         self.share = share
+        self.detach = detach  # the residual reads detached states and weights: it cannot move the mixture
         if share:  # per-head floor alpha_h / M on the weights (fixed share's mixing), alpha = sigmoid(s) = 0.01 at init
             self.share_logit = nn.Parameter(torch.full((config.merge_heads,), math.log(0.01 / 0.99)))
         # joint: the variant trains its own copy of the members through the merge
@@ -190,8 +193,11 @@ class DevMerger(nn.Module):
             return torch.logsumexp(log_pi + target_lp, dim=2)
         B, T, M, D = states.shape
         log_mix = torch.logsumexp(log_pi[..., None] + full_lp, dim=2)  # (B, T, V)
+        w = log_w.exp()
+        if self.detach:
+            states, w = states.detach(), w.detach()
         v = self.res_value(states).view(B, T, M, H, D // H)
-        fused = torch.einsum("btmh,btmhd->bthd", log_w.exp(), v).reshape(B, T, D)
+        fused = torch.einsum("btmh,btmhd->bthd", w, v).reshape(B, T, D)
         corr = self.res_head(self.res_ln(states.mean(2) + self.res_out(fused)))
         return F.log_softmax(log_mix + corr, dim=-1).gather(-1, y[..., None]).squeeze(-1)
 
