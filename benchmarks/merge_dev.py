@@ -82,6 +82,8 @@ VARIANTS = {
     "joint": ({}, {"joint": True}, 1),
     "residual-detached": ({}, {"residual": True, "detach": True}, 1),
     "residual-detached-long": ({}, {"residual": True, "detach": True}, 2),
+    "joint+residual": ({}, {"joint": True, "residual": True}, 1),
+    "joint+residual-long": ({}, {"joint": True, "residual": True}, 2),
 }
 
 
