@@ -84,6 +84,7 @@ VARIANTS = {
     "residual-detached-long": ({}, {"residual": True, "detach": True}, 2),
     "joint+residual": ({}, {"joint": True, "residual": True}, 1),
     "joint+residual-long": ({}, {"joint": True, "residual": True}, 2),
+    "joint-long": ({}, {"joint": True}, 2),
 }
 
 
