@@ -153,7 +153,11 @@ class EnsembleConfig:
     of the attention twin). `evidence` adds each member's decayed log-likelihood
     of the text so far to the merge scores (`leviathan.model.ensemble`), so a fresh
     mixture merger is the running Bayes posterior over members; false keeps
-    the state-only merger.
+    the state-only merger. `residual` (mixture only) adds a learned correction
+    to the mixture's log-probs from the merged states, through a head that
+    starts at zero, so the merged distribution starts as the mixture and may
+    leave the mixtures of the members' distributions (it needs the members'
+    full log-probs in training; benchmarks/MERGE_RESEARCH.md has its figures).
     """
 
     members: list[ComponentConfig]
@@ -165,6 +169,7 @@ class EnsembleConfig:
     merge_window: int = 4
     mixer: str = "correlation"
     evidence: bool = True
+    residual: bool = False
 
     def __post_init__(self) -> None:
         _check_int("modules", self.modules, 1)
@@ -176,6 +181,10 @@ class EnsembleConfig:
         _check_choice("mixer", self.mixer, MIXERS)
         if not isinstance(self.evidence, bool):
             raise ValueError(f"evidence: must be true or false, got {self.evidence!r}")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"residual: must be true or false, got {self.residual!r}")
+        if self.residual and self.merge != "mixture":
+            raise ValueError(f"residual: corrects a mixture; needs merge = 'mixture', got {self.merge!r}")
         if self.merge_width % self.merge_heads:
             raise ValueError(
                 f"merge_width: {self.merge_width} is not divisible by merge_heads={self.merge_heads}"

@@ -12,6 +12,9 @@ position, how much each member counts:
 
     fusion:  x[t] = c[t] + W_o concat_h sum_m w[t,m,h] v_m[t,h];  logits = head(LayerNorm(x))
     mixture: pi[t, m] = mean_h w[t,m,h];  logits[t] = log sum_m pi[t,m] * p_m(. | <= t)
+    residual (mixture option): logits[t] = log_softmax(log sum_m pi[t,m] p_m(. | <= t)
+                               + R(LayerNorm(c[t] + W_o concat_h sum_m w[t,m,h] v_m[t,h])))
+                               with R initialised to 0, so it starts as the mixture
 
 With `evidence` (EnsembleConfig) the score also sees how well each member has
 predicted the text so far, its decayed log-likelihood (a[s] = log p_m(x_s | x_<s),
@@ -234,6 +237,21 @@ class CorrelationMerger(nn.Module):
             self.lm_head = nn.Linear(D, config.vocab_size, bias=False)
             # Small head: the merged model starts near the uniform prediction (loss ~ ln V).
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
+        self.residual = config.residual
+        if config.residual:
+            self.res_value = nn.Linear(D, D, bias=False)
+            self.res_out = nn.Linear(D, D, bias=False)
+            self.res_ln = nn.LayerNorm(D)
+            self.res_head = nn.Linear(D, config.vocab_size, bias=False)
+            nn.init.zeros_(self.res_head.weight)  # starts as the mixture exactly
+
+    def correction(self, states: Tensor, weights: Tensor) -> Tensor:
+        """The residual's logit correction (B, T, V) from the states (B, T, M, D) and merge weights
+        (B, T, M, H): the fusion path's read-out of the merged states, through `res_head`."""
+        B, T, M, D = states.shape
+        v = self.res_value(states).view(B, T, M, self.n_head, self.head_dim)  # (B, T, M, H, d)
+        fused = torch.einsum("btmh,btmhd->bthd", weights.to(v.dtype), v).reshape(B, T, D)
+        return self.res_head(self.res_ln(states.mean(dim=2) + self.res_out(fused))).float()
 
     def scores(self, states: Tensor, cache: MergeCache | None = None) -> Tensor:
         """score[t, m, h] (B, T, M, H) from stacked member states (B, T, M, D)."""
@@ -359,7 +377,13 @@ class CorrelationMerger(nn.Module):
                 if logprobs.shape[:3] != (B, T, M):
                     raise ValueError(f"logprobs: mixture needs (B, T, M, V) = ({B}, {T}, {M}, V), got {tuple(logprobs.shape)}")
                 logits = torch.logsumexp(log_pi.unsqueeze(-1) + _at_least_float(logprobs), dim=2)  # (B, T, V)
-            if targets is not None:
+                if self.residual:
+                    logits = F.log_softmax(logits + self.correction(states, weights).to(logits.dtype), dim=-1)
+            if targets is not None and self.residual:
+                if logits is None:
+                    raise ValueError("logprobs: the residual needs the members' full log-probs (B, T, M, V), got none")
+                target_lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+            elif targets is not None:
                 if target_logprobs is None or target_logprobs.shape != (B, T, M):
                     got = None if target_logprobs is None else tuple(target_logprobs.shape)
                     raise ValueError(f"target_logprobs: the mixture loss needs (B, T, M) = ({B}, {T}, {M}), got {got}")
