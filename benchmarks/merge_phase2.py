@@ -5,8 +5,9 @@ and fresh projections for each variant with the product's phase-2 pieces: the
 mixed sampler (with its switch rows), `merger_adamw`, `cluster.merge.merged_loss`
 and `reduce_and_clip` on a one-rank exchange (the exactness test pins that 2
 workers compute the same step), the job's lr schedule. Then it scores every
-row with the one evaluator (`evaluate_ensemble`, the run's windows), so the
-variants are compared on the same members, batches and tokens:
+row with the one evaluator (`evaluate_ensemble` on the dev windows; `--split val`
+for the run's val windows), so the variants are compared on the same members,
+batches and tokens:
 
 - `fusion-states`: the merge before the evidence (fusion, state-only merger, no switch rows);
 - `mixture-evidence`: the product's default (the spec's settings);
@@ -90,17 +91,20 @@ def main() -> None:
     p.add_argument("--run", required=True, help="a finished run folder with final/")
     p.add_argument("--spec", required=True, help="the run's spec (training settings, data)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--split", choices=("dev", "val"), default="dev",
+                   help="windows to score: dev (the train shards' held-out tail, for choosing a recipe; "
+                        "default) or val (a run's reported figures)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     torch.set_num_threads(1)
     plan = build_plan(JobSpec.from_file(a.spec))
     trained = LeviathanEnsemble.load(Path(a.run) / "final")
     t = plan.training
-    result = {"run": a.run, "spec": a.spec, "variants": {}}
+    result = {"run": a.run, "spec": a.spec, "split": a.split, "variants": {}}
     for name in a.variants.split(","):
         ens, cpu_per_step = train_variant(trained, plan, VARIANTS[name])
         report = evaluate_ensemble(ens, load_manifest(plan.manifest), list(plan.domains), batch_size=t.batch_size,
-                                   seq_len=t.seq_len, max_batches=t.eval_batches)
+                                   seq_len=t.seq_len, max_batches=t.eval_batches, split=a.split)
         result["variants"][name] = {
             "settings": VARIANTS[name],
             "cpu_s_per_step": cpu_per_step,
