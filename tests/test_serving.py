@@ -54,6 +54,16 @@ async def test_generate_rejects_a_bad_field_with_422_naming_it(tmp_path, field: 
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("body", [b"\xa5C\xb5)", b'{"prompt": "a", "prompt": "b"}', b'{"temperature": NaN}'])
+async def test_generate_bodies_that_are_not_strict_json_are_422(tmp_path, body: bytes) -> None:
+    _run_folder(tmp_path, "served")
+    async with in_process(memory_settings(tmp_path, serve_url=_closed_port_url())) as client:
+        response = await client.post("/v1/runs/served/generate", content=body,
+                                     headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+
+
+@pytest.mark.anyio
 async def test_generate_for_an_unknown_run_is_404_and_for_an_unreachable_serve_503(tmp_path) -> None:
     _run_folder(tmp_path, "served")
     async with in_process(memory_settings(tmp_path, serve_url=_closed_port_url())) as client:

@@ -16,8 +16,11 @@ from api.routes import UNAUTHORIZED
 from api.schemas import ErrorBody, GenerateAnswer, GenerateRequest
 from api.services import generate as service
 from api.services.run_resources import off_loop, visible_run
+from api.strict_json import StrictJSONRoute
 
-router = APIRouter(prefix="/v1/runs", tags=["runs"], dependencies=[Depends(require_api_token)])
+# Strict JSON bodies like every other route that takes one: a body that is not UTF-8 JSON is a 422, not a 400.
+router = APIRouter(prefix="/v1/runs", tags=["runs"], dependencies=[Depends(require_api_token)],
+                   route_class=StrictJSONRoute)
 
 _SSE = "text/event-stream"
 
