@@ -10,7 +10,8 @@ scores with the same settings. For each batch every rank runs its members once
 - with a merger, the merged model's log-probs of the targets and those of the
   merger with its state term zeroed: rank r merges its own rows R_r from the
   gathered states (`leviathan.evaluation.merged_logprobs`), then the rows are
-  gathered back into (B, T, 2).
+  gathered back into (B, T, 2). A residual merger also needs the members' full
+  log-probs (M, |R_r|, T, V) of its rows: one all-to-all (`rows_outputs`).
 
 The per-token log-probs then go through the one scoring path,
 `leviathan.evaluation.row_logprobs` and `build_columns` (dev prefix excluded
@@ -43,6 +44,7 @@ from leviathan.data.staging import PreparedData
 from leviathan.evaluation import (
     Columns, build_columns, column_bytes, merged_gaps, merged_logprobs, row_logprobs, tuning_batches,
 )
+from leviathan.model.ensemble import MemberOutputs
 from leviathan.run.names import MIXED, SWITCH, SWITCH_PRE, row_order
 from leviathan.run.report import build_report
 
@@ -222,13 +224,24 @@ def _score(
     parts = []
     for x, y in batches:
         x, y = x.to(device), y.to(device)
+        residual = merger is not None and getattr(merger, "residual", False)
         with autocast():
-            outputs = gather_outputs(rank_outputs(members, x, y, members_grad=False), exchange)
+            local = rank_outputs(members, x, y, members_grad=False, full_logprobs=residual)
+            outputs = gather_outputs(local, exchange)
             merged_lp = None
             if merger is not None:
                 rows = exchange.rows(x.shape[0])
-                mine, _ = merged_logprobs(merger, outputs, y[rows], rows)  # (b, T, 2)
+                mine, _ = merged_logprobs(merger, rows_outputs(outputs, local, rows, exchange), y[rows])  # (b, T, 2)
                 merged_lp = exchange.gather_rows(mine.contiguous(), x.shape[0])  # (B, T, 2)
         member_lp = outputs.target_logprobs.float().permute(1, 2, 0)  # (B, T, M)
         parts.append(row_logprobs(member_lp, merged_lp, prefix_tokens, baselines).cpu())  # (B, T, R)
     return torch.cat(parts, dim=0)
+
+
+def rows_outputs(outputs: MemberOutputs, local: MemberOutputs, rows: slice, exchange: Exchange) -> MemberOutputs:
+    """Every member's outputs on this rank's rows R_r, (M, |R_r|, ...), from the gathered ones
+    (`gather_outputs`); with the residual, the full log-probs (only these rows: (M, |R_r|, T, V),
+    not every row's) come by one all-to-all of the rank's own (`Exchange.exchange_rows`)."""
+    target_lp = None if outputs.target_logprobs is None else outputs.target_logprobs[:, rows]
+    logprobs = None if local.logprobs is None else exchange.exchange_rows(local.logprobs)
+    return MemberOutputs(states=outputs.states[:, rows], target_logprobs=target_lp, logprobs=logprobs)

@@ -20,6 +20,10 @@ One step on a mixed-domain batch (x, y) (B, T), the same on every rank:
    M x |R_r| x T x (D + 1) values instead of the M x B x T x D(+1) an
    all-gather of every row would bring. Ranks hosting fewer members pad with
    zeros; the padding is dropped again. Both travel in the states' (autocast) dtype.
+   With the merger's `residual` (a logit correction over the vocabulary on top
+   of the mixture) the loss needs each member's full log-probs, so only then
+   they travel too, as V more channels (M_r, B, T, D + 1 + V), all in float32
+   (the log-probs feed a loss; bf16 would round them).
 3. Rank r merges its own rows R_r (`leviathan.model.ensemble.merge_members`) and takes
    loss_r = CE(merged logits on R_r) * |R_r| / B, so sum_r loss_r is the mean
    loss over the whole batch, exactly what `LeviathanEnsemble.forward` gives
@@ -197,11 +201,14 @@ def _time_backward(local: torch.Tensor, parts: Sequence[torch.Tensor], timer: Co
 
 
 def rank_outputs(
-    members: Sequence[Member], x: torch.Tensor, y: torch.Tensor | None, *, members_grad: bool
+    members: Sequence[Member], x: torch.Tensor, y: torch.Tensor | None, *, members_grad: bool,
+    full_logprobs: bool = False,
 ) -> MemberOutputs:
     """This rank's members on x (B, T), through the ensemble's one member forward:
-    states (M_r, B, T, D) and, given y, target log-probs (M_r, B, T)."""
-    return run_members([m.model for m in members], [m.projection for m in members], x, y, members_grad=members_grad)
+    states (M_r, B, T, D), given y target log-probs (M_r, B, T), and with full_logprobs
+    the log-probs over the vocabulary (M_r, B, T, V)."""
+    return run_members([m.model for m in members], [m.projection for m in members], x, y,
+                       full_logprobs=full_logprobs, members_grad=members_grad)
 
 
 def gather_outputs(local: MemberOutputs, exchange: Exchange, timer: CommTimer | None = None) -> MemberOutputs:
@@ -213,12 +220,21 @@ def gather_outputs(local: MemberOutputs, exchange: Exchange, timer: CommTimer | 
 
 def exchange_outputs(local: MemberOutputs, exchange: Exchange, timer: CommTimer | None = None) -> MemberOutputs:
     """Every member's outputs on this rank's rows R_r only, (M, |R_r|, ...): one all-to-all
-    of the states with the target log-probs as an extra channel, in the states' dtype."""
-    if local.target_logprobs is None:
+    of the states with the target log-probs as an extra channel, in the states' dtype; with
+    full log-probs (the residual) those are V more channels and everything travels in float32."""
+    if local.target_logprobs is None and local.logprobs is None:
         return MemberOutputs(states=exchange.exchange_rows(local.states, timer), target_logprobs=None)
-    packed = torch.cat([local.states, local.target_logprobs.to(local.states.dtype).unsqueeze(-1)], dim=-1)
-    mine = exchange.exchange_rows(packed, timer)  # (M, |R_r|, T, D + 1)
-    return MemberOutputs(states=mine[..., :-1], target_logprobs=mine[..., -1])
+    dtype = local.states.dtype if local.logprobs is None else torch.promote_types(local.states.dtype, torch.float32)
+    parts = [local.states.to(dtype)]
+    if local.target_logprobs is not None:
+        parts.append(local.target_logprobs.to(dtype).unsqueeze(-1))
+    if local.logprobs is not None:
+        parts.append(local.logprobs.to(dtype))
+    mine = exchange.exchange_rows(torch.cat(parts, dim=-1), timer)  # (M, |R_r|, T, D [+ 1] [+ V])
+    D = local.states.shape[-1]
+    target_lp = mine[..., D] if local.target_logprobs is not None else None
+    logprobs = mine[..., D + (target_lp is not None):] if local.logprobs is not None else None
+    return MemberOutputs(states=mine[..., :D].to(local.states.dtype), target_logprobs=target_lp, logprobs=logprobs)
 
 
 def merged_loss(
@@ -231,9 +247,11 @@ def merged_loss(
     joint: bool,
     timer: CommTimer | None = None,
 ) -> torch.Tensor:
-    """This rank's share loss_r = CE(merge on rows R_r) * |R_r| / B (sum over ranks = batch mean)."""
+    """This rank's share loss_r = CE(merge on rows R_r) * |R_r| / B (sum over ranks = batch mean).
+    With the merger's residual the members' full log-probs travel too (`exchange_outputs`)."""
     needs_target_lp = merger.merge_mode == "mixture" or merger.evidence
-    local = rank_outputs(members, x, y if needs_target_lp else None, members_grad=joint)
+    local = rank_outputs(members, x, y if needs_target_lp else None, members_grad=joint,
+                         full_logprobs=getattr(merger, "residual", False))
     rows = exchange.rows(x.shape[0])
     out = merge_members(merger, exchange_outputs(local, exchange, timer), y[rows])
     return out.loss * (y[rows].shape[0] / x.shape[0])

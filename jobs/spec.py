@@ -138,6 +138,11 @@ class EnsembleSpec(StrictModel):
         default_of(EnsembleConfig, "evidence"),
         description="Merge scores also see each member's decayed log-likelihood of the text so far (a fresh mixture merger is the running Bayes posterior); false: states only.",
     )
+    residual: bool = Field(
+        default_of(EnsembleConfig, "residual"),
+        description="Mixture only: a learned logit correction over the vocabulary on top of the mixture, zero at init "
+        "(phase 2 then exchanges the members' full log-probs).",
+    )
     merge_width: int = Field(default_of(EnsembleConfig, "merge_width"), ge=8, le=4096)
     merge_heads: int = Field(default_of(EnsembleConfig, "merge_heads"), ge=1, le=64)
     merge_window: int | None = Field(None, ge=1, le=64, description="Lag window of the merger; default: window.")
@@ -163,6 +168,7 @@ class EnsembleSpec(StrictModel):
             merge_window=self.effective_merge_window,
             mixer=self.mixer,
             evidence=self.evidence,
+            residual=self.residual,
         )
 
     def member_params(self, vocab_size: int, block_size: int) -> list[int]:

@@ -19,7 +19,8 @@ Rows of the table (what the merged model is compared with, DESIGN section 4):
   (`tuning_batches`), recorded in the report's ``baselines``.
 - ``merged (no state)``: the trained merger with its state term (the correlation
   of the members' projected states) zeroed, its evidence term alone
-  (`no_state_weights`): what the learned correlation adds.
+  (`no_state_weights`): what the learned correlation adds. A residual merger
+  keeps its logit correction in this row (read with those weights).
 
 "Best baseline" is, per column, the best of the training-free rows (uniform,
 both posteriors, fixed share, decayed posterior); the report gives merged minus
@@ -147,7 +148,9 @@ def merged_logprobs(
     merger: Any, outputs: MemberOutputs, targets: torch.Tensor, rows: slice = slice(None)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The merged rows' target log-probs (b, T, 2): the merger, then the merger with its state
-    term zeroed (`no_state_weights`, same merge otherwise); and the merger's weights (b, T, M, H)."""
+    term zeroed (`no_state_weights`, same merge otherwise: a residual merger keeps its correction,
+    read with those weights); and the merger's weights (b, T, M, H). A residual merger needs
+    `outputs.logprobs` (the members' full log-probs)."""
     out = merge_members(merger, outputs, targets, rows)
     member_lp = outputs.target_logprobs[:, rows].permute(1, 2, 0)  # (b, T, M)
     ablated = merge_members(merger, outputs, targets, rows, weights=no_state_weights(merger, member_lp))
@@ -333,7 +336,8 @@ def _batch_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every row's per-token log-probs (B, T, R) of one batch, posterior weights (B, M), and
     the running posterior's and merger's weights (M,), each averaged over batch, time (and heads)."""
-    outputs = run_members(ensemble.members, ensemble.projections, x, y)
+    # A residual merger corrects the mixture over the vocabulary: it needs the full log-probs.
+    outputs = run_members(ensemble.members, ensemble.projections, x, y, full_logprobs=ensemble.merger.residual)
     merged_lp, merged_w = merged_logprobs(ensemble.merger, outputs, y)
     member_lp = outputs.target_logprobs.permute(1, 2, 0)  # (B, T, M)
     per_token = row_logprobs(member_lp, merged_lp, prefix_tokens, baselines)

@@ -1,7 +1,8 @@
 """The workers' evaluation (cluster.evaluation, what the trainer calls) on 2 Ray
 workers gives the same figures as `leviathan.evaluation.evaluate_ensemble` in one
 process: every row, every domain, the mixed set and the domain-switch set, with
-and without a merger, with and without the merger's evidence.
+and without a merger, with and without the merger's evidence, and with the
+mixture's residual (each rank's rows of the members' full log-probs).
 
 2 modules x 2 members on 2 workers and batches of 3 windows (rank 0 merges 2
 rows, rank 1 one), so both the member gather and the row gather are exercised.
@@ -22,12 +23,15 @@ SETTINGS = dict(batch_size=3, seq_len=16, max_batches=2, prefix_tokens=4)
 BASELINES = BaselineSettings(alpha=0.02, beta=1.25, gamma=0.8)
 
 
-def _ensemble(merge: str, evidence: bool) -> LeviathanEnsemble:
+def _ensemble(merge: str, evidence: bool, residual: bool = False) -> LeviathanEnsemble:
     torch.manual_seed(3)
     member = ComponentConfig.preset("tiny", vocab_size=260, block_size=32, n_layer=1)
     config = EnsembleConfig(members=[member] * 2, modules=2, members_per_module=2, merge=merge, merge_width=32,
-                            evidence=evidence)
+                            evidence=evidence, residual=residual)
     ens = LeviathanEnsemble(config)
+    if residual:  # a correction away from its zero init, so the merged rows depend on it
+        with torch.no_grad():
+            ens.merger.res_head.weight.normal_(std=0.2)
     if evidence:  # evidence weights away from their init, so the state term and gamma matter
         with torch.no_grad():
             ens.merger.key.weight.normal_(std=0.2)
@@ -42,9 +46,9 @@ def test_distributed_evaluation_equals_the_single_process_report(ray_cluster, sm
     manifest = small_corpus
     domains = load_manifest(manifest).domains[:2]
     cases = {"fusion": ("fusion", True), "mixture": ("mixture", True), "mixture-states-only": ("mixture", False),
-             "members-only": ("mixture", True)}
-    for name, (merge, evidence) in cases.items():
-        _ensemble(merge, evidence).save(tmp_path / name)
+             "members-only": ("mixture", True), "mixture-residual": ("mixture", True, True)}
+    for name, case in cases.items():
+        _ensemble(*case).save(tmp_path / name)
 
     def loop(config):
         import ray.train

@@ -6,7 +6,8 @@ the global loss and the gradients of every projection, the merger (beta and
 gamma of the evidence included) and (with joint training) the members match the
 single-process ensemble's. The batch travels as row blocks (an all-to-all of the
 states with the target log-probs as one more channel), in both merge modes,
-with and without the evidence.
+with and without the evidence, and with the mixture's residual (the members'
+full log-probs travel too) under joint training.
 """
 
 from __future__ import annotations
@@ -21,18 +22,23 @@ CASES = {
     "mixture-evidence-joint": dict(merge="mixture", evidence=True, joint=True),
     "mixture-evidence": dict(merge="mixture", evidence=True, joint=False),
     "fusion-states-joint": dict(merge="fusion", evidence=False, joint=True),
+    "mixture-residual-joint": dict(merge="mixture", evidence=True, joint=True, residual=True),
 }
 
 
-def _ensemble(merge: str, evidence: bool, **_) -> LeviathanEnsemble:
+def _ensemble(merge: str, evidence: bool, residual: bool = False, **_) -> LeviathanEnsemble:
     torch.manual_seed(0)
     members = [
         ComponentConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16, flavour=f, window=2)
         for f in ("gelu4", "relu3")
     ]
     config = EnsembleConfig(members=members, modules=3, members_per_module=2, merge=merge,
-                            merge_width=8, merge_heads=2, merge_window=2, evidence=evidence)
+                            merge_width=8, merge_heads=2, merge_window=2, evidence=evidence,
+                            residual=residual)
     ens = LeviathanEnsemble(config)
+    if residual:  # a correction away from its zero init, so it is in the loss and its gradients
+        with torch.no_grad():
+            ens.merger.res_head.weight.normal_(std=0.5)
     if evidence:  # away from the init, where W_k = 0 would zero W_q's and the lags' gradients
         with torch.no_grad():
             ens.merger.key.weight.normal_(std=0.5)

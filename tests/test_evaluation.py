@@ -76,10 +76,22 @@ def manifest(tmp_path_factory):
     return load_manifest(prepare_corpus(tmp_path_factory.mktemp("corpus")))
 
 
-@pytest.mark.parametrize("merge", ["fusion", "mixture"])
+def residual_ensemble(seed: int = 0) -> LeviathanEnsemble:
+    """`tiny_ensemble`'s mixture with the residual, its correction away from the zero init."""
+    torch.manual_seed(seed)
+    member = ComponentConfig.preset("tiny", vocab_size=260, block_size=64, n_layer=1)
+    ens = LeviathanEnsemble(EnsembleConfig(members=[member] * 2, modules=2, members_per_module=2, merge="mixture",
+                                           merge_width=32, residual=True))
+    with torch.no_grad():
+        ens.merger.res_head.weight.normal_(std=0.2)
+    return ens
+
+
+@pytest.mark.parametrize("merge", ["fusion", "mixture", "residual"])
 def test_rows_match_the_models_own_losses(merge):
-    """merged = the ensemble's forward loss, member rows = each member's forward loss (prefix 0)."""
-    ens = tiny_ensemble(merge=merge).eval()
+    """merged = the ensemble's forward loss, member rows = each member's forward loss (prefix 0);
+    residual: the mixture with its logit correction, scored on the members' full log-probs."""
+    ens = (residual_ensemble() if merge == "residual" else tiny_ensemble(merge=merge)).eval()
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 260, (3, 16), generator=g)
     y = torch.randint(0, 260, (3, 16), generator=g)
@@ -238,3 +250,26 @@ def test_without_phase_2_the_report_has_no_merged_row_and_no_verdict(manifest):
     assert "merged model beats every member" in format_final_table(table)
     member = table["rows"][2]
     assert member["own_val_loss"] == row(full, member["name"])["loss"][member["domain"]]
+
+
+def test_report_scores_the_residual_correction(manifest):
+    """A residual merger's report: with the correction at its zero init every row equals the
+    plain mixture's report; a learned correction moves the merged rows and nothing else."""
+    settings = dict(seq_len=16, batch_size=2, max_batches=1, prefix_tokens=4)
+    plain = tiny_ensemble(merge="mixture")
+    residual = residual_ensemble()
+    with torch.no_grad():
+        residual.merger.res_head.weight.zero_()
+    residual.load_state_dict(plain.state_dict(), strict=False)  # same members, projections and merger
+    base = evaluate_ensemble(plain, manifest, **settings)
+    rep = evaluate_ensemble(residual, manifest, **settings)
+    for a, b in zip(base["rows"], rep["rows"]):
+        assert a["name"] == b["name"]
+        for c in base["columns"]:
+            assert b["loss"][c] == pytest.approx(a["loss"][c], abs=1e-5), (a["name"], c)
+    with torch.no_grad():
+        residual.merger.res_head.weight.normal_(std=0.2)
+    moved = evaluate_ensemble(residual, manifest, **settings)
+    for a, b in zip(base["rows"], moved["rows"]):
+        changed = any(abs(b["loss"][c] - a["loss"][c]) > 1e-4 for c in base["columns"])
+        assert changed == (a["name"] in ("merged", NO_STATE)), a["name"]

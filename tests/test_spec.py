@@ -61,6 +61,19 @@ def test_ensemble_rules_are_the_ensemble_configs():
     assert any("members: expected 2" in m for _, m in errors), errors
 
 
+def test_residual_is_the_ensemble_configs_option():
+    """`ensemble.residual` defaults to EnsembleConfig's, reaches the config, and keeps its rule
+    (it corrects a mixture) with the field named."""
+    assert JobSpec().ensemble.residual is EnsembleConfig.__dataclass_fields__["residual"].default
+    spec = JobSpec.model_validate({"ensemble": {"residual": True}})
+    assert spec.ensemble.to_config().residual is True
+    assert ensemble_config(spec, 300).residual is True
+    errors = _errors({"ensemble": {"residual": True, "merge": "fusion"}})
+    assert any("residual: corrects a mixture" in m for _, m in errors), errors
+    errors = _errors({"ensemble": {"residual": "maybe"}})
+    assert [loc for loc, _ in errors] == ["ensemble.residual"], errors
+
+
 @pytest.mark.parametrize("gpus", [0.5, 2.0])
 def test_gpus_per_worker_must_be_one_with_use_gpu(gpus):
     errors = _errors({"resources": {"use_gpu": True, "gpus_per_worker": gpus}})
