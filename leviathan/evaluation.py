@@ -529,6 +529,7 @@ def evaluate_ensemble(
             "windows": {d: k for d in domains},
             "merge": cfg.merge,
             "mixer": cfg.mixer,
+            "residual": cfg.residual,
             "switch_windows": columns.switch_windows,
             "split": split,
         },
