@@ -224,7 +224,7 @@ def _score(
     parts = []
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        residual = merger is not None and getattr(merger, "residual", False)
+        residual = merger is not None and merger.residual
         with autocast():
             local = rank_outputs(members, x, y, members_grad=False, full_logprobs=residual)
             outputs = gather_outputs(local, exchange)

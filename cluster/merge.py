@@ -251,7 +251,7 @@ def merged_loss(
     With the merger's residual the members' full log-probs travel too (`exchange_outputs`)."""
     needs_target_lp = merger.merge_mode == "mixture" or merger.evidence
     local = rank_outputs(members, x, y if needs_target_lp else None, members_grad=joint,
-                         full_logprobs=getattr(merger, "residual", False))
+                         full_logprobs=merger.residual)
     rows = exchange.rows(x.shape[0])
     out = merge_members(merger, exchange_outputs(local, exchange, timer), y[rows])
     return out.loss * (y[rows].shape[0] / x.shape[0])

@@ -42,6 +42,9 @@ distributed trainer (cluster.merge) and both evaluations use these two.
 In mixture mode the loss needs only the (M, B, T) target log-probs:
 
     loss = -mean_t log sum_m pi[t, m] p_m(y_t)
+
+except with the residual, whose normaliser runs over the vocabulary: it needs
+the members' full log-probs (M, B, T, V) in training and evaluation too.
 """
 
 from __future__ import annotations
