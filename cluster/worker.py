@@ -396,7 +396,7 @@ class EnsembleWorker:
             bytes_per_token=self.bytes_per_token,
             settings={
                 "batch_size": self.t.batch_size, "max_batches": self.t.eval_batches, "merge": cfg.merge,
-                "mixer": cfg.mixer, "joint": self.t.joint,
+                "mixer": cfg.mixer, "residual": cfg.residual, "joint": self.t.joint,
                 "steps": {"members": self.t.phase1_steps, "merge": self.t.phase2_steps},
             },
             evidence=evidence_settings(self.merger) if merged else None,
