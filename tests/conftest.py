@@ -60,6 +60,9 @@ os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
 # Ray Train's preemption watcher polls for cloud spot-instance notices: one more actor process per
 # run that a local test cluster has no use for.
 os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+# Train's controller polls its workers every 2 s by default, so every run waited about that long
+# to notice its workers had finished (or died). Tiny test runs train for about 2 s: poll faster.
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
 # The suite runs beside its own Ray workers on two cores: one thread per process keeps
 # torch from oversubscribing them (set before torch is first imported).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -174,8 +177,6 @@ def _ray_env(dashboard_url: str) -> dict[str, str]:
     env["RAY_API_SERVER_ADDRESS"] = dashboard_url
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
-    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     return env
 
 
@@ -274,6 +275,16 @@ def small_corpus(tmp_path_factory) -> Path:
     from tests.test_evaluation import prepare_corpus
 
     return prepare_corpus(tmp_path_factory.mktemp("small-corpus"))
+
+
+@pytest.fixture(scope="session")
+def two_workers(ray_cluster, builtin_corpus, small_corpus, tmp_path_factory) -> Path:
+    """One 2-worker gloo fit running every check of tests/scripts/two_workers.py (phase 2 and the
+    evaluation equal one process; the start-up check leaves no trace); each check's outputs
+    are under <folder>/<check name>."""
+    from tests.scripts.two_workers import run_checks
+
+    return run_checks(tmp_path_factory.mktemp("two-workers"), {"builtin": builtin_corpus, "small": small_corpus})
 
 
 @dataclass

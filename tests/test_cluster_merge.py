@@ -12,6 +12,8 @@ full log-probs travel too) under joint training.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from leviathan.config import ComponentConfig, EnsembleConfig
@@ -47,56 +49,52 @@ def _ensemble(merge: str, evidence: bool, residual: bool = False, **_) -> Leviat
     return ens
 
 
-def test_phase2_step_on_two_workers_equals_single_process_step(ray_cluster, tmp_path):
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+def prepare_on_two_workers(folder: Path, corpora: dict[str, Path]) -> dict:
+    """The batch and every case's ensemble, saved for the workers (tests/scripts/two_workers.py)."""
     torch.manual_seed(1)
     x = torch.randint(0, 40, (5, 12))
     y = torch.randint(0, 40, (5, 12))
-    torch.save((x, y), tmp_path / "batch.pt")
+    torch.save((x, y), folder / "batch.pt")
     for name, case in CASES.items():
-        _ensemble(**case).save(tmp_path / name)
+        _ensemble(**case).save(folder / name)
+    return {"dir": str(folder), "cases": CASES}
 
-    def loop(config):
-        import ray.train
-        import torch
 
-        from cluster.members import Member
-        from cluster.merge import Exchange, local_parameters, merged_loss, reduce_and_clip
-        from cluster.placement import members_for_rank
-        from leviathan.model.ensemble import LeviathanEnsemble
+def on_each_worker(config: dict) -> None:
+    """One phase-2 step of every case on this rank's members; the loss and gradients to rank<r>.pt."""
+    import ray.train
 
-        ctx = ray.train.get_context()
-        rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        x, y = torch.load(f"{config['dir']}/batch.pt")
-        out = {}
-        for name, case in config["cases"].items():
-            ens = LeviathanEnsemble.load(f"{config['dir']}/{name}")
-            c = ens.config
-            mine = members_for_rank(rank, world, c.modules, c.members_per_module)
-            members = [Member(i, c.member_names[i], ens.members[i], ens.projections[i]) for i in mine]
-            exchange = Exchange.for_placement(rank, world, c.modules, c.members_per_module)
-            share = merged_loss(members, ens.merger, x, y, exchange, joint=case["joint"])
-            share.backward()
-            loss, _ = reduce_and_clip(
-                ens.merger, local_parameters(members, joint=case["joint"]), share, world, grad_clip=0.0
-            )
-            grads = {n: p.grad.clone() for n, p in ens.named_parameters() if p.grad is not None}
-            out[name] = {"loss": loss, "grads": grads, "members": mine}
-        torch.save(out, f"{config['dir']}/rank{rank}.pt")
+    from cluster.members import Member
+    from cluster.merge import Exchange, local_parameters, merged_loss, reduce_and_clip
+    from cluster.placement import members_for_rank
 
-    TorchTrainer(
-        loop,
-        train_loop_config={"dir": str(tmp_path), "cases": CASES},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="gloo"),
-    ).fit()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    x, y = torch.load(f"{config['dir']}/batch.pt")
+    out = {}
+    for name, case in config["cases"].items():
+        ens = LeviathanEnsemble.load(f"{config['dir']}/{name}")
+        c = ens.config
+        mine = members_for_rank(rank, world, c.modules, c.members_per_module)
+        members = [Member(i, c.member_names[i], ens.members[i], ens.projections[i]) for i in mine]
+        exchange = Exchange.for_placement(rank, world, c.modules, c.members_per_module)
+        share = merged_loss(members, ens.merger, x, y, exchange, joint=case["joint"])
+        share.backward()
+        loss, _ = reduce_and_clip(
+            ens.merger, local_parameters(members, joint=case["joint"]), share, world, grad_clip=0.0
+        )
+        grads = {n: p.grad.clone() for n, p in ens.named_parameters() if p.grad is not None}
+        out[name] = {"loss": loss, "grads": grads, "members": mine}
+    torch.save(out, f"{config['dir']}/rank{rank}.pt")
 
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+def test_phase2_step_on_two_workers_equals_single_process_step(two_workers):
+    folder = two_workers / "merge"
+    x, y = torch.load(folder / "batch.pt")
+    ranks = [torch.load(folder / f"rank{r}.pt") for r in range(2)]
     for name, case in CASES.items():
         ens = _ensemble(**case)
-        ens.load_state_dict(LeviathanEnsemble.load(tmp_path / name).state_dict())
+        ens.load_state_dict(LeviathanEnsemble.load(folder / name).state_dict())
         _, loss = ens(x, y)
         loss.backward()
         for r, got in enumerate(ranks):

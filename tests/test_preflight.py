@@ -16,15 +16,12 @@ import pytest
 
 from jobs import train
 from jobs.plan import build_plan
-from tests.scripts.common import builtin_manifest, tiny_spec
+from tests.scripts.common import tiny_spec
 
 
 @pytest.fixture(scope="module")
-def plan(tmp_path_factory):
-    folder = tmp_path_factory.getbasetemp() / "leviathan-builtin"
-    spec = tiny_spec(builtin_manifest(folder), tmp_path_factory.mktemp("runs"), "check",
-                     ensemble={"merge": "mixture"}, training={"joint": True})
-    return build_plan(spec)
+def plan(builtin_corpus, tmp_path_factory):
+    return _plan(builtin_corpus, tmp_path_factory.mktemp("runs"))
 
 
 def _fit(plan, tmp_path: Path, loop):
@@ -42,7 +39,18 @@ def _fit(plan, tmp_path: Path, loop):
     return trainer.fit()
 
 
-def _check_and_record(config):
+def _plan(manifest: Path, storage: Path):
+    spec = tiny_spec(manifest, storage, "check", ensemble={"merge": "mixture"}, training={"joint": True})
+    return build_plan(spec)
+
+
+def prepare_on_two_workers(folder: Path, corpora: dict[str, Path]) -> dict:
+    """The healthy check's plan, for the workers (tests/scripts/two_workers.py)."""
+    return {"plan": _plan(corpora["builtin"], folder / "runs"), "metrics_dir": str(folder), "out": str(folder)}
+
+
+def on_each_worker(config: dict) -> None:
+    """Run the start-up check and record what it left: gradients, the RNG state, the modes."""
     import torch
 
     from cluster.worker import EnsembleWorker
@@ -61,10 +69,9 @@ def _check_and_record(config):
     Path(config["out"], f"rank{worker.rank}.json").write_text(json.dumps(out))
 
 
-def test_healthy_collectives_pass_and_leave_no_trace(ray_cluster, plan, tmp_path):
-    _fit(plan, tmp_path, _check_and_record)
+def test_healthy_collectives_pass_and_leave_no_trace(two_workers):
     for rank in (0, 1):
-        out = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        out = json.loads((two_workers / "preflight" / f"rank{rank}.json").read_text())
         assert out == {"steps": ["evaluation", "merge_step", "object_gather"], "grads_left": 0,
                        "rng_unchanged": True, "training_mode": True}, (rank, out)
 
