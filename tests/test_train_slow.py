@@ -90,7 +90,7 @@ def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_clust
     manifest (sha256-checked) and memory-map the copies; the API's spec.json is the
     only copy (the driver does not write it again); metrics are part files the API's
     reader follows; final/ and the report land in the bucket. The store is cut off for
-    4 s twice while checkpoints are uploaded: the writes retry, and no line is lost."""
+    2 s twice while checkpoints are uploaded: the writes retry, and no line is lost."""
     import hashlib
 
     import pyarrow.fs as pafs
@@ -122,7 +122,7 @@ def test_run_on_an_object_store_stages_its_data_and_appends_part_files(ray_clust
 
     for seen in (1, 2):
         wait_for(lambda: checkpoints() >= seen or not thread.is_alive(), 300, f"checkpoint {seen}", poll_s=0.1)
-        s3_server.pause(4)
+        s3_server.pause(2)
     thread.join(timeout=600)
     assert "result" in out, "the run did not finish"
     result = out["result"]
