@@ -32,11 +32,6 @@ def ensemble(seed: int = 0, merge: str = "mixture", residual: bool = False) -> L
     return model.eval()
 
 
-def member_outputs(model: LeviathanEnsemble, idx: torch.Tensor):
-    out = model.member_outputs(idx[:, :-1], idx[:, 1:])
-    return out.states.permute(1, 2, 0, 3), out.target_logprobs.permute(1, 2, 0)  # (B, T, M, D), (B, T, M)
-
-
 def score(model: LeviathanEnsemble, idx: torch.Tensor, k: int, every: int, prefix: int, probe: int = 1, outputs=None):
     """routed_target_logprobs on idx (B, T+1), with the full log-probs and targets a residual merger needs."""
     out = outputs or model.member_outputs(idx[:, :-1], idx[:, 1:], full_logprobs=model.merger.residual)

@@ -232,7 +232,8 @@ def routed_target_logprobs(
     if merger.residual:
         if logprobs is None or logprobs.shape[:3] != (B, T, M):
             got = None if logprobs is None else tuple(logprobs.shape)
-            raise ValueError(f"logprobs: a residual merger needs the members' full log-probs (B, T, M, V) = ({B}, {T}, {M}, V), got {got}")
+            need = f"({B}, {T}, {M}, V)"
+            raise ValueError(f"logprobs: a residual merger needs the members' full log-probs (B, T, M, V) = {need}, got {got}")
         if targets is None or targets.shape != (B, T):
             got = None if targets is None else tuple(targets.shape)
             raise ValueError(f"targets: a residual merger needs the targets (B, T) = ({B}, {T}), got {got}")
