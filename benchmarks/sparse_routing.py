@@ -5,10 +5,12 @@
 Loss: the run's own val windows (each domain's eval windows, the mixed set,
 and the domain-switch set), scored teacher-forced by `routed_target_logprobs`
 on the evaluation's scored positions (the first quarter of every window is the
-prompt, where every member runs). Speed: teacher-forced decoding of a few
-mixed windows, one token at a time with decode caches, through every member
-(the ensemble's own cached step) and through `RoutedDecoder`, interleaved so
-both see the same machine; the ratio is the figure, not either time.
+prompt, where every member runs); a residual merger is scored with its
+correction, from the members' full log-probs, one batch at a time. Speed:
+teacher-forced decoding of a few mixed windows, one token at a time with
+decode caches, through every member (the ensemble's own cached step) and
+through `RoutedDecoder`, interleaved so both see the same machine; the ratio
+is the figure, not either time.
 
 `member_token_forwards` counts the members' work: a held member runs only
 when it enters the chosen set again or is probed (`--probe N`: before each
@@ -37,32 +39,33 @@ from leviathan.model.ensemble import EnsembleCache, run_members  # noqa: E402
 from leviathan.model.routing import RoutedDecoder, routed_target_logprobs  # noqa: E402
 
 
-def member_outputs(ensemble, batches):
-    """Every member's states (N, T, M, D) and target log-probs (N, T, M) on the windows."""
-    states, target_lp = [], []
-    for x, y in batches:
-        out = run_members(ensemble.members, ensemble.projections, x, y)
-        states.append(out.states.permute(1, 2, 0, 3))
-        target_lp.append(out.target_logprobs.permute(1, 2, 0))
-    return torch.cat(states), torch.cat(target_lp)
-
-
 def setting_name(k: int, every: int, probe: int) -> str:
     return f"k={k} R={every} probe={probe}"
 
 
-def losses(ensemble, columns: dict[str, tuple], prefix: int, settings: list[tuple[int, int, int]]) -> dict[str, dict[str, float]]:
-    """Mean NLL per column on the scored positions prefix..T-1, for all members and each (k, R, probe)."""
+def losses(ensemble, columns: dict[str, list], prefix: int, settings: list[tuple[int, int, int]]) -> dict[str, dict[str, float]]:
+    """Mean NLL per column on the scored positions prefix..T-1, for all members and each (k, R, probe).
+
+    Each batch (x, y) runs the members once and is scored under every setting; a residual
+    merger also needs the members' full log-probs (b, T, M, V), kept one batch at a time.
+    """
     M = ensemble.config.num_members
-    out: dict[str, dict[str, float]] = {}
-    for k, every, probe in [(M, 1, 0), *settings]:
-        name = "all" if k == M else setting_name(k, every, probe)
-        out[name] = {
-            column: -routed_target_logprobs(ensemble.merger, states, target_lp, k, every, prefix, probe)[:, prefix:]
-            .mean()
-            .item()
-            for column, (states, target_lp) in columns.items()
-        }
+    residual = ensemble.merger.residual
+    runs = [(M, 1, 0), *settings]
+    names = ["all", *(setting_name(*s) for s in settings)]
+    out: dict[str, dict[str, float]] = {name: {} for name in names}
+    for column, batches in columns.items():
+        nll, count = dict.fromkeys(names, 0.0), 0
+        for x, y in batches:
+            members = run_members(ensemble.members, ensemble.projections, x, y, full_logprobs=residual)
+            states, target_lp = members.states.permute(1, 2, 0, 3), members.target_logprobs.permute(1, 2, 0)
+            extra = {"logprobs": members.logprobs.permute(1, 2, 0, 3), "targets": y} if residual else {}
+            for name, (k, every, probe) in zip(names, runs):
+                lp = routed_target_logprobs(ensemble.merger, states, target_lp, k, every, prefix, probe, **extra)
+                nll[name] -= lp[:, prefix:].sum().item()
+            count += y[:, prefix:].numel()
+        for name in names:
+            out[name][column] = nll[name] / count
     return out
 
 
@@ -116,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     per_domain = [eval_batches(s, spec.training.batch_size, seq_len, spec.training.eval_batches) for s in shards]
     n = min(sum(len(x) for x, _ in b) for b in per_domain)  # every domain on the same number of windows
     mixed = [(torch.cat([x for x, _ in b])[:n], torch.cat([y for _, y in b])[:n]) for b in per_domain]
-    columns = {"mixed": member_outputs(ensemble, mixed)}
+    columns = {"mixed": mixed}
     if len(shards) > 1:
-        columns["switch"] = member_outputs(ensemble, switch_batches(shards, spec.training.batch_size, seq_len))
+        columns["switch"] = list(switch_batches(shards, spec.training.batch_size, seq_len))
     loss = losses(ensemble, columns, prefix, settings)
 
     windows = torch.cat([torch.cat([x[:, :1], y], dim=1) for x, y in mixed])  # (N, T + 1)
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "members": ensemble.config.num_members,
         "seq_len": seq_len,
         "prompt_tokens": prefix,
-        "windows": {c: int(s.size(0)) for c, (s, _) in columns.items()},
+        "windows": {c: sum(int(x.size(0)) for x, _ in batches) for c, batches in columns.items()},
         "decoded_tokens": tokens,
         "table": table,
         "machine": machine_info(torch=torch.__version__, threads=args.threads, load=os.getloadavg()),

@@ -13,23 +13,31 @@ from leviathan.model.routing import RoutedDecoder, check_routing, routed_target_
 V = 61
 
 
-def ensemble(seed: int = 0, merge: str = "mixture") -> LeviathanEnsemble:
-    """Four members (2 modules x 2) with random lags and a state term that matters."""
+def ensemble(seed: int = 0, merge: str = "mixture", residual: bool = False) -> LeviathanEnsemble:
+    """Four members (2 modules x 2) with random lags and a state term that matters; with the
+    residual, its head is off its zero init so the correction changes the model."""
     torch.manual_seed(seed)
     member = ComponentConfig.preset("tiny", n_embd=32, n_head=2, n_layer=1, block_size=64, vocab_size=V, window=2)
-    model = LeviathanEnsemble(
-        EnsembleConfig(members=[member], modules=4, members_per_module=1, merge=merge, merge_width=16, merge_heads=2, merge_window=3)
-    ).double()
+    config = EnsembleConfig(
+        members=[member], modules=4, members_per_module=1, merge=merge, merge_width=16, merge_heads=2, merge_window=3,
+        residual=residual,
+    )
+    model = LeviathanEnsemble(config).double()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lag_weight") or name == "merger.key.weight":
                 p.normal_(std=0.5)
+        if residual:
+            model.merger.res_head.weight.normal_(std=0.2)
     return model.eval()
 
 
-def member_outputs(model: LeviathanEnsemble, idx: torch.Tensor):
-    out = model.member_outputs(idx[:, :-1], idx[:, 1:])
-    return out.states.permute(1, 2, 0, 3), out.target_logprobs.permute(1, 2, 0)  # (B, T, M, D), (B, T, M)
+def score(model: LeviathanEnsemble, idx: torch.Tensor, k: int, every: int, prefix: int, probe: int = 1, outputs=None):
+    """routed_target_logprobs on idx (B, T+1), with the full log-probs and targets a residual merger needs."""
+    out = outputs or model.member_outputs(idx[:, :-1], idx[:, 1:], full_logprobs=model.merger.residual)
+    states, target_lp = out.states.permute(1, 2, 0, 3), out.target_logprobs.permute(1, 2, 0)
+    extra = {"logprobs": out.logprobs.permute(1, 2, 0, 3), "targets": idx[:, 1:]} if model.merger.residual else {}
+    return routed_target_logprobs(model.merger, states, target_lp, k, every, prefix, probe, **extra)
 
 
 def decode_teacher_forced(model: LeviathanEnsemble, seq: torch.Tensor, k: int, every: int, prefix: int, probe: int = 1):
@@ -42,18 +50,18 @@ def decode_teacher_forced(model: LeviathanEnsemble, seq: torch.Tensor, k: int, e
     return lp.gather(-1, seq[:, prefix:, None]).squeeze(-1), decoder
 
 
+@pytest.mark.parametrize("residual,seed", [(False, 1), (True, 3)])  # seeds where every setting re-enters a member
 @pytest.mark.parametrize("k,every,probe", [(1, 3, 0), (2, 4, 1), (3, 1, 1), (2, 3, 2)])
-def test_decode_equals_teacher_forced_score(k, every, probe):
-    model = ensemble(seed=1)
+def test_decode_equals_teacher_forced_score(k, every, probe, residual, seed):
+    model = ensemble(seed=seed, residual=residual)
     seq = torch.randint(0, V, (1, 25), generator=torch.Generator().manual_seed(3))
     prefix = 5
-    states, target_lp = member_outputs(model, seq)
-    scored = routed_target_logprobs(model.merger, states, target_lp, k, every, prefix, probe)
+    scored = score(model, seq, k, every, prefix, probe)
     decoded, decoder = decode_teacher_forced(model, seq, k, every, prefix, probe)
     assert decoder.entries > 0  # held members came back: their catch-up and evidence fix are in the comparison
     # Members take log_softmax in float32, where a cached decode and a full forward round apart.
     torch.testing.assert_close(decoded, scored[:, prefix - 1 :], rtol=0, atol=1e-5)
-    full = routed_target_logprobs(model.merger, states, target_lp, 4, every, prefix)
+    full = score(model, seq, 4, every, prefix)
     assert (full - scored)[:, prefix:].abs().max() > 1e-3  # routing really changed the model
 
 
@@ -78,19 +86,29 @@ def test_lazy_catch_up_is_exact(probe):
     torch.testing.assert_close(evidence[0, m], expected, rtol=0, atol=1e-5)
 
 
-def test_all_members_is_the_merged_model():
-    model = ensemble(seed=1)
+@pytest.mark.parametrize("residual", [False, True])
+def test_all_members_is_the_merged_model(residual):
+    model = ensemble(seed=1, residual=residual)
     seq = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(4))
-    states, target_lp = member_outputs(model, seq)
-    merged = merge_members(model.merger, model.member_outputs(seq[:, :-1], seq[:, 1:]), seq[:, 1:]).target_logprobs
-    routed = routed_target_logprobs(model.merger, states, target_lp, k=4, every=3, prefix=2)
+    outputs = model.member_outputs(seq[:, :-1], seq[:, 1:], full_logprobs=residual)
+    merged = merge_members(model.merger, outputs, seq[:, 1:]).target_logprobs
+    routed = score(model, seq, k=4, every=3, prefix=2, outputs=outputs)
     # The evidence is summed in float32 (the members' log-probs): one position at a time here,
-    # as one product in the full merge, so the two round apart.
-    torch.testing.assert_close(routed, merged, rtol=0, atol=1e-6)
+    # as one product in the full merge, so the two round apart; the residual's correction
+    # reads the weights, so it carries that rounding on.
+    torch.testing.assert_close(routed, merged, rtol=0, atol=1e-5 if residual else 1e-6)
+    # with float64 member log-probs nothing rounds apart: the same model
+    outputs.target_logprobs = outputs.target_logprobs.double()
+    if residual:
+        outputs.logprobs = outputs.logprobs.double()
+    merged = merge_members(model.merger, outputs, seq[:, 1:]).target_logprobs
+    routed = score(model, seq, k=4, every=3, prefix=2, outputs=outputs)
+    torch.testing.assert_close(routed, merged, rtol=0, atol=1e-12)
 
 
-def test_all_members_decode_is_the_merged_decode():
-    model = ensemble(seed=1)
+@pytest.mark.parametrize("residual", [False, True])
+def test_all_members_decode_is_the_merged_decode(residual):
+    model = ensemble(seed=1, residual=residual)
     seq = torch.randint(0, V, (1, 20), generator=torch.Generator().manual_seed(4))
     decoder, cache = RoutedDecoder(model, k=4, every=3), EnsembleCache(model.members)
     routed = [decoder.prefill(seq[:, :5])]
@@ -114,16 +132,43 @@ def test_held_members_do_no_work():
     assert decoder.member_steps < probing.member_steps < 4 * 40
 
 
-def test_routing_is_causal():
+@pytest.mark.parametrize("residual", [False, True])
+def test_routing_is_causal(residual):
     """Changing a later token changes no routed log-prob before it."""
-    model = ensemble(seed=2)
+    model = ensemble(seed=2, residual=residual)
     seq = torch.randint(0, V, (1, 30), generator=torch.Generator().manual_seed(6))
     other = seq.clone()
     other[0, 20] = (other[0, 20] + 1) % V
-    a = routed_target_logprobs(model.merger, *member_outputs(model, seq), k=2, every=4, prefix=3)
-    b = routed_target_logprobs(model.merger, *member_outputs(model, other), k=2, every=4, prefix=3)
+    a = score(model, seq, k=2, every=4, prefix=3)
+    b = score(model, other, k=2, every=4, prefix=3)
     torch.testing.assert_close(a[:, :19], b[:, :19], rtol=0, atol=0)
     assert not torch.equal(a[:, 19:], b[:, 19:])
+
+
+def test_residual_changes_the_routed_model():
+    """The correction is applied: the residual's routed scores are not the plain routed mixture's."""
+    model = ensemble(seed=1, residual=True)
+    seq = torch.randint(0, V, (1, 25), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        corrected = score(model, seq, k=2, every=4, prefix=5)
+        model.merger.res_head.weight.zero_()
+        plain = score(model, seq, k=2, every=4, prefix=5)
+        model.merger.residual = False
+        mixture = score(model, seq, k=2, every=4, prefix=5)
+    torch.testing.assert_close(plain, mixture, rtol=0, atol=1e-6)  # a zero head is the mixture
+    assert (corrected - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("missing,field", [("logprobs", "logprobs"), ("targets", "targets")])
+def test_residual_without_full_logprobs_is_refused(missing, field):
+    model = ensemble(seed=1, residual=True)
+    seq = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(3))
+    out = model.member_outputs(seq[:, :-1], seq[:, 1:], full_logprobs=True)
+    states, target_lp = out.states.permute(1, 2, 0, 3), out.target_logprobs.permute(1, 2, 0)
+    extra = {"logprobs": out.logprobs.permute(1, 2, 0, 3), "targets": seq[:, 1:]}
+    del extra[missing]
+    with pytest.raises(ValueError, match=rf"^{field}: a residual merger needs"):
+        routed_target_logprobs(model.merger, states, target_lp, 2, 4, 3, **extra)
 
 
 def test_top_members_picks_the_heaviest():

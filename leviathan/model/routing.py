@@ -21,6 +21,9 @@ routed decode runs k of the M members per sequence and re-chooses them every
   log-probs of that chunk (the merger's lag window of past state scores is
   left as it was). Members that stay out do no work at all.
 
+With a residual merger the routed mixture gets the merger's correction and
+is renormalised, read from every member's state as routing holds it (stale
+for the held, exact for the chosen) and the routed weights (over the chosen).
 With k = M nobody is held and this is the merged model. `routed_target_logprobs`
 scores it teacher-forced from every member's full outputs (for evaluation) and
 `RoutedDecoder` decodes it for real, running only what it needs; both drive
@@ -63,6 +66,17 @@ def mix(log_pi: Tensor, member_logprobs: Tensor) -> Tensor:
     return torch.logsumexp(log_pi + _at_least_float(member_logprobs), dim=-1)
 
 
+def routed_logprobs(merger: CorrelationMerger, log_w: Tensor, member_logprobs: Tensor, states: Tensor) -> Tensor:
+    """The routed model's log-probs (B, T, V) from its log weights (B, T, M, H) (-inf for
+    the members out), the members' log-probs (B, T, M, V) and states (B, T, M, D): the
+    mixture, plus a residual merger's correction, renormalised."""
+    weights = log_w.exp()
+    mixed = mix(log_pi(weights), member_logprobs)
+    if not merger.residual:
+        return mixed
+    return torch.log_softmax(mixed + merger.correction(states, weights).to(mixed.dtype), dim=-1)
+
+
 def log_pi(weights: Tensor) -> Tensor:
     """log pi[m] = log mean_h w[m, h] from merge weights (..., M, H)."""
     return _at_least_float(weights).mean(dim=-1).log()
@@ -85,9 +99,22 @@ class RouteState:
     """
 
     def __init__(
-        self, merger: CorrelationMerger, k: int, every: int, states: Tensor, input_lp: Tensor, probe: int = 1
+        self,
+        merger: CorrelationMerger,
+        k: int,
+        every: int,
+        states: Tensor,
+        input_lp: Tensor,
+        probe: int = 1,
+        logprobs: Tensor | None = None,
+        next_tokens: Tensor | None = None,
     ) -> None:
-        """Run the prompt: states (B, P, M, D) and a[s] (B, P, M) of every member; see `prompt_log_weights`."""
+        """Run the prompt: states (B, P, M, D) and a[s] (B, P, M) of every member; see `prompt_log_weights`.
+
+        A residual merger's model is not the plain mixture of the members' a[s]: it also
+        needs their full log-probs `logprobs` (B, P, M, V) and the prompt's tokens after
+        the first `next_tokens` (B, P - 1), and keeps the merged model's log-probs over
+        the prompt as `prompt_logprobs` (B, P, V)."""
         B, P, M, _ = states.shape
         check_routing(merger, k, every, P, probe)
         self.merger, self.k, self.every = merger, k, every
@@ -103,7 +130,13 @@ class RouteState:
         self.imputed = self.last_log_weights.new_zeros(B, M, merger.n_head)
         self._gamma: Tensor | None = None
         # each member's summed a[s] - (the model's log-prob of x_s) over the positions it ran, and their count
-        merged = mix(log_pi(self.prompt_log_weights[:, :-1].exp()), input_lp[:, 1:])  # (B, P - 1)
+        if merger.residual:
+            if logprobs is None or next_tokens is None:
+                raise ValueError("logprobs: a residual merger needs the members' full log-probs and the prompt's tokens")
+            self.prompt_logprobs = routed_logprobs(merger, self.prompt_log_weights, logprobs, states)  # (B, P, V)
+            merged = self.prompt_logprobs[:, :-1].gather(-1, next_tokens[..., None]).squeeze(-1)  # (B, P - 1)
+        else:
+            merged = mix(log_pi(self.prompt_log_weights[:, :-1].exp()), input_lp[:, 1:])  # (B, P - 1)
         self.excess = (input_lp[:, 1:] - merged[..., None]).sum(dim=1).to(self.imputed.dtype)  # (B, M)
         self.runs = torch.full_like(self.excess, max(P - 1, 1))
 
@@ -174,7 +207,16 @@ class RouteState:
 
 @torch.no_grad()
 def routed_target_logprobs(
-    merger: CorrelationMerger, states: Tensor, target_logprobs: Tensor, k: int, every: int, prefix: int, probe: int = 1
+    merger: CorrelationMerger,
+    states: Tensor,
+    target_logprobs: Tensor,
+    k: int,
+    every: int,
+    prefix: int,
+    probe: int = 1,
+    *,
+    logprobs: Tensor | None = None,
+    targets: Tensor | None = None,
 ) -> Tensor:
     """Teacher-forced log-probs of the targets (B, T) under routing.
 
@@ -182,13 +224,29 @@ def routed_target_logprobs(
     outputs (`run_members`). Positions before `prefix` are the prompt, where all
     members run, so they get the merged model's values; after it each position
     is scored as `RoutedDecoder` decodes it, through the same `RouteState`.
+    A residual merger normalises over the vocabulary, so it also needs the
+    members' full log-probs `logprobs` (B, T, M, V) and the `targets` (B, T).
     """
     B, T, M, _ = states.shape
     check_routing(merger, k, every, prefix, probe)
+    if merger.residual:
+        if logprobs is None or logprobs.shape[:3] != (B, T, M):
+            got = None if logprobs is None else tuple(logprobs.shape)
+            need = f"({B}, {T}, {M}, V)"
+            raise ValueError(f"logprobs: a residual merger needs the members' full log-probs (B, T, M, V) = {need}, got {got}")
+        if targets is None or targets.shape != (B, T):
+            got = None if targets is None else tuple(targets.shape)
+            raise ValueError(f"targets: a residual merger needs the targets (B, T) = ({B}, {T}), got {got}")
     a = input_logprobs(target_logprobs)  # (B, T, M)
-    route = RouteState(merger, k, every, states[:, :prefix], a[:, :prefix], probe)
+    if merger.residual:
+        prompt = (logprobs[:, :prefix], targets[:, : prefix - 1])
+        route = RouteState(merger, k, every, states[:, :prefix], a[:, :prefix], probe, *prompt)
+        prompt_lp = route.prompt_logprobs.gather(-1, targets[:, :prefix, None]).squeeze(-1)  # (B, P)
+    else:
+        route = RouteState(merger, k, every, states[:, :prefix], a[:, :prefix], probe)
+        prompt_lp = mix(log_pi(route.prompt_log_weights.exp()), target_logprobs[:, :prefix])
     result = target_logprobs.new_empty(B, T, dtype=torch.promote_types(route.prompt_log_weights.dtype, target_logprobs.dtype))
-    result[:, :prefix] = mix(log_pi(route.prompt_log_weights.exp()), target_logprobs[:, :prefix])
+    result[:, :prefix] = prompt_lp
     exact = torch.zeros_like(route.imputed)  # the held members' true evidence since they left
 
     def catch_up(members: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,7 +260,11 @@ def routed_target_logprobs(
             route.start_block(catch_up)
         log_w = route.advance(states[:, t], a[:, t], result[:, t - 1])
         exact.copy_(torch.where(route.current[..., None], 0.0, route.decay() * exact + a[:, t, :, None].to(exact.dtype)))
-        result[:, t] = mix(log_pi(log_w.exp()), target_logprobs[:, t])
+        if merger.residual:
+            lp = routed_logprobs(merger, log_w[:, None], logprobs[:, t, None], route.held[:, None])  # (B, 1, V)
+            result[:, t] = lp[:, 0].gather(-1, targets[:, t, None]).squeeze(-1)
+        else:
+            result[:, t] = mix(log_pi(log_w.exp()), target_logprobs[:, t])
     return result
 
 
@@ -244,12 +306,15 @@ class RoutedDecoder:
         states, logprobs = self._run(list(range(self.M)), prompt)
         first = logprobs.new_zeros(1, 1, self.M)
         rest = logprobs[:, :-1].gather(-1, prompt[:, 1:, None, None].expand(1, prompt.size(1) - 1, self.M, 1))
-        self.route = RouteState(
-            self.merger, self.k, self.every, states, torch.cat([first, rest.squeeze(-1)], dim=1), self.probe
-        )
+        input_lp = torch.cat([first, rest.squeeze(-1)], dim=1)
+        if self.merger.residual:
+            self.route = RouteState(self.merger, self.k, self.every, states, input_lp, self.probe, logprobs, prompt[:, 1:])
+            self.out = self.route.prompt_logprobs[:, -1]  # (1, V)
+        else:
+            self.route = RouteState(self.merger, self.k, self.every, states, input_lp, self.probe)
+            self.out = mix(log_pi(self.route.prompt_log_weights[:, -1].exp()), logprobs[:, -1])  # (1, V)
         self.tokens = [prompt]
         self.last_logprobs = logprobs[:, -1]  # (1, M, V): each member's log-probs after the last token it read
-        self.out = mix(log_pi(self.route.prompt_log_weights[:, -1].exp()), logprobs[:, -1])  # (1, V)
         return self.out
 
     def _catch_up(self, members: Tensor) -> tuple[Tensor, Tensor]:
@@ -290,5 +355,11 @@ class RoutedDecoder:
         self.last_logprobs[:, chosen] = logprobs[:, 0]
         self.tokens.append(token)
         log_w = route.advance(full_states, full_a, self.out.gather(-1, token)[:, 0])
-        self.out = mix(log_pi(log_w[:, chosen].exp()), logprobs[:, 0])  # (1, V)
+        if self.merger.residual:
+            # the correction reads every member's state as routing holds it, with the weights over the chosen
+            mixed = mix(log_pi(log_w[:, None, chosen].exp()), logprobs)  # (1, 1, V)
+            correction = self.merger.correction(route.held[:, None], log_w[:, None].exp()).to(mixed.dtype)
+            self.out = torch.log_softmax(mixed + correction, dim=-1)[:, 0]  # (1, V)
+        else:
+            self.out = mix(log_pi(log_w[:, chosen].exp()), logprobs[:, 0])  # (1, V)
         return self.out
