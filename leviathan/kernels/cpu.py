@@ -132,6 +132,7 @@ class ShiftedDiagonalCorrelation(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         q, k, v, a, s, p, keep = ctx.saved_tensors
         scale, dropout_p = ctx.scale, ctx.dropout_p
+        dout = dout.contiguous()
         T, w = q.size(-2), a.size(1)
         block = ctx.block
         if keep is None:
@@ -159,5 +160,10 @@ class ShiftedDiagonalCorrelation(torch.autograd.Function):
 
 
 def shifted_diagonal(q: Tensor, k: Tensor, v: Tensor, a: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
-    """Causal correlation through the materialised scores: (B, H, T, d) x3, a (H, w) -> (B, H, T, d)."""
+    """Causal correlation through the materialised scores: (B, H, T, d) x3, a (H, w) -> (B, H, T, d).
+
+    q, k and v are made contiguous once here: the mixer hands in head views of
+    its (B, T, C) projections, and every block product would copy them again.
+    """
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return ShiftedDiagonalCorrelation.apply(q, k, v, a.to(q.dtype), scale, dropout_p)
