@@ -60,14 +60,18 @@ def causal_mask(T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def lower_product(x: Tensor, y: Tensor, block: int) -> Tensor:
-    """x y^T on the lower block triangle, zeros above it: (B, H, T, d) x2 -> (B, H, T, T)."""
-    *lead, T, _ = x.shape
+    """x y^T on the lower block triangle, zeros above it: (B, H, T, d) x2 -> (B, H, T, T).
+
+    Each block product is written in place (beta = 0: the empty buffer is never read).
+    """
+    *lead, T, d = x.shape
     if T <= block:
         return torch.matmul(x, y.transpose(-2, -1))
     out = x.new_empty(*lead, T, T)
+    o, x3, y3 = out.view(-1, T, T), x.reshape(-1, T, d), y.reshape(-1, T, d)
     for i0, i1 in blocks(T, block):
-        out[..., i0:i1, :i1] = torch.matmul(x[..., i0:i1, :], y[..., :i1, :].transpose(-2, -1))
-        out[..., i0:i1, i1:].zero_()
+        o[:, i0:i1, :i1].baddbmm_(x3[:, i0:i1], y3[:, :i1].transpose(1, 2), beta=0)
+        o[:, i0:i1, i1:].zero_()
     return out
 
 
@@ -76,7 +80,11 @@ def lower_times(m: Tensor, y: Tensor, block: int) -> Tensor:
     T = m.size(-1)
     if T <= block:
         return torch.matmul(m, y)
-    return torch.cat([torch.matmul(m[..., i0:i1, :i1], y[..., :i1, :]) for i0, i1 in blocks(T, block)], dim=-2)
+    out = torch.empty_like(y)
+    o, m3, y3 = out.view(-1, T, y.size(-1)), m.reshape(-1, T, T), y.reshape(-1, T, y.size(-1))
+    for i0, i1 in blocks(T, block):
+        o[:, i0:i1].baddbmm_(m3[:, i0:i1, :i1], y3[:, :i1], beta=0)
+    return out
 
 
 def lower_t_times(m: Tensor, y: Tensor, block: int) -> Tensor:
@@ -84,9 +92,11 @@ def lower_t_times(m: Tensor, y: Tensor, block: int) -> Tensor:
     T = m.size(-1)
     if T <= block:
         return torch.matmul(m.transpose(-2, -1), y)
-    return torch.cat(
-        [torch.matmul(m[..., j0:, j0:j1].transpose(-2, -1), y[..., j0:, :]) for j0, j1 in blocks(T, block)], dim=-2
-    )
+    out = torch.empty_like(y)
+    o, m3, y3 = out.view(-1, T, y.size(-1)), m.reshape(-1, T, T), y.reshape(-1, T, y.size(-1))
+    for j0, j1 in blocks(T, block):
+        o[:, j0:j1].baddbmm_(m3[:, j0:, j0:j1].transpose(1, 2), y3[:, j0:], beta=0)
+    return out
 
 
 class ShiftedDiagonalCorrelation(torch.autograd.Function):
@@ -145,13 +155,15 @@ class ShiftedDiagonalCorrelation(torch.autograd.Function):
         lag = (a * scale).view(1, -1, 1, w)
         ds = torch.mul(dscores, lag[..., 0:1], out=dp)  # dP is spent: its buffer holds dS
         da = []  # (H,) per lag
+        scratch = s.new_empty(s.numel() // T * min(block, T))  # one row block: every product fits
         for u in range(min(w, T)):
             da_u = 0
-            for later, earlier in lag_pairs(T, u, ctx.block):
+            for later, earlier in lag_pairs(T, u, block):
                 g = dscores[..., later[0], later[1]]
                 if u > 0:
                     ds[..., earlier[0], earlier[1]].addcmul_(g, lag[..., u : u + 1])
-                da_u = da_u + (g * s[..., earlier[0], earlier[1]]).sum((-2, -1))
+                product = torch.mul(g, s[..., earlier[0], earlier[1]], out=scratch[: g.numel()].view(g.shape))
+                da_u = da_u + product.sum((-2, -1))
             da.append(da_u.sum(0))
         da += [torch.zeros_like(da[0])] * (w - len(da))  # lags longer than the sequence
         dq = lower_times(ds, k, block)
