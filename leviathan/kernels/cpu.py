@@ -126,8 +126,7 @@ class ShiftedDiagonalCorrelation(torch.autograd.Function):
         for u in range(1, min(w, T)):
             for later, earlier in lag_pairs(T, u, ctx.block):
                 scores[..., later[0], later[1]].addcmul_(s[..., earlier[0], earlier[1]], lag[..., u : u + 1])
-        p = torch.softmax(scores, dim=-1)
-        del scores
+        p = torch.softmax(scores, dim=-1, out=scores)  # row by row, in place
         keep = None
         if dropout_p > 0:
             keep = torch.empty_like(p, dtype=torch.bool).bernoulli_(1 - dropout_p)
