@@ -20,6 +20,7 @@ are never rescaled, and dS takes dP's buffer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -54,8 +55,9 @@ def lag_pairs(T: int, u: int, block: int) -> Iterator[tuple[Slice2, Slice2]]:
             yield (slice(r0, i1), slice(u, i1)), (slice(r0 - u, i1 - u), slice(0, i1 - u))
 
 
+@functools.lru_cache(maxsize=8)
 def causal_mask(T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(T, T): 0 on and below the diagonal, -inf above."""
+    """(T, T): 0 on and below the diagonal, -inf above. Cached (a few shapes per run): read only."""
     return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
 
 
