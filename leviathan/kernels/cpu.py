@@ -15,7 +15,15 @@ Each lag u pairs a block of the later rows with the block u rows and columns
 before it (`lag_pairs`): the forward adds c a_u S[earlier] into score[later];
 the backward adds c a_u dS'[later] into dS[earlier] and sums their products
 for the lag weight's gradient. The scale rides on the lag weights, so q and k
-are never rescaled, and dS takes dP's buffer.
+are never rescaled, the softmax runs in place, dS takes dP's buffer, and the
+gradient's products share one scratch block (fewer fresh T x T buffers, each
+of which costs page faults).
+
+It is plain eager PyTorch, so it costs nothing at startup. Fusing the lag
+adds, mask and softmax with `torch.compile` (inductor's C++ backend) was
+measured against the earlier unblocked kernel: the first call compiled for
+60 s on a cold cache and 12-17 s for each further shape, and the step was no
+faster at T = 64 and about 15% faster at T = 256, less than the blocks give.
 """
 
 from __future__ import annotations
