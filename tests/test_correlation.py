@@ -366,3 +366,19 @@ def test_cpu_kernel_skips_the_blocks_above_the_diagonal() -> None:
         torch.testing.assert_close(s[..., i0:i1, :i1], full[..., i0:i1, :i1])
         assert not s[..., i0:i1, i1:].any()
     assert cpu.blocks(130, 64) == [(0, 64), (64, 128), (128, 130)]
+
+
+def test_blocked_cpu_path_equals_lag_stacked_in_the_mixer() -> None:
+    """At a length of several blocks (the last one partial) the mixer's two CPU paths agree, gradients included."""
+    from leviathan.kernels import cpu
+
+    T = 2 * cpu.BLOCK + 5
+    grads = {}
+    for path in CPU_PATHS:
+        m = make(4, path=path)
+        x = torch.randn(2, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        y = m(x)
+        y.pow(2).sum().backward()
+        grads[path] = [y.detach()] + [p.grad for p in (m.c_attn.weight, m.lag_weight)]
+    for name, a, b in zip(("output", "c_attn", "lag_weight"), *grads.values()):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=f"{name} differs")
