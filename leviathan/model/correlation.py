@@ -51,6 +51,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import MIXERS, _check_choice, _check_int
+from ..kernels import cpu as cpu_kernel
 
 log = logging.getLogger(__name__)
 
@@ -153,73 +154,14 @@ def lag_stack(x: Tensor, window: int, history: Tensor | None = None) -> Tensor:
     return torch.cat([full[..., w1 - u : w1 - u + T, :] for u in range(window)], dim=-1)
 
 
-class ShiftedDiagonalCorrelation(torch.autograd.Function):
-    """Exact causal correlation from the materialised score matrix (the CPU path).
-
-    q, k, v: (B, H, T, d); a: (H, w) lag weights; returns (B, H, T, d).
-    Forward (every matrix (B, H, T, T)):
-        S  = q k^T * scale                                  one matmul, d per pair
-        S' = a_0 S + mask;  S'[:, :, u:, u:] += a_u S[:, :, :-u, :-u]   w in-place adds
-        P  = softmax(S'),   out = dropout(P) v
-    Backward, from dO (flash's identities, nothing recomputed):
-        dV  = dropout(P)^T dO,  dP = dropout'(dO v^T)
-        dS' = P * (dP - rowsum(dP * P))                     (zero above the diagonal)
-        dS  = a_0 dS' + sum_u a_u dS'[:, :, u:, u:] (placed at [:, :, :-u, :-u])
-        da_u = sum_{b,i,j} dS'[i, j] S[i-u, j-u]
-        dq  = dS k * scale,  dk = dS^T q * scale
-    It keeps S and P (two (B, H, T, T) tensors) for the backward, which is why
-    it runs only up to `shifted_diagonal_max_len`.
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, a: Tensor, scale: float, dropout_p: float) -> Tensor:
-        T, w = q.size(-2), a.size(1)
-        s = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, T, T)
-        lag = [a[:, u].view(1, -1, 1, 1) for u in range(w)]  # (1, H, 1, 1) each
-        mask = torch.full((T, T), float("-inf"), dtype=s.dtype, device=s.device).triu_(1)
-        scores = torch.addcmul(mask, s, lag[0])  # a_0 S, -inf above the diagonal
-        for u in range(1, min(w, T)):
-            scores[..., u:, u:].addcmul_(s[..., :-u, :-u], lag[u])
-        p = torch.softmax(scores, dim=-1)
-        del scores
-        keep = None
-        if dropout_p > 0:
-            keep = torch.empty_like(p, dtype=torch.bool).bernoulli_(1 - dropout_p)
-            out = torch.matmul(p * keep / (1 - dropout_p), v)
-        else:
-            out = torch.matmul(p, v)
-        ctx.save_for_backward(q, k, v, a, s, p, keep)
-        ctx.scale, ctx.dropout_p = scale, dropout_p
-        return out
-
-    @staticmethod
-    def backward(ctx, dout: Tensor):
-        q, k, v, a, s, p, keep = ctx.saved_tensors
-        scale, dropout_p = ctx.scale, ctx.dropout_p
-        T, w = q.size(-2), a.size(1)
-        if keep is None:
-            dv = torch.matmul(p.transpose(-2, -1), dout)
-            dp = torch.matmul(dout, v.transpose(-2, -1))
-        else:
-            dv = torch.matmul((p * keep / (1 - dropout_p)).transpose(-2, -1), dout)
-            dp = torch.matmul(dout, v.transpose(-2, -1)) * keep / (1 - dropout_p)
-        dscores = torch._softmax_backward_data(dp, p, -1, p.dtype)  # dS'
-        del dp
-        da = torch.zeros_like(a)
-        ds = dscores * a[:, 0].view(1, -1, 1, 1)
-        da[:, 0] = (dscores * s).sum((0, 2, 3))
-        for u in range(1, min(w, T)):
-            shifted = dscores[..., u:, u:]
-            ds[..., :-u, :-u].addcmul_(shifted, a[:, u].view(1, -1, 1, 1))
-            da[:, u] = (shifted * s[..., :-u, :-u]).sum((0, 2, 3))
-        dq = torch.matmul(ds, k) * scale
-        dk = torch.matmul(ds.transpose(-2, -1), q) * scale
-        return dq, dk, dv, da, None, None
-
-
 def shifted_diagonal(q: Tensor, k: Tensor, v: Tensor, a: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:
-    """Causal correlation through the materialised scores: (B, H, T, d) x3, a (H, w) -> (B, H, T, d)."""
-    return ShiftedDiagonalCorrelation.apply(q, k, v, a.to(q.dtype), scale, dropout_p)
+    """Causal correlation through the materialised scores: (B, H, T, d) x3, a (H, w) -> (B, H, T, d).
+
+    The CPU kernel of `leviathan.kernels.cpu`: S = q k^T and its w diagonal
+    shifts on the lower block triangle only, kept for a backward that
+    recomputes nothing.
+    """
+    return cpu_kernel.shifted_diagonal(q, k, v, a, scale, dropout_p)
 
 
 _cuda_backend: dict[tuple, SDPBackend] = {}
