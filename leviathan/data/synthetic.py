@@ -17,8 +17,9 @@ Tasks (token 0 is the filler everywhere):
   distances from a power law instead.
 - `mtk<k>` multi-token-key recall, k = 1..4: N pairs `key v` with every
   key k consecutive tokens, then N queries of keys drawn with replacement
-  (so no answer follows by elimination), each as `key ? v`: the k key tokens, the query marker `?` (token 1) and the value.
-  The answer is asked at the marker. Keys come from tokens [2, V/2), values
+  (so no answer follows by elimination), each as `key ? v`: the k key
+  tokens, the query marker `?` (token 1) and the value. The answer is asked
+  at the marker. Keys come from tokens [2, V/2), values
   from [V/2, V). For k >= 2 every proper suffix of a key (its last k-1, ...,
   1 tokens) and its first token are each shared with at least one other key,
   so only the whole k-gram identifies it. What each mixer can do here:
