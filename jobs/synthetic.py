@@ -12,7 +12,7 @@ Both stages are Ray Tune grids (`tune.Tuner` over a function trainable, one CPU
 per trial) on the Ray cluster this process is joined to or `RAY_ADDRESS`
 names (so also under `ray job submit`); with `--local`, or with no cluster,
 they run one after another in this process. Into --out go
-results.json (every row, the chosen lrs, goal 4(a) below, the CPU time),
+results.json (every row, the chosen lrs, goal 4(a) below, the CPU and wall time, the load),
 table.md (task x mixer x layers x width: accuracy mean +- sd over seeds,
 parameters, CPU ms per step) and plot.png (accuracy against width per task;
 plot.md, a text table of the same, when matplotlib is missing).
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -247,6 +248,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
 
     cpu_start = time.process_time()
     wall_start = time.time()
+    load_start = os.getloadavg()[1]  # the machine's 5-minute load: CPU time is the run's own, wall time is not
     ref_width = sorted(widths)[len(widths) // 2]
     sweep = [make(t, m, w, layer_counts[0], ref_width, seeds[0], lr)
              for t in tasks for m, w in _variants(windows) for lr in lrs]
@@ -268,6 +270,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         "chosen_lr": [{"task": t, "mixer": m, "lr": lr} for (t, m), lr in sorted(chosen.items())],
         "runner": "local" if local else "ray tune",
         "training_cpu_s": cpu_s, "driver_cpu_s": time.process_time() - cpu_start, "wall_s": time.time() - wall_start,
+        "load_5min": [load_start, os.getloadavg()[1]],
         "goal_4a": goal_4a(rows), "cells": cells, "sweep": sweep_rows, "rows": rows,
     }
     (folder / RESULTS_FILE).write_text(json.dumps(out, indent=2) + "\n")
@@ -275,7 +278,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     held = [g for g in goal if g["holds"]]
     md = (f"# Synthetic recall: accuracy on held-out sequences (%, mean ± sd over {len(seeds)} seeds)\n\n"
           f"{format_table(cells)}\n\nTraining CPU time: {cpu_s:.0f} s over {len(sweep_rows) + len(rows)} runs "
-          f"({args.steps} steps each, batch {args.batch_size}).\n")
+          f"({args.steps} steps each, batch {args.batch_size}); wall {out['wall_s']:.0f} s at a 5-minute load of "
+          f"{out['load_5min'][0]:.1f} (start) and {out['load_5min'][1]:.1f} (end).\n")
     if goal:
         md += (f"\nGoal 4(a) (correlation w >= k beats attention by >= {100 * GOAL_MARGIN:.0f} points in every seed): "
                + ("; ".join(f"{g['task']} w={g['window']} {g['layers']}L width {g['width']}" for g in held)

@@ -15,13 +15,25 @@ Tasks (token 0 is the filler everywhere):
   fresh draw per sequence. The queries sit in a region twice their length,
   in random two-token slots among filler tokens; Zoology draws their
   distances from a power law instead.
-- `mtk<k>` multi-token-key recall, k = 1..4: as mqar, but every key is k
-  consecutive tokens. For k >= 2 each key position draws from a small pool
-  in which every token occurs in at least two keys at that position, so no
-  single token (and in particular not the last one, where the answer is
-  asked) identifies the key: only the k-gram does. For k = 1 the keys are
-  distinct single tokens (sharing would make the answer ambiguous). The
-  queries follow the pairs back to back, no filler.
+- `mtk<k>` multi-token-key recall, k = 1..4: N pairs `key v` with every
+  key k consecutive tokens, then N queries of keys drawn with replacement
+  (so no answer follows by elimination), each as `key ? v`: the k key
+  tokens, the query marker `?` (token 1) and the value. The answer is asked
+  at the marker. Keys come from tokens [2, V/2), values
+  from [V/2, V). For k >= 2 every proper suffix of a key (its last k-1, ...,
+  1 tokens) and its first token are each shared with at least one other key,
+  so only the whole k-gram identifies it. What each mixer can do here:
+    * one layer of correlation with w >= k+1 solves it: at the marker, lags
+      1..k compare the query's key with the k tokens before each value
+      (score[?, v] = sum_u a_u q[?-u].k[v-u]) and lag 0 compares the marker
+      with a value token, so the head can point at the value and copy it;
+      with w <= k it sees only a key suffix, which is ambiguous by
+      construction, so it cannot beat guessing between the keys sharing it;
+    * one layer of attention cannot: its query at the marker is the marker
+      alone and its keys single tokens, so it can at best copy some value;
+    * two layers of either can, through previous-token heads that move key
+      tokens forward to the marker and to the value (the induction circuit).
+  For k = 1 the keys are distinct single tokens. No filler.
 - `block` the block-finding task of Multi-Token Attention (Golovneva et al.
   2025, section 3): `n_blocks` blocks of `block_len` distinct letters, each
   closed by a separator; then a query marker, `query_len` letters of one
@@ -80,8 +92,8 @@ class TaskSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
-        if self.vocab_size < 2 * self.pairs + 2:
-            raise ValueError(f"vocab_size: {self.vocab_size} is too small for {self.pairs} pairs (need >= {2 * self.pairs + 2})")
+        if self.vocab_size < 2 * self.pairs + 4:  # keys from [2, V/2) in the mtk tasks
+            raise ValueError(f"vocab_size: {self.vocab_size} is too small for {self.pairs} pairs (need >= {2 * self.pairs + 4})")
         if not self.query_len < self.block_len <= LETTERS:
             raise ValueError(f"query_len, block_len: need query_len < block_len <= {LETTERS}, got {self.query_len}, {self.block_len}")
         if self.seq_len < 2 * self.gram + 4:
@@ -96,7 +108,7 @@ class TaskSettings:
             return self.seq_len
         if task == "mqar":
             return 6 * self.pairs
-        return 2 * self.pairs * (key_len(task) + 1)
+        return self.pairs * (2 * key_len(task) + 3)  # pairs `key v`, queries `key ? v`
 
     def vocab_of(self, task: str) -> int:
         """The vocabulary a model needs for the task."""
@@ -118,26 +130,34 @@ def _perms(rows: int, n: int, g: torch.Generator) -> Tensor:
     return torch.rand(rows, n, generator=g).argsort(dim=1)
 
 
+QUERY_MARK = 1
+"""The mtk tasks' query marker: the answer is asked at it. Keys start at token 2."""
+
+
 def _shared_keys(rows: int, k: int, n: int, lo: int, hi: int, g: torch.Generator) -> Tensor:
-    """Per row, n distinct k-token keys (rows, n, k) from tokens [lo, hi). For k >= 2, each
-    position's tokens come from a pool of n // 2 tokens, each used by at least two keys there."""
+    """Per row, n distinct k-token keys (rows, n, k) from tokens [lo, hi).
+
+    For k >= 2, n // 2 suffixes of k-1 tokens are each given to two or three keys
+    (so every proper suffix, down to the last token, is shared), and the first
+    tokens come from a pool of n // 2 tokens, each used at least twice; rows where
+    two keys come out equal are drawn again."""
     if k == 1:
         return (lo + _perms(rows, hi - lo, g)[:, :n]).unsqueeze(2)
-    pool = max(2, n // 2)
+    groups = n // 2
     keys = torch.empty(rows, n, k, dtype=torch.long)
     todo = torch.arange(rows)
     while todo.numel():
         m = todo.numel()
-        cols = []
-        for _ in range(k):
-            tokens = lo + _perms(m, hi - lo, g)[:, :pool]  # (m, pool)
-            column = tokens[:, torch.arange(n) % pool]  # every pool token at least twice (n >= 2 * pool)
-            cols.append(column.gather(1, _perms(m, n, g)))
-        drawn = torch.stack(cols, dim=2)  # (m, n, k)
+        suffixes = torch.randint(lo, hi, (m, groups, k - 1), generator=g)
+        firsts = lo + _perms(m, hi - lo, g)[:, :groups]  # (m, groups) distinct
+        first = firsts[:, torch.arange(n) % groups].gather(1, _perms(m, n, g))  # (m, n)
+        suffix = suffixes[:, torch.arange(n) % groups]  # (m, n, k - 1)
+        drawn = torch.cat([first.unsqueeze(2), suffix], dim=2).gather(
+            1, _perms(m, n, g).unsqueeze(2).expand(-1, -1, k))  # (m, n, k), keys in random order
         keys[todo] = drawn
         code = (drawn * hi ** torch.arange(k)).sum(dim=2).sort(dim=1).values  # (m, n), one id per key
         repeated = (code[:, 1:] == code[:, :-1]).any(dim=1)
-        todo = todo[repeated]  # rows with two equal keys are drawn again
+        todo = todo[repeated]
     return keys
 
 
@@ -145,24 +165,30 @@ def _recall(task: str, batch: int, s: TaskSettings, g: torch.Generator) -> Synth
     k, n = key_len(task), s.pairs
     T = s.seq_len_of(task)
     half = s.vocab_size // 2
-    if task != "mqar" and k >= 2 and n < 4:
+    mtk = task != "mqar"
+    if mtk and k >= 2 and n < 4:
         raise ValueError(f"pairs: {task} needs >= 4 pairs so that every key token is shared, got {n}")
-    keys = _shared_keys(batch, k, n, 1, half, g)  # (B, n, k)
+    keys = _shared_keys(batch, k, n, QUERY_MARK + 1 if mtk else 1, half, g)  # (B, n, k)
     values = half + torch.randint(0, s.vocab_size - half, (batch, n), generator=g)  # (B, n)
     pairs = torch.cat([keys, values.unsqueeze(2)], dim=2)  # (B, n, k + 1)
-    order = _perms(batch, n, g)
+    # mqar queries every key once; mtk draws its n queries with replacement, so the
+    # values already answered do not narrow down the next answer.
+    order = torch.randint(0, n, (batch, n), generator=g) if mtk else _perms(batch, n, g)
     queried = pairs.gather(1, order.unsqueeze(2).expand(-1, -1, k + 1))  # (B, n, k + 1)
-    if task == "mqar":  # n of the 2n two-token slots after the pairs, in order
-        slots = _perms(batch, 2 * n, g)[:, :n].sort(dim=1).values
-    else:
-        slots = torch.arange(n).expand(batch, n)
-    query_at = n * (k + 1) + slots * (k + 1)  # (B, n) first token of each query
     inputs = torch.full((batch, T), FILLER, dtype=torch.long)
     inputs[:, : n * (k + 1)] = pairs.reshape(batch, -1)
-    for j in range(k + 1):
-        inputs.scatter_(1, query_at + j, queried[:, :, j])
-    answer_at = query_at + k - 1  # last key token of each query
-    targets = torch.full((batch, T), FILLER, dtype=torch.long).scatter_(1, answer_at, queried[:, :, k])
+    if mtk:  # `key ? v` back to back
+        marks = torch.full((batch, n, 1), QUERY_MARK, dtype=torch.long)
+        queried = torch.cat([queried[:, :, :k], marks, queried[:, :, k:]], dim=2)  # (B, n, k + 2)
+        inputs[:, n * (k + 1) :] = queried.reshape(batch, -1)
+        answer_at = n * (k + 1) + (k + 2) * torch.arange(n).expand(batch, n) + k  # the markers
+    else:  # n of the 2n two-token slots after the pairs, in order
+        slots = _perms(batch, 2 * n, g)[:, :n].sort(dim=1).values
+        query_at = n * (k + 1) + slots * (k + 1)  # (B, n) first token of each query
+        for j in range(k + 1):
+            inputs.scatter_(1, query_at + j, queried[:, :, j])
+        answer_at = query_at + k - 1  # the key token
+    targets = torch.full((batch, T), FILLER, dtype=torch.long).scatter_(1, answer_at, queried[:, :, -1])
     mask = torch.zeros(batch, T, dtype=torch.bool).scatter_(1, answer_at, True)
     return SyntheticBatch(inputs, targets, mask)
 

@@ -28,8 +28,9 @@ is that baseline twin: the same projections, no lag weights.
 Which computation runs is chosen by shape and device (`mixer_path`):
 
     "sdpa"              w = 1: one SDPA call at width d
-    "shifted_diagonal"  CPU, T <= 512 (w < 4) or 1024: S materialised, shifts added in place
-    "lag_stacked"       CPU above that length, or CUDA without Triton: SDPA on width d*w
+    "shifted_diagonal"  CPU, T <= 512 (w < 4) or 1024, and the (B, H, T, T) scores
+                        within SCORE_BYTES_MAX: S materialised, shifts added in place
+    "lag_stacked"       CPU above either limit, or CUDA without Triton: SDPA on width d*w
     "triton"            CUDA with Triton: the tiled shifted-diagonal kernel of `leviathan.kernels`
 
 Incremental decoding (a `CorrelationCache`) always keeps lag-stacked keys.
@@ -78,6 +79,20 @@ def shifted_diagonal_max_len(window: int) -> int:
     return SHIFTED_DIAGONAL_MAX_LEN if window >= 4 else SHORT_WINDOW_MAX_LEN
 
 
+SCORE_BYTES_MAX = 1 << 30
+"""Largest (B, H, T, T) score matrix, in bytes, the CPU materialises (the
+shifted-diagonal path holds two or three of that size at once). Training
+shapes stay under it (B = 32, H = 6, T = 1024 in fp32 is 805 MB); evaluation
+at a large batch, e.g. B = 256 at T = 512, goes lag-stacked instead of holding
+gigabytes of scores.
+"""
+
+
+def score_bytes(batch: int, heads: int, seq_len: int, itemsize: int = 4) -> int:
+    """Bytes of one (batch, heads, seq_len, seq_len) score matrix of `itemsize`-byte elements."""
+    return batch * heads * seq_len * seq_len * itemsize
+
+
 PATHS = ("sdpa", "shifted_diagonal", "lag_stacked", "triton")
 """How the mixer computes its scores (see the module docstring)."""
 
@@ -102,12 +117,15 @@ def triton_kernels() -> ModuleType | None:
 
 
 def mixer_path(
-    device_type: str, seq_len: int, window: int, triton: bool | None = None, dropout: bool = False
+    device_type: str, seq_len: int, window: int, triton: bool | None = None, dropout: bool = False,
+    scores: int | None = None,
 ) -> str:
     """The path a full (uncached) forward takes for this shape; one of PATHS.
 
     triton: whether the Triton kernel can run (looked up when None; only asked on CUDA).
     dropout: attention dropout is on; the Triton kernel has none, so CUDA then stacks.
+    scores: bytes of the (B, H, T, T) score matrix (`score_bytes`); on CPU above
+        SCORE_BYTES_MAX the lag-stacked path runs, which never builds it. None: T decides alone.
     """
     if window == 1:
         return "sdpa"
@@ -117,7 +135,9 @@ def mixer_path(
         if triton is None:
             triton = triton_kernels() is not None
         return "triton" if triton else "lag_stacked"
-    return "shifted_diagonal" if seq_len <= shifted_diagonal_max_len(window) else "lag_stacked"
+    if seq_len > shifted_diagonal_max_len(window) or (scores is not None and scores > SCORE_BYTES_MAX):
+        return "lag_stacked"
+    return "shifted_diagonal"
 
 
 _logged: set[tuple] = set()
@@ -341,17 +361,17 @@ class MultiHeadedCorrelation(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def path_for(self, device_type: str, seq_len: int) -> str:
-        """The path a full forward over seq_len positions takes on this device."""
+    def path_for(self, device_type: str, seq_len: int, scores: int | None = None) -> str:
+        """The path a full forward over seq_len positions takes on this device (scores: as in `mixer_path`)."""
         if self.force_path is not None and self.lag_weight is not None:
             _check_choice("force_path", self.force_path, FORCEABLE_PATHS)
             return self.force_path
-        return mixer_path(device_type, seq_len, self.window, dropout=self.dropout > 0 and self.training)
+        return mixer_path(device_type, seq_len, self.window, dropout=self.dropout > 0 and self.training, scores=scores)
 
     def _full(self, q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float) -> Tensor:
         """Causal mixing of a whole sequence: (B, H, T, d) x3 -> (B, H, T, d), on the chosen path."""
         B, H, T, d = q.shape
-        path = self.path_for(q.device.type, T)
+        path = self.path_for(q.device.type, T, score_bytes(B, H, T, q.element_size()))
         self.last_path = f"{path} (T={T}, {q.device.type})"
         log_once(path, q.device.type, f"T={T}", f"H={H}", f"d={d}", f"w={self.window}", q.dtype)
         if path == "shifted_diagonal":
@@ -366,7 +386,8 @@ class MultiHeadedCorrelation(nn.Module):
         return sdpa(qs, ks, v, dropout_p=dropout_p, is_causal=True, scale=scale)
 
     def extra_repr(self) -> str:
-        rule = f"cpu: shifted_diagonal up to T={shifted_diagonal_max_len(self.window)}, lag_stacked above; cuda: triton or lag_stacked"
+        rule = (f"cpu: shifted_diagonal up to T={shifted_diagonal_max_len(self.window)}, and scores up to "
+                f"{SCORE_BYTES_MAX >> 20} MiB, lag_stacked above; cuda: triton or lag_stacked")
         path = "sdpa" if self.window == 1 else self.force_path or f"auto ({rule})"
         return (
             f"mixer={self.mixer!r}, n_head={self.n_head}, head_dim={self.head_dim}, window={self.window}, "
