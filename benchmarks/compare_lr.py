@@ -4,7 +4,7 @@
         [--manifest DIR] [--mixers correlation]
 
 The spec with `training.lr` and `seed` replaced, named `<name>-lr<LR>-seed<N>`
-(LR as written), so each point of the sweep has its own run folders and its
+(LR as written, a point written p: 1e-3 or 0p001), so each point of the sweep has its own run folders and its
 own `<name>-lr<LR>-seed<N>-compare/compare.json`; `benchmarks/compare_seeds.py`
 pools those files, picks each mixer's lr and pairs the mixers seed by seed.
 With `--mixers` one mixer trains alone (when the mixers' best lrs differ).
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         ap.error(f"--lr: {args.lr!r} is not a number")
     spec = load_spec_with_overrides(args.spec, manifest=args.manifest)
-    spec = with_values(spec, {"training.lr": lr, "seed": args.seed, "name": f"{spec.name}-lr{args.lr}-seed{args.seed}"})
+    tag = args.lr.replace(".", "p").replace("+", "")
+    spec = with_values(spec, {"training.lr": lr, "seed": args.seed, "name": f"{spec.name}-lr{tag}-seed{args.seed}"})
     result = compare(spec, parse_mixers(args.mixers), progress=False, budget="time")
     print((Path(result["folder"]) / "compare.md").read_text(), end="")
     return 0
